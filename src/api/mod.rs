@@ -1,0 +1,431 @@
+//! The HTTP API: Subscriptions for stores whose own API cannot take them, topics,
+//! `$status`, health and metrics.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use chrono::Utc;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::fhir::notification::{
+    fhir_instant, operation_outcome, subscription_status, Kind, StatusInfo,
+};
+use crate::fhir::subscription::{self, Rules};
+use crate::fhir::topic::Topic;
+use crate::queue::{self, subscriptions};
+
+pub struct ApiState {
+    pub cfg: Arc<Config>,
+    pub pool: deadpool_postgres::Pool,
+    pub topics: Vec<Topic>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+type Shared = Arc<ApiState>;
+
+/// A FHIR JSON answer.
+struct Fhir(StatusCode, Value);
+
+impl IntoResponse for Fhir {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, self.1.to_string()).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+json"),
+        );
+        r
+    }
+}
+
+fn outcome(status: StatusCode, code: &str, msg: &str, expr: Option<&str>) -> Fhir {
+    Fhir(status, operation_outcome(code, msg, expr))
+}
+
+fn internal(e: impl std::fmt::Display) -> Fhir {
+    tracing::error!(error = %e, "API request failed");
+    outcome(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "exception",
+        "internal error; see the server log",
+        None,
+    )
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/metadata", get(metadata))
+        .route("/SubscriptionTopic", get(list_topics))
+        .route("/SubscriptionTopic/{id}", get(read_topic))
+        .route(
+            "/Subscription",
+            get(search_subscriptions).post(create_subscription),
+        )
+        .route(
+            "/Subscription/{id}",
+            get(read_subscription)
+                .put(update_subscription)
+                .delete(delete_subscription),
+        )
+        .route(
+            "/Subscription/{id}/$status",
+            get(status_one).post(status_one),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus))
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown` flips.
+pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(state.cfg.api.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", state.cfg.api.listen))?;
+    tracing::info!(listen = %state.cfg.api.listen, "API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn ready(State(s): State<Shared>) -> impl IntoResponse {
+    match s.pool.get().await {
+        Ok(c) if c.simple_query("SELECT 1").await.is_ok() => (StatusCode::OK, "ready"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue database unreachable",
+        ),
+    }
+}
+
+async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
+    if let Ok(c) = s.pool.get().await {
+        refresh_gauges(&c, &s.cfg).await;
+    }
+    match &s.metrics {
+        Some(h) => (StatusCode::OK, h.render()),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics recorder not installed".into(),
+        ),
+    }
+}
+
+/// Gauges read from the database at scrape time: slot lag and queue depth.
+async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config) {
+    if let Ok(Some(r)) = c
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.source.slot],
+        )
+        .await
+    {
+        if let Some(lag) = r.get::<_, Option<f64>>(0) {
+            metrics::gauge!("fhir_cdc_slot_lag_bytes").set(lag);
+        }
+    }
+    if let Ok(rows) = c
+        .query(
+            "SELECT s.topic, count(*)::float8 FROM fhir_cdc.delivery d
+             JOIN fhir_cdc.subscription s ON s.id = d.subscription_id
+             WHERE d.state = 'pending' GROUP BY s.topic",
+            &[],
+        )
+        .await
+    {
+        for r in rows {
+            let topic: String = r.get(0);
+            metrics::gauge!("fhir_cdc_queue_depth", "topic" => topic).set(r.get::<_, f64>(1));
+        }
+    }
+}
+
+async fn metadata(State(s): State<Shared>) -> Fhir {
+    let topics: Vec<Value> = s
+        .topics
+        .iter()
+        .map(|t| json!({"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical", "valueCanonical": t.url}))
+        .collect();
+    Fhir(
+        StatusCode::OK,
+        json!({
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": fhir_instant(Utc::now()),
+            "kind": "instance",
+            "software": {"name": "fhir-cdc", "version": env!("CARGO_PKG_VERSION")},
+            "implementation": {"description": "fhir-cdc topic-based subscriptions", "url": s.cfg.api.base_url()},
+            "fhirVersion": "5.0.0",
+            "format": ["application/fhir+json"],
+            "rest": [{
+                "mode": "server",
+                "resource": [
+                    {"type": "Subscription", "extension": topics,
+                     "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}, {"code": "delete"}, {"code": "search-type"}],
+                     "searchParam": [{"name": "status", "type": "token"}, {"name": "url", "type": "uri"}],
+                     "operation": [{"name": "status", "definition": "http://hl7.org/fhir/OperationDefinition/Subscription-status"}]},
+                    {"type": "SubscriptionTopic", "interaction": [{"code": "read"}, {"code": "search-type"}]}
+                ]
+            }]
+        }),
+    )
+}
+
+fn searchset(base: &str, resources: Vec<Value>) -> Value {
+    let total = resources.len();
+    let entry: Vec<Value> = resources
+        .into_iter()
+        .map(|r| {
+            let full = format!(
+                "{base}/{}/{}",
+                r["resourceType"].as_str().unwrap_or(""),
+                r["id"].as_str().unwrap_or("")
+            );
+            json!({"fullUrl": full, "resource": r, "search": {"mode": "match"}})
+        })
+        .collect();
+    json!({"resourceType": "Bundle", "id": uuid::Uuid::new_v4().to_string(), "type": "searchset", "total": total, "entry": entry})
+}
+
+#[derive(Deserialize)]
+struct TopicQuery {
+    url: Option<String>,
+}
+
+async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Fhir {
+    let list = s
+        .topics
+        .iter()
+        .filter(|t| q.url.as_deref().is_none_or(|u| u == t.url))
+        .map(|t| t.resource.clone())
+        .collect();
+    Fhir(StatusCode::OK, searchset(&s.cfg.api.base_url(), list))
+}
+
+async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Fhir {
+    match s.topics.iter().find(|t| t.id == id) {
+        Some(t) => Fhir(StatusCode::OK, t.resource.clone()),
+        None => outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("SubscriptionTopic/{id} is not known"),
+            None,
+        ),
+    }
+}
+
+fn parse_body(body: &str) -> Result<Value, Fhir> {
+    serde_json::from_str(body).map_err(|e| {
+        outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            &format!(
+                "request body is not valid JSON (line {} column {})",
+                e.line(),
+                e.column()
+            ),
+            None,
+        )
+    })
+}
+
+fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, Fhir> {
+    let rules = Rules {
+        topics: &s.topics,
+        allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
+        require_https_for_full_resource: s.cfg.delivery.require_https_for_full_resource,
+    };
+    subscription::parse(v, &rules).map_err(|e| {
+        let status = if e.code == "structure" {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        outcome(status, e.code, &e.message, Some(e.expression))
+    })
+}
+
+async fn create_subscription(State(s): State<Shared>, body: String) -> Result<Response, Fhir> {
+    let v = parse_body(&body)?;
+    let spec = validate(&s, &v)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let c = s.pool.get().await.map_err(internal)?;
+    subscriptions::upsert(&**c, &id, "api", &spec, &v)
+        .await
+        .map_err(internal)?;
+    let row = subscriptions::get(&**c, &id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| internal("vanished"))?;
+    tracing::info!(subscription = %id, topic = %spec.topic_url, "subscription created");
+    let mut resp = Fhir(StatusCode::CREATED, row.to_resource()).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("{}/Subscription/{id}", s.cfg.api.base_url())) {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+async fn update_subscription(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: String,
+) -> Result<Fhir, Fhir> {
+    let v = parse_body(&body)?;
+    if let Some(body_id) = v.get("id").and_then(Value::as_str) {
+        if body_id != id {
+            return Err(outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "resource id does not match the URL",
+                Some("id"),
+            ));
+        }
+    }
+    let spec = validate(&s, &v)?;
+    let c = s.pool.get().await.map_err(internal)?;
+    let existing = subscriptions::get(&**c, &id).await.map_err(internal)?;
+    let Some(existing) = existing else {
+        return Err(outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Subscription/{id} is not known"),
+            None,
+        ));
+    };
+    if existing.topic != spec.topic_url {
+        return Err(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            "a Subscription's topic cannot change; create a new Subscription",
+            Some("topic"),
+        ));
+    }
+    subscriptions::upsert(&**c, &id, &existing.origin, &spec, &v)
+        .await
+        .map_err(internal)?;
+    let row = subscriptions::get(&**c, &id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| internal("vanished"))?;
+    Ok(Fhir(StatusCode::OK, row.to_resource()))
+}
+
+async fn read_subscription(State(s): State<Shared>, Path(id): Path<String>) -> Fhir {
+    let c = match s.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    match subscriptions::get(&**c, &id).await {
+        Ok(Some(r)) => Fhir(StatusCode::OK, r.to_resource()),
+        Ok(None) => outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Subscription/{id} is not known"),
+            None,
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+async fn delete_subscription(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    let c = match s.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return internal(e).into_response(),
+    };
+    match subscriptions::delete(&**c, &id).await {
+        Ok(true) => {
+            tracing::info!(subscription = %id, "subscription deleted");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => outcome(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            &format!("Subscription/{id} is not known"),
+            None,
+        )
+        .into_response(),
+        Err(e) => internal(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct SubQuery {
+    status: Option<String>,
+    url: Option<String>,
+}
+
+async fn search_subscriptions(State(s): State<Shared>, Query(q): Query<SubQuery>) -> Fhir {
+    let c = match s.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    match subscriptions::search(&**c, q.status.as_deref(), q.url.as_deref()).await {
+        Ok(rows) => Fhir(
+            StatusCode::OK,
+            searchset(
+                &s.cfg.api.base_url(),
+                rows.iter().map(|r| r.to_resource()).collect(),
+            ),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+async fn status_one(State(s): State<Shared>, Path(id): Path<String>, _h: HeaderMap) -> Fhir {
+    let c = match s.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let row = match subscriptions::get(&**c, &id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("Subscription/{id} is not known"),
+                None,
+            )
+        }
+        Err(e) => return internal(e),
+    };
+    let info = StatusInfo {
+        subscription_id: row.id.clone(),
+        status: row.status,
+        events_since_start: row.events_since_start,
+        topic_url: row.topic.clone(),
+        errors: row.last_error.iter().cloned().collect(),
+    };
+    let base = s.cfg.api.base_url();
+    let st = subscription_status(Kind::QueryStatus, &info, &[], row.content, &base);
+    let st_id = st["id"].as_str().unwrap_or_default().to_string();
+    Fhir(
+        StatusCode::OK,
+        json!({
+            "resourceType": "Bundle",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "type": "searchset",
+            "total": 1,
+            "entry": [{"fullUrl": format!("urn:uuid:{st_id}"), "resource": st, "search": {"mode": "match"}}]
+        }),
+    )
+}
+
+/// Builds the API state from a config (pool sized for the API only).
+pub fn state(cfg: Arc<Config>, metrics: Option<PrometheusHandle>) -> anyhow::Result<Shared> {
+    Ok(Arc::new(ApiState {
+        pool: queue::pool(cfg.queue_url(), 8)?,
+        topics: cfg.topics.iter().map(|t| t.topic.clone()).collect(),
+        cfg,
+        metrics,
+    }))
+}

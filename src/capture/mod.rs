@@ -1,0 +1,440 @@
+//! Capture, the CDC stage: one logical replication slot in, `fhir_cdc.event` out.
+//!
+//! Transactions are queued whole: the events of every store commit up to some end LSN are
+//! written in one queue transaction together with that LSN as the checkpoint, and only
+//! after it commits is the LSN confirmed to the server. After a crash the stream restarts
+//! at the checkpoint and commits at or below it are skipped, so each change is queued once.
+
+pub mod profile;
+pub mod setup;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::fhir::subscription::{self, Rules};
+use crate::fhir::topic::{Interaction, Topic};
+use crate::queue::{self, batch, batch::Item, batch::QueuedEvent};
+use profile::{Profile, RowChange, TableKind};
+
+/// Seconds between the Unix epoch and the Postgres epoch (2000-01-01).
+const PG_EPOCH_OFFSET_SECS: i64 = 946_684_800;
+
+fn pg_time(micros: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(micros + PG_EPOCH_OFFSET_SECS * 1_000_000)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+/// Runs capture until `shutdown` flips, reconnecting with backoff when Postgres goes away.
+pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match run_once(&cfg, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                metrics::counter!("fhir_cdc_capture_restarts_total").increment(1);
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(500);
+                }
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "capture stopped; reconnecting"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Replication connection settings from a `postgresql://` URL.
+pub fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+) -> anyhow::Result<ReplicationConfig> {
+    let u = url::Url::parse(url).context("source.url is not a postgresql:// URL")?;
+    let host = u.host_str().unwrap_or("localhost").to_string();
+    let user = if u.username().is_empty() {
+        "postgres".to_string()
+    } else {
+        url_decode(u.username())
+    };
+    let password = u.password().map(url_decode).unwrap_or_default();
+    let db = u.path().trim_start_matches('/');
+    let db = if db.is_empty() {
+        user.clone()
+    } else {
+        url_decode(db)
+    };
+    Ok(
+        ReplicationConfig::new(host, user, password, db, slot, publication)
+            .with_port(u.port().unwrap_or(5432))
+            .with_application_name(format!("fhir-cdc-{slot}")),
+    )
+}
+
+fn url_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_string())
+}
+
+struct Relation {
+    name: String,
+    kind: TableKind,
+}
+
+struct Txn {
+    commit_lsn: u64,
+    xid: u32,
+    commit_time: DateTime<Utc>,
+    skip: bool,
+    items: Vec<Item>,
+}
+
+/// Decoding state of one stream: relation cache, open transaction, unflushed items.
+struct Stream<'a> {
+    cfg: &'a Config,
+    profile: Profile,
+    topics: Vec<(Arc<str>, Topic)>,
+    topic_list: Vec<Topic>,
+    parser: LogicalReplicationParser,
+    relations: HashMap<u32, Relation>,
+    checkpoint: u64,
+    txn: Option<Txn>,
+    pending: Vec<Item>,
+    pending_events: usize,
+    pending_end: Option<u64>,
+    pending_since: Option<Instant>,
+}
+
+async fn run_once(cfg: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    let src = &cfg.source;
+    let mut qc = queue::connect(cfg.queue_url())
+        .await
+        .context("connecting to the queue database")?;
+    queue::migrate::run(&mut qc).await?;
+    let store = queue::connect(&src.url)
+        .await
+        .context("connecting to the store database")?;
+    let wal_level: String = store.query_one("SHOW wal_level", &[]).await?.get(0);
+    anyhow::ensure!(
+        wal_level == "logical",
+        "the store runs with wal_level={wal_level}; set wal_level=logical and restart Postgres (run `fhir-cdc check` for details)"
+    );
+    setup::ensure(&store, src).await?;
+    drop(store);
+
+    // One active capture per slot; a second instance waits here as a standby.
+    let lock_key = format!("fhir_cdc.capture.{}", src.slot);
+    loop {
+        let got: bool = qc
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&lock_key],
+            )
+            .await?
+            .get(0);
+        if got {
+            break;
+        }
+        tracing::info!(slot = %src.slot, "another capture holds the slot; waiting as standby");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+
+    let checkpoint = batch::checkpoint(&qc, &src.slot).await?.unwrap_or(0);
+    let mut rc = replication_config(&src.url, &src.slot, &src.publication)?
+        .with_status_interval(Duration::from_secs(1));
+    if checkpoint > 0 {
+        rc = rc
+            .with_start_lsn(Lsn(checkpoint))
+            .with_ack_lsn(Lsn(checkpoint));
+    }
+    let mut repl = ReplicationClient::connect(rc)
+        .await
+        .context("starting replication")?;
+    repl.wait_started().await.context("starting replication")?;
+    tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
+
+    let topics: Vec<(Arc<str>, Topic)> = cfg
+        .topics
+        .iter()
+        .map(|t| (Arc::<str>::from(t.topic.url.as_str()), t.topic.clone()))
+        .collect();
+    let mut s = Stream {
+        cfg,
+        profile: Profile::new(src),
+        topic_list: topics.iter().map(|(_, t)| t.clone()).collect(),
+        topics,
+        parser: LogicalReplicationParser::with_protocol_version(1),
+        relations: HashMap::new(),
+        checkpoint,
+        txn: None,
+        pending: Vec::new(),
+        pending_events: 0,
+        pending_end: None,
+        pending_since: None,
+    };
+    let flush_after = Duration::from_millis(cfg.queue.flush_ms);
+    loop {
+        let deadline = s
+            .pending_since
+            .map(|t| tokio::time::Instant::from_std(t + flush_after));
+        tokio::select! {
+            ev = repl.recv() => {
+                match ev.context("replication stream")? {
+                    Some(ev) => {
+                        if s.handle(ev)? {
+                            s.flush(&mut qc, &repl).await?;
+                        }
+                    }
+                    None => anyhow::bail!("replication stream ended"),
+                }
+            }
+            _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                s.flush(&mut qc, &repl).await?;
+            }
+            _ = shutdown.changed() => {
+                s.flush(&mut qc, &repl).await?;
+                repl.shutdown().await.ok();
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Stream<'_> {
+    /// Handles one replication event; returns true when the batch should be flushed now.
+    fn handle(&mut self, ev: ReplicationEvent) -> anyhow::Result<bool> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.txn = Some(Txn {
+                    commit_lsn: final_lsn.0,
+                    xid,
+                    commit_time: pg_time(commit_time_micros),
+                    // Queued before the crash: its end LSN is at or below the checkpoint.
+                    skip: final_lsn.0 < self.checkpoint,
+                    items: Vec::new(),
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => self.decode(data)?,
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let Some(txn) = self.txn.take() else {
+                    anyhow::bail!("commit without begin in the replication stream");
+                };
+                if txn.skip {
+                    metrics::counter!("fhir_cdc_skipped_transactions_total").increment(1);
+                    return Ok(false);
+                }
+                self.pending_events += txn
+                    .items
+                    .iter()
+                    .filter(|i| matches!(i, Item::Event(_)))
+                    .count();
+                self.pending.extend(txn.items);
+                self.pending_end = Some(end_lsn.0);
+                self.pending_since.get_or_insert_with(Instant::now);
+                return Ok(self.pending_events >= self.cfg.queue.batch_events);
+            }
+            ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                anyhow::bail!("replication stopped at a stop LSN")
+            }
+        }
+        Ok(false)
+    }
+
+    fn decode(&mut self, data: bytes::Bytes) -> anyhow::Result<()> {
+        let msg = self
+            .parser
+            .parse_wal_message_bytes(data)
+            .context("decoding pgoutput")?;
+        let (rel_id, op, old, new): (u32, Interaction, Option<TupleData>, Option<TupleData>) =
+            match msg.message {
+                LogicalReplicationMessage::Relation {
+                    relation_id,
+                    namespace,
+                    relation_name,
+                    columns,
+                    ..
+                } => {
+                    let cols: Vec<&str> = columns.iter().map(|c| c.name.as_ref()).collect();
+                    let kind = self.profile.classify(&namespace, &relation_name, &cols);
+                    self.relations.insert(
+                        relation_id,
+                        Relation {
+                            name: relation_name.to_string(),
+                            kind,
+                        },
+                    );
+                    return Ok(());
+                }
+                LogicalReplicationMessage::Insert { relation_id, tuple } => {
+                    (relation_id, Interaction::Create, None, Some(tuple))
+                }
+                LogicalReplicationMessage::Update {
+                    relation_id,
+                    old_tuple,
+                    new_tuple,
+                    ..
+                } => (relation_id, Interaction::Update, old_tuple, Some(new_tuple)),
+                LogicalReplicationMessage::Delete {
+                    relation_id,
+                    old_tuple,
+                    ..
+                } => (relation_id, Interaction::Delete, Some(old_tuple), None),
+                LogicalReplicationMessage::Truncate { .. } => {
+                    tracing::warn!(
+                        "TRUNCATE of a store table seen; truncations do not produce notifications"
+                    );
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            };
+        let Some(txn) = self.txn.as_mut() else {
+            anyhow::bail!("row change outside a transaction in the replication stream");
+        };
+        if txn.skip {
+            return Ok(());
+        }
+        let Some(rel) = self.relations.get(&rel_id) else {
+            anyhow::bail!("row change for relation {rel_id} before its description");
+        };
+        metrics::counter!("fhir_cdc_rows_total").increment(1);
+        let change = match self
+            .profile
+            .change(&rel.name, &rel.kind, op, old.as_ref(), new.as_ref())
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                metrics::counter!("fhir_cdc_bad_rows_total").increment(1);
+                tracing::error!(error = %e, "skipping a row that is not a resource");
+                return Ok(());
+            }
+        };
+        if change.resource_type == "Subscription" {
+            if let Some(item) = subscription_item(&change, &self.topic_list, self.cfg) {
+                txn.items.push(item);
+            }
+            return Ok(());
+        }
+        let mut body: Option<Option<Arc<serde_json::Value>>> = None;
+        for (url, topic) in &self.topics {
+            if !topic.matches(&change.resource_type, change.interaction) {
+                continue;
+            }
+            // Parse once, and only for changes some topic wants.
+            let resource = match &body {
+                Some(b) => b.clone(),
+                None => match change.resource() {
+                    Ok(r) => {
+                        let r = r.map(Arc::new);
+                        body = Some(r.clone());
+                        r
+                    }
+                    Err(e) => {
+                        metrics::counter!("fhir_cdc_bad_rows_total").increment(1);
+                        tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
+                        return Ok(());
+                    }
+                },
+            };
+            txn.items.push(Item::Event(QueuedEvent {
+                topic: url.clone(),
+                resource_type: change.resource_type.clone(),
+                resource_id: change.id.clone(),
+                version_id: change.version_id.clone(),
+                interaction: change.interaction,
+                resource,
+                commit_lsn: txn.commit_lsn,
+                xid: txn.xid,
+                commit_time: txn.commit_time,
+            }));
+        }
+        Ok(())
+    }
+
+    async fn flush(
+        &mut self,
+        qc: &mut tokio_postgres::Client,
+        repl: &ReplicationClient,
+    ) -> anyhow::Result<()> {
+        let Some(end) = self.pending_end else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let n = batch::write(qc, &self.cfg.source.slot, &self.pending, end)
+            .await
+            .context("writing events to the queue")?;
+        // Only now, with the events committed, may the server forget this WAL.
+        repl.update_applied_lsn(Lsn(end));
+        self.checkpoint = end;
+        metrics::counter!("fhir_cdc_events_queued_total").increment(n as u64);
+        metrics::histogram!("fhir_cdc_batch_write_seconds").record(t.elapsed().as_secs_f64());
+        metrics::gauge!("fhir_cdc_checkpoint_lsn").set(end as f64);
+        tracing::debug!(events = n, lsn = %queue::lsn_text(end), "queued batch");
+        self.pending.clear();
+        self.pending_events = 0;
+        self.pending_end = None;
+        self.pending_since = None;
+        Ok(())
+    }
+}
+
+/// A Subscription written into the store becomes a queue item at its place in the stream.
+fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Option<Item> {
+    if change.interaction == Interaction::Delete {
+        return Some(Item::DeleteSubscription {
+            id: change.id.clone(),
+        });
+    }
+    let resource = match change.resource() {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::warn!(reference = %change.reference(), "Subscription row without a readable body; ignored");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Subscription row is not valid JSON; ignored");
+            return None;
+        }
+    };
+    let rules = Rules {
+        topics,
+        allow_private_endpoints: cfg.delivery.allow_private_endpoints,
+        require_https_for_full_resource: cfg.delivery.require_https_for_full_resource,
+    };
+    match subscription::parse(&resource, &rules) {
+        Ok(spec) => Some(Item::UpsertSubscription {
+            id: change.id.clone(),
+            spec: Box::new(spec),
+            resource,
+        }),
+        Err(e) => {
+            tracing::error!(reference = %change.reference(), reason = %e.message, "Subscription in the store refused");
+            None
+        }
+    }
+}

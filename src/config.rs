@@ -1,0 +1,447 @@
+//! The TOML configuration contract (`config/example.toml` documents every key).
+//!
+//! Secrets never need to live in the file: `FHIR_CDC_SOURCE_URL` and `FHIR_CDC_QUEUE_URL`
+//! override the connection strings.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::fhir::topic::Topic;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("topic #{index}: {message}")]
+    Topic { index: usize, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileKind {
+    Aidbox,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum FhirVersion {
+    R4,
+    R4B,
+    R5,
+    R6,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub url: String,
+    pub profile: ProfileKind,
+    #[serde(default = "default_fhir_version")]
+    pub fhir_version: FhirVersion,
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    #[serde(default = "default_slot")]
+    pub publication: String,
+    /// Schema holding the store's resource tables (aidbox profile).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Tables for the `generic` profile.
+    #[serde(default)]
+    pub tables: Vec<GenericTable>,
+    /// Create the publication and slot when missing (default true).
+    #[serde(default = "yes")]
+    pub create_missing: bool,
+}
+
+/// One table of a `generic` store: which columns hold what.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenericTable {
+    /// `schema.table` or `table` (then `source.schema`).
+    pub table: String,
+    /// Fixed resource type of every row, or …
+    pub resource_type: Option<String>,
+    /// … the column that holds it.
+    pub type_column: Option<String>,
+    #[serde(default = "default_id_col")]
+    pub id_column: String,
+    #[serde(default = "default_resource_col")]
+    pub resource_column: String,
+    pub version_column: Option<String>,
+    /// A boolean column; true means the row is a deletion (soft delete).
+    pub deleted_column: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Database holding schema `fhir_cdc`; defaults to the source database.
+    pub url: Option<String>,
+    /// Largest number of events written in one capture transaction.
+    #[serde(default = "default_batch")]
+    pub batch_events: usize,
+    /// Longest time a committed store transaction waits before it is queued.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The base URL subscribers see in references; default `http://{listen}`.
+    pub base_url: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            base_url: None,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn base_url(&self) -> String {
+        self.base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_string()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Allow endpoints on loopback / private networks (default false).
+    #[serde(default)]
+    pub allow_private_endpoints: bool,
+    /// Refuse `http://` endpoints for full-resource payloads (default true).
+    #[serde(default = "yes")]
+    pub require_https_for_full_resource: bool,
+    /// Default per-call timeout when a subscription sets none, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// First retry delay, milliseconds; doubles per attempt with jitter.
+    #[serde(default = "default_backoff_ms")]
+    pub retry_initial_ms: u64,
+    /// Largest retry delay, milliseconds.
+    #[serde(default = "default_backoff_max_ms")]
+    pub retry_max_ms: u64,
+    /// Attempts per event before it goes to `dead_letter`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+    /// Consecutive failures that turn a subscription to `error`.
+    #[serde(default = "default_error_after")]
+    pub error_after_failures: i32,
+    /// Consecutive failures that turn it `off` (pending events go to `dead_letter`).
+    #[serde(default = "default_off_after")]
+    pub off_after_failures: i32,
+    /// Send workers per topic when a topic does not say.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl DeliveryConfig {
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TopicEntry {
+    /// Path of a SubscriptionTopic JSON file, relative to the config file.
+    pub file: Option<PathBuf>,
+    /// Send workers for this topic.
+    pub workers: Option<usize>,
+    /// Inline topic: the same fields as the resource.
+    #[serde(flatten)]
+    pub inline: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: SourceConfig,
+    #[serde(default)]
+    queue: QueueConfig,
+    #[serde(default)]
+    api: ApiConfig,
+    #[serde(default)]
+    delivery: DeliveryConfig,
+    #[serde(default)]
+    log: LogConfig,
+    #[serde(default)]
+    topic: Vec<TopicEntry>,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub queue: QueueConfig,
+    pub api: ApiConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+    pub topics: Vec<ConfiguredTopic>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConfiguredTopic {
+    pub topic: Topic,
+    pub workers: usize,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text; topic files are resolved against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        if let Ok(url) = std::env::var("FHIR_CDC_SOURCE_URL") {
+            raw.source.url = url;
+        }
+        if let Ok(url) = std::env::var("FHIR_CDC_QUEUE_URL") {
+            raw.queue.url = Some(url);
+        }
+        if raw.queue.batch_events == 0 {
+            return Err(ConfigError::Invalid(
+                "queue.batch_events must be at least 1".into(),
+            ));
+        }
+        validate_ident("source.slot", &raw.source.slot)?;
+        validate_ident("source.publication", &raw.source.publication)?;
+        validate_ident("source.schema", &raw.source.schema)?;
+        if raw.source.profile == ProfileKind::Generic && raw.source.tables.is_empty() {
+            return Err(ConfigError::Invalid(
+                "profile \"generic\" needs at least one [[source.tables]] entry".into(),
+            ));
+        }
+        for t in &raw.source.tables {
+            if t.resource_type.is_none() == t.type_column.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "source.tables {:?}: set exactly one of resource_type or type_column",
+                    t.table
+                )));
+            }
+        }
+        let mut topics = Vec::new();
+        for (index, entry) in raw.topic.iter().enumerate() {
+            let json = match &entry.file {
+                Some(file) => {
+                    let p = base.join(file);
+                    let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::Topic {
+                        index,
+                        message: format!("cannot read {}: {e}", p.display()),
+                    })?;
+                    serde_json::from_str(&text).map_err(|e| ConfigError::Topic {
+                        index,
+                        message: format!("{} is not valid JSON: {e}", p.display()),
+                    })?
+                }
+                None => {
+                    let mut m = entry.inline.clone();
+                    m.entry("resourceType")
+                        .or_insert_with(|| "SubscriptionTopic".into());
+                    serde_json::Value::Object(m)
+                }
+            };
+            let topic = Topic::from_json(&json).map_err(|e| ConfigError::Topic {
+                index,
+                message: e.to_string(),
+            })?;
+            if topics
+                .iter()
+                .any(|t: &ConfiguredTopic| t.topic.url == topic.url)
+            {
+                return Err(ConfigError::Topic {
+                    index,
+                    message: format!("duplicate topic url {}", topic.url),
+                });
+            }
+            topics.push(ConfiguredTopic {
+                topic,
+                workers: entry.workers.unwrap_or(raw.delivery.workers).max(1),
+            });
+        }
+        Ok(Config {
+            source: raw.source,
+            queue: raw.queue,
+            api: raw.api,
+            delivery: raw.delivery,
+            log: raw.log,
+            topics,
+        })
+    }
+
+    pub fn queue_url(&self) -> &str {
+        self.queue.url.as_deref().unwrap_or(&self.source.url)
+    }
+}
+
+/// Names that are spliced into SQL (slot, publication, schema) must be plain identifiers.
+fn validate_ident(what: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !v.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{what} = {v:?}: use lower-case letters, digits and '_' (at most 63)"
+        )))
+    }
+}
+
+fn default_fhir_version() -> FhirVersion {
+    FhirVersion::R5
+}
+fn default_slot() -> String {
+    "fhir_cdc".into()
+}
+fn default_schema() -> String {
+    "public".into()
+}
+fn default_id_col() -> String {
+    "id".into()
+}
+fn default_resource_col() -> String {
+    "resource".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_batch() -> usize {
+    5000
+}
+fn default_flush_ms() -> u64 {
+    20
+}
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8090".parse().expect("literal")
+}
+fn default_timeout() -> u64 {
+    10
+}
+fn default_backoff_ms() -> u64 {
+    500
+}
+fn default_backoff_max_ms() -> u64 {
+    300_000
+}
+fn default_max_attempts() -> i32 {
+    20
+}
+fn default_error_after() -> i32 {
+    3
+}
+fn default_off_after() -> i32 {
+    50
+}
+fn default_workers() -> usize {
+    2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOPIC: &str = r#"
+[source]
+url = "postgresql://postgres@127.0.0.1:55432/fhir"
+profile = "aidbox"
+[[topic]]
+url = "http://example.org/topic/enc"
+status = "active"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }]
+"#;
+
+    #[test]
+    fn inline_topic_and_defaults() {
+        let c = Config::from_toml(TOPIC, Path::new(".")).unwrap();
+        assert_eq!(c.source.slot, "fhir_cdc");
+        assert_eq!(c.source.fhir_version, FhirVersion::R5);
+        assert!(!c.delivery.allow_private_endpoints);
+        assert!(c.delivery.require_https_for_full_resource);
+        assert_eq!(c.topics.len(), 1);
+        assert_eq!(c.topics[0].topic.url, "http://example.org/topic/enc");
+        assert_eq!(c.topics[0].workers, 2);
+        assert_eq!(c.api.base_url(), "http://127.0.0.1:8090");
+    }
+
+    #[test]
+    fn bad_slot_name_is_refused() {
+        let t = TOPIC.replace(
+            "profile = \"aidbox\"",
+            "profile = \"aidbox\"\nslot = \"x; drop\"",
+        );
+        let e = Config::from_toml(&t, Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("source.slot"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let t = TOPIC.replace("[source]", "[source]\nsloot = \"x\"");
+        assert!(Config::from_toml(&t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn generic_needs_tables() {
+        let t = TOPIC.replace("\"aidbox\"", "\"generic\"");
+        let e = Config::from_toml(&t, Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("source.tables"), "{e}");
+    }
+}

@@ -1,0 +1,267 @@
+//! Send workers: lease a subscription, send its handshake or its oldest pending event,
+//! record the outcome. One subscription per worker at a time keeps each subscription in
+//! eventNumber order while a slow endpoint holds up only itself.
+
+use chrono::Utc;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use crate::capture::profile::{pg_timestamptz_to_fhir, Body, RowChange};
+use crate::capture::setup::ident;
+use crate::channel::{rest_hook::RestHook, Channel, Outgoing};
+use crate::config::{Config, ProfileKind};
+use crate::fhir::notification::{bundle_r5, Event, Kind, StatusInfo};
+use crate::fhir::subscription::{Content, Status};
+use crate::fhir::topic::Interaction;
+use crate::queue::subscriptions::{self, FailurePolicy, Pending, SubscriptionRow};
+
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub pool: deadpool_postgres::Pool,
+    pub store: deadpool_postgres::Pool,
+    pub channel: RestHook,
+    pub base_url: String,
+}
+
+pub async fn worker(
+    ctx: Arc<Ctx>,
+    topic: String,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let idle = match work_one(&ctx, &topic, &wake).await {
+            Ok(true) => continue,
+            Ok(false) => next_wait(&ctx, &topic).await,
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = format!("{e:#}"), "send worker error");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(idle) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// How long to sleep when there is nothing to do: until the next retry is due, at most 1 s.
+async fn next_wait(ctx: &Ctx, topic: &str) -> Duration {
+    let max = Duration::from_secs(1);
+    let Ok(c) = ctx.pool.get().await else {
+        return max;
+    };
+    match subscriptions::next_retry(&**c, topic).await {
+        Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
+        _ => max,
+    }
+}
+
+/// Does one unit of work. Returns false when no subscription of the topic had any.
+async fn work_one(ctx: &Ctx, topic: &str, wake: &Notify) -> anyhow::Result<bool> {
+    let timeout = |s: &SubscriptionRow| {
+        s.timeout
+            .filter(|t| *t > 0)
+            .map(|t| Duration::from_secs(t as u64))
+            .unwrap_or(ctx.cfg.delivery.default_timeout())
+    };
+    let sub = {
+        let c = ctx.pool.get().await?;
+        // The lease outlives the longest send, so a crashed worker's subscription is taken
+        // over only after that worker could no longer be sending.
+        let lease = ctx.cfg.delivery.timeout_secs.max(600) as f64 + 30.0;
+        match subscriptions::lease(&**c, topic, lease).await? {
+            Some(s) => s,
+            None => return Ok(false),
+        }
+    };
+    // Another worker may find more work meanwhile.
+    wake.notify_one();
+    let t = timeout(&sub);
+    if sub.status == Status::Requested {
+        handshake(ctx, &sub, t).await?;
+        return Ok(true);
+    }
+    let c = ctx.pool.get().await?;
+    let batch = subscriptions::pending(&**c, &sub.id, 1).await?;
+    drop(c);
+    if batch.is_empty() {
+        let c = ctx.pool.get().await?;
+        subscriptions::release(&**c, &sub.id).await?;
+        return Ok(true);
+    }
+    let mut events = Vec::with_capacity(batch.len());
+    for p in &batch {
+        events.push(to_event(ctx, &sub, p).await);
+    }
+    let last = batch.last().map(|p| p.event_number).unwrap_or(0);
+    let info = StatusInfo {
+        subscription_id: sub.id.clone(),
+        status: sub.status,
+        events_since_start: last,
+        topic_url: sub.topic.clone(),
+        errors: sub.last_error.iter().cloned().collect(),
+    };
+    let bundle = bundle_r5(
+        Kind::EventNotification,
+        &info,
+        &events,
+        sub.content,
+        &ctx.base_url,
+        Utc::now(),
+    );
+    let numbers: Vec<i64> = batch.iter().map(|p| p.event_number).collect();
+    let result = ctx
+        .channel
+        .send(Outgoing {
+            endpoint: &sub.endpoint,
+            headers: &sub.headers,
+            content_type: &sub.content_type,
+            body: serde_json::to_vec(&bundle)?,
+            timeout: t,
+        })
+        .await;
+    let mut c = ctx.pool.get().await?;
+    match result {
+        Ok(()) => {
+            subscriptions::delivered(&**c, &sub.id, &numbers).await?;
+            metrics::counter!("fhir_cdc_notifications_sent_total", "topic" => topic.to_string())
+                .increment(1);
+            for p in &batch {
+                let age = (Utc::now() - p.commit_time).to_std().unwrap_or_default();
+                metrics::histogram!("fhir_cdc_end_to_end_seconds").record(age.as_secs_f64());
+            }
+        }
+        Err(e) => {
+            let policy = FailurePolicy {
+                max_attempts: ctx.cfg.delivery.max_attempts,
+                error_after: ctx.cfg.delivery.error_after_failures,
+                off_after: ctx.cfg.delivery.off_after_failures,
+            };
+            let retry = backoff(ctx, sub.failures);
+            let tx = c.transaction().await?;
+            let status =
+                subscriptions::send_failed(&tx, &sub.id, &numbers, &e.to_string(), retry, policy)
+                    .await?;
+            tx.commit().await?;
+            metrics::counter!("fhir_cdc_delivery_failures_total", "topic" => topic.to_string())
+                .increment(1);
+            tracing::warn!(
+                subscription = %sub.id,
+                event_number = numbers.first().copied().unwrap_or(0),
+                error = %e,
+                status = status.as_str(),
+                retry_in_ms = retry.as_millis() as u64,
+                "notification not delivered"
+            );
+        }
+    }
+    Ok(true)
+}
+
+async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, timeout: Duration) -> anyhow::Result<()> {
+    let info = StatusInfo {
+        subscription_id: sub.id.clone(),
+        status: Status::Requested,
+        events_since_start: sub.events_since_start,
+        topic_url: sub.topic.clone(),
+        errors: vec![],
+    };
+    let bundle = bundle_r5(
+        Kind::Handshake,
+        &info,
+        &[],
+        sub.content,
+        &ctx.base_url,
+        Utc::now(),
+    );
+    let result = ctx
+        .channel
+        .send(Outgoing {
+            endpoint: &sub.endpoint,
+            headers: &sub.headers,
+            content_type: &sub.content_type,
+            body: serde_json::to_vec(&bundle)?,
+            timeout,
+        })
+        .await;
+    let c = ctx.pool.get().await?;
+    match result {
+        Ok(()) => {
+            subscriptions::handshake_ok(&**c, &sub.id).await?;
+            tracing::info!(subscription = %sub.id, "handshake accepted; subscription active");
+        }
+        Err(e) => {
+            let msg = format!("handshake failed: {e}");
+            subscriptions::handshake_failed(&**c, &sub.id, &msg).await?;
+            tracing::warn!(subscription = %sub.id, error = %e, "handshake failed; subscription in error");
+        }
+    }
+    Ok(())
+}
+
+/// Exponential backoff with jitter: initial × 2^failures, capped, times a factor in [0.5, 1].
+fn backoff(ctx: &Ctx, failures: i32) -> Duration {
+    let d = &ctx.cfg.delivery;
+    let exp = 2u64.saturating_pow(failures.clamp(0, 30) as u32);
+    let ms = d.retry_initial_ms.saturating_mul(exp).min(d.retry_max_ms);
+    let jitter: f64 = rand::rng().random_range(0.5..=1.0);
+    Duration::from_millis((ms as f64 * jitter) as u64)
+}
+
+async fn to_event(ctx: &Ctx, sub: &SubscriptionRow, p: &Pending) -> Event {
+    let mut resource = p.resource.clone();
+    if resource.is_none()
+        && sub.content == Content::FullResource
+        && p.interaction != Interaction::Delete
+    {
+        // The body was not queued (the subscription appeared after the event was): read the
+        // store. It may be a later version than the event's; the reference is exact.
+        resource = read_store(ctx, &p.resource_type, &p.resource_id).await;
+    }
+    Event {
+        event_number: p.event_number,
+        resource_type: p.resource_type.clone(),
+        resource_id: p.resource_id.clone(),
+        interaction: p.interaction,
+        timestamp: p.commit_time,
+        resource,
+    }
+}
+
+async fn read_store(ctx: &Ctx, resource_type: &str, id: &str) -> Option<serde_json::Value> {
+    if ctx.cfg.source.profile != ProfileKind::Aidbox {
+        return None;
+    }
+    let c = ctx.store.get().await.ok()?;
+    let sql = format!(
+        "SELECT resource::text, txid::text, ts::text FROM {}.{} WHERE id = $1",
+        ident(&ctx.cfg.source.schema),
+        ident(&resource_type.to_ascii_lowercase())
+    );
+    let row = c.query_opt(&sql, &[&id]).await.ok()??;
+    let body: Option<String> = row.get(0);
+    let change = RowChange {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        version_id: row.get(1),
+        last_updated: row
+            .get::<_, Option<String>>(2)
+            .map(|s| pg_timestamptz_to_fhir(&s)),
+        interaction: Interaction::Update,
+        body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
+    };
+    match change.resource() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "store read for a full-resource notification failed");
+            None
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
+
+pub mod notification;
+pub mod resource_types;
+pub mod subscription;
+pub mod topic;

@@ -1,0 +1,252 @@
+//! Notification Bundles. One builder for every notification type, so handshakes, heartbeats,
+//! events and `$status` answers cannot drift apart in shape.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use super::subscription::{Content, Status};
+use super::topic::Interaction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Handshake,
+    Heartbeat,
+    EventNotification,
+    QueryStatus,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Handshake => "handshake",
+            Kind::Heartbeat => "heartbeat",
+            Kind::EventNotification => "event-notification",
+            Kind::QueryStatus => "query-status",
+        }
+    }
+}
+
+/// The subscription's state as the status resource reports it.
+#[derive(Debug, Clone)]
+pub struct StatusInfo {
+    pub subscription_id: String,
+    pub status: Status,
+    pub events_since_start: i64,
+    pub topic_url: String,
+    pub errors: Vec<String>,
+}
+
+/// One event as a notification carries it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_number: i64,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub interaction: Interaction,
+    pub timestamp: DateTime<Utc>,
+    /// The resource body, when the payload is full-resource and the change was not a delete.
+    pub resource: Option<Value>,
+}
+
+pub fn fhir_instant(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The `SubscriptionStatus` resource (R5).
+pub fn subscription_status(
+    kind: Kind,
+    info: &StatusInfo,
+    events: &[Event],
+    content: Content,
+    base_url: &str,
+) -> Value {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut st = json!({
+        "resourceType": "SubscriptionStatus",
+        "id": id,
+        "status": info.status.as_str(),
+        "type": kind.as_str(),
+        "eventsSinceSubscriptionStart": info.events_since_start.to_string(),
+        "subscription": {"reference": format!("{base_url}/Subscription/{}", info.subscription_id)},
+    });
+    // An empty payload SHALL NOT reveal the topic; every other one names it.
+    if content != Content::Empty || kind != Kind::EventNotification {
+        st["topic"] = Value::String(info.topic_url.clone());
+    }
+    if !events.is_empty() {
+        st["notificationEvent"] = events
+            .iter()
+            .map(|e| {
+                let mut n = json!({
+                    "eventNumber": e.event_number.to_string(),
+                    "timestamp": fhir_instant(e.timestamp),
+                });
+                if content != Content::Empty {
+                    n["focus"] = json!({"reference": format!("{base_url}/{}/{}", e.resource_type, e.resource_id)});
+                }
+                n
+            })
+            .collect();
+    }
+    if !info.errors.is_empty() {
+        st["error"] = info
+            .errors
+            .iter()
+            .map(|m| json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "delivery-failure"}], "text": m}))
+            .collect();
+    }
+    st
+}
+
+/// An R5 `subscription-notification` Bundle.
+pub fn bundle_r5(
+    kind: Kind,
+    info: &StatusInfo,
+    events: &[Event],
+    content: Content,
+    base_url: &str,
+    now: DateTime<Utc>,
+) -> Value {
+    let status = subscription_status(kind, info, events, content, base_url);
+    let status_id = status["id"].as_str().unwrap_or_default().to_string();
+    let mut entries = vec![json!({"fullUrl": format!("urn:uuid:{status_id}"), "resource": status})];
+    if content != Content::Empty {
+        for e in events {
+            entries.push(event_entry(e, content, base_url));
+        }
+    }
+    json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "subscription-notification",
+        "timestamp": fhir_instant(now),
+        "entry": entries,
+    })
+}
+
+fn event_entry(e: &Event, content: Content, base_url: &str) -> Value {
+    let rel = format!("{}/{}", e.resource_type, e.resource_id);
+    let (method, url, code) = match e.interaction {
+        Interaction::Create => ("POST", e.resource_type.clone(), "201"),
+        Interaction::Update => ("PUT", rel.clone(), "200"),
+        Interaction::Delete => ("DELETE", rel.clone(), "204"),
+    };
+    let mut entry = json!({
+        "fullUrl": format!("{base_url}/{rel}"),
+        "request": {"method": method, "url": url},
+        "response": {"status": code},
+    });
+    if content == Content::FullResource {
+        if let Some(r) = &e.resource {
+            entry["resource"] = r.clone();
+        }
+    }
+    entry
+}
+
+/// An OperationOutcome with one error issue.
+pub fn operation_outcome(code: &str, message: &str, expression: Option<&str>) -> Value {
+    let mut issue = json!({"severity": "error", "code": code, "diagnostics": message});
+    if let Some(e) = expression {
+        issue["expression"] = json!([format!("Subscription.{e}")]);
+    }
+    json!({"resourceType": "OperationOutcome", "issue": [issue]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> StatusInfo {
+        StatusInfo {
+            subscription_id: "s1".into(),
+            status: Status::Active,
+            events_since_start: 3,
+            topic_url: "http://t".into(),
+            errors: vec![],
+        }
+    }
+
+    fn ev(i: Interaction) -> Event {
+        Event {
+            event_number: 3,
+            resource_type: "Encounter".into(),
+            resource_id: "e1".into(),
+            interaction: i,
+            timestamp: Utc::now(),
+            resource: Some(json!({"resourceType": "Encounter", "id": "e1"})),
+        }
+    }
+
+    #[test]
+    fn id_only_has_request_and_no_resource() {
+        let b = bundle_r5(
+            Kind::EventNotification,
+            &info(),
+            &[ev(Interaction::Update)],
+            Content::IdOnly,
+            "http://x",
+            Utc::now(),
+        );
+        assert_eq!(b["type"], "subscription-notification");
+        assert_eq!(
+            b["entry"][0]["resource"]["notificationEvent"][0]["eventNumber"],
+            "3"
+        );
+        assert_eq!(b["entry"][1]["request"]["method"], "PUT");
+        assert!(b["entry"][1].get("resource").is_none());
+    }
+
+    #[test]
+    fn empty_has_no_focus_no_topic() {
+        let b = bundle_r5(
+            Kind::EventNotification,
+            &info(),
+            &[ev(Interaction::Create)],
+            Content::Empty,
+            "http://x",
+            Utc::now(),
+        );
+        assert_eq!(b["entry"].as_array().unwrap().len(), 1);
+        assert!(b["entry"][0]["resource"].get("topic").is_none());
+        assert!(b["entry"][0]["resource"]["notificationEvent"][0]
+            .get("focus")
+            .is_none());
+    }
+
+    #[test]
+    fn full_resource_delete_has_no_resource() {
+        let mut e = ev(Interaction::Delete);
+        e.resource = None;
+        let b = bundle_r5(
+            Kind::EventNotification,
+            &info(),
+            &[e, ev(Interaction::Create)],
+            Content::FullResource,
+            "http://x",
+            Utc::now(),
+        );
+        assert!(b["entry"][1].get("resource").is_none());
+        assert_eq!(b["entry"][1]["request"]["method"], "DELETE");
+        assert_eq!(b["entry"][2]["resource"]["id"], "e1");
+    }
+
+    #[test]
+    fn handshake_counts_nothing() {
+        let mut i = info();
+        i.events_since_start = 0;
+        let b = bundle_r5(
+            Kind::Handshake,
+            &i,
+            &[],
+            Content::IdOnly,
+            "http://x",
+            Utc::now(),
+        );
+        assert_eq!(
+            b["entry"][0]["resource"]["eventsSinceSubscriptionStart"],
+            "0"
+        );
+        assert!(b["entry"][0]["resource"].get("notificationEvent").is_none());
+    }
+}

@@ -1,0 +1,317 @@
+//! SubscriptionTopic: what of a topic the daemon understands, parsed once at load time so
+//! matching on the capture hot path is a type compare and a bit test.
+
+use serde_json::Value;
+
+use super::resource_types::is_resource_type;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interaction {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Interaction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interaction::Create => "create",
+            Interaction::Update => "update",
+            Interaction::Delete => "delete",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "create" => Some(Interaction::Create),
+            "update" => Some(Interaction::Update),
+            "delete" => Some(Interaction::Delete),
+            _ => None,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Interaction::Create => 1,
+            Interaction::Update => 2,
+            Interaction::Delete => 4,
+        }
+    }
+}
+
+/// A set of interactions as a bit mask: an absent `supportedInteraction` means all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interactions(u8);
+
+impl Interactions {
+    pub const ALL: Interactions = Interactions(7);
+
+    pub fn contains(self, i: Interaction) -> bool {
+        self.0 & i.bit() != 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceTrigger {
+    pub resource_type: String,
+    pub interactions: Interactions,
+}
+
+/// One `canFilterBy` entry: a filter parameter a subscription may use for a resource type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanFilterBy {
+    pub resource_type: Option<String>,
+    pub parameter: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Topic {
+    pub url: String,
+    /// The id the API serves it under (`SubscriptionTopic/{id}`).
+    pub id: String,
+    pub triggers: Vec<ResourceTrigger>,
+    pub can_filter_by: Vec<CanFilterBy>,
+    /// The resource as given, for `GET /SubscriptionTopic`.
+    pub resource: Value,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TopicError {
+    #[error("not a SubscriptionTopic (resourceType is {0:?})")]
+    NotATopic(String),
+    #[error("SubscriptionTopic.url is required")]
+    MissingUrl,
+    #[error("SubscriptionTopic {url}: needs at least one resourceTrigger")]
+    NoTrigger { url: String },
+    #[error("SubscriptionTopic {url}: resourceTrigger[{index}].resource {resource:?} is not a FHIR resource type")]
+    UnknownResource {
+        url: String,
+        index: usize,
+        resource: String,
+    },
+    #[error("SubscriptionTopic {url}: resourceTrigger[{index}].supportedInteraction {value:?} is not create, update or delete")]
+    BadInteraction {
+        url: String,
+        index: usize,
+        value: String,
+    },
+    #[error("SubscriptionTopic {url}: resourceTrigger[{index}] uses {what}, which this version does not evaluate; refusing the topic rather than notifying on every change")]
+    Unsupported {
+        url: String,
+        index: usize,
+        what: &'static str,
+    },
+}
+
+/// `http://hl7.org/fhir/StructureDefinition/Encounter` → `Encounter`.
+pub fn resource_type_of(canonical: &str) -> &str {
+    canonical.rsplit('/').next().unwrap_or(canonical)
+}
+
+impl Topic {
+    pub fn from_json(v: &Value) -> Result<Self, TopicError> {
+        let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        if rt != "SubscriptionTopic" {
+            return Err(TopicError::NotATopic(rt.to_string()));
+        }
+        let url = v
+            .get("url")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or(TopicError::MissingUrl)?
+            .to_string();
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| slug(&url));
+        let mut triggers = Vec::new();
+        let empty = Vec::new();
+        let list = v
+            .get("resourceTrigger")
+            .and_then(Value::as_array)
+            .unwrap_or(&empty);
+        for (index, t) in list.iter().enumerate() {
+            let resource = t.get("resource").and_then(Value::as_str).unwrap_or("");
+            let ty = resource_type_of(resource);
+            if !is_resource_type(ty) {
+                return Err(TopicError::UnknownResource {
+                    url,
+                    index,
+                    resource: resource.into(),
+                });
+            }
+            for (key, what) in [
+                ("queryCriteria", "queryCriteria"),
+                ("fhirPathCriteria", "fhirPathCriteria"),
+            ] {
+                if t.get(key).is_some() {
+                    return Err(TopicError::Unsupported { url, index, what });
+                }
+            }
+            let interactions = match t.get("supportedInteraction").and_then(Value::as_array) {
+                None => Interactions::ALL,
+                Some(a) if a.is_empty() => Interactions::ALL,
+                Some(a) => {
+                    let mut mask = 0u8;
+                    for i in a {
+                        let s = i.as_str().unwrap_or("");
+                        let parsed =
+                            Interaction::parse(s).ok_or_else(|| TopicError::BadInteraction {
+                                url: url.clone(),
+                                index,
+                                value: s.into(),
+                            })?;
+                        mask |= parsed.bit();
+                    }
+                    Interactions(mask)
+                }
+            };
+            triggers.push(ResourceTrigger {
+                resource_type: ty.to_string(),
+                interactions,
+            });
+        }
+        if triggers.is_empty() {
+            return Err(TopicError::NoTrigger { url });
+        }
+        let can_filter_by = v
+            .get("canFilterBy")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| {
+                        let parameter = c.get("filterParameter")?.as_str()?.to_string();
+                        let resource_type = c
+                            .get("resource")
+                            .and_then(Value::as_str)
+                            .map(|r| resource_type_of(r).to_string());
+                        Some(CanFilterBy {
+                            resource_type,
+                            parameter,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut resource = v.clone();
+        if let Some(o) = resource.as_object_mut() {
+            o.insert("id".into(), Value::String(id.clone()));
+        }
+        Ok(Topic {
+            url,
+            id,
+            triggers,
+            can_filter_by,
+            resource,
+        })
+    }
+
+    /// Does a change of this type and interaction fire the topic?
+    pub fn matches(&self, resource_type: &str, interaction: Interaction) -> bool {
+        self.triggers
+            .iter()
+            .any(|t| t.resource_type == resource_type && t.interactions.contains(interaction))
+    }
+
+    /// Is `parameter` a filter the topic allows for `resource_type` (or for any type)?
+    pub fn allows_filter(&self, resource_type: Option<&str>, parameter: &str) -> bool {
+        self.can_filter_by.iter().any(|c| {
+            c.parameter == parameter
+                && match (&c.resource_type, resource_type) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                }
+        })
+    }
+}
+
+/// A FHIR id from a URL: its last path segment, cut to the allowed characters.
+fn slug(url: &str) -> String {
+    let last = url.trim_end_matches('/').rsplit('/').next().unwrap_or(url);
+    let s: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if s.is_empty() {
+        "topic".into()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn topic(trigger: Value) -> Result<Topic, TopicError> {
+        Topic::from_json(&json!({
+            "resourceType": "SubscriptionTopic",
+            "url": "http://example.org/topics/enc-start",
+            "status": "active",
+            "resourceTrigger": [trigger],
+            "canFilterBy": [{"resource": "Encounter", "filterParameter": "patient"}]
+        }))
+    }
+
+    #[test]
+    fn canonical_resource_and_interactions() {
+        let t = topic(
+            json!({"resource": "http://hl7.org/fhir/StructureDefinition/Encounter",
+                             "supportedInteraction": ["create", "delete"]}),
+        )
+        .unwrap();
+        assert_eq!(t.id, "enc-start");
+        assert!(t.matches("Encounter", Interaction::Create));
+        assert!(t.matches("Encounter", Interaction::Delete));
+        assert!(!t.matches("Encounter", Interaction::Update));
+        assert!(!t.matches("Observation", Interaction::Create));
+        assert!(t.allows_filter(Some("Encounter"), "patient"));
+        assert!(!t.allows_filter(Some("Encounter"), "status"));
+    }
+
+    #[test]
+    fn absent_interactions_mean_all() {
+        let t = topic(json!({"resource": "Encounter"})).unwrap();
+        for i in [
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(t.matches("Encounter", i));
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        assert!(matches!(
+            topic(json!({"resource": "Encountr"})),
+            Err(TopicError::UnknownResource { .. })
+        ));
+        assert!(matches!(
+            topic(json!({"resource": "Encounter", "supportedInteraction": ["read"]})),
+            Err(TopicError::BadInteraction { .. })
+        ));
+        assert!(matches!(
+            topic(
+                json!({"resource": "Encounter", "queryCriteria": {"current": "status=finished"}})
+            ),
+            Err(TopicError::Unsupported {
+                what: "queryCriteria",
+                ..
+            })
+        ));
+        assert_eq!(
+            Topic::from_json(&json!({"resourceType": "Patient"})).unwrap_err(),
+            TopicError::NotATopic("Patient".into())
+        );
+    }
+}

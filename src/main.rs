@@ -1,0 +1,131 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use fhir_cdc::config::Config;
+use fhir_cdc::{api, capture, check, delivery};
+
+/// FHIR topic-based Subscription notifications from a Postgres store's WAL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture, delivery and the API in one process.
+    Run(Args),
+    /// Only the CDC stage (one active instance per slot; more wait as standbys).
+    Capture(Args),
+    /// Only delivery and the API (any number of instances).
+    Deliver(Args),
+    /// Validate the config file and the database; print what to fix.
+    Check(Args),
+}
+
+#[derive(clap::Args)]
+struct Args {
+    /// Path of the TOML configuration.
+    #[arg(long, short, env = "FHIR_CDC_CONFIG")]
+    config: PathBuf,
+}
+
+fn init_logging(cfg: Option<&Config>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FHIR_CDC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = cfg
+        .and_then(|c| c.log.format.as_deref())
+        .is_some_and(|f| f == "json");
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let args = match &cli.command {
+        Command::Run(a) | Command::Capture(a) | Command::Deliver(a) | Command::Check(a) => a,
+    };
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("fhir-cdc: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(Some(&cfg));
+    match run(cli.command, cfg).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "fatal");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::ExitCode> {
+    if let Command::Check(_) = cmd {
+        let findings = check::run(&cfg).await;
+        let mut failed = false;
+        for f in &findings {
+            if f.ok {
+                println!("ok    {}", f.what);
+            } else {
+                failed = true;
+                println!("FIX   {}", f.what);
+                if let Some(fix) = &f.fix {
+                    println!("      -> {fix}");
+                }
+            }
+        }
+        return Ok(if failed {
+            std::process::ExitCode::FAILURE
+        } else {
+            std::process::ExitCode::SUCCESS
+        });
+    }
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let shutdown = shutdown_signal();
+    let mut tasks = tokio::task::JoinSet::new();
+    let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
+    let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
+    if with_capture {
+        tasks.spawn(capture::run(cfg.clone(), shutdown.clone()));
+    }
+    if with_delivery {
+        tasks.spawn(delivery::run(cfg.clone(), shutdown.clone()));
+        let state = api::state(cfg.clone(), Some(prom))?;
+        tasks.spawn(api::serve(state, shutdown.clone()));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("task panicked")??;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,88 @@
+//! Dispatch: matches a topic's new events to its subscriptions and numbers them. One
+//! transaction per round, under a per-topic advisory lock, so eventNumbers are gap-free
+//! whatever crashes and however many delivery instances run.
+
+use tokio_postgres::Client;
+
+use super::{Result, DELIVERY_CHANNEL};
+
+/// Dispatches up to `limit` new events of `topic`. Returns how many events it consumed
+/// (0 when there were none or another instance holds the topic).
+pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize> {
+    let tx = client.transaction().await?;
+    let locked: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('fhir_cdc.dispatch.' || $1, 0))",
+            &[&topic],
+        )
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(0);
+    }
+    tx.execute(
+        "INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id) VALUES ($1, 0)
+         ON CONFLICT DO NOTHING",
+        &[&topic],
+    )
+    .await?;
+    let cursor: i64 = tx
+        .query_one(
+            "SELECT last_event_id FROM fhir_cdc.dispatch_cursor WHERE topic = $1 FOR UPDATE",
+            &[&topic],
+        )
+        .await?
+        .get(0);
+    let ids: Vec<i64> = tx
+        .query(
+            "SELECT id FROM fhir_cdc.event WHERE topic = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[&topic, &cursor, &limit],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let Some(&last) = ids.last() else {
+        return Ok(0);
+    };
+    // Every subscription that is not off counts the events, delivered or not.
+    let subs = tx
+        .query(
+            "SELECT id, start_event_id FROM fhir_cdc.subscription
+             WHERE topic = $1 AND status IN ('requested', 'active', 'error')
+             ORDER BY id FOR UPDATE",
+            &[&topic],
+        )
+        .await?;
+    let mut matched = 0u64;
+    for s in &subs {
+        let id: &str = s.get(0);
+        let start: i64 = s.get(1);
+        let n = tx
+            .execute(
+                "WITH ev AS (
+                     SELECT e, row_number() OVER (ORDER BY e) AS rn
+                     FROM unnest($2::int8[]) AS e WHERE e > $3),
+                 sub AS (
+                     UPDATE fhir_cdc.subscription SET events_since_start = events_since_start + (SELECT count(*) FROM ev)
+                     WHERE id = $1 RETURNING events_since_start - (SELECT count(*) FROM ev) AS base)
+                 INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
+                 SELECT $1, sub.base + ev.rn, ev.e FROM ev, sub",
+                &[&id, &ids, &start],
+            )
+            .await?;
+        matched += n;
+    }
+    tx.execute(
+        "UPDATE fhir_cdc.dispatch_cursor SET last_event_id = $2 WHERE topic = $1",
+        &[&topic, &last],
+    )
+    .await?;
+    if matched > 0 {
+        tx.execute("SELECT pg_notify($1, $2)", &[&DELIVERY_CHANNEL, &topic])
+            .await?;
+    }
+    tx.commit().await?;
+    metrics::counter!("fhir_cdc_dispatched_total", "topic" => topic.to_string()).increment(matched);
+    Ok(ids.len())
+}

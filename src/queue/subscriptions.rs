@@ -1,0 +1,370 @@
+//! Subscription rows: what the API and capture write, and what send workers lease.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::{GenericClient, Row};
+
+use super::Result;
+use crate::fhir::subscription::{Content, Status, SubscriptionSpec};
+use crate::fhir::topic::Interaction;
+
+/// A subscription row as delivery and the API read it.
+#[derive(Debug, Clone)]
+pub struct SubscriptionRow {
+    pub id: String,
+    pub origin: String,
+    pub topic: String,
+    pub status: Status,
+    pub endpoint: String,
+    pub content: Content,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Option<i32>,
+    pub max_count: Option<i32>,
+    pub resource: Value,
+    pub events_since_start: i64,
+    pub handshake_done: bool,
+    pub failures: i32,
+    pub last_error: Option<String>,
+}
+
+const COLUMNS: &str =
+    "id, origin, topic, status, endpoint, content, content_type, headers, timeout,
+    max_count, resource, events_since_start, handshake_done, failures, last_error";
+
+impl SubscriptionRow {
+    fn from_row(r: &Row) -> Self {
+        let headers: Value = r.get("headers");
+        let headers = headers
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| {
+                        Some((
+                            h.get(0)?.as_str()?.to_string(),
+                            h.get(1)?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        SubscriptionRow {
+            id: r.get("id"),
+            origin: r.get("origin"),
+            topic: r.get("topic"),
+            status: Status::parse(r.get("status")).unwrap_or(Status::Off),
+            endpoint: r.get("endpoint"),
+            content: Content::parse(r.get("content")).unwrap_or(Content::Empty),
+            content_type: r.get("content_type"),
+            headers,
+            timeout: r.get("timeout"),
+            max_count: r.get("max_count"),
+            resource: r.get("resource"),
+            events_since_start: r.get("events_since_start"),
+            handshake_done: r.get("handshake_done"),
+            failures: r.get("failures"),
+            last_error: r.get("last_error"),
+        }
+    }
+
+    /// The resource as the API serves it: the stored one with the server-owned status.
+    pub fn to_resource(&self) -> Value {
+        let mut r = self.resource.clone();
+        r["id"] = Value::String(self.id.clone());
+        r["status"] = Value::String(self.status.as_str().into());
+        r
+    }
+}
+
+/// Creates or replaces a subscription. Setting `requested` again re-arms the handshake.
+pub async fn upsert<C: GenericClient>(
+    c: &C,
+    id: &str,
+    origin: &str,
+    spec: &SubscriptionSpec,
+    resource: &Value,
+) -> Result<()> {
+    let headers: Value = spec
+        .headers
+        .iter()
+        .map(|(k, v)| Value::Array(vec![k.clone().into(), v.clone().into()]))
+        .collect();
+    c.execute(
+        "INSERT INTO fhir_cdc.subscription
+             (id, origin, topic, status, endpoint, content, content_type, headers,
+              heartbeat_period, timeout, max_count, resource, start_event_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                 (SELECT coalesce(max(id), 0) FROM fhir_cdc.event))
+         ON CONFLICT (id) DO UPDATE SET
+             status = EXCLUDED.status, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
+             content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
+             heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
+             max_count = EXCLUDED.max_count, resource = EXCLUDED.resource,
+             handshake_done = CASE WHEN EXCLUDED.status = 'requested' THEN false
+                                   ELSE fhir_cdc.subscription.handshake_done END,
+             failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
+                             ELSE fhir_cdc.subscription.failures END,
+             next_attempt_at = now(), updated_at = now()",
+        &[
+            &id,
+            &origin,
+            &spec.topic_url,
+            &spec.status.as_str(),
+            &spec.endpoint,
+            &spec.content.as_str(),
+            &spec.content_type,
+            &headers,
+            &spec.heartbeat_period,
+            &spec.timeout,
+            &spec.max_count,
+            resource,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn get<C: GenericClient>(c: &C, id: &str) -> Result<Option<SubscriptionRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM fhir_cdc.subscription WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id])
+        .await?
+        .map(|r| SubscriptionRow::from_row(&r)))
+}
+
+/// Search by `status` and `url` (the endpoint), both optional.
+pub async fn search<C: GenericClient>(
+    c: &C,
+    status: Option<&str>,
+    url: Option<&str>,
+) -> Result<Vec<SubscriptionRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM fhir_cdc.subscription
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR endpoint = $2)
+         ORDER BY created_at, id"
+    );
+    Ok(c.query(&sql, &[&status, &url])
+        .await?
+        .iter()
+        .map(SubscriptionRow::from_row)
+        .collect())
+}
+
+pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
+    Ok(
+        c.execute("DELETE FROM fhir_cdc.subscription WHERE id = $1", &[&id])
+            .await?
+            > 0,
+    )
+}
+
+/// Takes one subscription of `topic` that has work (a handshake, or pending events whose
+/// retry time has come) for `lease_secs`. SKIP LOCKED lets many workers share a topic while
+/// each subscription is sent by one worker at a time, which keeps its order.
+pub async fn lease<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    lease_secs: f64,
+) -> Result<Option<SubscriptionRow>> {
+    let sql = format!(
+        "UPDATE fhir_cdc.subscription SET lease_until = now() + make_interval(secs => $2)
+         WHERE id = (
+             SELECT s.id FROM fhir_cdc.subscription s
+             WHERE s.topic = $1
+               AND (s.lease_until IS NULL OR s.lease_until < now())
+               AND s.next_attempt_at <= now()
+               AND (s.status = 'requested'
+                    OR (s.status IN ('active', 'error') AND s.handshake_done AND EXISTS (
+                        SELECT 1 FROM fhir_cdc.delivery d
+                        WHERE d.subscription_id = s.id AND d.state = 'pending')))
+             ORDER BY s.next_attempt_at
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED)
+         RETURNING {COLUMNS}"
+    );
+    Ok(c.query_opt(&sql, &[&topic, &lease_secs])
+        .await?
+        .map(|r| SubscriptionRow::from_row(&r)))
+}
+
+/// The earliest time a subscription of `topic` will have retry work.
+pub async fn next_retry<C: GenericClient>(c: &C, topic: &str) -> Result<Option<DateTime<Utc>>> {
+    Ok(c.query_one(
+        "SELECT min(next_attempt_at) FROM fhir_cdc.subscription s
+             WHERE topic = $1 AND next_attempt_at > now()
+               AND (status = 'requested' OR (status IN ('active', 'error') AND EXISTS (
+                   SELECT 1 FROM fhir_cdc.delivery d
+                   WHERE d.subscription_id = s.id AND d.state = 'pending')))",
+        &[&topic],
+    )
+    .await?
+    .get(0))
+}
+
+/// A pending delivery joined with its event.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub event_number: i64,
+    pub event_id: i64,
+    pub attempts: i32,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub interaction: Interaction,
+    pub commit_time: DateTime<Utc>,
+    pub resource: Option<Value>,
+    pub queued_at: DateTime<Utc>,
+}
+
+pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<Vec<Pending>> {
+    Ok(c.query(
+        "SELECT d.event_number, d.event_id, d.attempts, e.resource_type, e.resource_id,
+                    e.interaction, e.commit_time, e.resource, e.queued_at
+             FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
+             WHERE d.subscription_id = $1 AND d.state = 'pending'
+             ORDER BY d.event_number LIMIT $2",
+        &[&sub, &limit],
+    )
+    .await?
+    .iter()
+    .map(|r| Pending {
+        event_number: r.get(0),
+        event_id: r.get(1),
+        attempts: r.get(2),
+        resource_type: r.get(3),
+        resource_id: r.get(4),
+        interaction: Interaction::parse(r.get(5)).unwrap_or(Interaction::Update),
+        commit_time: r.get(6),
+        resource: r.get(7),
+        queued_at: r.get(8),
+    })
+    .collect())
+}
+
+/// A handshake went through: the subscription is active.
+pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET status = 'active', handshake_done = true, failures = 0,
+             last_error = NULL, lease_until = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'requested'",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A handshake failed: the subscription goes to `error` until the client asks again.
+pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET status = 'error', last_error = $2,
+             failures = failures + 1, lease_until = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'requested'",
+        &[&id, &error],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Events up to `last_number` reached the endpoint.
+pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.delivery SET state = 'delivered', delivered_at = now(),
+             attempts = attempts + 1
+         WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'",
+        &[&id, &numbers],
+    )
+    .await?;
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, lease_until = NULL,
+             status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
+             next_attempt_at = now(), updated_at = now()
+         WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Policy for a failed send, from `[delivery]`.
+#[derive(Debug, Clone, Copy)]
+pub struct FailurePolicy {
+    pub max_attempts: i32,
+    pub error_after: i32,
+    pub off_after: i32,
+}
+
+/// A send failed. Counts the attempt, moves exhausted events and the events of a
+/// subscription turned off to `dead_letter`, and schedules the retry.
+/// Returns the subscription's new status.
+pub async fn send_failed(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: &str,
+    numbers: &[i64],
+    error: &str,
+    retry_in: std::time::Duration,
+    policy: FailurePolicy,
+) -> Result<Status> {
+    tx.execute(
+        "UPDATE fhir_cdc.delivery SET attempts = attempts + 1, last_error = $3
+         WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'",
+        &[&id, &numbers, &error],
+    )
+    .await?;
+    let exhausted = format!("gave up after {} attempts: {error}", policy.max_attempts);
+    tx.execute(
+        "WITH dead AS (
+             UPDATE fhir_cdc.delivery SET state = 'dead'
+             WHERE subscription_id = $1 AND state = 'pending' AND attempts >= $2
+             RETURNING subscription_id, event_number, event_id)
+         INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
+         SELECT subscription_id, event_number, event_id, $3 FROM dead
+         ON CONFLICT DO NOTHING",
+        &[&id, &policy.max_attempts, &exhausted],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
+                 lease_until = NULL, updated_at = now(),
+                 next_attempt_at = now() + make_interval(secs => $3),
+                 status = CASE WHEN failures + 1 >= $5 THEN 'off'
+                               WHEN failures + 1 >= $4 THEN 'error'
+                               ELSE status END
+             WHERE id = $1 RETURNING status",
+            &[
+                &id,
+                &error,
+                &retry_in.as_secs_f64(),
+                &policy.error_after,
+                &policy.off_after,
+            ],
+        )
+        .await?;
+    let status = Status::parse(row.get(0)).unwrap_or(Status::Off);
+    if status == Status::Off {
+        let reason = format!(
+            "subscription turned off after {} consecutive failures: {error}",
+            policy.off_after
+        );
+        tx.execute(
+            "WITH dead AS (
+                 UPDATE fhir_cdc.delivery SET state = 'dead'
+                 WHERE subscription_id = $1 AND state = 'pending'
+                 RETURNING subscription_id, event_number, event_id)
+             INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
+             SELECT subscription_id, event_number, event_id, $2 FROM dead
+             ON CONFLICT DO NOTHING",
+            &[&id, &reason],
+        )
+        .await?;
+    }
+    Ok(status)
+}
+
+/// Gives a lease back without changing anything else (shutdown, a lost race).
+pub async fn release<C: GenericClient>(c: &C, id: &str) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET lease_until = NULL WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
