@@ -1,0 +1,392 @@
+//! Test harness: a throwaway Postgres cluster with wal_level=logical, an Aidbox-style store,
+//! a real webhook receiver, the daemon as a child process, and the conformance validator.
+#![allow(dead_code)]
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Postgres cluster of its own, stopped and removed on drop.
+pub struct Pg {
+    pub dir: String,
+    pub port: u16,
+}
+
+impl Pg {
+    pub fn start() -> Pg {
+        let out = Command::new(repo().join("scripts/pg-cluster.sh"))
+            .arg("start")
+            .output()
+            .expect("run scripts/pg-cluster.sh");
+        assert!(
+            out.status.success(),
+            "pg-cluster.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = String::from_utf8_lossy(&out.stdout);
+        let get = |k: &str| {
+            s.split(';')
+                .find_map(|p| p.trim().strip_prefix(&format!("{k}=")).map(str::to_string))
+                .unwrap_or_else(|| panic!("{k} missing in {s}"))
+        };
+        Pg {
+            dir: get("PGDATA_DIR"),
+            port: get("PGPORT").parse().unwrap(),
+        }
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub async fn client(&self, db: &str) -> Client {
+        let (c, conn) = tokio_postgres::connect(&self.url(db), NoTls)
+            .await
+            .expect("connect to test cluster");
+        tokio::spawn(conn);
+        c
+    }
+
+    /// Creates database `fhir` with the Aidbox-style store of `scripts/aidbox-store.sql`.
+    pub async fn aidbox_store(&self) -> Client {
+        self.client("postgres")
+            .await
+            .batch_execute("CREATE DATABASE fhir")
+            .await
+            .unwrap();
+        let c = self.client("fhir").await;
+        let sql = std::fs::read_to_string(repo().join("scripts/aidbox-store.sql")).unwrap();
+        c.batch_execute(&sql).await.unwrap();
+        c
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/pg-cluster.sh"))
+            .args(["stop", &self.dir])
+            .status();
+    }
+}
+
+/// One received HTTP request.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub hook: String,
+    pub body: Value,
+    pub headers: HashMap<String, String>,
+}
+
+/// A webhook receiver at `http://127.0.0.1:{port}/hook/{name}` that records what it gets and
+/// answers with the status set for that name (200 by default).
+#[derive(Clone)]
+pub struct Receiver {
+    pub port: u16,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    pub answers: Arc<Mutex<HashMap<String, u16>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let r = Receiver {
+            port: 0,
+            got: Arc::default(),
+            answers: Arc::default(),
+        };
+        let app = Router::new()
+            .route("/hook/{name}", post(hook))
+            .with_state(r.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        Receiver { port, ..r }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/hook/{name}", self.port)
+    }
+
+    pub fn answer(&self, name: &str, status: u16) {
+        self.answers.lock().unwrap().insert(name.into(), status);
+    }
+
+    pub fn bodies(&self, name: &str) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.hook == name)
+            .map(|r| r.body.clone())
+            .collect()
+    }
+
+    /// Event notifications only (no handshakes), in arrival order.
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        self.bodies(name)
+            .into_iter()
+            .filter(|b| status_of(b)["type"] == "event-notification")
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.body.clone())
+            .collect()
+    }
+}
+
+async fn hook(
+    State(r): State<Receiver>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> StatusCode {
+    let status = r.answers.lock().unwrap().get(&name).copied().unwrap_or(200);
+    let body: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    r.got.lock().unwrap().push(Received {
+        hook: name,
+        body,
+        headers,
+    });
+    StatusCode::from_u16(status).unwrap()
+}
+
+/// The SubscriptionStatus of a notification Bundle.
+pub fn status_of(bundle: &Value) -> &Value {
+    &bundle["entry"][0]["resource"]
+}
+
+/// Event numbers of a notification.
+pub fn event_numbers(bundle: &Value) -> Vec<i64> {
+    status_of(bundle)["notificationEvent"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["eventNumber"].as_str().unwrap().parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The daemon as a child process; SIGKILLed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &FsPath, log: &FsPath) -> Daemon {
+        Self::start_cmd("run", config, log)
+    }
+
+    pub fn start_cmd(cmd: &str, config: &FsPath, log: &FsPath) -> Daemon {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+            .args([cmd, "--config"])
+            .arg(config)
+            .env("FHIR_CDC_LOG", "info,fhir_cdc=debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn fhir-cdc");
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL: no chance to flush or confirm anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `toml` and the topic files it names into `dir`.
+pub fn write_file(dir: &FsPath, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    p
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Waits until the API answers.
+pub async fn wait_api(port: u16) {
+    let http = reqwest::Client::new();
+    wait_until("the API", Duration::from_secs(60), || {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
+
+/// Runs the official validator over `bundles`; panics with its report when any fails.
+pub fn validate(bundles: &[Value], fhir: &str, extra: &[&str]) {
+    assert!(!bundles.is_empty(), "nothing to validate");
+    let shared = repo().join("../shared/conformance");
+    let dir = match std::env::var("FHIR_VALIDATOR_DIR") {
+        Ok(d) => d,
+        Err(_) => {
+            let out = Command::new("bash")
+                .arg(shared.join("setup.sh"))
+                .output()
+                .expect("run conformance/setup.sh");
+            assert!(
+                out.status.success(),
+                "setup.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let mut f = std::fs::File::create(tmp.path()).unwrap();
+    for b in bundles {
+        writeln!(f, "{}", serde_json::to_string(b).unwrap()).unwrap();
+    }
+    let out = Command::new(format!("{dir}/venv/bin/python"))
+        .arg(shared.join("validate.py"))
+        .args(["--fhir", fhir])
+        .args(extra)
+        .arg(tmp.path())
+        .env("VALIDATE_R4_VENV", format!("{dir}/venv-r4"))
+        .output()
+        .expect("run validate.py");
+    assert!(
+        out.status.success(),
+        "validate.py --fhir {fhir} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A config for an Aidbox store at `pg`, with the API on `api_port` and `topics` TOML appended.
+pub fn aidbox_config(pg: &Pg, api_port: u16, topics: &str) -> String {
+    format!(
+        r#"[source]
+url = "{}"
+profile = "aidbox"
+fhir_version = "R5"
+
+[queue]
+flush_ms = 10
+
+[api]
+listen = "127.0.0.1:{api_port}"
+base_url = "http://fhir-cdc.test/fhir"
+
+[delivery]
+allow_private_endpoints = true
+require_https_for_full_resource = false
+retry_initial_ms = 100
+retry_max_ms = 1000
+timeout_secs = 5
+
+{topics}
+"#,
+        pg.url("fhir")
+    )
+}
+
+/// POSTs an R5 Subscription; returns its id.
+pub async fn subscribe(api_port: u16, topic: &str, endpoint: &str, content: &str) -> String {
+    let body = serde_json::json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "topic": topic,
+        "channelType": {"system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type", "code": "rest-hook"},
+        "endpoint": endpoint,
+        "content": content,
+        "contentType": "application/fhir+json",
+        "parameter": [{"name": "X-Test", "value": "yes"}]
+    });
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/Subscription"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// GETs a Subscription's status resource from `$status`.
+pub async fn status(api_port: u16, id: &str) -> Value {
+    let v: Value = reqwest::get(format!(
+        "http://127.0.0.1:{api_port}/Subscription/{id}/$status"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    v["entry"][0]["resource"].clone()
+}
