@@ -47,7 +47,6 @@ CREATE TABLE fhir_cdc.subscription (
     failures            integer NOT NULL DEFAULT 0,
     last_error          text,
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),
-    lease_until         timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now()
 );

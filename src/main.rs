@@ -1,6 +1,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -42,6 +44,7 @@ fn init_logging(cfg: Option<&Config>) {
         .is_some_and(|f| f == "json");
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
@@ -116,12 +119,13 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let mut tasks = tokio::task::JoinSet::new();
     let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
     let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
-    if with_capture {
-        tasks.spawn(capture::run(cfg.clone(), shutdown.clone()));
+    let streaming = with_capture.then(|| Arc::new(AtomicBool::new(false)));
+    if let Some(s) = &streaming {
+        tasks.spawn(capture::run(cfg.clone(), s.clone(), shutdown.clone()));
     }
     if with_delivery {
         tasks.spawn(delivery::run(cfg.clone(), shutdown.clone()));
-        let state = api::state(cfg.clone(), Some(prom))?;
+        let state = api::state(cfg.clone(), Some(prom), streaming)?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

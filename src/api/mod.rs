@@ -10,6 +10,7 @@ use chrono::Utc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -26,6 +27,8 @@ pub struct ApiState {
     pub pool: deadpool_postgres::Pool,
     pub topics: Vec<Topic>,
     pub metrics: Option<PrometheusHandle>,
+    /// Set when capture runs in this process: ready only while it streams.
+    pub capture_streaming: Option<Arc<AtomicBool>>,
 }
 
 type Shared = Arc<ApiState>;
@@ -98,6 +101,14 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
 }
 
 async fn ready(State(s): State<Shared>) -> impl IntoResponse {
+    if let Some(c) = &s.capture_streaming {
+        if !c.load(Ordering::SeqCst) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capture is not streaming yet",
+            );
+        }
+    }
     match s.pool.get().await {
         Ok(c) if c.simple_query("SELECT 1").await.is_ok() => (StatusCode::OK, "ready"),
         _ => (
@@ -421,11 +432,16 @@ async fn status_one(State(s): State<Shared>, Path(id): Path<String>, _h: HeaderM
 }
 
 /// Builds the API state from a config (pool sized for the API only).
-pub fn state(cfg: Arc<Config>, metrics: Option<PrometheusHandle>) -> anyhow::Result<Shared> {
+pub fn state(
+    cfg: Arc<Config>,
+    metrics: Option<PrometheusHandle>,
+    capture_streaming: Option<Arc<AtomicBool>>,
+) -> anyhow::Result<Shared> {
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
         topics: cfg.topics.iter().map(|t| t.topic.clone()).collect(),
         cfg,
         metrics,
+        capture_streaming,
     }))
 }

@@ -13,6 +13,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -33,11 +34,20 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
 }
 
 /// Runs capture until `shutdown` flips, reconnecting with backoff when Postgres goes away.
-pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+///
+/// `streaming` is true while the slot is being read: the moment from which every store
+/// commit is captured (what `/readyz` reports).
+pub async fn run(
+    cfg: Arc<Config>,
+    streaming: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        match run_once(&cfg, &mut shutdown).await {
+        let result = run_once(&cfg, &streaming, &mut shutdown).await;
+        streaming.store(false, Ordering::SeqCst);
+        match result {
             Ok(()) => return Ok(()),
             Err(e) => {
                 metrics::counter!("fhir_cdc_capture_restarts_total").increment(1);
@@ -122,7 +132,11 @@ struct Stream<'a> {
     pending_since: Option<Instant>,
 }
 
-async fn run_once(cfg: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn run_once(
+    cfg: &Config,
+    streaming: &AtomicBool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let src = &cfg.source;
     let mut qc = queue::connect(cfg.queue_url())
         .await
@@ -171,6 +185,7 @@ async fn run_once(cfg: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow:
         .await
         .context("starting replication")?;
     repl.wait_started().await.context("starting replication")?;
+    streaming.store(true, Ordering::SeqCst);
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
 
     let topics: Vec<(Arc<str>, Topic)> = cfg

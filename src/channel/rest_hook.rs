@@ -41,12 +41,18 @@ impl Channel for RestHook {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => Err(SendError::Status(resp.status().as_u16())),
             Err(e) if e.is_timeout() => Err(SendError::Timeout(out.timeout)),
-            Err(e) if e.is_connect() => Err(SendError::Connect(
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string()),
-            )),
+            Err(e) if e.is_connect() => Err(SendError::Connect(root_cause(&e))),
             Err(e) => Err(SendError::Other(e.without_url().to_string())),
         }
     }
+}
+
+/// The innermost error text ("Connection refused (os error 111)"), which says more than
+/// the wrappers around it.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }

@@ -47,14 +47,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>) -> anyhow::R
         queue::migrate::run(&mut c).await?;
     }
     let wakers = Arc::new(Wakers::for_topics(&cfg));
-    let pool = queue::pool(
-        cfg.queue_url(),
-        4 + cfg.topics.iter().map(|t| t.workers).sum::<usize>(),
-    )?;
     let store = queue::pool(&cfg.source.url, 4)?;
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
-        pool,
         store,
         channel: RestHook::new(),
         base_url: cfg.api.base_url(),

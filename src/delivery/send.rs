@@ -15,11 +15,14 @@ use crate::config::{Config, ProfileKind};
 use crate::fhir::notification::{bundle_r5, Event, Kind, StatusInfo};
 use crate::fhir::subscription::{Content, Status};
 use crate::fhir::topic::Interaction;
-use crate::queue::subscriptions::{self, FailurePolicy, Pending, SubscriptionRow};
+use crate::queue::{
+    self,
+    subscriptions::{self, FailurePolicy, Pending, SubscriptionRow},
+};
+use tokio_postgres::Client;
 
 pub struct Ctx {
     pub cfg: Arc<Config>,
-    pub pool: deadpool_postgres::Pool,
     pub store: deadpool_postgres::Pool,
     pub channel: RestHook,
     pub base_url: String,
@@ -31,17 +34,32 @@ pub async fn worker(
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // A connection of the worker's own: its session advisory locks are the leases, so a
+    // dropped connection (error, crash) frees them at once.
+    let mut conn: Option<Client> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let idle = match work_one(&ctx, &topic, &wake).await {
-            Ok(true) => continue,
-            Ok(false) => next_wait(&ctx, &topic).await,
-            Err(e) => {
-                tracing::warn!(topic = %topic, error = format!("{e:#}"), "send worker error");
-                Duration::from_secs(1)
+        if conn.is_none() {
+            match queue::connect(ctx.cfg.queue_url()).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::warn!(topic = %topic, error = %e, "send worker cannot reach the queue")
+                }
             }
+        }
+        let idle = match conn.as_mut() {
+            None => Duration::from_secs(1),
+            Some(c) => match work_one(&ctx, c, &topic, &wake).await {
+                Ok(true) => continue,
+                Ok(false) => next_wait(c, &topic).await,
+                Err(e) => {
+                    tracing::warn!(topic = %topic, error = format!("{e:#}"), "send worker error; reconnecting");
+                    conn = None;
+                    Duration::from_secs(1)
+                }
+            },
         };
         tokio::select! {
             _ = wake.notified() => {}
@@ -52,53 +70,49 @@ pub async fn worker(
 }
 
 /// How long to sleep when there is nothing to do: until the next retry is due, at most 1 s.
-async fn next_wait(ctx: &Ctx, topic: &str) -> Duration {
+async fn next_wait(c: &Client, topic: &str) -> Duration {
     let max = Duration::from_secs(1);
-    let Ok(c) = ctx.pool.get().await else {
-        return max;
-    };
-    match subscriptions::next_retry(&**c, topic).await {
+    match subscriptions::next_retry(c, topic).await {
         Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
         _ => max,
     }
 }
 
 /// Does one unit of work. Returns false when no subscription of the topic had any.
-async fn work_one(ctx: &Ctx, topic: &str, wake: &Notify) -> anyhow::Result<bool> {
-    let timeout = |s: &SubscriptionRow| {
-        s.timeout
-            .filter(|t| *t > 0)
-            .map(|t| Duration::from_secs(t as u64))
-            .unwrap_or(ctx.cfg.delivery.default_timeout())
-    };
-    let sub = {
-        let c = ctx.pool.get().await?;
-        // The lease outlives the longest send, so a crashed worker's subscription is taken
-        // over only after that worker could no longer be sending.
-        let lease = ctx.cfg.delivery.timeout_secs.max(600) as f64 + 30.0;
-        match subscriptions::lease(&**c, topic, lease).await? {
-            Some(s) => s,
-            None => return Ok(false),
-        }
+async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyhow::Result<bool> {
+    let Some(sub) = subscriptions::lease(c, topic).await? else {
+        return Ok(false);
     };
     // Another worker may find more work meanwhile.
     wake.notify_one();
-    let t = timeout(&sub);
+    let t = sub
+        .timeout
+        .filter(|t| *t > 0)
+        .map(|t| Duration::from_secs(t as u64))
+        .unwrap_or(ctx.cfg.delivery.default_timeout());
     if sub.status == Status::Requested {
-        handshake(ctx, &sub, t).await?;
-        return Ok(true);
+        handshake(ctx, c, &sub, t).await?;
+    } else {
+        send_events(ctx, c, topic, &sub, t).await?;
     }
-    let c = ctx.pool.get().await?;
-    let batch = subscriptions::pending(&**c, &sub.id, 1).await?;
-    drop(c);
+    subscriptions::release(c, &sub.id).await?;
+    Ok(true)
+}
+
+async fn send_events(
+    ctx: &Ctx,
+    c: &mut Client,
+    topic: &str,
+    sub: &SubscriptionRow,
+    t: Duration,
+) -> anyhow::Result<()> {
+    let batch = subscriptions::pending(&*c, &sub.id, 1).await?;
     if batch.is_empty() {
-        let c = ctx.pool.get().await?;
-        subscriptions::release(&**c, &sub.id).await?;
-        return Ok(true);
+        return Ok(());
     }
     let mut events = Vec::with_capacity(batch.len());
     for p in &batch {
-        events.push(to_event(ctx, &sub, p).await);
+        events.push(to_event(ctx, sub, p).await);
     }
     let last = batch.last().map(|p| p.event_number).unwrap_or(0);
     let info = StatusInfo {
@@ -127,10 +141,9 @@ async fn work_one(ctx: &Ctx, topic: &str, wake: &Notify) -> anyhow::Result<bool>
             timeout: t,
         })
         .await;
-    let mut c = ctx.pool.get().await?;
     match result {
         Ok(()) => {
-            subscriptions::delivered(&**c, &sub.id, &numbers).await?;
+            subscriptions::delivered(&*c, &sub.id, &numbers).await?;
             metrics::counter!("fhir_cdc_notifications_sent_total", "topic" => topic.to_string())
                 .increment(1);
             for p in &batch {
@@ -162,10 +175,15 @@ async fn work_one(ctx: &Ctx, topic: &str, wake: &Notify) -> anyhow::Result<bool>
             );
         }
     }
-    Ok(true)
+    Ok(())
 }
 
-async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, timeout: Duration) -> anyhow::Result<()> {
+async fn handshake(
+    ctx: &Ctx,
+    c: &Client,
+    sub: &SubscriptionRow,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let info = StatusInfo {
         subscription_id: sub.id.clone(),
         status: Status::Requested,
@@ -191,15 +209,14 @@ async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, timeout: Duration) -> anyho
             timeout,
         })
         .await;
-    let c = ctx.pool.get().await?;
     match result {
         Ok(()) => {
-            subscriptions::handshake_ok(&**c, &sub.id).await?;
+            subscriptions::handshake_ok(c, &sub.id).await?;
             tracing::info!(subscription = %sub.id, "handshake accepted; subscription active");
         }
         Err(e) => {
             let msg = format!("handshake failed: {e}");
-            subscriptions::handshake_failed(&**c, &sub.id, &msg).await?;
+            subscriptions::handshake_failed(c, &sub.id, &msg).await?;
             tracing::warn!(subscription = %sub.id, error = %e, "handshake failed; subscription in error");
         }
     }

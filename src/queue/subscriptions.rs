@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::{Client, GenericClient, Row};
 
 use super::Result;
 use crate::fhir::subscription::{Content, Status, SubscriptionSpec};
@@ -158,32 +158,56 @@ pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
 }
 
 /// Takes one subscription of `topic` that has work (a handshake, or pending events whose
-/// retry time has come) for `lease_secs`. SKIP LOCKED lets many workers share a topic while
-/// each subscription is sent by one worker at a time, which keeps its order.
-pub async fn lease<C: GenericClient>(
-    c: &C,
-    topic: &str,
-    lease_secs: f64,
-) -> Result<Option<SubscriptionRow>> {
-    let sql = format!(
-        "UPDATE fhir_cdc.subscription SET lease_until = now() + make_interval(secs => $2)
-         WHERE id = (
-             SELECT s.id FROM fhir_cdc.subscription s
-             WHERE s.topic = $1
-               AND (s.lease_until IS NULL OR s.lease_until < now())
-               AND s.next_attempt_at <= now()
+/// retry time has come). The lease is a session advisory lock on `c`: many workers share a
+/// topic while each subscription is sent by one worker at a time (which keeps its order),
+/// and a worker that dies loses its lease with its connection, at once.
+/// `c` must be a connection of the caller's own, released with [`release`].
+pub async fn lease(c: &Client, topic: &str) -> Result<Option<SubscriptionRow>> {
+    let candidates = c
+        .query(
+            "SELECT s.id FROM fhir_cdc.subscription s
+             WHERE s.topic = $1 AND s.next_attempt_at <= now()
                AND (s.status = 'requested'
                     OR (s.status IN ('active', 'error') AND s.handshake_done AND EXISTS (
                         SELECT 1 FROM fhir_cdc.delivery d
                         WHERE d.subscription_id = s.id AND d.state = 'pending')))
              ORDER BY s.next_attempt_at
-             LIMIT 1
-             FOR UPDATE SKIP LOCKED)
-         RETURNING {COLUMNS}"
-    );
-    Ok(c.query_opt(&sql, &[&topic, &lease_secs])
-        .await?
-        .map(|r| SubscriptionRow::from_row(&r)))
+             LIMIT 16",
+            &[&topic],
+        )
+        .await?;
+    for r in candidates {
+        let id: String = r.get(0);
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(&id)])
+            .await?
+            .get(0);
+        if !got {
+            continue;
+        }
+        // Re-read under the lock: another worker may have finished it meanwhile.
+        match get(c, &id).await? {
+            Some(s)
+                if s.status == Status::Requested
+                    || s.status == Status::Active
+                    || s.status == Status::Error =>
+            {
+                return Ok(Some(s))
+            }
+            _ => release(c, &id).await?,
+        }
+    }
+    Ok(None)
+}
+
+fn lock_key(id: &str) -> i64 {
+    // FNV-1a, stable across processes and versions; collisions only serialise two subscriptions.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in b"fhir_cdc.subscription.".iter().chain(id.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h as i64
 }
 
 /// The earliest time a subscription of `topic` will have retry work.
@@ -243,7 +267,7 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
 pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET status = 'active', handshake_done = true, failures = 0,
-             last_error = NULL, lease_until = NULL, updated_at = now()
+             last_error = NULL, updated_at = now()
          WHERE id = $1 AND status = 'requested'",
         &[&id],
     )
@@ -255,7 +279,7 @@ pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
 pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET status = 'error', last_error = $2,
-             failures = failures + 1, lease_until = NULL, updated_at = now()
+             failures = failures + 1, updated_at = now()
          WHERE id = $1 AND status = 'requested'",
         &[&id, &error],
     )
@@ -273,7 +297,7 @@ pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Re
     )
     .await?;
     c.execute(
-        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, lease_until = NULL,
+        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL,
              status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
              next_attempt_at = now(), updated_at = now()
          WHERE id = $1",
@@ -323,7 +347,7 @@ pub async fn send_failed(
     let row = tx
         .query_one(
             "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
-                 lease_until = NULL, updated_at = now(),
+                 updated_at = now(),
                  next_attempt_at = now() + make_interval(secs => $3),
                  status = CASE WHEN failures + 1 >= $5 THEN 'off'
                                WHEN failures + 1 >= $4 THEN 'error'
@@ -359,12 +383,9 @@ pub async fn send_failed(
     Ok(status)
 }
 
-/// Gives a lease back without changing anything else (shutdown, a lost race).
-pub async fn release<C: GenericClient>(c: &C, id: &str) -> Result<()> {
-    c.execute(
-        "UPDATE fhir_cdc.subscription SET lease_until = NULL WHERE id = $1",
-        &[&id],
-    )
-    .await?;
+/// Gives a lease back.
+pub async fn release(c: &Client, id: &str) -> Result<()> {
+    c.execute("SELECT pg_advisory_unlock($1)", &[&lock_key(id)])
+        .await?;
     Ok(())
 }

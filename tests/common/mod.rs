@@ -272,16 +272,16 @@ where
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-/// Waits until the API answers.
+/// Waits until the daemon is ready: API up and capture streaming.
 pub async fn wait_api(port: u16) {
     let http = reqwest::Client::new();
-    wait_until("the API", Duration::from_secs(60), || {
+    wait_until("the daemon to be ready", Duration::from_secs(60), || {
         let http = http.clone();
         async move {
-            http.get(format!("http://127.0.0.1:{port}/healthz"))
+            http.get(format!("http://127.0.0.1:{port}/readyz"))
                 .send()
                 .await
-                .is_ok()
+                .is_ok_and(|r| r.status().is_success())
         }
     })
     .await;

@@ -1,0 +1,143 @@
+//! Invariant 5 and 6: bad input gives one clear log line naming only references, and stops
+//! nothing else.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_and_dead_endpoints_stop_nothing() {
+    let pg = Pg::start();
+    pg.client("postgres")
+        .await
+        .batch_execute("CREATE DATABASE fhir")
+        .await
+        .unwrap();
+    let store = pg.client("fhir").await;
+    // A generic store whose resource column is text, so it can hold broken JSON.
+    store
+        .batch_execute(
+            "CREATE TABLE res (id text PRIMARY KEY, rtype text NOT NULL, resource text,
+                               gone boolean NOT NULL DEFAULT false, ver integer NOT NULL DEFAULT 1)",
+        )
+        .await
+        .unwrap();
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let refused = format!("http://127.0.0.1:{}/nobody-listens", free_port());
+    let cfg = format!(
+        r#"[source]
+url = "{}"
+profile = "generic"
+[[source.tables]]
+table = "res"
+type_column = "rtype"
+deleted_column = "gone"
+version_column = "ver"
+
+[api]
+listen = "127.0.0.1:{api}"
+
+[delivery]
+allow_private_endpoints = true
+require_https_for_full_resource = false
+retry_initial_ms = 100
+
+[[topic]]
+url = "http://fhir-cdc.test/topic/encounter"
+resourceTrigger = [{{ resource = "Encounter", supportedInteraction = ["create", "update"] }}]
+"#,
+        pg.url("fhir")
+    );
+    let cfg = write_file(dir.path(), "c.toml", &cfg);
+    let d = Daemon::start(&cfg, &dir.path().join("log"));
+    wait_api(api).await;
+    let good = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("good"),
+        "full-resource",
+    )
+    .await;
+    let dead = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &refused,
+        "id-only",
+    )
+    .await;
+    wait_until("good handshake", Duration::from_secs(30), || async {
+        !rx.bodies("good").is_empty()
+    })
+    .await;
+
+    store
+        .batch_execute(
+            r#"INSERT INTO res (id, rtype, resource) VALUES ('g1', 'Encounter', '{"status":"planned"}');
+               INSERT INTO res (id, rtype, resource) VALUES ('bad1', 'Encounter', '{"name": "Jane Doe", ');
+               INSERT INTO res (id, rtype, resource) VALUES ('f1', 'Foo', '{"secret": "Jane Doe"}');
+               INSERT INTO res (id, rtype, resource) VALUES ('g2', 'Encounter', '{"status":"finished"}');"#,
+        )
+        .await
+        .unwrap();
+    wait_until("two good events", Duration::from_secs(30), || async {
+        rx.events("good").len() >= 2
+    })
+    .await;
+    let ids: Vec<String> = rx
+        .events("good")
+        .iter()
+        .map(|b| {
+            b["entry"][1]["resource"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["g1", "g2"]);
+    assert_eq!(
+        rx.events("good")[1]["entry"][1]["resource"]["meta"]["versionId"],
+        "1"
+    );
+    wait_until(
+        "dead endpoint in error",
+        Duration::from_secs(30),
+        || async { status(api, &dead).await["status"] == "error" },
+    )
+    .await;
+    assert_eq!(status(api, &good).await["status"], "active");
+
+    let log = d.log_text();
+    if std::env::var("SHOW_LOG").is_ok() {
+        eprintln!("{log}");
+    }
+    let bad_json: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Encounter/bad1"))
+        .collect();
+    assert_eq!(bad_json.len(), 1, "one line for the broken row:\n{log}");
+    assert!(
+        bad_json[0].contains("not valid JSON") || bad_json[0].contains("not a JSON object"),
+        "{}",
+        bad_json[0]
+    );
+    let foo: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"Foo\" is not a FHIR resource type"))
+        .collect();
+    assert_eq!(foo.len(), 1, "one line for the unknown type:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("handshake failed")
+            && l.contains(&dead)
+            && l.contains("connection")),
+        "{log}"
+    );
+    assert!(!log.contains("Jane"), "PHI in the log:\n{log}");
+    assert!(
+        !log.contains("planned") && !log.contains("finished"),
+        "resource content in the log:\n{log}"
+    );
+    validate(&rx.bodies("good"), "r5", &["--sequence", "strict"]);
+}
