@@ -80,7 +80,7 @@ async fn next_wait(c: &Client, topic: &str) -> Duration {
 
 /// Does one unit of work. Returns false when no subscription of the topic had any.
 async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyhow::Result<bool> {
-    let Some(sub) = subscriptions::lease(c, topic).await? else {
+    let Some(mut sub) = subscriptions::lease(c, topic).await? else {
         return Ok(false);
     };
     // Another worker may find more work meanwhile.
@@ -93,10 +93,30 @@ async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyh
     if sub.status == Status::Requested {
         handshake(ctx, c, &sub, t).await?;
     } else {
-        send_events(ctx, c, topic, &sub, t).await?;
+        // Keep the lease while the backlog drains, up to a bound so other subscriptions of
+        // the topic get their turn; stop at the first failure (its retry is scheduled).
+        for _ in 0..BACKLOG_ROUNDS {
+            match send_events(ctx, c, topic, &sub, t).await? {
+                Sent::Delivered => {
+                    // What `delivered` just wrote; later notifications report it.
+                    sub.status = Status::Active;
+                    sub.last_error = None;
+                }
+                Sent::Nothing | Sent::Failed => break,
+            }
+        }
     }
     subscriptions::release(c, &sub.id).await?;
     Ok(true)
+}
+
+/// Notifications one worker sends for one subscription before giving others a turn.
+const BACKLOG_ROUNDS: usize = 100;
+
+enum Sent {
+    Nothing,
+    Delivered,
+    Failed,
 }
 
 async fn send_events(
@@ -105,10 +125,10 @@ async fn send_events(
     topic: &str,
     sub: &SubscriptionRow,
     t: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Sent> {
     let batch = subscriptions::pending(&*c, &sub.id, 1).await?;
     if batch.is_empty() {
-        return Ok(());
+        return Ok(Sent::Nothing);
     }
     let mut events = Vec::with_capacity(batch.len());
     for p in &batch {
@@ -150,6 +170,7 @@ async fn send_events(
                 let age = (Utc::now() - p.commit_time).to_std().unwrap_or_default();
                 metrics::histogram!("fhir_cdc_end_to_end_seconds").record(age.as_secs_f64());
             }
+            Ok(Sent::Delivered)
         }
         Err(e) => {
             let policy = FailurePolicy {
@@ -173,9 +194,9 @@ async fn send_events(
                 retry_in_ms = retry.as_millis() as u64,
                 "notification not delivered"
             );
+            Ok(Sent::Failed)
         }
     }
-    Ok(())
 }
 
 async fn handshake(
