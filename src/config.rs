@@ -439,6 +439,16 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }
     }
 
     #[test]
+    fn shipped_examples_load() {
+        for f in ["config/example.toml", "config/docker.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(c.topics.len(), 2, "{f}");
+            assert_eq!(c.topics[0].topic.id, "encounter-start");
+        }
+    }
+
+    #[test]
     fn generic_needs_tables() {
         let t = TOPIC.replace("\"aidbox\"", "\"generic\"");
         let e = Config::from_toml(&t, Path::new(".")).unwrap_err();

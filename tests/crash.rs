@@ -30,7 +30,11 @@ fn txn_sql(k: usize) -> String {
          FROM generate_series(1, {PER_TXN}) g;
          SELECT aidbox_put('Patient', 'p{k}', '{{\"active\": true}}');
          COMMIT;",
-        if k.is_multiple_of(2) { "planned" } else { "in-progress" }
+        if k.is_multiple_of(2) {
+            "planned"
+        } else {
+            "in-progress"
+        }
     )
 }
 

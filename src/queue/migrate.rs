@@ -24,7 +24,8 @@ pub async fn run(client: &mut Client) -> Result<()> {
 async fn apply(client: &mut Client) -> Result<()> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS fhir_cdc;
+            "SET client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS fhir_cdc;
              CREATE TABLE IF NOT EXISTS fhir_cdc.schema_migration (
                  version integer PRIMARY KEY,
                  applied_at timestamptz NOT NULL DEFAULT now())",

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, and integration tests against throwaway Postgres clusters
+# (wal_level=logical) with real WAL, real webhooks and the official conformance validator.
+# On a fresh Debian machine it installs what is missing (postgresql, python3-venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+if ! command -v pg_config >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need_apt+=(postgresql)
+fi
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  need_apt+=(python3-venv)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need_apt[*]} with apt" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The validator's Python environments, made once and shared by all tests.
+shared=$(cd .. && pwd)/shared
+if [ -z "${FHIR_VALIDATOR_DIR:-}" ]; then
+  FHIR_VALIDATOR_DIR=$(bash "$shared/conformance/setup.sh")
+  export FHIR_VALIDATOR_DIR
+fi
+
+cargo test --all-targets "$@"
