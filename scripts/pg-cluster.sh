@@ -45,11 +45,19 @@ case "${1:-}" in
       start >/dev/null
     echo "PGDATA_DIR=$dir; PGPORT=$port; PG_BIN=$bin; export PGDATA_DIR PGPORT PG_BIN"
     ;;
+  restart)
+    # Stops the server abruptly (as a crash would) and starts it again on the same port.
+    dir=${2:?usage: restart DIR}
+    bin=$(find_bin)
+    as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null
+    sleep "${3:-0}"
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
+    ;;
   stop)
     dir=${2:?usage: stop DIR}
     bin=$(find_bin)
     as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$dir"
     ;;
-  *) echo "usage: $0 start | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start | restart DIR [PAUSE] | stop DIR" >&2; exit 2 ;;
 esac

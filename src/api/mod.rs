@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::fhir::notification::{
-    fhir_instant, operation_outcome, subscription_status, Kind, StatusInfo,
+    fhir_instant, operation_outcome, status_resource, Kind, StatusInfo,
 };
 use crate::fhir::subscription::{self, Rules};
 use crate::fhir::topic::Topic;
@@ -417,7 +417,14 @@ async fn status_one(State(s): State<Shared>, Path(id): Path<String>, _h: HeaderM
         errors: row.last_error.iter().cloned().collect(),
     };
     let base = s.cfg.api.base_url();
-    let st = subscription_status(Kind::QueryStatus, &info, &[], row.content, &base);
+    let st = status_resource(
+        s.cfg.source.fhir_version.into(),
+        Kind::QueryStatus,
+        &info,
+        &[],
+        row.content,
+        &base,
+    );
     let st_id = st["id"].as_str().unwrap_or_default().to_string();
     Fhir(
         StatusCode::OK,

@@ -53,6 +53,7 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>) -> anyhow::R
         store,
         channel: RestHook::new(),
         base_url: cfg.api.base_url(),
+        format: cfg.source.fhir_version.into(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(listen::run(

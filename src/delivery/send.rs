@@ -12,7 +12,7 @@ use crate::capture::profile::{pg_timestamptz_to_fhir, Body, RowChange};
 use crate::capture::setup::ident;
 use crate::channel::{rest_hook::RestHook, Channel, Outgoing};
 use crate::config::{Config, ProfileKind};
-use crate::fhir::notification::{bundle_r5, Event, Kind, StatusInfo};
+use crate::fhir::notification::{bundle, Event, Format, Kind, StatusInfo};
 use crate::fhir::subscription::{Content, Status};
 use crate::fhir::topic::Interaction;
 use crate::queue::{
@@ -26,6 +26,7 @@ pub struct Ctx {
     pub store: deadpool_postgres::Pool,
     pub channel: RestHook,
     pub base_url: String,
+    pub format: Format,
 }
 
 pub async fn worker(
@@ -142,7 +143,8 @@ async fn send_events(
         topic_url: sub.topic.clone(),
         errors: sub.last_error.iter().cloned().collect(),
     };
-    let bundle = bundle_r5(
+    let notification = bundle(
+        ctx.format,
         Kind::EventNotification,
         &info,
         &events,
@@ -157,7 +159,7 @@ async fn send_events(
             endpoint: &sub.endpoint,
             headers: &sub.headers,
             content_type: &sub.content_type,
-            body: serde_json::to_vec(&bundle)?,
+            body: serde_json::to_vec(&notification)?,
             timeout: t,
         })
         .await;
@@ -212,7 +214,8 @@ async fn handshake(
         topic_url: sub.topic.clone(),
         errors: vec![],
     };
-    let bundle = bundle_r5(
+    let notification = bundle(
+        ctx.format,
         Kind::Handshake,
         &info,
         &[],
@@ -226,7 +229,7 @@ async fn handshake(
             endpoint: &sub.endpoint,
             headers: &sub.headers,
             content_type: &sub.content_type,
-            body: serde_json::to_vec(&bundle)?,
+            body: serde_json::to_vec(&notification)?,
             timeout,
         })
         .await;

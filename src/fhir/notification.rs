@@ -6,6 +6,28 @@ use serde_json::{json, Value};
 
 use super::subscription::{Content, Status};
 use super::topic::Interaction;
+use crate::config::FhirVersion;
+
+/// The wire format of notifications, from the store's FHIR version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// R4 through the Subscriptions R5 Backport IG: `history` Bundle, `Parameters` status.
+    R4Backport,
+    /// R4B: `history` Bundle, `SubscriptionStatus`.
+    R4B,
+    /// R5 and R6: `subscription-notification` Bundle, `SubscriptionStatus`.
+    R5,
+}
+
+impl From<FhirVersion> for Format {
+    fn from(v: FhirVersion) -> Self {
+        match v {
+            FhirVersion::R4 => Format::R4Backport,
+            FhirVersion::R4B => Format::R4B,
+            FhirVersion::R5 | FhirVersion::R6 => Format::R5,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -13,6 +35,7 @@ pub enum Kind {
     Heartbeat,
     EventNotification,
     QueryStatus,
+    QueryEvent,
 }
 
 impl Kind {
@@ -22,6 +45,7 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::EventNotification => "event-notification",
             Kind::QueryStatus => "query-status",
+            Kind::QueryEvent => "query-event",
         }
     }
 }
@@ -52,8 +76,18 @@ pub fn fhir_instant(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// The `SubscriptionStatus` resource (R5).
-pub fn subscription_status(
+fn error_concept(m: &str) -> Value {
+    json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "delivery-failure"}], "text": m})
+}
+
+/// Whether the status names the topic: an empty event payload SHALL NOT reveal it.
+fn shows_topic(kind: Kind, content: Content) -> bool {
+    content != Content::Empty || !matches!(kind, Kind::EventNotification | Kind::QueryEvent)
+}
+
+/// The status resource: `SubscriptionStatus` (R4B, R5) or the backport `Parameters` (R4).
+pub fn status_resource(
+    format: Format,
     kind: Kind,
     info: &StatusInfo,
     events: &[Event],
@@ -61,16 +95,45 @@ pub fn subscription_status(
     base_url: &str,
 ) -> Value {
     let id = uuid::Uuid::new_v4().to_string();
+    let sub_ref = format!("{base_url}/Subscription/{}", info.subscription_id);
+    let focus = |e: &Event| format!("{base_url}/{}/{}", e.resource_type, e.resource_id);
+    if format == Format::R4Backport {
+        let mut p = vec![json!({"name": "subscription", "valueReference": {"reference": sub_ref}})];
+        if shows_topic(kind, content) {
+            p.push(json!({"name": "topic", "valueCanonical": info.topic_url}));
+        }
+        p.push(json!({"name": "status", "valueCode": info.status.as_str()}));
+        p.push(json!({"name": "type", "valueCode": kind.as_str()}));
+        p.push(json!({"name": "events-since-subscription-start", "valueString": info.events_since_start.to_string()}));
+        for e in events {
+            let mut part = vec![
+                json!({"name": "event-number", "valueString": e.event_number.to_string()}),
+                json!({"name": "timestamp", "valueInstant": fhir_instant(e.timestamp)}),
+            ];
+            if content != Content::Empty {
+                part.push(json!({"name": "focus", "valueReference": {"reference": focus(e)}}));
+            }
+            p.push(json!({"name": "notification-event", "part": part}));
+        }
+        for m in &info.errors {
+            p.push(json!({"name": "error", "valueCodeableConcept": error_concept(m)}));
+        }
+        return json!({
+            "resourceType": "Parameters",
+            "id": id,
+            "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
+            "parameter": p,
+        });
+    }
     let mut st = json!({
         "resourceType": "SubscriptionStatus",
         "id": id,
         "status": info.status.as_str(),
         "type": kind.as_str(),
         "eventsSinceSubscriptionStart": info.events_since_start.to_string(),
-        "subscription": {"reference": format!("{base_url}/Subscription/{}", info.subscription_id)},
+        "subscription": {"reference": sub_ref},
     });
-    // An empty payload SHALL NOT reveal the topic; every other one names it.
-    if content != Content::Empty || kind != Kind::EventNotification {
+    if shows_topic(kind, content) {
         st["topic"] = Value::String(info.topic_url.clone());
     }
     if !events.is_empty() {
@@ -82,24 +145,21 @@ pub fn subscription_status(
                     "timestamp": fhir_instant(e.timestamp),
                 });
                 if content != Content::Empty {
-                    n["focus"] = json!({"reference": format!("{base_url}/{}/{}", e.resource_type, e.resource_id)});
+                    n["focus"] = json!({"reference": focus(e)});
                 }
                 n
             })
             .collect();
     }
     if !info.errors.is_empty() {
-        st["error"] = info
-            .errors
-            .iter()
-            .map(|m| json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "delivery-failure"}], "text": m}))
-            .collect();
+        st["error"] = info.errors.iter().map(|m| error_concept(m)).collect();
     }
     st
 }
 
-/// An R5 `subscription-notification` Bundle.
-pub fn bundle_r5(
+/// A notification Bundle in the given format.
+pub fn bundle(
+    format: Format,
     kind: Kind,
     info: &StatusInfo,
     events: &[Event],
@@ -107,21 +167,48 @@ pub fn bundle_r5(
     base_url: &str,
     now: DateTime<Utc>,
 ) -> Value {
-    let status = subscription_status(kind, info, events, content, base_url);
+    let status = status_resource(format, kind, info, events, content, base_url);
     let status_id = status["id"].as_str().unwrap_or_default().to_string();
-    let mut entries = vec![json!({"fullUrl": format!("urn:uuid:{status_id}"), "resource": status})];
+    let mut first = json!({"fullUrl": format!("urn:uuid:{status_id}"), "resource": status});
+    if format != Format::R5 {
+        // History bundles: entry[0] reads as the $status (or $events) request it answers.
+        let op = if kind == Kind::QueryEvent {
+            "$events"
+        } else {
+            "$status"
+        };
+        first["request"] = json!({"method": "GET", "url": format!("{base_url}/Subscription/{}/{op}", info.subscription_id)});
+        first["response"] = json!({"status": "200"});
+    }
+    let mut entries = vec![first];
     if content != Content::Empty {
         for e in events {
-            entries.push(event_entry(e, content, base_url));
+            let entry = event_entry(e, content, base_url);
+            // One entry per resource version: a body-less entry (id-only, delete) for a
+            // resource already listed replaces the earlier one.
+            if entry.get("resource").is_none() {
+                entries.retain(|x| x.get("resource").is_some() || x["fullUrl"] != entry["fullUrl"]);
+            }
+            entries.push(entry);
         }
     }
-    json!({
+    let mut b = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
-        "type": "subscription-notification",
+        "type": if format == Format::R5 { "subscription-notification" } else { "history" },
         "timestamp": fhir_instant(now),
         "entry": entries,
-    })
+    });
+    match format {
+        Format::R4Backport => {
+            b["meta"] = json!({"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-notification-r4"]})
+        }
+        Format::R4B => {
+            b["meta"] = json!({"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-notification"]})
+        }
+        Format::R5 => {}
+    }
+    b
 }
 
 fn event_entry(e: &Event, content: Content, base_url: &str) -> Value {

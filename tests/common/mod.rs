@@ -48,6 +48,15 @@ impl Pg {
         }
     }
 
+    /// Crashes the server (immediate stop), waits `pause`, starts it again.
+    pub fn restart(&self, pause: Duration) {
+        let st = Command::new(repo().join("scripts/pg-cluster.sh"))
+            .args(["restart", &self.dir, &pause.as_secs().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "pg-cluster.sh restart failed");
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
     }

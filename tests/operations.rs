@@ -1,0 +1,143 @@
+//! Operating the daemon: `check` says what to fix, and capture and delivery ride out a
+//! Postgres crash.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+
+const TOPIC: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/encounter"
+resourceTrigger = [{ resource = "Encounter" }]
+"#;
+
+fn check(cfg: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["check", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_what_to_fix() {
+    let pg = Pg::start();
+    pg.aidbox_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+
+    let cfg = write_file(dir.path(), "ok.toml", &aidbox_config(&pg, api, TOPIC));
+    let (ok, out) = check(&cfg);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok    wal_level = logical"), "{out}");
+    assert!(
+        out.contains("capture will create it: CREATE PUBLICATION"),
+        "{out}"
+    );
+
+    let strict = aidbox_config(&pg, api, TOPIC).replace(
+        "fhir_version = \"R5\"",
+        "fhir_version = \"R5\"\ncreate_missing = false",
+    );
+    let (ok, out) = check(&write_file(dir.path(), "strict.toml", &strict));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FIX   publication fhir_cdc is missing"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-> CREATE PUBLICATION \"fhir_cdc\" FOR TABLES IN SCHEMA \"public\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("-> SELECT pg_create_logical_replication_slot('fhir_cdc', 'pgoutput')"),
+        "{out}"
+    );
+
+    let gone =
+        aidbox_config(&pg, api, TOPIC).replace(&pg.port.to_string(), &free_port().to_string());
+    let (ok, out) = check(&write_file(dir.path(), "gone.toml", &gone));
+    assert!(!ok);
+    assert!(out.contains("FIX   cannot connect to source.url"), "{out}");
+
+    // A broken file is refused before any database work, with the reason.
+    let bad = write_file(dir.path(), "bad.toml", "[source]\nurl = 1\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid TOML"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_is_ridden_out() {
+    let pg = Pg::start();
+    let store = pg.aidbox_store().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, TOPIC));
+    let d = Daemon::start(&cfg, &dir.path().join("log"));
+    wait_api(api).await;
+    let sub = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("r"),
+        "id-only",
+    )
+    .await;
+    wait_until("handshake", Duration::from_secs(30), || async {
+        !rx.bodies("r").is_empty()
+    })
+    .await;
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'before', $1)",
+            &[&json!({"status": "planned"})],
+        )
+        .await
+        .unwrap();
+    wait_until("first event", Duration::from_secs(30), || async {
+        rx.events("r").len() == 1
+    })
+    .await;
+    drop(store);
+
+    pg.restart(Duration::from_secs(2));
+    let store = pg.client("fhir").await;
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'after', $1)",
+            &[&json!({"status": "planned"})],
+        )
+        .await
+        .unwrap();
+    wait_until("event after the crash", Duration::from_secs(90), || async {
+        rx.events("r").len() >= 2
+    })
+    .await;
+    let urls: Vec<String> = rx
+        .events("r")
+        .iter()
+        .map(|b| b["entry"][1]["fullUrl"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "http://fhir-cdc.test/fhir/Encounter/before",
+            "http://fhir-cdc.test/fhir/Encounter/after"
+        ]
+    );
+    assert_eq!(status(api, &sub).await["eventsSinceSubscriptionStart"], "2");
+    assert!(d.log_text().contains("reconnecting"), "{}", d.log_text());
+    validate(&rx.bodies("r"), "r5", &["--sequence", "strict"]);
+}
