@@ -23,8 +23,13 @@ fn info(since: i64, status: Status, errors: &[&str]) -> StatusInfo {
 
 /// An Encounter valid in `f`'s version (`class` is a Coding before R5, a list after).
 fn encounter(f: Format, id: &str, n: i64) -> Value {
-    let class = json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"});
-    let class = if f == Format::R5 { json!([{"coding": [class]}]) } else { class };
+    let class =
+        json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"});
+    let class = if f == Format::R5 {
+        json!([{"coding": [class]}])
+    } else {
+        class
+    };
     json!({"resourceType": "Encounter", "id": id, "meta": {"versionId": n.to_string()}, "status": "in-progress",
            "class": class, "subject": {"reference": "Patient/p1"}})
 }

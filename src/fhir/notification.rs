@@ -267,7 +267,8 @@ mod tests {
 
     #[test]
     fn id_only_has_request_and_no_resource() {
-        let b = bundle_r5(
+        let b = bundle(
+            Format::R5,
             Kind::EventNotification,
             &info(),
             &[ev(Interaction::Update)],
@@ -286,7 +287,8 @@ mod tests {
 
     #[test]
     fn empty_has_no_focus_no_topic() {
-        let b = bundle_r5(
+        let b = bundle(
+            Format::R5,
             Kind::EventNotification,
             &info(),
             &[ev(Interaction::Create)],
@@ -305,7 +307,8 @@ mod tests {
     fn full_resource_delete_has_no_resource() {
         let mut e = ev(Interaction::Delete);
         e.resource = None;
-        let b = bundle_r5(
+        let b = bundle(
+            Format::R5,
             Kind::EventNotification,
             &info(),
             &[e, ev(Interaction::Create)],
@@ -322,7 +325,8 @@ mod tests {
     fn handshake_counts_nothing() {
         let mut i = info();
         i.events_since_start = 0;
-        let b = bundle_r5(
+        let b = bundle(
+            Format::R5,
             Kind::Handshake,
             &i,
             &[],
