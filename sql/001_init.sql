@@ -39,6 +39,7 @@ CREATE TABLE fhir_cdc.subscription (
     heartbeat_period    integer,
     timeout             integer,
     max_count           integer,
+    end_at              timestamptz,
     resource            jsonb NOT NULL,
     -- Events with a larger id are this subscription's; fixed when it is created.
     start_event_id      bigint NOT NULL,
@@ -47,6 +48,8 @@ CREATE TABLE fhir_cdc.subscription (
     failures            integer NOT NULL DEFAULT 0,
     last_error          text,
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    -- When anything (handshake, events, heartbeat) last went out; heartbeats count from it.
+    last_sent_at        timestamptz,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now()
 );

@@ -161,6 +161,10 @@ pub struct DeliveryConfig {
     /// Send workers per topic when a topic does not say.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// How long a notification may wait for more events to fill `maxCount`, milliseconds.
+    /// 0 (default): send what is ready.
+    #[serde(default)]
+    pub batch_window_ms: u64,
 }
 
 impl Default for DeliveryConfig {

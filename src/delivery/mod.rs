@@ -106,6 +106,14 @@ async fn dispatcher(
             }
         }
         if let Some(c) = client.as_mut() {
+            match crate::queue::subscriptions::expire(&*c).await {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::info!(subscription = %id, "subscription end reached; turned off");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "expiring subscriptions failed"),
+            }
             loop {
                 match dispatch::round(c, &topic, 1000).await {
                     Ok(0) => break,

@@ -96,15 +96,27 @@ async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyh
     } else {
         // Keep the lease while the backlog drains, up to a bound so other subscriptions of
         // the topic get their turn; stop at the first failure (its retry is scheduled).
-        for _ in 0..BACKLOG_ROUNDS {
-            match send_events(ctx, c, topic, &sub, t).await? {
-                Sent::Delivered => {
-                    // What `delivered` just wrote; later notifications report it.
-                    sub.status = Status::Active;
-                    sub.last_error = None;
+        let now = Utc::now();
+        let mut went_out = false;
+        if sub.next_attempt_at <= now {
+            for _ in 0..BACKLOG_ROUNDS {
+                match send_events(ctx, c, topic, &sub, t).await? {
+                    Sent::Delivered => {
+                        went_out = true;
+                        // What `delivered` just wrote; later notifications report it.
+                        sub.status = Status::Active;
+                        sub.last_error = None;
+                    }
+                    Sent::Failed => {
+                        went_out = true;
+                        break;
+                    }
+                    Sent::Nothing | Sent::Deferred => break,
                 }
-                Sent::Nothing | Sent::Failed => break,
             }
+        }
+        if !went_out && heartbeat_due(&sub, now) {
+            heartbeat(ctx, c, &sub, t).await?;
         }
     }
     subscriptions::release(c, &sub.id).await?;
@@ -116,8 +128,92 @@ const BACKLOG_ROUNDS: usize = 100;
 
 enum Sent {
     Nothing,
+    /// Fewer than maxCount events are ready and the batch window is still open.
+    Deferred,
     Delivered,
     Failed,
+}
+
+fn heartbeat_due(sub: &SubscriptionRow, now: chrono::DateTime<Utc>) -> bool {
+    match sub.heartbeat_period.filter(|p| *p > 0) {
+        None => false,
+        Some(p) => sub
+            .last_sent_at
+            .is_none_or(|t| t + chrono::Duration::seconds(i64::from(p)) <= now),
+    }
+}
+
+/// A heartbeat: nothing else went out for `heartbeatPeriod`. It carries the subscription's
+/// status (and error) and never moves the event count.
+async fn heartbeat(
+    ctx: &Ctx,
+    c: &mut Client,
+    sub: &SubscriptionRow,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let info = StatusInfo {
+        subscription_id: sub.id.clone(),
+        status: sub.status,
+        events_since_start: subscriptions::last_settled_number(&*c, &sub.id).await?,
+        topic_url: sub.topic.clone(),
+        errors: sub.last_error.iter().cloned().collect(),
+    };
+    let notification = bundle(
+        ctx.format,
+        Kind::Heartbeat,
+        &info,
+        &[],
+        sub.content,
+        &ctx.base_url,
+        Utc::now(),
+    );
+    let result = ctx
+        .channel
+        .send(Outgoing {
+            endpoint: &sub.endpoint,
+            headers: &sub.headers,
+            content_type: &sub.content_type,
+            body: serde_json::to_vec(&notification)?,
+            timeout,
+        })
+        .await;
+    match result {
+        Ok(()) => subscriptions::touched(&*c, &sub.id).await?,
+        Err(e) => {
+            record_failure(ctx, c, sub, &[], &e.to_string()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts a failed send and schedules the retry; returns nothing, logs one line.
+async fn record_failure(
+    ctx: &Ctx,
+    c: &mut Client,
+    sub: &SubscriptionRow,
+    numbers: &[i64],
+    error: &str,
+) -> anyhow::Result<()> {
+    let policy = FailurePolicy {
+        max_attempts: ctx.cfg.delivery.max_attempts,
+        error_after: ctx.cfg.delivery.error_after_failures,
+        off_after: ctx.cfg.delivery.off_after_failures,
+    };
+    let retry = backoff(ctx, sub.failures);
+    let tx = c.transaction().await?;
+    let status = subscriptions::send_failed(&tx, &sub.id, numbers, error, retry, policy).await?;
+    tx.commit().await?;
+    metrics::counter!("fhir_cdc_delivery_failures_total", "topic" => sub.topic.clone())
+        .increment(1);
+    tracing::warn!(
+        subscription = %sub.id,
+        event_number = numbers.first().copied().unwrap_or(0),
+        error = %error,
+        status = status.as_str(),
+        retry_in_ms = retry.as_millis() as u64,
+        "notification not delivered"
+    );
+    Ok(())
 }
 
 async fn send_events(
@@ -127,9 +223,15 @@ async fn send_events(
     sub: &SubscriptionRow,
     t: Duration,
 ) -> anyhow::Result<Sent> {
-    let batch = subscriptions::pending(&*c, &sub.id, 1).await?;
-    if batch.is_empty() {
+    let max = i64::from(sub.max_count.filter(|m| *m > 0).unwrap_or(1));
+    let batch = subscriptions::pending(&*c, &sub.id, max).await?;
+    let Some(oldest) = batch.first() else {
         return Ok(Sent::Nothing);
+    };
+    let window = chrono::Duration::milliseconds(ctx.cfg.delivery.batch_window_ms as i64);
+    if (batch.len() as i64) < max && oldest.queued_at + window > Utc::now() {
+        subscriptions::defer(&*c, &sub.id, oldest.queued_at + window).await?;
+        return Ok(Sent::Deferred);
     }
     let mut events = Vec::with_capacity(batch.len());
     for p in &batch {
@@ -175,27 +277,7 @@ async fn send_events(
             Ok(Sent::Delivered)
         }
         Err(e) => {
-            let policy = FailurePolicy {
-                max_attempts: ctx.cfg.delivery.max_attempts,
-                error_after: ctx.cfg.delivery.error_after_failures,
-                off_after: ctx.cfg.delivery.off_after_failures,
-            };
-            let retry = backoff(ctx, sub.failures);
-            let tx = c.transaction().await?;
-            let status =
-                subscriptions::send_failed(&tx, &sub.id, &numbers, &e.to_string(), retry, policy)
-                    .await?;
-            tx.commit().await?;
-            metrics::counter!("fhir_cdc_delivery_failures_total", "topic" => topic.to_string())
-                .increment(1);
-            tracing::warn!(
-                subscription = %sub.id,
-                event_number = numbers.first().copied().unwrap_or(0),
-                error = %e,
-                status = status.as_str(),
-                retry_in_ms = retry.as_millis() as u64,
-                "notification not delivered"
-            );
+            record_failure(ctx, c, sub, &numbers, &e.to_string()).await?;
             Ok(Sent::Failed)
         }
     }

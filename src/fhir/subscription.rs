@@ -79,7 +79,7 @@ pub struct SubscriptionSpec {
     pub heartbeat_period: Option<i32>,
     pub timeout: Option<i32>,
     pub max_count: Option<i32>,
-    pub end: Option<String>,
+    pub end: Option<chrono::DateTime<chrono::Utc>>,
     pub filters: Vec<Filter>,
 }
 
@@ -295,7 +295,20 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
         heartbeat_period: int_field(v, "heartbeatPeriod")?,
         timeout: int_field(v, "timeout")?,
         max_count: int_field(v, "maxCount")?,
-        end: v.get("end").and_then(Value::as_str).map(str::to_string),
+        end: match v.get("end").and_then(Value::as_str) {
+            None => None,
+            Some(e) => Some(
+                chrono::DateTime::parse_from_rfc3339(e)
+                    .map_err(|_| {
+                        invalid(
+                            "value",
+                            "end",
+                            format!("Subscription.end {e:?} is not a FHIR instant"),
+                        )
+                    })?
+                    .with_timezone(&chrono::Utc),
+            ),
+        },
         filters,
     })
 }
@@ -439,6 +452,7 @@ mod tests {
             ),
             (json!({"status": "error"}), "status"),
             (json!({"maxCount": -1}), "maxCount"),
+            (json!({"end": "tomorrow"}), "end"),
         ];
         for (extra, expr) in cases {
             let e = check(sub(extra.clone()), false, true).unwrap_err();

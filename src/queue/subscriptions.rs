@@ -21,6 +21,9 @@ pub struct SubscriptionRow {
     pub headers: Vec<(String, String)>,
     pub timeout: Option<i32>,
     pub max_count: Option<i32>,
+    pub heartbeat_period: Option<i32>,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_sent_at: Option<DateTime<Utc>>,
     pub resource: Value,
     pub events_since_start: i64,
     pub handshake_done: bool,
@@ -30,7 +33,8 @@ pub struct SubscriptionRow {
 
 const COLUMNS: &str =
     "id, origin, topic, status, endpoint, content, content_type, headers, timeout,
-    max_count, resource, events_since_start, handshake_done, failures, last_error";
+    max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, events_since_start,
+    handshake_done, failures, last_error";
 
 impl SubscriptionRow {
     fn from_row(r: &Row) -> Self {
@@ -59,6 +63,9 @@ impl SubscriptionRow {
             headers,
             timeout: r.get("timeout"),
             max_count: r.get("max_count"),
+            heartbeat_period: r.get("heartbeat_period"),
+            next_attempt_at: r.get("next_attempt_at"),
+            last_sent_at: r.get("last_sent_at"),
             resource: r.get("resource"),
             events_since_start: r.get("events_since_start"),
             handshake_done: r.get("handshake_done"),
@@ -92,14 +99,14 @@ pub async fn upsert<C: GenericClient>(
     c.execute(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
-              heartbeat_period, timeout, max_count, resource, start_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+              heartbeat_period, timeout, max_count, resource, end_at, start_event_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                  (SELECT coalesce(max(id), 0) FROM fhir_cdc.event))
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
              content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
              heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
-             max_count = EXCLUDED.max_count, resource = EXCLUDED.resource,
+             max_count = EXCLUDED.max_count, resource = EXCLUDED.resource, end_at = EXCLUDED.end_at,
              handshake_done = CASE WHEN EXCLUDED.status = 'requested' THEN false
                                    ELSE fhir_cdc.subscription.handshake_done END,
              failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
@@ -118,6 +125,7 @@ pub async fn upsert<C: GenericClient>(
             &spec.timeout,
             &spec.max_count,
             resource,
+            &spec.end,
         ],
     )
     .await?;
@@ -166,11 +174,14 @@ pub async fn lease(c: &Client, topic: &str) -> Result<Option<SubscriptionRow>> {
     let candidates = c
         .query(
             "SELECT s.id FROM fhir_cdc.subscription s
-             WHERE s.topic = $1 AND s.next_attempt_at <= now()
-               AND (s.status = 'requested'
-                    OR (s.status IN ('active', 'error') AND s.handshake_done AND EXISTS (
-                        SELECT 1 FROM fhir_cdc.delivery d
-                        WHERE d.subscription_id = s.id AND d.state = 'pending')))
+             WHERE s.topic = $1 AND (s.end_at IS NULL OR s.end_at > now())
+               AND ((s.status = 'requested' AND s.next_attempt_at <= now())
+                    OR (s.status IN ('active', 'error') AND s.handshake_done AND (
+                        (s.next_attempt_at <= now() AND EXISTS (
+                            SELECT 1 FROM fhir_cdc.delivery d
+                            WHERE d.subscription_id = s.id AND d.state = 'pending'))
+                        OR (s.heartbeat_period > 0 AND coalesce(s.last_sent_at, s.updated_at)
+                            + make_interval(secs => s.heartbeat_period) <= now()))))
              ORDER BY s.next_attempt_at
              LIMIT 16",
             &[&topic],
@@ -212,16 +223,68 @@ fn lock_key(id: &str) -> i64 {
 
 /// The earliest time a subscription of `topic` will have retry work.
 pub async fn next_retry<C: GenericClient>(c: &C, topic: &str) -> Result<Option<DateTime<Utc>>> {
+    Ok(c
+        .query_one(
+            "SELECT least(
+                 (SELECT min(next_attempt_at) FROM fhir_cdc.subscription s
+                  WHERE topic = $1 AND next_attempt_at > now()
+                    AND (status = 'requested' OR (status IN ('active', 'error') AND EXISTS (
+                        SELECT 1 FROM fhir_cdc.delivery d
+                        WHERE d.subscription_id = s.id AND d.state = 'pending')))),
+                 (SELECT min(coalesce(last_sent_at, updated_at) + make_interval(secs => heartbeat_period))
+                  FROM fhir_cdc.subscription
+                  WHERE topic = $1 AND status IN ('active', 'error') AND handshake_done
+                    AND heartbeat_period > 0))",
+            &[&topic],
+        )
+        .await?
+        .get(0))
+}
+
+/// Turns subscriptions whose `end` has passed off. Returns their ids.
+pub async fn expire<C: GenericClient>(c: &C) -> Result<Vec<String>> {
+    Ok(c.query(
+        "UPDATE fhir_cdc.subscription SET status = 'off', updated_at = now(),
+                 last_error = 'subscription end reached'
+             WHERE end_at <= now() AND status <> 'off' RETURNING id",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// The highest eventNumber the subscriber has been sent or has lost (delivered or dead):
+/// what a heartbeat reports, so heartbeats never move the count.
+pub async fn last_settled_number<C: GenericClient>(c: &C, id: &str) -> Result<i64> {
     Ok(c.query_one(
-        "SELECT min(next_attempt_at) FROM fhir_cdc.subscription s
-             WHERE topic = $1 AND next_attempt_at > now()
-               AND (status = 'requested' OR (status IN ('active', 'error') AND EXISTS (
-                   SELECT 1 FROM fhir_cdc.delivery d
-                   WHERE d.subscription_id = s.id AND d.state = 'pending')))",
-        &[&topic],
+        "SELECT coalesce(max(event_number), 0) FROM fhir_cdc.delivery
+             WHERE subscription_id = $1 AND state <> 'pending'",
+        &[&id],
     )
     .await?
     .get(0))
+}
+
+/// Records that something went out (or was tried) now; heartbeats count from it.
+pub async fn touched<C: GenericClient>(c: &C, id: &str) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET last_sent_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Holds a subscription's next send until `at` (a batch window filling up).
+pub async fn defer<C: GenericClient>(c: &C, id: &str, at: DateTime<Utc>) -> Result<()> {
+    c.execute(
+        "UPDATE fhir_cdc.subscription SET next_attempt_at = $2 WHERE id = $1",
+        &[&id, &at],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A pending delivery joined with its event.
@@ -267,7 +330,7 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
 pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET status = 'active', handshake_done = true, failures = 0,
-             last_error = NULL, updated_at = now()
+             last_error = NULL, last_sent_at = now(), updated_at = now()
          WHERE id = $1 AND status = 'requested'",
         &[&id],
     )
@@ -297,7 +360,7 @@ pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Re
     )
     .await?;
     c.execute(
-        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL,
+        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, last_sent_at = now(),
              status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
              next_attempt_at = now(), updated_at = now()
          WHERE id = $1",
@@ -347,7 +410,7 @@ pub async fn send_failed(
     let row = tx
         .query_one(
             "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
-                 updated_at = now(),
+                 updated_at = now(), last_sent_at = now(),
                  next_attempt_at = now() + make_interval(secs => $3),
                  status = CASE WHEN failures + 1 >= $5 THEN 'off'
                                WHEN failures + 1 >= $4 THEN 'error'

@@ -94,6 +94,7 @@ impl Drop for Pg {
 /// One received HTTP request.
 #[derive(Clone, Debug)]
 pub struct Received {
+    pub at: Instant,
     pub hook: String,
     pub body: Value,
     pub headers: HashMap<String, String>,
@@ -150,6 +151,17 @@ impl Receiver {
             .collect()
     }
 
+    /// Arrival times and bodies for one hook.
+    pub fn timed(&self, name: &str) -> Vec<(Instant, Value)> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.hook == name)
+            .map(|r| (r.at, r.body.clone()))
+            .collect()
+    }
+
     pub fn all(&self) -> Vec<Value> {
         self.got
             .lock()
@@ -173,6 +185,7 @@ async fn hook(
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
     r.got.lock().unwrap().push(Received {
+        at: Instant::now(),
         hook: name,
         body,
         headers,
@@ -366,7 +379,18 @@ timeout_secs = 5
 
 /// POSTs an R5 Subscription; returns its id.
 pub async fn subscribe(api_port: u16, topic: &str, endpoint: &str, content: &str) -> String {
-    let body = serde_json::json!({
+    subscribe_with(api_port, topic, endpoint, content, serde_json::json!({})).await
+}
+
+/// POSTs an R5 Subscription with `extra` fields (heartbeatPeriod, maxCount, end, …).
+pub async fn subscribe_with(
+    api_port: u16,
+    topic: &str,
+    endpoint: &str,
+    content: &str,
+    extra: Value,
+) -> String {
+    let mut body = serde_json::json!({
         "resourceType": "Subscription",
         "status": "requested",
         "topic": topic,
@@ -376,6 +400,9 @@ pub async fn subscribe(api_port: u16, topic: &str, endpoint: &str, content: &str
         "contentType": "application/fhir+json",
         "parameter": [{"name": "X-Test", "value": "yes"}]
     });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{api_port}/Subscription"))
         .json(&body)
