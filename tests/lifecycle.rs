@@ -167,6 +167,35 @@ async fn lifecycle_heartbeats_batching_end_and_restart() {
         status(api, &flaky).await["eventsSinceSubscriptionStart"],
         "5"
     );
+    // $events answers from the queue after the restart, inclusive bounds, any content.
+    let ev: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{api}/Subscription/{batched}/$events?eventsSinceNumber=2&eventsUntilNumber=4&content=full-resource"))
+        .send().await.unwrap().json().await.unwrap();
+    assert_eq!(status_of(&ev)["type"], "query-event");
+    assert_eq!(event_numbers(&ev), vec![2, 3, 4]);
+    assert_eq!(ev["entry"][1]["resource"]["resourceType"], "Encounter");
+    let ev_post: serde_json::Value = http
+        .post(format!("http://127.0.0.1:{api}/Subscription/{batched}/$events"))
+        .json(&json!({"resourceType": "Parameters", "parameter": [{"name": "eventsSinceNumber", "valueString": "5"}]}))
+        .send().await.unwrap().json().await.unwrap();
+    assert_eq!(event_numbers(&ev_post), vec![5]);
+    validate(&[ev, ev_post], "r5", &[]);
+    // Subscription/$status filters by status.
+    let off: serde_json::Value = http
+        .get(format!(
+            "http://127.0.0.1:{api}/Subscription/$status?status=off"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(off["total"], 1);
+    assert!(off["entry"][0]["resource"]["subscription"]["reference"]
+        .as_str()
+        .unwrap()
+        .ends_with(&ending));
     // Heartbeats after the events carry the count and never move it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let last = rx.bodies("hb").last().cloned().unwrap();

@@ -2,7 +2,7 @@
 //! `$status`, health and metrics.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -15,8 +15,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::delivery::payload::Payloads;
 use crate::fhir::notification::{
-    fhir_instant, operation_outcome, status_resource, Kind, StatusInfo,
+    bundle, fhir_instant, operation_outcome, status_resource, Kind, StatusInfo,
 };
 use crate::fhir::subscription::{self, Rules};
 use crate::fhir::topic::Topic;
@@ -27,6 +28,7 @@ pub struct ApiState {
     pub pool: deadpool_postgres::Pool,
     pub topics: Vec<Topic>,
     pub metrics: Option<PrometheusHandle>,
+    pub payloads: Payloads,
     /// Set when capture runs in this process: ready only while it streams.
     pub capture_streaming: Option<Arc<AtomicBool>>,
 }
@@ -76,10 +78,12 @@ pub fn router(state: Shared) -> Router {
                 .put(update_subscription)
                 .delete(delete_subscription),
         )
+        .route("/Subscription/$status", get(status_all).post(status_all))
         .route(
             "/Subscription/{id}/$status",
             get(status_one).post(status_one),
         )
+        .route("/Subscription/{id}/$events", get(events).post(events_post))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus))
@@ -211,6 +215,7 @@ fn searchset(base: &str, resources: Vec<Value>) -> Value {
 #[derive(Deserialize)]
 struct TopicQuery {
     url: Option<String>,
+    resource: Option<String>,
 }
 
 async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Fhir {
@@ -218,6 +223,12 @@ async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Fh
         .topics
         .iter()
         .filter(|t| q.url.as_deref().is_none_or(|u| u == t.url))
+        .filter(|t| {
+            q.resource.as_deref().is_none_or(|r| {
+                let r = crate::fhir::topic::resource_type_of(r);
+                t.triggers.iter().any(|tr| tr.resource_type == r)
+            })
+        })
         .map(|t| t.resource.clone())
         .collect();
     Fhir(StatusCode::OK, searchset(&s.cfg.api.base_url(), list))
@@ -392,50 +403,193 @@ async fn search_subscriptions(State(s): State<Shared>, Query(q): Query<SubQuery>
     }
 }
 
-async fn status_one(State(s): State<Shared>, Path(id): Path<String>, _h: HeaderMap) -> Fhir {
-    let c = match s.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return internal(e),
-    };
-    let row = match subscriptions::get(&**c, &id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return outcome(
-                StatusCode::NOT_FOUND,
-                "not-found",
-                &format!("Subscription/{id} is not known"),
-                None,
-            )
-        }
-        Err(e) => return internal(e),
-    };
-    let info = StatusInfo {
+fn status_info(row: &subscriptions::SubscriptionRow) -> StatusInfo {
+    StatusInfo {
         subscription_id: row.id.clone(),
         status: row.status,
         events_since_start: row.events_since_start,
         topic_url: row.topic.clone(),
         errors: row.last_error.iter().cloned().collect(),
-    };
+    }
+}
+
+/// A searchset of status resources (what `$status` answers).
+fn status_searchset(s: &ApiState, rows: &[subscriptions::SubscriptionRow]) -> Value {
     let base = s.cfg.api.base_url();
-    let st = status_resource(
-        s.cfg.source.fhir_version.into(),
-        Kind::QueryStatus,
-        &info,
-        &[],
-        row.content,
-        &base,
-    );
-    let st_id = st["id"].as_str().unwrap_or_default().to_string();
-    Fhir(
+    let entry: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let st = status_resource(
+                s.cfg.source.fhir_version.into(),
+                Kind::QueryStatus,
+                &status_info(row),
+                &[],
+                row.content,
+                &base,
+            );
+            let id = st["id"].as_str().unwrap_or_default().to_string();
+            json!({"fullUrl": format!("urn:uuid:{id}"), "resource": st, "search": {"mode": "match"}})
+        })
+        .collect();
+    json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "searchset",
+        "total": entry.len(),
+        "entry": entry
+    })
+}
+
+async fn load(s: &ApiState, id: &str) -> Result<subscriptions::SubscriptionRow, Fhir> {
+    let c = s.pool.get().await.map_err(internal)?;
+    subscriptions::get(&**c, id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            outcome(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                &format!("Subscription/{id} is not known"),
+                None,
+            )
+        })
+}
+
+async fn status_one(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
+    let row = load(&s, &id).await?;
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &[row])))
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    /// Comma-separated ids.
+    id: Option<String>,
+    /// Comma-separated statuses.
+    status: Option<String>,
+}
+
+async fn status_all(State(s): State<Shared>, Query(q): Query<StatusQuery>) -> Result<Fhir, Fhir> {
+    let c = s.pool.get().await.map_err(internal)?;
+    let rows = subscriptions::search(&**c, None, None)
+        .await
+        .map_err(internal)?;
+    let ids: Option<Vec<&str>> = q.id.as_deref().map(|v| v.split(',').collect());
+    let statuses: Option<Vec<&str>> = q.status.as_deref().map(|v| v.split(',').collect());
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| ids.as_ref().is_none_or(|ids| ids.contains(&r.id.as_str())))
+        .filter(|r| {
+            statuses
+                .as_ref()
+                .is_none_or(|st| st.contains(&r.status.as_str()))
+        })
+        .collect();
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &rows)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct EventsQuery {
+    events_since_number: Option<i64>,
+    events_until_number: Option<i64>,
+    content: Option<String>,
+}
+
+/// Most events one `$events` answer carries.
+const EVENTS_LIMIT: i64 = 1000;
+
+async fn events(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Fhir, Fhir> {
+    events_answer(&s, &id, q).await
+}
+
+/// POST form: the parameters in a Parameters body.
+async fn events_post(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    body: String,
+) -> Result<Fhir, Fhir> {
+    let mut q = EventsQuery::default();
+    if !body.trim().is_empty() {
+        let v = parse_body(&body)?;
+        for p in v["parameter"].as_array().into_iter().flatten() {
+            let value = [
+                "valueString",
+                "valueCode",
+                "valueInteger",
+                "valueInteger64",
+                "valueUnsignedInt",
+            ]
+            .iter()
+            .find_map(|k| p.get(*k))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            });
+            match p["name"].as_str() {
+                Some("eventsSinceNumber") => {
+                    q.events_since_number = value.and_then(|v| v.parse().ok())
+                }
+                Some("eventsUntilNumber") => {
+                    q.events_until_number = value.and_then(|v| v.parse().ok())
+                }
+                Some("content") => q.content = value,
+                _ => {}
+            }
+        }
+    }
+    events_answer(&s, &id, q).await
+}
+
+async fn events_answer(s: &ApiState, id: &str, q: EventsQuery) -> Result<Fhir, Fhir> {
+    let row = load(s, id).await?;
+    let content = match q.content.as_deref() {
+        None => row.content,
+        Some(c) => subscription::Content::parse(c).ok_or_else(|| {
+            outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                &format!("content {c:?} is not empty, id-only or full-resource"),
+                None,
+            )
+        })?,
+    };
+    let until = q.events_until_number.unwrap_or(row.events_since_start);
+    let since = q
+        .events_since_number
+        .unwrap_or_else(|| (until - EVENTS_LIMIT + 1).max(1));
+    if since > until {
+        return Err(outcome(
+            StatusCode::BAD_REQUEST,
+            "value",
+            "eventsSinceNumber is greater than eventsUntilNumber",
+            None,
+        ));
+    }
+    let c = s.pool.get().await.map_err(internal)?;
+    let rows = subscriptions::events_between(&**c, id, since, until, EVENTS_LIMIT)
+        .await
+        .map_err(internal)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for p in &rows {
+        events.push(s.payloads.event(content, p).await);
+    }
+    Ok(Fhir(
         StatusCode::OK,
-        json!({
-            "resourceType": "Bundle",
-            "id": uuid::Uuid::new_v4().to_string(),
-            "type": "searchset",
-            "total": 1,
-            "entry": [{"fullUrl": format!("urn:uuid:{st_id}"), "resource": st, "search": {"mode": "match"}}]
-        }),
-    )
+        bundle(
+            s.cfg.source.fhir_version.into(),
+            Kind::QueryEvent,
+            &status_info(&row),
+            &events,
+            content,
+            &s.cfg.api.base_url(),
+            Utc::now(),
+        ),
+    ))
 }
 
 /// Builds the API state from a config (pool sized for the API only).
@@ -446,6 +600,7 @@ pub fn state(
 ) -> anyhow::Result<Shared> {
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
+        payloads: Payloads::new(cfg.clone())?,
         topics: cfg.topics.iter().map(|t| t.topic.clone()).collect(),
         cfg,
         metrics,

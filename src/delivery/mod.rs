@@ -3,6 +3,7 @@
 //! Wakes on LISTEN/NOTIFY; timers only cover retries and a missed notification.
 
 mod listen;
+pub mod payload;
 mod send;
 
 use std::collections::HashMap;
@@ -47,10 +48,9 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>) -> anyhow::R
         queue::migrate::run(&mut c).await?;
     }
     let wakers = Arc::new(Wakers::for_topics(&cfg));
-    let store = queue::pool(&cfg.source.url, 4)?;
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
-        store,
+        payloads: payload::Payloads::new(cfg.clone())?,
         channel: RestHook::new(),
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),

@@ -8,22 +8,20 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
-use crate::capture::profile::{pg_timestamptz_to_fhir, Body, RowChange};
-use crate::capture::setup::ident;
+use super::payload::Payloads;
 use crate::channel::{rest_hook::RestHook, Channel, Outgoing};
-use crate::config::{Config, ProfileKind};
-use crate::fhir::notification::{bundle, Event, Format, Kind, StatusInfo};
-use crate::fhir::subscription::{Content, Status};
-use crate::fhir::topic::Interaction;
+use crate::config::Config;
+use crate::fhir::notification::{bundle, Format, Kind, StatusInfo};
+use crate::fhir::subscription::Status;
 use crate::queue::{
     self,
-    subscriptions::{self, FailurePolicy, Pending, SubscriptionRow},
+    subscriptions::{self, FailurePolicy, SubscriptionRow},
 };
 use tokio_postgres::Client;
 
 pub struct Ctx {
     pub cfg: Arc<Config>,
-    pub store: deadpool_postgres::Pool,
+    pub payloads: Payloads,
     pub channel: RestHook,
     pub base_url: String,
     pub format: Format,
@@ -235,7 +233,7 @@ async fn send_events(
     }
     let mut events = Vec::with_capacity(batch.len());
     for p in &batch {
-        events.push(to_event(ctx, sub, p).await);
+        events.push(ctx.payloads.event(sub.content, p).await);
     }
     let last = batch.last().map(|p| p.event_number).unwrap_or(0);
     let info = StatusInfo {
@@ -336,55 +334,4 @@ fn backoff(ctx: &Ctx, failures: i32) -> Duration {
     let ms = d.retry_initial_ms.saturating_mul(exp).min(d.retry_max_ms);
     let jitter: f64 = rand::rng().random_range(0.5..=1.0);
     Duration::from_millis((ms as f64 * jitter) as u64)
-}
-
-async fn to_event(ctx: &Ctx, sub: &SubscriptionRow, p: &Pending) -> Event {
-    let mut resource = p.resource.clone();
-    if resource.is_none()
-        && sub.content == Content::FullResource
-        && p.interaction != Interaction::Delete
-    {
-        // The body was not queued (the subscription appeared after the event was): read the
-        // store. It may be a later version than the event's; the reference is exact.
-        resource = read_store(ctx, &p.resource_type, &p.resource_id).await;
-    }
-    Event {
-        event_number: p.event_number,
-        resource_type: p.resource_type.clone(),
-        resource_id: p.resource_id.clone(),
-        interaction: p.interaction,
-        timestamp: p.commit_time,
-        resource,
-    }
-}
-
-async fn read_store(ctx: &Ctx, resource_type: &str, id: &str) -> Option<serde_json::Value> {
-    if ctx.cfg.source.profile != ProfileKind::Aidbox {
-        return None;
-    }
-    let c = ctx.store.get().await.ok()?;
-    let sql = format!(
-        "SELECT resource::text, txid::text, ts::text FROM {}.{} WHERE id = $1",
-        ident(&ctx.cfg.source.schema),
-        ident(&resource_type.to_ascii_lowercase())
-    );
-    let row = c.query_opt(&sql, &[&id]).await.ok()??;
-    let body: Option<String> = row.get(0);
-    let change = RowChange {
-        resource_type: resource_type.to_string(),
-        id: id.to_string(),
-        version_id: row.get(1),
-        last_updated: row
-            .get::<_, Option<String>>(2)
-            .map(|s| pg_timestamptz_to_fhir(&s)),
-        interaction: Interaction::Update,
-        body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
-    };
-    match change.resource() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "store read for a full-resource notification failed");
-            None
-        }
-    }
 }

@@ -301,18 +301,49 @@ pub struct Pending {
     pub queued_at: DateTime<Utc>,
 }
 
+/// Columns of a delivery joined with its event, as [`pending_from_row`] reads them.
+const DELIVERY_COLUMNS: &str = "d.event_number, d.event_id, d.attempts, e.resource_type,
+    e.resource_id, e.interaction, e.commit_time, e.resource, e.queued_at";
+
 pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<Vec<Pending>> {
-    Ok(c.query(
-        "SELECT d.event_number, d.event_id, d.attempts, e.resource_type, e.resource_id,
-                    e.interaction, e.commit_time, e.resource, e.queued_at
-             FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
-             WHERE d.subscription_id = $1 AND d.state = 'pending'
-             ORDER BY d.event_number LIMIT $2",
-        &[&sub, &limit],
-    )
-    .await?
-    .iter()
-    .map(|r| Pending {
+    // Its own query (not events_between) so the partial index on pending rows serves it.
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS}
+         FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
+         WHERE d.subscription_id = $1 AND d.state = 'pending'
+         ORDER BY d.event_number LIMIT $2"
+    );
+    Ok(c.query(&sql, &[&sub, &limit])
+        .await?
+        .iter()
+        .map(pending_from_row)
+        .collect())
+}
+
+/// Events of a subscription with eventNumbers in `since..=until`, whatever their delivery
+/// state, for `$events`. At most `limit`.
+pub async fn events_between<C: GenericClient>(
+    c: &C,
+    sub: &str,
+    since: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<Pending>> {
+    let sql = format!(
+        "SELECT {DELIVERY_COLUMNS}
+         FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
+         WHERE d.subscription_id = $1 AND d.event_number BETWEEN $2 AND $3
+         ORDER BY d.event_number LIMIT $4"
+    );
+    Ok(c.query(&sql, &[&sub, &since, &until, &limit])
+        .await?
+        .iter()
+        .map(pending_from_row)
+        .collect())
+}
+
+fn pending_from_row(r: &Row) -> Pending {
+    Pending {
         event_number: r.get(0),
         event_id: r.get(1),
         attempts: r.get(2),
@@ -322,8 +353,7 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
         commit_time: r.get(6),
         resource: r.get(7),
         queued_at: r.get(8),
-    })
-    .collect())
+    }
 }
 
 /// A handshake went through: the subscription is active.
