@@ -263,6 +263,7 @@ fn parse_body(body: &str) -> Result<Value, Fhir> {
 
 fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, Fhir> {
     let rules = Rules {
+        format: s.cfg.source.fhir_version.into(),
         topics: &s.topics,
         allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
         require_https_for_full_resource: s.cfg.delivery.require_https_for_full_resource,

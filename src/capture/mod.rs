@@ -437,6 +437,7 @@ fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Opti
         }
     };
     let rules = Rules {
+        format: cfg.source.fhir_version.into(),
         topics,
         allow_private_endpoints: cfg.delivery.allow_private_endpoints,
         require_https_for_full_resource: cfg.delivery.require_https_for_full_resource,

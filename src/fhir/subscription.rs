@@ -4,6 +4,7 @@
 use serde_json::Value;
 use std::net::IpAddr;
 
+use super::notification::Format;
 use super::topic::{resource_type_of, Topic};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +87,8 @@ pub struct SubscriptionSpec {
 /// What validation needs from the daemon's configuration.
 pub struct Rules<'a> {
     pub topics: &'a [Topic],
+    /// How Subscriptions are written: R5 natively, R4/R4B as the Backport IG profiles them.
+    pub format: Format,
     pub allow_private_endpoints: bool,
     pub require_https_for_full_resource: bool,
 }
@@ -125,7 +128,44 @@ fn int_field(v: &Value, key: &'static str) -> Result<Option<i32>, Invalid> {
     }
 }
 
-pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
+/// A Subscription as read, before any policy: what the resource says, in R5 terms.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub status: Status,
+    pub topic_url: String,
+    pub channel: String,
+    pub endpoint: Option<String>,
+    pub content: Content,
+    pub content_type: String,
+    pub headers: Vec<(String, String)>,
+    pub heartbeat_period: Option<i32>,
+    pub timeout: Option<i32>,
+    pub max_count: Option<i32>,
+    pub end: Option<chrono::DateTime<chrono::Utc>>,
+    pub filters: Vec<Filter>,
+}
+
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+
+/// The value of the extension `BACKPORT{name}` among `exts`.
+fn backport_ext<'a>(exts: Option<&'a Value>, name: &str) -> Option<&'a Value> {
+    exts?.as_array()?.iter().find_map(|e| {
+        let url = e.get("url")?.as_str()?;
+        if url.strip_prefix(BACKPORT) == Some(name) {
+            e.as_object()?
+                .iter()
+                .find(|(k, _)| k.starts_with("value"))
+                .map(|(_, v)| v)
+        } else {
+            None
+        }
+    })
+}
+
+/// Reads a Subscription of the given format: R5/R6 natively, R4 and R4B as the Backport IG
+/// profiles them (`criteria` = topic, extensions for filters, content, heartbeat, timeout,
+/// maxCount; `channel.header` as `Name: value`).
+pub fn read(v: &Value, format: Format) -> Result<Read, Invalid> {
     if v.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
         return Err(invalid(
             "structure",
@@ -146,42 +186,47 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
             ))
         }
     };
+    let end = match v.get("end").and_then(Value::as_str) {
+        None => None,
+        Some(e) => Some(
+            chrono::DateTime::parse_from_rfc3339(e)
+                .map_err(|_| {
+                    invalid(
+                        "value",
+                        "end",
+                        format!("Subscription.end {e:?} is not a FHIR instant"),
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
+    if format == Format::R5 {
+        read_r5(v, status, end)
+    } else {
+        read_backport(v, status, end)
+    }
+}
+
+fn read_r5(
+    v: &Value,
+    status: Status,
+    end: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Read, Invalid> {
     let topic_url = v
         .get("topic")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("required", "topic", "Subscription.topic is required"))?;
-    let topic = rules
-        .topics
-        .iter()
-        .find(|t| t.url == topic_url)
-        .ok_or_else(|| {
-            invalid(
-                "not-supported",
-                "topic",
-                format!("unknown SubscriptionTopic {topic_url:?}: GET /SubscriptionTopic lists the ones this server supports"),
-            )
-        })?;
     let channel = v
         .get("channelType")
         .and_then(|c| c.get("code"))
-        .and_then(Value::as_str);
-    match channel {
-        Some("rest-hook") => {}
-        Some(other) => {
-            return Err(invalid(
-                "not-supported",
-                "channelType",
-                format!("channel type {other:?} is not supported; supported: rest-hook"),
-            ))
-        }
-        None => {
-            return Err(invalid(
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            invalid(
                 "required",
                 "channelType",
                 "Subscription.channelType.code is required",
-            ))
-        }
-    }
+            )
+        })?;
     let content = match v.get("content").and_then(Value::as_str) {
         None => Content::Empty,
         Some(s) => Content::parse(s).ok_or_else(|| {
@@ -192,25 +237,6 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
             )
         })?,
     };
-    let endpoint = v.get("endpoint").and_then(Value::as_str).ok_or_else(|| {
-        invalid(
-            "required",
-            "endpoint",
-            "Subscription.endpoint is required for rest-hook",
-        )
-    })?;
-    check_endpoint(endpoint, content, rules)?;
-    let content_type = v
-        .get("contentType")
-        .and_then(Value::as_str)
-        .unwrap_or("application/fhir+json");
-    if !content_type.starts_with("application/fhir+json") && content_type != "application/json" {
-        return Err(invalid(
-            "not-supported",
-            "contentType",
-            format!("contentType {content_type:?} is not supported; use application/fhir+json"),
-        ));
-    }
     let mut headers = Vec::new();
     for p in v
         .get("parameter")
@@ -220,19 +246,7 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
     {
         let name = p.get("name").and_then(Value::as_str).unwrap_or("");
         let value = p.get("value").and_then(Value::as_str).unwrap_or("");
-        let header_ok = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            && value.bytes().all(|b| b >= 0x20 && b != 0x7f);
-        if !header_ok {
-            return Err(invalid(
-                "value",
-                "parameter",
-                format!("Subscription.parameter {name:?} cannot be sent as an HTTP header"),
-            ));
-        }
-        headers.push((name.to_string(), value.to_string()));
+        headers.push(header(name, value)?);
     }
     let mut filters = Vec::new();
     for f in v
@@ -251,32 +265,267 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
                     "filterBy.filterParameter is required",
                 )
             })?;
-        let resource_type = f
-            .get("resourceType")
+        filters.push(Filter {
+            resource_type: f
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .map(|r| resource_type_of(r).to_string()),
+            parameter: parameter.to_string(),
+            value: f
+                .get("value")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        });
+    }
+    Ok(Read {
+        status,
+        topic_url: topic_url.to_string(),
+        channel: channel.to_string(),
+        endpoint: v
+            .get("endpoint")
             .and_then(Value::as_str)
-            .map(|r| resource_type_of(r).to_string());
-        if !topic.allows_filter(resource_type.as_deref(), parameter) {
+            .map(str::to_string),
+        content,
+        content_type: v
+            .get("contentType")
+            .and_then(Value::as_str)
+            .unwrap_or("application/fhir+json")
+            .to_string(),
+        headers,
+        heartbeat_period: int_field(v, "heartbeatPeriod")?,
+        timeout: int_field(v, "timeout")?,
+        max_count: int_field(v, "maxCount")?,
+        end,
+        filters,
+    })
+}
+
+fn read_backport(
+    v: &Value,
+    status: Status,
+    end: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Read, Invalid> {
+    let topic_url = v.get("criteria").and_then(Value::as_str).ok_or_else(|| {
+        invalid(
+            "required",
+            "criteria",
+            "Subscription.criteria (the topic canonical) is required",
+        )
+    })?;
+    let ch = v.get("channel").cloned().unwrap_or(Value::Null);
+    // A custom channel type rides in an extension on channel.type.
+    let channel = backport_ext(
+        ch.get("_type").and_then(|t| t.get("extension")),
+        "backport-channel-type",
+    )
+    .and_then(|c| c.get("code"))
+    .and_then(Value::as_str)
+    .or_else(|| ch.get("type").and_then(Value::as_str))
+    .ok_or_else(|| {
+        invalid(
+            "required",
+            "channelType",
+            "Subscription.channel.type is required",
+        )
+    })?;
+    let content = match backport_ext(
+        ch.get("_payload").and_then(|p| p.get("extension")),
+        "backport-payload-content",
+    )
+    .and_then(Value::as_str)
+    {
+        None => Content::Empty,
+        Some(s) => Content::parse(s).ok_or_else(|| {
+            invalid(
+                "value",
+                "content",
+                format!("backport-payload-content {s:?} is not empty, id-only or full-resource"),
+            )
+        })?,
+    };
+    let mut headers = Vec::new();
+    for h in ch
+        .get("header")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let h = h.as_str().unwrap_or("");
+        let (name, value) = h.split_once(':').ok_or_else(|| {
+            invalid(
+                "value",
+                "parameter",
+                format!("channel.header {h:?} is not `Name: value`"),
+            )
+        })?;
+        headers.push(header(name.trim(), value.trim())?);
+    }
+    let ext = |name: &str| -> Result<Option<i32>, Invalid> {
+        match backport_ext(ch.get("extension"), name) {
+            None => Ok(None),
+            Some(x) => x
+                .as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .filter(|n| *n >= 0)
+                .map(Some)
+                .ok_or_else(|| {
+                    invalid(
+                        "value",
+                        "extension",
+                        format!("{name} must be a non-negative integer"),
+                    )
+                }),
+        }
+    };
+    let mut filters = Vec::new();
+    let crit_ext = v.get("_criteria").and_then(|c| c.get("extension"));
+    for e in crit_ext.and_then(Value::as_array).into_iter().flatten() {
+        if e.get("url")
+            .and_then(Value::as_str)
+            .and_then(|u| u.strip_prefix(BACKPORT))
+            != Some("backport-filter-criteria")
+        {
+            continue;
+        }
+        let crit = e.get("valueString").and_then(Value::as_str).unwrap_or("");
+        filters.extend(filters_from_criteria(crit)?);
+    }
+    Ok(Read {
+        status,
+        topic_url: topic_url.to_string(),
+        channel: channel.to_string(),
+        endpoint: ch
+            .get("endpoint")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        content,
+        content_type: ch
+            .get("payload")
+            .and_then(Value::as_str)
+            .unwrap_or("application/fhir+json")
+            .to_string(),
+        headers,
+        heartbeat_period: ext("backport-heartbeat-period")?,
+        timeout: ext("backport-timeout")?,
+        max_count: ext("backport-max-count")?,
+        end,
+        filters,
+    })
+}
+
+/// `Encounter?patient=Patient/123&status=in-progress` → one filter per parameter.
+pub fn filters_from_criteria(crit: &str) -> Result<Vec<Filter>, Invalid> {
+    let (ty, query) = crit.split_once('?').ok_or_else(|| {
+        invalid(
+            "value",
+            "filterBy",
+            format!("filter criteria {crit:?} is not `Type?param=value`"),
+        )
+    })?;
+    let resource_type = (!ty.is_empty()).then(|| resource_type_of(ty).to_string());
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| {
+            if k.is_empty() {
+                Err(invalid(
+                    "value",
+                    "filterBy",
+                    format!("filter criteria {crit:?} has an empty parameter"),
+                ))
+            } else {
+                Ok(Filter {
+                    resource_type: resource_type.clone(),
+                    parameter: k.into_owned(),
+                    value: v.into_owned(),
+                })
+            }
+        })
+        .collect()
+}
+
+fn header(name: &str, value: &str) -> Result<(String, String), Invalid> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && value.bytes().all(|b| b >= 0x20 && b != 0x7f);
+    if ok {
+        Ok((name.to_string(), value.to_string()))
+    } else {
+        Err(invalid(
+            "value",
+            "parameter",
+            format!("header {name:?} cannot be sent as an HTTP header"),
+        ))
+    }
+}
+
+/// Reads a Subscription and applies this server's policy to it.
+pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
+    check(read(v, rules.format)?, rules)
+}
+
+/// The policy: a known topic, a supported channel, an acceptable endpoint, allowed filters.
+pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
+    let topic = rules
+        .topics
+        .iter()
+        .find(|t| t.url == r.topic_url)
+        .ok_or_else(|| {
+            invalid(
+                "not-supported",
+                "topic",
+                format!("unknown SubscriptionTopic {:?}: GET /SubscriptionTopic lists the ones this server supports", r.topic_url),
+            )
+        })?;
+    if r.channel != "rest-hook" {
+        return Err(invalid(
+            "not-supported",
+            "channelType",
+            format!(
+                "channel type {:?} is not supported; supported: rest-hook",
+                r.channel
+            ),
+        ));
+    }
+    let endpoint = r.endpoint.ok_or_else(|| {
+        invalid(
+            "required",
+            "endpoint",
+            "Subscription.endpoint is required for rest-hook",
+        )
+    })?;
+    check_endpoint(&endpoint, r.content, rules)?;
+    if !r.content_type.starts_with("application/fhir+json") && r.content_type != "application/json"
+    {
+        return Err(invalid(
+            "not-supported",
+            "contentType",
+            format!(
+                "contentType {:?} is not supported; use application/fhir+json",
+                r.content_type
+            ),
+        ));
+    }
+    for f in &r.filters {
+        if !topic.allows_filter(f.resource_type.as_deref(), &f.parameter) {
             return Err(invalid(
                 "not-supported",
                 "filterBy",
                 format!(
-                    "filter {parameter:?} is not allowed by topic {topic_url}: its canFilterBy lists {:?}",
-                    topic.can_filter_by.iter().map(|c| c.parameter.as_str()).collect::<Vec<_>>()
+                    "filter {:?} is not allowed by topic {}: its canFilterBy lists {:?}",
+                    f.parameter,
+                    r.topic_url,
+                    topic
+                        .can_filter_by
+                        .iter()
+                        .map(|c| c.parameter.as_str())
+                        .collect::<Vec<_>>()
                 ),
             ));
         }
-        let value = f
-            .get("value")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        filters.push(Filter {
-            resource_type,
-            parameter: parameter.to_string(),
-            value,
-        });
     }
-    if !filters.is_empty() {
+    if !r.filters.is_empty() {
         // Matching filters needs search-parameter evaluation in capture; until it exists a
         // filtered subscription would receive other patients' events, so it is refused.
         return Err(invalid(
@@ -286,30 +535,17 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
         ));
     }
     Ok(SubscriptionSpec {
-        status,
-        topic_url: topic_url.to_string(),
-        endpoint: endpoint.to_string(),
-        content,
-        content_type: content_type.to_string(),
-        headers,
-        heartbeat_period: int_field(v, "heartbeatPeriod")?,
-        timeout: int_field(v, "timeout")?,
-        max_count: int_field(v, "maxCount")?,
-        end: match v.get("end").and_then(Value::as_str) {
-            None => None,
-            Some(e) => Some(
-                chrono::DateTime::parse_from_rfc3339(e)
-                    .map_err(|_| {
-                        invalid(
-                            "value",
-                            "end",
-                            format!("Subscription.end {e:?} is not a FHIR instant"),
-                        )
-                    })?
-                    .with_timezone(&chrono::Utc),
-            ),
-        },
-        filters,
+        status: r.status,
+        topic_url: r.topic_url,
+        endpoint,
+        content: r.content,
+        content_type: r.content_type,
+        headers: r.headers,
+        heartbeat_period: r.heartbeat_period,
+        timeout: r.timeout,
+        max_count: r.max_count,
+        end: r.end,
+        filters: r.filters,
     })
 }
 
@@ -411,6 +647,7 @@ mod tests {
             &v,
             &Rules {
                 topics: &t,
+                format: Format::R5,
                 allow_private_endpoints: private,
                 require_https_for_full_resource: https,
             },
