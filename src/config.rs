@@ -301,10 +301,12 @@ impl Config {
                     serde_json::Value::Object(m)
                 }
             };
-            let topic = Topic::from_json(&json).map_err(|e| ConfigError::Topic {
-                index,
-                message: e.to_string(),
-            })?;
+            let topic = Topic::from_json(&json)
+                .and_then(|t| t.evaluable().map(|()| t))
+                .map_err(|e| ConfigError::Topic {
+                    index,
+                    message: e.to_string(),
+                })?;
             if topics
                 .iter()
                 .any(|t: &ConfiguredTopic| t.topic.url == topic.url)

@@ -175,16 +175,13 @@ pub fn read(v: &Value, format: Format) -> Result<Read, Invalid> {
     }
     let status = match v.get("status").and_then(Value::as_str) {
         None => Status::Requested,
-        // A client cannot declare a subscription active: the handshake decides.
-        Some("requested") | Some("active") => Status::Requested,
-        Some("off") => Status::Off,
-        Some(other) => {
-            return Err(invalid(
+        Some(st) => Status::parse(st).ok_or_else(|| {
+            invalid(
                 "value",
                 "status",
-                format!("Subscription.status {other:?}: a client may set requested or off"),
-            ))
-        }
+                format!("Subscription.status {st:?} is not requested, active, error or off"),
+            )
+        })?,
     };
     let end = match v.get("end").and_then(Value::as_str) {
         None => None,
@@ -467,6 +464,17 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
 
 /// The policy: a known topic, a supported channel, an acceptable endpoint, allowed filters.
 pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
+    let status =
+        match r.status {
+            // A client cannot declare a subscription active: the handshake decides.
+            Status::Requested | Status::Active => Status::Requested,
+            Status::Off => Status::Off,
+            Status::Error => return Err(invalid(
+                "value",
+                "status",
+                "Subscription.status error is set by the server; a client may set requested or off",
+            )),
+        };
     let topic = rules
         .topics
         .iter()
@@ -535,7 +543,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         ));
     }
     Ok(SubscriptionSpec {
-        status: r.status,
+        status,
         topic_url: r.topic_url,
         endpoint,
         content: r.content,

@@ -51,10 +51,22 @@ impl Interactions {
     }
 }
 
+/// `resourceTrigger.queryCriteria`, as written (evaluated by a later version).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueryCriteria {
+    pub previous: Option<String>,
+    pub current: Option<String>,
+    pub result_for_create: Option<String>,
+    pub result_for_delete: Option<String>,
+    pub require_both: Option<bool>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceTrigger {
     pub resource_type: String,
     pub interactions: Interactions,
+    pub query_criteria: Option<QueryCriteria>,
+    pub fhirpath_criteria: Option<String>,
 }
 
 /// One `canFilterBy` entry: a filter parameter a subscription may use for a resource type.
@@ -77,11 +89,11 @@ pub struct Topic {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TopicError {
-    #[error("not a SubscriptionTopic (resourceType is {0:?})")]
+    #[error("not a SubscriptionTopic (resourceType is {0:?}, and not a backport Basic topic)")]
     NotATopic(String),
     #[error("SubscriptionTopic.url is required")]
     MissingUrl,
-    #[error("SubscriptionTopic {url}: needs at least one resourceTrigger")]
+    #[error("SubscriptionTopic {url}: needs at least one resourceTrigger (eventTrigger is not supported)")]
     NoTrigger { url: String },
     #[error("SubscriptionTopic {url}: resourceTrigger[{index}].resource {resource:?} is not a FHIR resource type")]
     UnknownResource {
@@ -109,8 +121,13 @@ pub fn resource_type_of(canonical: &str) -> &str {
 }
 
 impl Topic {
+    /// Reads a SubscriptionTopic (R4B, R5, R6) or the Backport IG's R4 `Basic` form.
+    /// Reading does not decide whether this version can evaluate it: see [`Topic::evaluable`].
     pub fn from_json(v: &Value) -> Result<Self, TopicError> {
         let rt = v.get("resourceType").and_then(Value::as_str).unwrap_or("");
+        if rt == "Basic" && is_backport_topic(v) {
+            return Self::from_json(&basic_to_topic(v));
+        }
         if rt != "SubscriptionTopic" {
             return Err(TopicError::NotATopic(rt.to_string()));
         }
@@ -141,14 +158,20 @@ impl Topic {
                     resource: resource.into(),
                 });
             }
-            for (key, what) in [
-                ("queryCriteria", "queryCriteria"),
-                ("fhirPathCriteria", "fhirPathCriteria"),
-            ] {
-                if t.get(key).is_some() {
-                    return Err(TopicError::Unsupported { url, index, what });
+            let query_criteria = t.get("queryCriteria").map(|q| {
+                let s = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_string);
+                QueryCriteria {
+                    previous: s("previous"),
+                    current: s("current"),
+                    result_for_create: s("resultForCreate"),
+                    result_for_delete: s("resultForDelete"),
+                    require_both: q.get("requireBoth").and_then(Value::as_bool),
                 }
-            }
+            });
+            let fhirpath_criteria = t
+                .get("fhirPathCriteria")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             let interactions = match t.get("supportedInteraction").and_then(Value::as_array) {
                 None => Interactions::ALL,
                 Some(a) if a.is_empty() => Interactions::ALL,
@@ -170,10 +193,9 @@ impl Topic {
             triggers.push(ResourceTrigger {
                 resource_type: ty.to_string(),
                 interactions,
+                query_criteria,
+                fhirpath_criteria,
             });
-        }
-        if triggers.is_empty() {
-            return Err(TopicError::NoTrigger { url });
         }
         let can_filter_by = v
             .get("canFilterBy")
@@ -207,6 +229,32 @@ impl Topic {
         })
     }
 
+    /// Whether this version can evaluate the topic: resource triggers by type and
+    /// interaction only. A topic it cannot evaluate is refused rather than run loosely
+    /// (it would notify on every change).
+    pub fn evaluable(&self) -> Result<(), TopicError> {
+        if self.triggers.is_empty() {
+            return Err(TopicError::NoTrigger {
+                url: self.url.clone(),
+            });
+        }
+        for (index, t) in self.triggers.iter().enumerate() {
+            let what = if t.query_criteria.is_some() {
+                "queryCriteria"
+            } else if t.fhirpath_criteria.is_some() {
+                "fhirPathCriteria"
+            } else {
+                continue;
+            };
+            return Err(TopicError::Unsupported {
+                url: self.url.clone(),
+                index,
+                what,
+            });
+        }
+        Ok(())
+    }
+
     /// Does a change of this type and interaction fire the topic?
     pub fn matches(&self, resource_type: &str, interaction: Interaction) -> bool {
         self.triggers
@@ -224,6 +272,101 @@ impl Topic {
                 }
         })
     }
+}
+
+const TOPIC_EXT: &str = "extension-SubscriptionTopic.";
+
+/// A `Basic` whose code is `SubscriptionTopic` or that carries the topic extensions.
+fn is_backport_topic(v: &Value) -> bool {
+    let coded = v["code"]["coding"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["code"] == "SubscriptionTopic"));
+    coded
+        || v["extension"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["url"].as_str().is_some_and(|u| u.contains(TOPIC_EXT)))
+        })
+}
+
+/// The `value[x]` of an extension.
+fn ext_value(e: &Value) -> Option<&Value> {
+    e.as_object()?
+        .iter()
+        .find(|(k, _)| k.starts_with("value"))
+        .map(|(_, v)| v)
+}
+
+/// Elements that repeat in SubscriptionTopic's backbone elements.
+const REPEATING: &[&str] = &[
+    "supportedInteraction",
+    "comparator",
+    "modifier",
+    "include",
+    "revInclude",
+];
+
+/// A complex extension as the backbone element it stands for.
+fn complex(e: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for sub in e["extension"].as_array().into_iter().flatten() {
+        let Some(key) = sub["url"].as_str() else {
+            continue;
+        };
+        let value = if sub.get("extension").is_some() {
+            complex(sub)
+        } else {
+            match ext_value(sub) {
+                Some(v) => v.clone(),
+                None => continue,
+            }
+        };
+        if REPEATING.contains(&key) {
+            let slot = out
+                .entry(key.to_string())
+                .or_insert_with(|| Value::Array(vec![]));
+            if let Some(a) = slot.as_array_mut() {
+                a.push(value);
+            }
+        } else {
+            out.insert(key.to_string(), value);
+        }
+    }
+    Value::Object(out)
+}
+
+/// The Backport IG's R4 topic (`Basic` with cross-version extensions) as a SubscriptionTopic.
+pub fn basic_to_topic(v: &Value) -> Value {
+    let mut t = serde_json::Map::new();
+    t.insert("resourceType".into(), "SubscriptionTopic".into());
+    if let Some(id) = v.get("id") {
+        t.insert("id".into(), id.clone());
+    }
+    let exts = v["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(v["modifierExtension"].as_array().into_iter().flatten());
+    for e in exts {
+        let Some(name) = e["url"].as_str().and_then(|u| u.split(TOPIC_EXT).nth(1)) else {
+            continue;
+        };
+        match name {
+            "resourceTrigger" | "canFilterBy" | "notificationShape" | "eventTrigger" => {
+                let slot = t
+                    .entry(name.to_string())
+                    .or_insert_with(|| Value::Array(vec![]));
+                if let Some(a) = slot.as_array_mut() {
+                    a.push(complex(e));
+                }
+            }
+            _ => {
+                if let Some(val) = ext_value(e) {
+                    t.insert(name.to_string(), val.clone());
+                }
+            }
+        }
+    }
+    Value::Object(t)
 }
 
 /// A FHIR id from a URL: its last path segment, cut to the allowed characters.
@@ -300,10 +443,14 @@ mod tests {
             topic(json!({"resource": "Encounter", "supportedInteraction": ["read"]})),
             Err(TopicError::BadInteraction { .. })
         ));
+        let t = topic(
+            json!({"resource": "Encounter", "queryCriteria": {"current": "status=finished"}}),
+        )
+        .unwrap();
+        let q = t.triggers[0].query_criteria.as_ref().unwrap();
+        assert_eq!(q.current.as_deref(), Some("status=finished"));
         assert!(matches!(
-            topic(
-                json!({"resource": "Encounter", "queryCriteria": {"current": "status=finished"}})
-            ),
+            t.evaluable(),
             Err(TopicError::Unsupported {
                 what: "queryCriteria",
                 ..

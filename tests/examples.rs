@@ -1,0 +1,177 @@
+//! The official Subscription and SubscriptionTopic examples (R5, R4B, R4 backport) read
+//! without error, with the values they state.
+
+use fhir_cdc::fhir::notification::Format;
+use fhir_cdc::fhir::subscription::{self, Content, Rules, Status};
+use fhir_cdc::fhir::topic::{Interaction, Topic, TopicError};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/examples")
+}
+
+fn load(rel: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(examples().join(rel)).unwrap()).unwrap()
+}
+
+fn format_of(dir: &str) -> Format {
+    match dir {
+        "r5" => Format::R5,
+        "r4-backport" => Format::R4Backport,
+        _ => Format::R4B,
+    }
+}
+
+#[test]
+fn every_subscription_example_reads() {
+    let mut n = 0;
+    for dir in ["r5", "r4b-core", "r4b-backport", "r4-backport"] {
+        for e in std::fs::read_dir(examples().join(dir)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            if !name.starts_with("Subscription-") {
+                continue;
+            }
+            let v = load(&format!("{dir}/{name}"));
+            let r = subscription::read(&v, format_of(dir));
+            assert!(r.is_ok(), "{dir}/{name}: {:?}", r.err());
+            n += 1;
+        }
+    }
+    assert!(n >= 8, "only {n} Subscription examples found");
+}
+
+#[test]
+fn r5_admission_subscription_values() {
+    let r = subscription::read(&load("r5/Subscription-admission.json"), Format::R5).unwrap();
+    assert_eq!(
+        r.topic_url,
+        "http://example.org/R5/SubscriptionTopic/admission"
+    );
+    assert_eq!(r.channel, "rest-hook");
+    assert_eq!(
+        r.endpoint.as_deref(),
+        Some("https://example.org/Endpoints/P123")
+    );
+    assert_eq!(r.content, Content::IdOnly);
+    assert_eq!(
+        (r.heartbeat_period, r.timeout, r.max_count),
+        (Some(60), Some(5), Some(100))
+    );
+    assert_eq!(r.filters.len(), 1);
+    assert_eq!(
+        (r.filters[0].parameter.as_str(), r.filters[0].value.as_str()),
+        ("patient", "Patient/123")
+    );
+    assert!(r.end.is_some());
+    assert_eq!(r.status, Status::Active);
+}
+
+#[test]
+fn r4_backport_subscription_values() {
+    let r = subscription::read(
+        &load("r4-backport/Subscription-subscription-multi-resource.json"),
+        Format::R4Backport,
+    )
+    .unwrap();
+    assert_eq!(r.topic_url, "http://hl7.org/SubscriptionTopic/admission");
+    assert_eq!(r.channel, "rest-hook");
+    assert_eq!(r.content, Content::IdOnly);
+    assert_eq!(r.content_type, "application/fhir+json");
+    assert_eq!(
+        (r.heartbeat_period, r.timeout, r.max_count),
+        (Some(86400), Some(60), Some(20))
+    );
+    assert_eq!(r.filters.len(), 1);
+    let f = &r.filters[0];
+    assert_eq!(
+        (
+            f.resource_type.as_deref(),
+            f.parameter.as_str(),
+            f.value.as_str()
+        ),
+        (Some("Observation"), "subject", "Patient/123")
+    );
+    let r = subscription::read(
+        &load("r4b-backport/Subscription-subscription-admission.json"),
+        Format::R4B,
+    )
+    .unwrap();
+    assert_eq!(r.filters[0].parameter, "patient");
+    assert_eq!(r.filters[0].resource_type.as_deref(), Some("Encounter"));
+}
+
+#[test]
+fn every_topic_example_reads() {
+    let mut n = 0;
+    for dir in ["r5", "r4b-core", "r4b-backport", "r4-backport"] {
+        for e in std::fs::read_dir(examples().join(dir)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            if !(name.starts_with("SubscriptionTopic-") || name.starts_with("Basic-")) {
+                continue;
+            }
+            let t = Topic::from_json(&load(&format!("{dir}/{name}")));
+            assert!(t.is_ok(), "{dir}/{name}: {:?}", t.err());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "only {n} topic examples found");
+}
+
+#[test]
+fn r4_basic_topic_values() {
+    let t = Topic::from_json(&load("r4-backport/Basic-r4-encounter-complete.json")).unwrap();
+    assert_eq!(
+        t.url,
+        "http://hl7.org/fhir/uv/subscriptions-backport/SubscriptionTopic/r4-encounter-complete"
+    );
+    assert_eq!(t.triggers.len(), 1);
+    let tr = &t.triggers[0];
+    assert_eq!(tr.resource_type, "Encounter");
+    assert!(
+        tr.interactions.contains(Interaction::Create)
+            && tr.interactions.contains(Interaction::Update)
+    );
+    assert!(!tr.interactions.contains(Interaction::Delete));
+    let q = tr.query_criteria.as_ref().unwrap();
+    assert_eq!(q.previous.as_deref(), Some("status:not=finished"));
+    assert_eq!(q.current.as_deref(), Some("status=finished"));
+    assert_eq!(q.require_both, Some(true));
+    assert!(tr
+        .fhirpath_criteria
+        .as_deref()
+        .unwrap()
+        .contains("%current.status = 'finished'"));
+    assert!(t.allows_filter(Some("Encounter"), "subject"));
+    // Read, but this version does not evaluate criteria: refused for use, with the reason.
+    assert!(matches!(
+        t.evaluable(),
+        Err(TopicError::Unsupported {
+            what: "queryCriteria",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn policy_refuses_what_it_cannot_honour() {
+    let topic = Topic::from_json(&load(
+        "r4b-backport/SubscriptionTopic-r4b-encounter-complete.json",
+    ))
+    .unwrap();
+    let mut sub = load("r4b-backport/Subscription-subscription-admission.json");
+    sub["criteria"] = Value::String(topic.url.clone());
+    let topics = [topic];
+    let rules = Rules {
+        topics: &topics,
+        format: Format::R4B,
+        allow_private_endpoints: false,
+        require_https_for_full_resource: true,
+    };
+    let e = subscription::parse(&sub, &rules).unwrap_err();
+    assert_eq!(e.expression, "filterBy", "{}", e.message);
+    // Without the filter it is accepted.
+    sub.as_object_mut().unwrap().remove("_criteria");
+    let spec = subscription::parse(&sub, &rules).unwrap();
+    assert_eq!(spec.max_count, Some(20));
+}
