@@ -1,0 +1,263 @@
+//! R4 (Backport IG) and R4B stores end to end: backport-form Subscriptions through the API
+//! and through the store's own tables, history-Bundle notifications, batching, heartbeats,
+//! `$status` and `$events` after a restart, each stream checked by the validator.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const TOPIC: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/encounter"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update"] }]
+"#;
+const BP: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+
+fn backport_sub(
+    endpoint: &str,
+    content: &str,
+    heartbeat: Option<u32>,
+    max_count: Option<u32>,
+) -> Value {
+    let mut ext = vec![json!({"url": format!("{BP}backport-timeout"), "valueUnsignedInt": 5})];
+    if let Some(h) = heartbeat {
+        ext.push(json!({"url": format!("{BP}backport-heartbeat-period"), "valueUnsignedInt": h}));
+    }
+    if let Some(m) = max_count {
+        ext.push(json!({"url": format!("{BP}backport-max-count"), "valuePositiveInt": m}));
+    }
+    json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BP}backport-subscription")]},
+        "status": "requested",
+        "reason": "test",
+        "criteria": "http://fhir-cdc.test/topic/encounter",
+        "channel": {
+            "extension": ext,
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BP}backport-payload-content"), "valueCode": content}]},
+            "header": ["Authorization: Bearer secret-token"]
+        }
+    })
+}
+
+async fn run_version(version: &str, validator: &str) {
+    let pg = Pg::start();
+    let store = pg.aidbox_store().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let cfg = aidbox_config(&pg, api, TOPIC).replace(
+        "fhir_version = \"R5\"",
+        &format!("fhir_version = \"{version}\""),
+    );
+    let cfg = write_file(dir.path(), "c.toml", &cfg);
+    let log = dir.path().join("log");
+    let mut d = Daemon::start(&cfg, &log);
+    wait_api(api).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{api}");
+
+    // R5-shaped Subscriptions are not what an R4/R4B server takes.
+    let r5 = json!({"resourceType": "Subscription", "status": "requested", "topic": "http://fhir-cdc.test/topic/encounter",
+                    "channelType": {"code": "rest-hook"}, "endpoint": rx.url("x"), "content": "id-only"});
+    let r = http
+        .post(format!("{base}/Subscription"))
+        .json(&r5)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "{version}");
+
+    let r = http
+        .post(format!("{base}/Subscription"))
+        .json(&backport_sub(
+            &rx.url("api"),
+            "full-resource",
+            Some(2),
+            Some(2),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{version}: {}", r.text().await.unwrap());
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["criteria"], "http://fhir-cdc.test/topic/encounter");
+    // Through the store's own tables, in the same backport form.
+    let stored = backport_sub(&rx.url("store"), "id-only", None, None);
+    store
+        .execute(
+            "SELECT aidbox_put('Subscription', 'store-sub', $1)",
+            &[&stored],
+        )
+        .await
+        .unwrap();
+    wait_until("both handshakes", Duration::from_secs(30), || async {
+        !rx.bodies("api").is_empty() && !rx.bodies("store").is_empty()
+    })
+    .await;
+    let hs = &rx
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.hook == "api")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        hs.headers.get("authorization").map(String::as_str),
+        Some("Bearer secret-token")
+    );
+    assert_eq!(hs.body["type"], "history");
+
+    store
+        .batch_execute(
+            "BEGIN;
+             SELECT aidbox_put('Encounter', 'v' || g, jsonb_build_object('status', 'planned',
+                 'class', jsonb_build_object('system', 'http://terminology.hl7.org/CodeSystem/v3-ActCode', 'code', 'IMP')))
+             FROM generate_series(1, 5) g;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let numbers = |hook: &'static str| {
+        let rx = rx.clone();
+        move || {
+            rx.bodies(hook)
+                .iter()
+                .filter(|b| kind(b) == "event-notification")
+                .map(event_numbers_any)
+                .collect::<Vec<_>>()
+        }
+    };
+    wait_until("api events", Duration::from_secs(30), || {
+        let n = numbers("api");
+        async move { n().concat().len() == 5 }
+    })
+    .await;
+    assert_eq!(
+        numbers("api")(),
+        vec![vec![1, 2], vec![3, 4], vec![5]],
+        "{version}"
+    );
+    wait_until("store events", Duration::from_secs(30), || {
+        let n = numbers("store");
+        async move { n().concat().len() == 5 }
+    })
+    .await;
+    // A heartbeat within period + 1 s of the last notification.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        rx.bodies("api").iter().any(|b| kind(b) == "heartbeat"),
+        "{version}: no heartbeat"
+    );
+
+    d.kill9();
+    d = Daemon::start(&cfg, &log);
+    wait_api(api).await;
+    let st: Value = http
+        .get(format!("{base}/Subscription/{id}/$status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events: Value = http
+        .get(format!(
+            "{base}/Subscription/{id}/$events?eventsSinceNumber=4&eventsUntilNumber=5"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kind(&events), "query-event");
+    assert_eq!(event_numbers_any(&events), vec![4, 5]);
+    let st_res = &st["entry"][0]["resource"];
+    if version == "R4" {
+        assert_eq!(st_res["resourceType"], "Parameters");
+        let since = st_res["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "events-since-subscription-start")
+            .unwrap();
+        assert_eq!(since["valueString"], "5");
+    } else {
+        assert_eq!(st_res["resourceType"], "SubscriptionStatus");
+        assert_eq!(st_res["eventsSinceSubscriptionStart"], "5");
+    }
+    validate(
+        &rx.bodies("api"),
+        validator,
+        &["--sequence", "strict", "--content", "full-resource"],
+    );
+    validate(
+        &rx.bodies("store"),
+        validator,
+        &["--sequence", "strict", "--content", "id-only"],
+    );
+    validate(&[events], validator, &[]);
+    drop(d);
+}
+
+/// The notification type of a Bundle in any version.
+fn kind(b: &Value) -> String {
+    let st = &b["entry"][0]["resource"];
+    if st["resourceType"] == "Parameters" {
+        st["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "type")
+            .unwrap()["valueCode"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    } else {
+        st["type"].as_str().unwrap().to_string()
+    }
+}
+
+/// Event numbers of a Bundle in any version.
+fn event_numbers_any(b: &Value) -> Vec<i64> {
+    let st = &b["entry"][0]["resource"];
+    if st["resourceType"] != "Parameters" {
+        return event_numbers(b);
+    }
+    st["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "notification-event")
+        .map(|p| {
+            p["part"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["name"] == "event-number")
+                .unwrap()["valueString"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r4_backport_end_to_end() {
+    run_version("R4", "r4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r4b_end_to_end() {
+    run_version("R4B", "r4b").await;
+}
