@@ -83,3 +83,12 @@ CREATE TABLE fhir_cdc.dead_letter (
     dead_at          timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (subscription_id, event_number)
 );
+
+-- SubscriptionTopics created in the store's own tables (topics from the TOML file are not
+-- here). Written by capture at the topic's place in the stream.
+CREATE TABLE fhir_cdc.topic (
+    store_id    text PRIMARY KEY,
+    url         text NOT NULL,
+    resource    jsonb NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);

@@ -26,7 +26,6 @@ use crate::queue::{self, subscriptions};
 pub struct ApiState {
     pub cfg: Arc<Config>,
     pub pool: deadpool_postgres::Pool,
-    pub topics: Vec<Topic>,
     pub metrics: Option<PrometheusHandle>,
     pub payloads: Payloads,
     /// Set when capture runs in this process: ready only while it streams.
@@ -165,13 +164,22 @@ async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config) {
     }
 }
 
-async fn metadata(State(s): State<Shared>) -> Fhir {
+impl ApiState {
+    /// Configured topics and those created in the store.
+    async fn topics(&self) -> Result<Vec<Topic>, Fhir> {
+        let c = self.pool.get().await.map_err(internal)?;
+        queue::topics::all(&**c, &self.cfg).await.map_err(internal)
+    }
+}
+
+async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
     let topics: Vec<Value> = s
-        .topics
+        .topics()
+        .await?
         .iter()
         .map(|t| json!({"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical", "valueCanonical": t.url}))
         .collect();
-    Fhir(
+    Ok(Fhir(
         StatusCode::OK,
         json!({
             "resourceType": "CapabilityStatement",
@@ -193,7 +201,7 @@ async fn metadata(State(s): State<Shared>) -> Fhir {
                 ]
             }]
         }),
-    )
+    ))
 }
 
 fn searchset(base: &str, resources: Vec<Value>) -> Value {
@@ -218,9 +226,10 @@ struct TopicQuery {
     resource: Option<String>,
 }
 
-async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Fhir {
+async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Result<Fhir, Fhir> {
     let list = s
-        .topics
+        .topics()
+        .await?
         .iter()
         .filter(|t| q.url.as_deref().is_none_or(|u| u == t.url))
         .filter(|t| {
@@ -231,18 +240,18 @@ async fn list_topics(State(s): State<Shared>, Query(q): Query<TopicQuery>) -> Fh
         })
         .map(|t| t.resource.clone())
         .collect();
-    Fhir(StatusCode::OK, searchset(&s.cfg.api.base_url(), list))
+    Ok(Fhir(StatusCode::OK, searchset(&s.cfg.api.base_url(), list)))
 }
 
-async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Fhir {
-    match s.topics.iter().find(|t| t.id == id) {
-        Some(t) => Fhir(StatusCode::OK, t.resource.clone()),
-        None => outcome(
+async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
+    match s.topics().await?.iter().find(|t| t.id == id) {
+        Some(t) => Ok(Fhir(StatusCode::OK, t.resource.clone())),
+        None => Err(outcome(
             StatusCode::NOT_FOUND,
             "not-found",
             &format!("SubscriptionTopic/{id} is not known"),
             None,
-        ),
+        )),
     }
 }
 
@@ -261,10 +270,11 @@ fn parse_body(body: &str) -> Result<Value, Fhir> {
     })
 }
 
-fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, Fhir> {
+async fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, Fhir> {
+    let topics = s.topics().await?;
     let rules = Rules {
         format: s.cfg.source.fhir_version.into(),
-        topics: &s.topics,
+        topics: &topics,
         allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
         require_https_for_full_resource: s.cfg.delivery.require_https_for_full_resource,
     };
@@ -280,7 +290,7 @@ fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, F
 
 async fn create_subscription(State(s): State<Shared>, body: String) -> Result<Response, Fhir> {
     let v = parse_body(&body)?;
-    let spec = validate(&s, &v)?;
+    let spec = validate(&s, &v).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let c = s.pool.get().await.map_err(internal)?;
     subscriptions::upsert(&**c, &id, "api", &spec, &v)
@@ -314,7 +324,7 @@ async fn update_subscription(
             ));
         }
     }
-    let spec = validate(&s, &v)?;
+    let spec = validate(&s, &v).await?;
     let c = s.pool.get().await.map_err(internal)?;
     let existing = subscriptions::get(&**c, &id).await.map_err(internal)?;
     let Some(existing) = existing else {
@@ -602,7 +612,6 @@ pub fn state(
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
         payloads: Payloads::new(cfg.clone())?,
-        topics: cfg.topics.iter().map(|t| t.topic.clone()).collect(),
         cfg,
         metrics,
         capture_streaming,

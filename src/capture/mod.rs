@@ -103,6 +103,14 @@ fn url_decode(s: &str) -> String {
         .unwrap_or_else(|| s.to_string())
 }
 
+/// A topic capture matches against: configured, or created in the store.
+struct Active {
+    url: Arc<str>,
+    topic: Topic,
+    /// The store resource's id, for topics that live in the store.
+    store_id: Option<String>,
+}
+
 struct Relation {
     name: String,
     kind: TableKind,
@@ -120,8 +128,7 @@ struct Txn {
 struct Stream<'a> {
     cfg: &'a Config,
     profile: Profile,
-    topics: Vec<(Arc<str>, Topic)>,
-    topic_list: Vec<Topic>,
+    topics: Vec<Active>,
     parser: LogicalReplicationParser,
     relations: HashMap<u32, Relation>,
     checkpoint: u64,
@@ -188,15 +195,28 @@ async fn run_once(
     streaming.store(true, Ordering::SeqCst);
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
 
-    let topics: Vec<(Arc<str>, Topic)> = cfg
+    let mut topics: Vec<Active> = cfg
         .topics
         .iter()
-        .map(|t| (Arc::<str>::from(t.topic.url.as_str()), t.topic.clone()))
+        .map(|t| Active {
+            url: Arc::from(t.topic.url.as_str()),
+            topic: t.topic.clone(),
+            store_id: None,
+        })
         .collect();
+    for (store_id, topic) in queue::topics::load_store(&qc).await? {
+        if topics.iter().any(|a| a.topic.url == topic.url) {
+            continue;
+        }
+        topics.push(Active {
+            url: Arc::from(topic.url.as_str()),
+            topic,
+            store_id: Some(store_id),
+        });
+    }
     let mut s = Stream {
         cfg,
         profile: Profile::new(src),
-        topic_list: topics.iter().map(|(_, t)| t.clone()).collect(),
         topics,
         parser: LogicalReplicationParser::with_protocol_version(1),
         relations: HashMap::new(),
@@ -327,10 +347,10 @@ impl Stream<'_> {
                 }
                 _ => return Ok(()),
             };
-        let Some(txn) = self.txn.as_mut() else {
+        let Some(skip) = self.txn.as_ref().map(|t| t.skip) else {
             anyhow::bail!("row change outside a transaction in the replication stream");
         };
-        if txn.skip {
+        if skip {
             return Ok(());
         }
         let Some(rel) = self.relations.get(&rel_id) else {
@@ -350,13 +370,25 @@ impl Stream<'_> {
             }
         };
         if change.resource_type == "Subscription" {
-            if let Some(item) = subscription_item(&change, &self.topic_list, self.cfg) {
-                txn.items.push(item);
+            let list: Vec<Topic> = self.topics.iter().map(|a| a.topic.clone()).collect();
+            if let Some(item) = subscription_item(&change, &list, self.cfg) {
+                self.push(item);
             }
             return Ok(());
         }
+        if change.resource_type == "SubscriptionTopic" || change.resource_type == "Basic" {
+            if let Some(item) = self.topic_change(&change) {
+                self.push(item);
+            }
+            if change.resource_type == "SubscriptionTopic" {
+                return Ok(());
+            }
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(());
+        };
         let mut body: Option<Option<Arc<serde_json::Value>>> = None;
-        for (url, topic) in &self.topics {
+        for Active { url, topic, .. } in &self.topics {
             if !topic.matches(&change.resource_type, change.interaction) {
                 continue;
             }
@@ -389,6 +421,80 @@ impl Stream<'_> {
             }));
         }
         Ok(())
+    }
+
+    fn push(&mut self, item: Item) {
+        if let Some(t) = self.txn.as_mut() {
+            t.items.push(item);
+        }
+    }
+
+    /// A SubscriptionTopic (or R4 backport Basic) written into the store: takes effect for
+    /// the changes after it in the stream, and is recorded for restarts and delivery.
+    fn topic_change(&mut self, change: &RowChange) -> Option<Item> {
+        let registered = self
+            .topics
+            .iter()
+            .position(|a| a.store_id.as_deref() == Some(change.id.as_str()));
+        let unregister = |s: &mut Self| {
+            registered.map(|i| {
+                let a = s.topics.remove(i);
+                tracing::info!(topic = %a.url, reference = %change.reference(), "store topic removed");
+                Item::DeleteTopic {
+                    store_id: change.id.clone(),
+                }
+            })
+        };
+        if change.interaction == Interaction::Delete {
+            return unregister(self);
+        }
+        let resource = match change.resource() {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                if change.resource_type == "SubscriptionTopic" {
+                    tracing::error!(error = %e, "SubscriptionTopic row is not valid JSON; ignored");
+                }
+                return None;
+            }
+        };
+        let topic = match Topic::from_json(&resource) {
+            Ok(t) => t,
+            // An ordinary Basic resource, not a topic.
+            Err(crate::fhir::topic::TopicError::NotATopic(_)) => return None,
+            Err(e) => {
+                tracing::error!(reference = %change.reference(), reason = %e, "SubscriptionTopic in the store refused");
+                return unregister(self);
+            }
+        };
+        if let Err(e) = topic.evaluable() {
+            tracing::error!(reference = %change.reference(), reason = %e, "SubscriptionTopic in the store refused");
+            return unregister(self);
+        }
+        let clash = self
+            .topics
+            .iter()
+            .any(|a| a.topic.url == topic.url && a.store_id.as_deref() != Some(change.id.as_str()));
+        if clash {
+            tracing::error!(reference = %change.reference(), url = %topic.url, "SubscriptionTopic in the store has the url of another topic; ignored");
+            return None;
+        }
+        let url = topic.url.clone();
+        let active = Active {
+            url: Arc::from(url.as_str()),
+            topic,
+            store_id: Some(change.id.clone()),
+        };
+        match registered {
+            Some(i) => self.topics[i] = active,
+            None => self.topics.push(active),
+        }
+        tracing::info!(topic = %url, reference = %change.reference(), "store topic registered");
+        Some(Item::UpsertTopic {
+            store_id: change.id.clone(),
+            url,
+            resource,
+        })
     }
 
     async fn flush(

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::Wakers;
+use crate::queue::topics::TOPIC_CHANNEL;
 use crate::queue::{DELIVERY_CHANNEL, EVENT_CHANNEL};
 
 pub async fn run(
@@ -64,9 +65,14 @@ async fn listen_once(
         tokio::select! {
             m = rx.recv() => {
                 let Some((channel, topic)) = m else { break };
-                let map = if channel == EVENT_CHANNEL { &wakers.events } else { &wakers.deliveries };
-                if let Some(n) = map.get(&topic) {
-                    n.notify_one();
+                if channel == TOPIC_CHANNEL {
+                    wakers.topics_changed.notify_one();
+                } else if let Some(w) = wakers.get(&topic) {
+                    if channel == EVENT_CHANNEL {
+                        w.events.notify_one();
+                    } else {
+                        w.deliveries.notify_one();
+                    }
                 }
             }
             _ = shutdown.changed() => return Ok(()),

@@ -7,7 +7,7 @@ pub mod payload;
 mod send;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
@@ -15,39 +15,56 @@ use crate::channel::rest_hook::RestHook;
 use crate::config::Config;
 use crate::queue::{self, dispatch};
 
-/// Per-topic wake-ups fed by the LISTEN connection.
+/// Wake-ups of one topic's dispatcher and send workers.
+#[derive(Clone, Default)]
+pub struct TopicWakers {
+    pub events: Arc<Notify>,
+    pub deliveries: Arc<Notify>,
+}
+
+/// Per-topic wake-ups fed by the LISTEN connection; topics come and go at run time.
 #[derive(Default)]
 pub struct Wakers {
-    pub events: HashMap<String, Arc<Notify>>,
-    pub deliveries: HashMap<String, Arc<Notify>>,
+    topics: Mutex<HashMap<String, TopicWakers>>,
+    /// A store topic appeared, changed or went.
+    pub topics_changed: Notify,
 }
 
 impl Wakers {
-    fn for_topics(cfg: &Config) -> Self {
-        let mut w = Wakers::default();
-        for t in &cfg.topics {
-            w.events
-                .insert(t.topic.url.clone(), Arc::new(Notify::new()));
-            w.deliveries
-                .insert(t.topic.url.clone(), Arc::new(Notify::new()));
+    fn get(&self, topic: &str) -> Option<TopicWakers> {
+        self.topics.lock().ok()?.get(topic).cloned()
+    }
+
+    /// The wakers of `topic`, and whether they are new.
+    fn entry(&self, topic: &str) -> (TopicWakers, bool) {
+        let mut m = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(topic) {
+            Some(w) => (w.clone(), false),
+            None => {
+                let w = TopicWakers::default();
+                m.insert(topic.to_string(), w.clone());
+                (w, true)
+            }
         }
-        w
     }
 
     fn wake_all(&self) {
-        for n in self.events.values().chain(self.deliveries.values()) {
-            n.notify_one();
+        if let Ok(m) = self.topics.lock() {
+            for w in m.values() {
+                w.events.notify_one();
+                w.deliveries.notify_one();
+            }
         }
+        self.topics_changed.notify_one();
     }
 }
 
-/// Runs dispatch and send workers for every configured topic until `shutdown` flips.
-pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    {
-        let mut c = queue::connect(cfg.queue_url()).await?;
-        queue::migrate::run(&mut c).await?;
-    }
-    let wakers = Arc::new(Wakers::for_topics(&cfg));
+/// Runs dispatch and send workers for every topic (configured, and created in the store)
+/// until `shutdown` flips.
+pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut client = queue::connect(cfg.queue_url()).await?;
+    queue::migrate::run(&mut client).await?;
+    let wakers = Arc::new(Wakers::default());
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
         payloads: payload::Payloads::new(cfg.clone())?,
@@ -61,25 +78,54 @@ pub async fn run(cfg: Arc<Config>, shutdown: watch::Receiver<bool>) -> anyhow::R
         wakers.clone(),
         shutdown.clone(),
     ));
-    for t in &cfg.topics {
-        let url = t.topic.url.clone();
-        tasks.spawn(dispatcher(
-            cfg.clone(),
-            url.clone(),
-            wakers.events[&url].clone(),
-            shutdown.clone(),
-        ));
-        for _ in 0..t.workers {
-            tasks.spawn(send::worker(
-                ctx.clone(),
-                url.clone(),
-                wakers.deliveries[&url].clone(),
-                shutdown.clone(),
-            ));
+    loop {
+        match queue::topics::all(&client, &cfg).await {
+            Ok(topics) => {
+                for t in topics {
+                    let (w, new) = wakers.entry(&t.url);
+                    if !new {
+                        continue;
+                    }
+                    let workers = cfg
+                        .topics
+                        .iter()
+                        .find(|c| c.topic.url == t.url)
+                        .map(|c| c.workers)
+                        .unwrap_or(cfg.delivery.workers)
+                        .max(1);
+                    tracing::info!(topic = %t.url, workers, "delivering topic");
+                    tasks.spawn(dispatcher(
+                        cfg.clone(),
+                        t.url.clone(),
+                        w.events.clone(),
+                        shutdown.clone(),
+                    ));
+                    for _ in 0..workers {
+                        tasks.spawn(send::worker(
+                            ctx.clone(),
+                            t.url.clone(),
+                            w.deliveries.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    // Catch up on whatever was queued while no delivery ran.
+                    w.events.notify_one();
+                    w.deliveries.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read topics; reconnecting");
+                if let Ok(c) = queue::connect(cfg.queue_url()).await {
+                    client = c;
+                }
+            }
+        }
+        tokio::select! {
+            _ = wakers.topics_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = shutdown.changed() => break,
         }
     }
-    // Catch up on whatever was queued while no delivery ran.
-    wakers.wake_all();
     while let Some(r) = tasks.join_next().await {
         r??;
     }

@@ -39,6 +39,15 @@ pub enum Item {
     DeleteSubscription {
         id: String,
     },
+    /// A SubscriptionTopic written into the store (R4: the backport Basic).
+    UpsertTopic {
+        store_id: String,
+        url: String,
+        resource: Value,
+    },
+    DeleteTopic {
+        store_id: String,
+    },
 }
 
 /// Writes `items` and moves the checkpoint of `slot` to `end_lsn`, atomically.
@@ -69,6 +78,20 @@ pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64
                 written += insert_events(&tx, &run, &full).await?;
                 run.clear();
                 subscriptions::upsert(&tx, id, "store", spec, resource).await?;
+            }
+            Item::UpsertTopic {
+                store_id,
+                url,
+                resource,
+            } => {
+                written += insert_events(&tx, &run, &full).await?;
+                run.clear();
+                super::topics::upsert(&tx, store_id, url, resource).await?;
+            }
+            Item::DeleteTopic { store_id } => {
+                written += insert_events(&tx, &run, &full).await?;
+                run.clear();
+                super::topics::delete(&tx, store_id).await?;
             }
             Item::DeleteSubscription { id } => {
                 written += insert_events(&tx, &run, &full).await?;

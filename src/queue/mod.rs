@@ -6,6 +6,7 @@ pub mod batch;
 pub mod dispatch;
 pub mod migrate;
 pub mod subscriptions;
+pub mod topics;
 
 use tokio_postgres::{Client, NoTls};
 
