@@ -40,9 +40,17 @@ case "${1:-}" in
     [ "$(id -u)" = 0 ] && chown postgres: "$dir"
     port=$(free_port)
     as_pg "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >/dev/null
-    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w -o \
-      "-p $port -k $dir -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 -c fsync=off" \
-      start >/dev/null
+    # In the config file, so a restart keeps them.
+    cat >>"$dir/data/postgresql.conf" <<CONF
+port = $port
+unix_socket_directories = '$dir'
+listen_addresses = '127.0.0.1'
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
+fsync = off
+CONF
+    as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
     echo "PGDATA_DIR=$dir; PGPORT=$port; PG_BIN=$bin; export PGDATA_DIR PGPORT PG_BIN"
     ;;
   restart)

@@ -45,6 +45,9 @@ CREATE TABLE fhir_cdc.subscription (
     start_event_id      bigint NOT NULL,
     events_since_start  bigint NOT NULL DEFAULT 0,
     handshake_done      boolean NOT NULL DEFAULT false,
+    -- A Subscription written into the store that this server refused (reason in last_error):
+    -- kept so $status and GET can say why; never matched nor sent.
+    refused             boolean NOT NULL DEFAULT false,
     failures            integer NOT NULL DEFAULT 0,
     last_error          text,
     next_attempt_at     timestamptz NOT NULL DEFAULT now(),

@@ -193,6 +193,8 @@ pub struct TopicEntry {
     pub file: Option<PathBuf>,
     /// Send workers for this topic.
     pub workers: Option<usize>,
+    /// The most a notification of this topic may carry: empty | id-only | full-resource.
+    pub max_content: Option<String>,
     /// Inline topic: the same fields as the resource.
     #[serde(flatten)]
     pub inline: serde_json::Map<String, serde_json::Value>,
@@ -301,6 +303,10 @@ impl Config {
                     serde_json::Value::Object(m)
                 }
             };
+            let mut json = json;
+            if let (Some(mc), Some(o)) = (&entry.max_content, json.as_object_mut()) {
+                o.insert("maxContent".into(), mc.clone().into());
+            }
             let topic = Topic::from_json(&json)
                 .and_then(|t| t.evaluable().map(|()| t))
                 .map_err(|e| ConfigError::Topic {

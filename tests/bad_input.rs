@@ -78,6 +78,9 @@ resourceTrigger = [{{ resource = "Encounter", supportedInteraction = ["create", 
             r#"INSERT INTO res (id, rtype, resource) VALUES ('g1', 'Encounter', '{"status":"planned"}');
                INSERT INTO res (id, rtype, resource) VALUES ('bad1', 'Encounter', '{"name": "Jane Doe", ');
                INSERT INTO res (id, rtype, resource) VALUES ('f1', 'Foo', '{"secret": "Jane Doe"}');
+               INSERT INTO res (id, rtype, resource) VALUES ('s-broken', 'Subscription', '{"resourceType": "Subscr');
+               INSERT INTO res (id, rtype, resource) VALUES ('s-unknown', 'Subscription',
+                 '{"resourceType":"Subscription","status":"requested","topic":"http://nope/topic","channelType":{"code":"rest-hook"},"endpoint":"http://127.0.0.1:1/x","content":"id-only"}');
                INSERT INTO res (id, rtype, resource) VALUES ('g2', 'Encounter', '{"status":"finished"}');"#,
         )
         .await
@@ -108,6 +111,16 @@ resourceTrigger = [{{ resource = "Encounter", supportedInteraction = ["create", 
     )
     .await;
     assert_eq!(status(api, &good).await["status"], "active");
+    // Subscriptions refused in the store are recorded in error, with the reason.
+    for (id, reason) in [
+        ("s-unknown", "unknown SubscriptionTopic"),
+        ("s-broken", "not a JSON object"),
+    ] {
+        let st = status(api, id).await;
+        assert_eq!(st["status"], "error", "{id}: {st}");
+        let text = st["error"][0]["text"].as_str().unwrap_or_default();
+        assert!(text.contains(reason), "{id}: {text}");
+    }
 
     let log = d.log_text();
     if std::env::var("SHOW_LOG").is_ok() {

@@ -70,6 +70,29 @@ async fn lifecycle_heartbeats_batching_end_and_restart() {
     })
     .await;
 
+    // An endpoint that hangs: the call is abandoned after the subscription's timeout.
+    rx.answer("hang", 0);
+    let hang = subscribe_with(api, T, &rx.url("hang"), "id-only", json!({"timeout": 1})).await;
+    let started = std::time::Instant::now();
+    wait_until(
+        "timeout counted as failure",
+        Duration::from_secs(10),
+        || async { status(api, &hang).await["status"] == "error" },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "timeout not applied"
+    );
+    let st = status(api, &hang).await;
+    assert!(
+        st["error"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{st}"
+    );
+
     // Heartbeats: nothing else goes out, so one arrives every period (+1 s at most).
     let hb = subscribe_with(
         api,

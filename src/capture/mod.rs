@@ -538,8 +538,13 @@ fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Opti
             return None;
         }
         Err(e) => {
-            tracing::error!(error = %e, "Subscription row is not valid JSON; ignored");
-            return None;
+            tracing::error!(error = %e, "Subscription row is not valid JSON; recorded in error");
+            return Some(Item::RefuseSubscription {
+                id: change.id.clone(),
+                topic: String::new(),
+                resource: serde_json::Value::Null,
+                reason: e.to_string(),
+            });
         }
     };
     let rules = Rules {
@@ -556,7 +561,17 @@ fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Opti
         }),
         Err(e) => {
             tracing::error!(reference = %change.reference(), reason = %e.message, "Subscription in the store refused");
-            None
+            let topic = ["topic", "criteria"]
+                .iter()
+                .find_map(|k| resource.get(*k).and_then(serde_json::Value::as_str))
+                .unwrap_or("")
+                .to_string();
+            Some(Item::RefuseSubscription {
+                id: change.id.clone(),
+                topic,
+                reason: format!("{} ({})", e.message, e.expression),
+                resource,
+            })
         }
     }
 }

@@ -35,7 +35,8 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Payload content, ordered from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Content {
     Empty,
     IdOnly,
@@ -503,7 +504,12 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
             "Subscription.endpoint is required for rest-hook",
         )
     })?;
-    check_endpoint(&endpoint, r.content, rules)?;
+    // The topic's maxContent caps what a subscription gets.
+    let content = match topic.max_content {
+        Some(max) if r.content > max => max,
+        _ => r.content,
+    };
+    check_endpoint(&endpoint, content, rules)?;
     if !r.content_type.starts_with("application/fhir+json") && r.content_type != "application/json"
     {
         return Err(invalid(
@@ -546,7 +552,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         status,
         topic_url: r.topic_url,
         endpoint,
-        content: r.content,
+        content,
         content_type: r.content_type,
         headers: r.headers,
         heartbeat_period: r.heartbeat_period,
@@ -703,6 +709,25 @@ mod tests {
             let e = check(sub(extra.clone()), false, true).unwrap_err();
             assert_eq!(e.expression, expr, "{extra}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn topic_max_content_caps_the_payload() {
+        let mut t = topics();
+        t[0].max_content = Some(Content::IdOnly);
+        let rules = Rules {
+            topics: &t,
+            format: Format::R5,
+            allow_private_endpoints: false,
+            require_https_for_full_resource: true,
+        };
+        let s = parse(
+            &sub(json!({"content": "full-resource", "endpoint": "http://hooks.example.org/"})),
+            &rules,
+        )
+        .unwrap();
+        assert_eq!(s.content, Content::IdOnly);
+        assert!(Content::Empty < Content::IdOnly && Content::IdOnly < Content::FullResource);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::resource_types::is_resource_type;
+use super::subscription::Content;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Interaction {
@@ -83,6 +84,9 @@ pub struct Topic {
     pub id: String,
     pub triggers: Vec<ResourceTrigger>,
     pub can_filter_by: Vec<CanFilterBy>,
+    /// The most a notification of this topic may carry (`maxContent`; TOML `max_content`):
+    /// subscriptions asking for more get this.
+    pub max_content: Option<Content>,
     /// The resource as given, for `GET /SubscriptionTopic`.
     pub resource: Value,
 }
@@ -91,6 +95,10 @@ pub struct Topic {
 pub enum TopicError {
     #[error("not a SubscriptionTopic (resourceType is {0:?}, and not a backport Basic topic)")]
     NotATopic(String),
+    #[error(
+        "SubscriptionTopic {url}: maxContent {value:?} is not empty, id-only or full-resource"
+    )]
+    BadMaxContent { url: String, value: String },
     #[error("SubscriptionTopic.url is required")]
     MissingUrl,
     #[error("SubscriptionTopic {url}: needs at least one resourceTrigger (eventTrigger is not supported)")]
@@ -220,11 +228,19 @@ impl Topic {
         if let Some(o) = resource.as_object_mut() {
             o.insert("id".into(), Value::String(id.clone()));
         }
+        let max_content = match v.get("maxContent").and_then(Value::as_str) {
+            None => None,
+            Some(c) => Some(Content::parse(c).ok_or_else(|| TopicError::BadMaxContent {
+                url: url.clone(),
+                value: c.into(),
+            })?),
+        };
         Ok(Topic {
             url,
             id,
             triggers,
             can_filter_by,
+            max_content,
             resource,
         })
     }

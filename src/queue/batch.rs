@@ -39,6 +39,13 @@ pub enum Item {
     DeleteSubscription {
         id: String,
     },
+    /// A Subscription written into the store that fails validation.
+    RefuseSubscription {
+        id: String,
+        topic: String,
+        resource: Value,
+        reason: String,
+    },
     /// A SubscriptionTopic written into the store (R4: the backport Basic).
     UpsertTopic {
         store_id: String,
@@ -92,6 +99,14 @@ pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64
                 written += insert_events(&tx, &run, &full).await?;
                 run.clear();
                 super::topics::delete(&tx, store_id).await?;
+            }
+            Item::RefuseSubscription {
+                id,
+                topic,
+                resource,
+                reason,
+            } => {
+                subscriptions::refuse(&tx, id, topic, resource, reason).await?;
             }
             Item::DeleteSubscription { id } => {
                 written += insert_events(&tx, &run, &full).await?;

@@ -49,7 +49,7 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
     let subs = tx
         .query(
             "SELECT id, start_event_id FROM fhir_cdc.subscription
-             WHERE topic = $1 AND status IN ('requested', 'active', 'error')
+             WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused
              ORDER BY id FOR UPDATE",
             &[&topic],
         )

@@ -79,8 +79,33 @@ impl SubscriptionRow {
         let mut r = self.resource.clone();
         r["id"] = Value::String(self.id.clone());
         r["status"] = Value::String(self.status.as_str().into());
+        // R5 form: report the content actually sent (a topic's maxContent may cap it).
+        if r.get("content").is_some() {
+            r["content"] = Value::String(self.content.as_str().into());
+        }
         r
     }
+}
+
+/// Records a Subscription from the store that was refused, in `error` with the reason.
+pub async fn refuse<C: GenericClient>(
+    c: &C,
+    id: &str,
+    topic: &str,
+    resource: &Value,
+    reason: &str,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO fhir_cdc.subscription
+             (id, origin, topic, status, endpoint, content, content_type, resource, start_event_id,
+              refused, last_error)
+         VALUES ($1, 'store', $2, 'error', '', 'empty', '', $3, 0, true, $4)
+         ON CONFLICT (id) DO UPDATE SET status = 'error', refused = true, last_error = $4,
+             resource = $3, updated_at = now()",
+        &[&id, &topic, resource, &reason],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Creates or replaces a subscription. Setting `requested` again re-arms the handshake.
@@ -111,7 +136,7 @@ pub async fn upsert<C: GenericClient>(
                                    ELSE fhir_cdc.subscription.handshake_done END,
              failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
                              ELSE fhir_cdc.subscription.failures END,
-             next_attempt_at = now(), updated_at = now()",
+             refused = false, next_attempt_at = now(), updated_at = now()",
         &[
             &id,
             &origin,
@@ -174,7 +199,7 @@ pub async fn lease(c: &Client, topic: &str) -> Result<Option<SubscriptionRow>> {
     let candidates = c
         .query(
             "SELECT s.id FROM fhir_cdc.subscription s
-             WHERE s.topic = $1 AND (s.end_at IS NULL OR s.end_at > now())
+             WHERE s.topic = $1 AND NOT s.refused AND (s.end_at IS NULL OR s.end_at > now())
                AND ((s.status = 'requested' AND s.next_attempt_at <= now())
                     OR (s.status IN ('active', 'error') AND s.handshake_done AND (
                         (s.next_attempt_at <= now() AND EXISTS (
