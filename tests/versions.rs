@@ -157,6 +157,109 @@ async fn run_version(version: &str, validator: &str) {
         "{version}: no heartbeat"
     );
 
+    // Handshake refused → error; the client asks again → active.
+    rx.answer("flaky", 503);
+    let r = http
+        .post(format!("{base}/Subscription"))
+        .json(&backport_sub(&rx.url("flaky"), "id-only", None, None))
+        .send()
+        .await
+        .unwrap();
+    let flaky: Value = r.json().await.unwrap();
+    let flaky_id = flaky["id"].as_str().unwrap().to_string();
+    wait_until("flaky in error", Duration::from_secs(30), || async {
+        http.get(format!("{base}/Subscription/{flaky_id}"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["status"]
+            == "error"
+    })
+    .await;
+    rx.answer("flaky", 200);
+    let mut again = flaky.clone();
+    again["status"] = json!("requested");
+    assert_eq!(
+        http.put(format!("{base}/Subscription/{flaky_id}"))
+            .json(&again)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    wait_until("flaky active", Duration::from_secs(30), || async {
+        http.get(format!("{base}/Subscription/{flaky_id}"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["status"]
+            == "active"
+    })
+    .await;
+
+    // A topic created in the store (R4: the backport Basic; R4B: SubscriptionTopic), with a
+    // Subscription to it, in one transaction: it matches from its place in the stream on.
+    let url = format!("http://fhir-cdc.test/topic/store-{version}");
+    let (rtype, topic) = if version == "R4" {
+        (
+            "Basic",
+            json!({
+                "resourceType": "Basic",
+                "code": {"coding": [{"system": "http://hl7.org/fhir/fhir-types", "code": "SubscriptionTopic"}]},
+                "modifierExtension": [{"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.status", "valueCode": "active"}],
+                "extension": [
+                    {"url": "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic.url", "valueUri": url},
+                    {"url": "http://hl7.org/fhir/4.3/StructureDefinition/extension-SubscriptionTopic.resourceTrigger", "extension": [
+                        {"url": "resource", "valueUri": "http://hl7.org/fhir/StructureDefinition/Encounter"},
+                        {"url": "supportedInteraction", "valueCode": "create"}
+                    ]}
+                ]
+            }),
+        )
+    } else {
+        (
+            "SubscriptionTopic",
+            json!({"resourceType": "SubscriptionTopic", "url": url, "status": "active",
+            "resourceTrigger": [{"resource": "Encounter", "supportedInteraction": ["create"]}]}),
+        )
+    };
+    store
+        .execute("SELECT aidbox_create_type($1)", &[&rtype])
+        .await
+        .unwrap();
+    let mut to_store_topic = backport_sub(&rx.url("storetopic"), "id-only", None, None);
+    to_store_topic["criteria"] = json!(url);
+    let enc = json!({"status": "planned", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}});
+    let sql = format!(
+        "BEGIN;
+         SELECT aidbox_put('Encounter', 'before-topic', '{enc}');
+         SELECT aidbox_put('{rtype}', 'topic-1', '{topic}');
+         SELECT aidbox_put('Subscription', 'to-store-topic', '{to_store_topic}');
+         SELECT aidbox_put('Encounter', 'after-topic', '{enc}');
+         COMMIT;"
+    );
+    store.batch_execute(&sql).await.unwrap();
+    wait_until("store topic event", Duration::from_secs(30), || {
+        let n = numbers("storetopic");
+        async move { !n().is_empty() }
+    })
+    .await;
+    let st_events: Vec<Value> = rx
+        .bodies("storetopic")
+        .into_iter()
+        .filter(|b| kind(b) == "event-notification")
+        .collect();
+    assert_eq!(st_events.len(), 1, "{version}");
+    assert_eq!(
+        st_events[0]["entry"][1]["fullUrl"],
+        "http://fhir-cdc.test/fhir/Encounter/after-topic"
+    );
+
     d.kill9();
     d = Daemon::start(&cfg, &log);
     wait_api(api).await;
@@ -189,10 +292,10 @@ async fn run_version(version: &str, validator: &str) {
             .iter()
             .find(|p| p["name"] == "events-since-subscription-start")
             .unwrap();
-        assert_eq!(since["valueString"], "5");
+        assert_eq!(since["valueString"], "7");
     } else {
         assert_eq!(st_res["resourceType"], "SubscriptionStatus");
-        assert_eq!(st_res["eventsSinceSubscriptionStart"], "5");
+        assert_eq!(st_res["eventsSinceSubscriptionStart"], "7");
     }
     validate(
         &rx.bodies("api"),
@@ -205,6 +308,12 @@ async fn run_version(version: &str, validator: &str) {
         &["--sequence", "strict", "--content", "id-only"],
     );
     validate(&[events], validator, &[]);
+    validate(&rx.bodies("flaky"), validator, &["--sequence", "strict"]);
+    validate(
+        &rx.bodies("storetopic"),
+        validator,
+        &["--sequence", "strict"],
+    );
     drop(d);
 }
 
