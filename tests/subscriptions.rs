@@ -154,6 +154,17 @@ async fn api_crud_refusals_and_store_subscriptions() {
         .await
         .unwrap();
     assert_eq!(md["resourceType"], "CapabilityStatement");
+    assert_eq!(md["fhirVersion"], "5.0.0");
+    let sub_res = &md["rest"][0]["resource"][0];
+    assert_eq!(
+        sub_res["extension"][0]["valueCanonical"],
+        "http://fhir-cdc.test/topic/encounter"
+    );
+    assert!(sub_res["documentation"]
+        .as_str()
+        .unwrap()
+        .contains("rest-hook"));
+    assert_eq!(sub_res["operation"][1]["name"], "events");
 
     // PUT with status requested re-handshakes.
     let mut upd = got.clone();

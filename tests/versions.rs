@@ -62,6 +62,26 @@ async fn run_version(version: &str, validator: &str) {
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{api}");
 
+    let md: Value = http
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        md["fhirVersion"],
+        if version == "R4" { "4.0.1" } else { "4.3.0" }
+    );
+    assert!(md["instantiates"][0]
+        .as_str()
+        .unwrap()
+        .contains("backport-subscription-server"));
+    assert_eq!(
+        md["rest"][0]["resource"][0]["extension"][0]["valueCanonical"],
+        "http://fhir-cdc.test/topic/encounter"
+    );
     // R5-shaped Subscriptions are not what an R4/R4B server takes.
     let r5 = json!({"resourceType": "Subscription", "status": "requested", "topic": "http://fhir-cdc.test/topic/encounter",
                     "channelType": {"code": "rest-hook"}, "endpoint": rx.url("x"), "content": "id-only"});

@@ -173,35 +173,72 @@ impl ApiState {
 }
 
 async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
+    use crate::config::FhirVersion;
     let topics: Vec<Value> = s
         .topics()
         .await?
         .iter()
         .map(|t| json!({"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/capabilitystatement-subscriptiontopic-canonical", "valueCanonical": t.url}))
         .collect();
-    Ok(Fhir(
-        StatusCode::OK,
-        json!({
-            "resourceType": "CapabilityStatement",
-            "status": "active",
-            "date": fhir_instant(Utc::now()),
-            "kind": "instance",
-            "software": {"name": "fhir-cdc", "version": env!("CARGO_PKG_VERSION")},
-            "implementation": {"description": "fhir-cdc topic-based subscriptions", "url": s.cfg.api.base_url()},
-            "fhirVersion": "5.0.0",
-            "format": ["application/fhir+json"],
-            "rest": [{
-                "mode": "server",
-                "resource": [
-                    {"type": "Subscription", "extension": topics,
-                     "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}, {"code": "delete"}, {"code": "search-type"}],
-                     "searchParam": [{"name": "status", "type": "token"}, {"name": "url", "type": "uri"}],
-                     "operation": [{"name": "status", "definition": "http://hl7.org/fhir/OperationDefinition/Subscription-status"}]},
-                    {"type": "SubscriptionTopic", "interaction": [{"code": "read"}, {"code": "search-type"}]}
-                ]
-            }]
-        }),
-    ))
+    let bp = "http://hl7.org/fhir/uv/subscriptions-backport";
+    let (fhir_version, instantiates, op_status, op_events) = match s.cfg.source.fhir_version {
+        FhirVersion::R4 => (
+            "4.0.1",
+            Some(format!(
+                "{bp}/CapabilityStatement/backport-subscription-server-r4"
+            )),
+            format!("{bp}/OperationDefinition/backport-subscription-status"),
+            format!("{bp}/OperationDefinition/backport-subscription-events"),
+        ),
+        FhirVersion::R4B => (
+            "4.3.0",
+            Some(format!(
+                "{bp}/CapabilityStatement/backport-subscription-server"
+            )),
+            format!("{bp}/OperationDefinition/backport-subscription-status"),
+            format!("{bp}/OperationDefinition/backport-subscription-events"),
+        ),
+        FhirVersion::R5 | FhirVersion::R6 => (
+            "5.0.0",
+            None,
+            "http://hl7.org/fhir/OperationDefinition/Subscription-status".to_string(),
+            "http://hl7.org/fhir/OperationDefinition/Subscription-events".to_string(),
+        ),
+    };
+    let mut subscription = json!({
+        "type": "Subscription",
+        "extension": topics,
+        "documentation": "Channels: rest-hook. Payloads: empty, id-only, full-resource. Notifications: handshake, heartbeat, event-notification; query-status ($status), query-event ($events).",
+        "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}, {"code": "delete"}, {"code": "search-type"}],
+        "searchParam": [{"name": "status", "type": "token"}, {"name": "url", "type": "uri"}],
+        "operation": [{"name": "status", "definition": op_status}, {"name": "events", "definition": op_events}]
+    });
+    if instantiates.is_some() {
+        subscription["supportedProfile"] =
+            json!([format!("{bp}/StructureDefinition/backport-subscription")]);
+    }
+    let mut cs = json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": fhir_instant(Utc::now()),
+        "kind": "instance",
+        "software": {"name": "fhir-cdc", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "fhir-cdc topic-based subscriptions", "url": s.cfg.api.base_url()},
+        "fhirVersion": fhir_version,
+        "format": ["application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "resource": [
+                subscription,
+                {"type": "SubscriptionTopic", "interaction": [{"code": "read"}, {"code": "search-type"}],
+                 "searchParam": [{"name": "url", "type": "uri"}, {"name": "resource", "type": "uri"}]}
+            ]
+        }]
+    });
+    if let Some(i) = instantiates {
+        cs["instantiates"] = json!([i]);
+    }
+    Ok(Fhir(StatusCode::OK, cs))
 }
 
 fn searchset(base: &str, resources: Vec<Value>) -> Value {
