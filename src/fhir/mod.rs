@@ -2,5 +2,6 @@
 
 pub mod notification;
 pub mod resource_types;
+pub mod search;
 pub mod subscription;
 pub mod topic;
