@@ -3,3 +3,4 @@
 //! canFilterBy extraction, filterBy matching and queryCriteria.
 
 pub mod registry;
+pub mod value;

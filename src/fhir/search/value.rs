@@ -1,0 +1,785 @@
+//! Search values: what a resource has for a parameter (normalised from the FHIRPath
+//! results), and whether a search value (`eq140`, `http://loinc.org|2339-0`, `Patient/1`)
+//! matches it, as FHIR search defines per parameter type.
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::registry::ParamType;
+
+/// A half-open time range `[lo, hi)` in milliseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Range {
+    pub lo: i64,
+    pub hi: i64,
+}
+
+/// A resource's values for one parameter, normalised for matching. This is what an event
+/// carries as its filter values (serialised as JSON in the queue).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", content = "v", rename_all = "lowercase")]
+pub enum Values {
+    /// `(system, code, text)`; text is display/CodeableConcept.text for `:text`.
+    Token(Vec<(Option<String>, String, Option<String>)>),
+    /// `Type/id` (relative), or the canonical/absolute URL as written.
+    Reference(Vec<String>),
+    /// Lower-cased, accents removed; the original for `:exact`.
+    String(Vec<(String, String)>),
+    Date(Vec<Range>),
+    /// `(value, system, code)`.
+    Quantity(Vec<(f64, Option<String>, Option<String>)>),
+    Number(Vec<f64>),
+    Uri(Vec<String>),
+}
+
+impl Values {
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Values::Token(v) => v.is_empty(),
+            Values::Reference(v) | Values::Uri(v) => v.is_empty(),
+            Values::String(v) => v.is_empty(),
+            Values::Date(v) => v.is_empty(),
+            Values::Quantity(v) => v.is_empty(),
+            Values::Number(v) => v.is_empty(),
+        }
+    }
+}
+
+/// Lower-case and strip accents (the string search normalisation).
+pub fn fold(s: &str) -> String {
+    s.chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| match c {
+            'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' => 'a',
+            'ç' | 'ć' | 'č' => 'c',
+            'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ę' | 'ě' => 'e',
+            'ì' | 'í' | 'î' | 'ï' | 'ī' => 'i',
+            'ñ' | 'ń' | 'ň' => 'n',
+            'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' => 'o',
+            'ù' | 'ú' | 'û' | 'ü' | 'ū' | 'ů' => 'u',
+            'ý' | 'ÿ' => 'y',
+            'ž' | 'ź' | 'ż' => 'z',
+            'š' | 'ś' => 's',
+            'ł' => 'l',
+            'ř' => 'r',
+            other => other,
+        })
+        .collect()
+}
+
+/// `http://x/fhir/Patient/1/_history/2` → `Patient/1`; `Patient/1` stays; other strings
+/// (canonicals, URNs) stay as written, without a `|version`.
+pub fn normalize_reference(r: &str) -> String {
+    let r = r.split('|').next().unwrap_or(r);
+    let r = match r.find("/_history/") {
+        Some(i) => &r[..i],
+        None => r,
+    };
+    let parts: Vec<&str> = r.trim_end_matches('/').rsplitn(3, '/').collect();
+    if parts.len() >= 2 {
+        let (id, ty) = (parts[0], parts[1]);
+        if ty.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            && ty.chars().all(|c| c.is_ascii_alphanumeric())
+            && !id.is_empty()
+        {
+            return format!("{ty}/{id}");
+        }
+    }
+    r.to_string()
+}
+
+/// A FHIR date/dateTime/instant as the range its precision covers.
+pub fn date_range(s: &str) -> Option<Range> {
+    let s = s.trim();
+    let ms = |d: DateTime<Utc>| d.timestamp_millis();
+    let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
+    let utc = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default());
+    match s.len() {
+        4 => {
+            let y: i32 = s.parse().ok()?;
+            Some(Range {
+                lo: ms(utc(day(y, 1, 1)?)),
+                hi: ms(utc(day(y + 1, 1, 1)?)),
+            })
+        }
+        7 => {
+            let y: i32 = s[..4].parse().ok()?;
+            let m: u32 = s[5..7].parse().ok()?;
+            let start = day(y, m, 1)?;
+            let next = if m == 12 {
+                day(y + 1, 1, 1)?
+            } else {
+                day(y, m + 1, 1)?
+            };
+            Some(Range {
+                lo: ms(utc(start)),
+                hi: ms(utc(next)),
+            })
+        }
+        10 => {
+            let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+            let next = d.succ_opt()?;
+            Some(Range {
+                lo: ms(utc(d)),
+                hi: ms(utc(next)),
+            })
+        }
+        _ => {
+            let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
+            // Precision: seconds, or the given fraction.
+            let frac = s
+                .split('.')
+                .nth(1)
+                .map(|f| f.chars().take_while(char::is_ascii_digit).count())
+                .unwrap_or(0);
+            let width = match frac {
+                0 => 1000,
+                1 => 100,
+                2 => 10,
+                _ => 1,
+            };
+            let lo = ms(t);
+            Some(Range { lo, hi: lo + width })
+        }
+    }
+}
+
+/// Normalises FHIRPath results (as JSON) for a parameter of type `kind`.
+pub fn extract(kind: ParamType, items: &[Value]) -> Values {
+    match kind {
+        ParamType::Token => {
+            let mut out = Vec::new();
+            for v in items {
+                token_values(v, &mut out);
+            }
+            Values::Token(out)
+        }
+        ParamType::Reference => Values::Reference(
+            items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(normalize_reference(s)),
+                    Value::Object(o) => o
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .map(normalize_reference),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        ParamType::String => {
+            let mut out = Vec::new();
+            for v in items {
+                string_values(v, &mut out);
+            }
+            Values::String(out.into_iter().map(|s| (fold(&s), s)).collect())
+        }
+        ParamType::Date => {
+            let mut out = Vec::new();
+            for v in items {
+                match v {
+                    Value::String(s) => out.extend(date_range(s)),
+                    Value::Object(o) => {
+                        // Period: an open end is unbounded.
+                        let lo = o.get("start").and_then(Value::as_str).and_then(date_range);
+                        let hi = o.get("end").and_then(Value::as_str).and_then(date_range);
+                        if lo.is_some() || hi.is_some() {
+                            out.push(Range {
+                                lo: lo.map(|r| r.lo).unwrap_or(i64::MIN),
+                                hi: hi.map(|r| r.hi).unwrap_or(i64::MAX),
+                            });
+                        }
+                        for e in o
+                            .get("event")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                        {
+                            out.extend(e.as_str().and_then(date_range));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Values::Date(out)
+        }
+        ParamType::Quantity => Values::Quantity(
+            items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Number(n) => Some((n.as_f64()?, None, None)),
+                    Value::Object(o) => Some((
+                        o.get("value")?.as_f64()?,
+                        o.get("system").and_then(Value::as_str).map(str::to_string),
+                        o.get("code")
+                            .or_else(|| o.get("unit"))
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                    )),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        ParamType::Number => Values::Number(
+            items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Number(n) => n.as_f64(),
+                    Value::String(s) => s.parse().ok(),
+                    Value::Object(o) => o.get("value").and_then(Value::as_f64),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        ParamType::Uri | ParamType::Special | ParamType::Composite => Values::Uri(
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        ),
+    }
+}
+
+fn token_values(v: &Value, out: &mut Vec<(Option<String>, String, Option<String>)>) {
+    let s = |o: &serde_json::Map<String, Value>, k: &str| {
+        o.get(k).and_then(Value::as_str).map(str::to_string)
+    };
+    match v {
+        Value::String(c) => out.push((None, c.clone(), None)),
+        Value::Bool(b) => out.push((None, b.to_string(), None)),
+        Value::Object(o) => {
+            if let Some(codings) = o.get("coding").and_then(Value::as_array) {
+                let text = s(o, "text");
+                for c in codings {
+                    if let Some(c) = c.as_object() {
+                        if let Some(code) = s(c, "code") {
+                            out.push((s(c, "system"), code, s(c, "display").or(text.clone())));
+                        }
+                    }
+                }
+                if codings.is_empty() {
+                    if let Some(t) = text {
+                        out.push((None, String::new(), Some(t)));
+                    }
+                }
+            } else if let Some(code) = s(o, "code") {
+                out.push((s(o, "system"), code, s(o, "display")));
+            } else if let Some(value) = s(o, "value") {
+                // Identifier (system|value) or ContactPoint (value).
+                let system = if o.contains_key("use") && !o.contains_key("type") {
+                    s(o, "system").filter(|x| x.contains(':'))
+                } else {
+                    s(o, "system")
+                };
+                out.push((system, value, None));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn string_values(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| string_values(x, out)),
+        Value::Object(o) => {
+            for k in [
+                "text",
+                "family",
+                "given",
+                "prefix",
+                "suffix",
+                "line",
+                "city",
+                "district",
+                "state",
+                "postalCode",
+                "country",
+            ] {
+                if let Some(x) = o.get(k) {
+                    string_values(x, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Search prefixes for ordered types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    Sa,
+    Eb,
+    Ap,
+}
+
+/// Splits `ge2024-01-01` into (Ge, "2024-01-01"); no prefix means Eq.
+pub fn split_prefix(v: &str) -> (Prefix, &str) {
+    let table = [
+        ("eq", Prefix::Eq),
+        ("ne", Prefix::Ne),
+        ("gt", Prefix::Gt),
+        ("lt", Prefix::Lt),
+        ("ge", Prefix::Ge),
+        ("le", Prefix::Le),
+        ("sa", Prefix::Sa),
+        ("eb", Prefix::Eb),
+        ("ap", Prefix::Ap),
+    ];
+    for (p, k) in table {
+        if let Some(rest) = v.strip_prefix(p) {
+            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') {
+                return (k, rest);
+            }
+        }
+    }
+    (Prefix::Eq, v)
+}
+
+/// Compares a resource range with a search range under a prefix (FHIR search semantics).
+fn range_matches(p: Prefix, r: Range, s: Range) -> bool {
+    match p {
+        Prefix::Eq => r.lo >= s.lo && r.hi <= s.hi,
+        Prefix::Ne => !(r.lo >= s.lo && r.hi <= s.hi),
+        Prefix::Gt => r.hi > s.hi,
+        Prefix::Lt => r.lo < s.lo,
+        Prefix::Ge => r.hi > s.lo,
+        Prefix::Le => r.lo < s.hi,
+        Prefix::Sa => r.lo >= s.hi,
+        Prefix::Eb => r.hi <= s.lo,
+        Prefix::Ap => {
+            let pad = ((s.hi - s.lo) / 10).max(1);
+            r.lo < s.hi + pad && r.hi > s.lo - pad
+        }
+    }
+}
+
+/// The implicit range of a decimal as written: `140` → [139.5, 140.5), `140.0` → [139.95, 140.05).
+fn number_range(s: &str) -> Option<(f64, f64, f64)> {
+    let v: f64 = s.parse().ok()?;
+    let decimals = s.split('.').nth(1).map(str::len).unwrap_or(0);
+    let half = 0.5 * 10f64.powi(-(decimals as i32));
+    Some((v, v - half, v + half))
+}
+
+fn number_matches(p: Prefix, x: f64, s: &str) -> bool {
+    let Some((v, lo, hi)) = number_range(s) else {
+        return false;
+    };
+    match p {
+        Prefix::Eq => x >= lo && x < hi,
+        Prefix::Ne => !(x >= lo && x < hi),
+        Prefix::Gt | Prefix::Sa => x > v,
+        Prefix::Lt | Prefix::Eb => x < v,
+        Prefix::Ge => x >= v,
+        Prefix::Le => x <= v,
+        Prefix::Ap => (x - v).abs() <= (v.abs() * 0.1).max(hi - lo),
+    }
+}
+
+/// Why a search value cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SearchError {
+    #[error("modifier :{0} is not supported for this parameter type")]
+    Modifier(String),
+    #[error("value {0:?} is not valid for this parameter type")]
+    Value(String),
+}
+
+/// Checks a search value and modifier before any resource is seen (subscription time).
+pub fn validate(kind: ParamType, modifier: Option<&str>, value: &str) -> Result<(), SearchError> {
+    match (kind, modifier) {
+        (_, None) | (_, Some("missing")) => {}
+        (ParamType::Token, Some("not" | "text")) => {}
+        (ParamType::String, Some("exact" | "contains")) => {}
+        (ParamType::Uri, Some("below" | "above")) => {}
+        (_, Some(m)) => return Err(SearchError::Modifier(m.to_string())),
+    }
+    if modifier == Some("missing") && value != "true" && value != "false" {
+        return Err(SearchError::Value(value.into()));
+    }
+    for alt in value.split(',') {
+        let ok = match kind {
+            ParamType::Date if modifier.is_none() => date_range(split_prefix(alt).1).is_some(),
+            ParamType::Number | ParamType::Quantity if modifier.is_none() => {
+                number_range(split_prefix(alt).1.split('|').next().unwrap_or("")).is_some()
+            }
+            _ => true,
+        };
+        if !ok {
+            return Err(SearchError::Value(alt.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Does `values` match the search `value` (comma = OR) under `modifier`?
+pub fn matches(values: &Values, modifier: Option<&str>, value: &str) -> bool {
+    if modifier == Some("missing") {
+        return (value == "true") == values.is_empty();
+    }
+    if modifier == Some("not") {
+        return !value.split(',').any(|alt| matches_one(values, None, alt));
+    }
+    value
+        .split(',')
+        .any(|alt| matches_one(values, modifier, alt))
+}
+
+fn matches_one(values: &Values, modifier: Option<&str>, alt: &str) -> bool {
+    match values {
+        Values::Token(ts) => {
+            if modifier == Some("text") {
+                let want = fold(alt);
+                return ts
+                    .iter()
+                    .any(|(_, _, t)| t.as_deref().is_some_and(|t| fold(t).starts_with(&want)));
+            }
+            let (system, code) = match alt.split_once('|') {
+                Some((s, c)) => (Some(s), c),
+                None => (None, alt),
+            };
+            ts.iter().any(|(s, c, _)| match system {
+                None => c == code,
+                // `|code`: no system.
+                Some("") => s.is_none() && c == code,
+                // `system|`: any code of the system.
+                Some(sys) if code.is_empty() => s.as_deref() == Some(sys),
+                Some(sys) => s.as_deref() == Some(sys) && c == code,
+            })
+        }
+        Values::Reference(rs) => {
+            let want = normalize_reference(alt);
+            rs.iter().any(|r| {
+                r == &want || (!want.contains('/') && r.rsplit('/').next() == Some(want.as_str()))
+            })
+        }
+        Values::String(ss) => {
+            let want = fold(alt);
+            ss.iter().any(|(folded, orig)| match modifier {
+                Some("exact") => orig == alt,
+                Some("contains") => folded.contains(&want),
+                _ => folded.starts_with(&want),
+            })
+        }
+        Values::Date(rs) => {
+            let (p, v) = split_prefix(alt);
+            let Some(s) = date_range(v) else {
+                return false;
+            };
+            rs.iter().any(|r| range_matches(p, *r, s))
+        }
+        Values::Number(ns) => {
+            let (p, v) = split_prefix(alt);
+            ns.iter().any(|x| number_matches(p, *x, v))
+        }
+        Values::Quantity(qs) => {
+            let (p, v) = split_prefix(alt);
+            let mut parts = v.splitn(3, '|');
+            let num = parts.next().unwrap_or("");
+            let system = parts.next().filter(|s| !s.is_empty());
+            let code = parts.next().filter(|s| !s.is_empty());
+            qs.iter().any(|(x, s, c)| {
+                number_matches(p, *x, num)
+                    && system.is_none_or(|sys| s.as_deref() == Some(sys))
+                    && code.is_none_or(|cd| c.as_deref() == Some(cd))
+            })
+        }
+        Values::Uri(us) => us.iter().any(|u| match modifier {
+            Some("below") => u.starts_with(alt),
+            Some("above") => alt.starts_with(u.as_str()),
+            _ => u == alt,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// (param type, FHIRPath results as JSON, modifier, search value, expected)
+    type Case = (ParamType, Value, Option<&'static str>, &'static str, bool);
+
+    fn cases() -> Vec<Case> {
+        use ParamType::*;
+        let loinc = json!([{"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose [Mass/volume] in Blood"}], "text": "Glucose"}]);
+        let status = json!(["final"]);
+        let ident = json!([{"system": "http://hospital.example/mrn", "value": "12345"}]);
+        let subj = json!([{"reference": "Patient/p1"}]);
+        let abs = json!([{"reference": "https://fhir.example.org/fhir/Patient/p1/_history/3"}]);
+        let name = json!([{"family": "Müller", "given": ["José", "Anne"]}]);
+        let dt = json!(["2024-03-15T10:30:00Z"]);
+        let day = json!(["2024-03-15"]);
+        let period = json!([{"start": "2024-03-01", "end": "2024-03-31"}]);
+        let open = json!([{"start": "2024-03-01"}]);
+        let q = json!([{"value": 140.4, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}]);
+        let n = json!([140]);
+        let none = json!([]);
+        let uri = json!(["http://example.org/fhir/ValueSet/x"]);
+        let boolean = json!([true]);
+        vec![
+            // token: code, system|code, system|, |code, :not, :text, :missing, OR
+            (Token, status.clone(), None, "final", true),
+            (Token, status.clone(), None, "preliminary", false),
+            (Token, status.clone(), None, "preliminary,final", true),
+            (Token, status.clone(), None, "Final", false),
+            (Token, status.clone(), Some("not"), "preliminary", true),
+            (Token, status.clone(), Some("not"), "final", false),
+            (Token, status.clone(), Some("not"), "amended,final", false),
+            (Token, status.clone(), None, "|final", true),
+            (Token, loinc.clone(), None, "http://loinc.org|2339-0", true),
+            (Token, loinc.clone(), None, "2339-0", true),
+            (Token, loinc.clone(), None, "http://loinc.org|", true),
+            (
+                Token,
+                loinc.clone(),
+                None,
+                "http://snomed.info/sct|2339-0",
+                false,
+            ),
+            (Token, loinc.clone(), None, "|2339-0", false),
+            (Token, loinc.clone(), None, "http://loinc.org|1234-5", false),
+            (Token, loinc.clone(), None, "1234-5,2339-0", true),
+            (Token, loinc.clone(), Some("text"), "glucose", true),
+            (Token, loinc.clone(), Some("text"), "GLUC", true),
+            (Token, loinc.clone(), Some("text"), "sodium", false),
+            (
+                Token,
+                loinc.clone(),
+                Some("not"),
+                "http://loinc.org|2339-0",
+                false,
+            ),
+            (
+                Token,
+                loinc.clone(),
+                Some("not"),
+                "http://loinc.org|1234-5",
+                true,
+            ),
+            (Token, loinc.clone(), Some("missing"), "false", true),
+            (Token, loinc.clone(), Some("missing"), "true", false),
+            (Token, none.clone(), Some("missing"), "true", true),
+            (Token, none.clone(), Some("missing"), "false", false),
+            (Token, none.clone(), None, "final", false),
+            (
+                Token,
+                ident.clone(),
+                None,
+                "http://hospital.example/mrn|12345",
+                true,
+            ),
+            (Token, ident.clone(), None, "12345", true),
+            (Token, ident.clone(), None, "http://other|12345", false),
+            (Token, boolean.clone(), None, "true", true),
+            (Token, boolean.clone(), None, "false", false),
+            // reference: Type/id, absolute and versioned, bare id, :missing
+            (Reference, subj.clone(), None, "Patient/p1", true),
+            (Reference, subj.clone(), None, "Patient/p2", false),
+            (Reference, subj.clone(), None, "p1", true),
+            (Reference, subj.clone(), None, "Group/p1", false),
+            (
+                Reference,
+                subj.clone(),
+                None,
+                "https://fhir.example.org/fhir/Patient/p1",
+                true,
+            ),
+            (Reference, subj.clone(), None, "Patient/p2,Patient/p1", true),
+            (Reference, abs.clone(), None, "Patient/p1", true),
+            (Reference, abs.clone(), None, "Patient/p1/_history/3", true),
+            (Reference, abs.clone(), None, "Patient/p9", false),
+            (Reference, subj.clone(), Some("missing"), "false", true),
+            (Reference, none.clone(), Some("missing"), "true", true),
+            (Reference, none.clone(), None, "Patient/p1", false),
+            // string: case- and accent-insensitive prefix, :exact, :contains
+            (String, name.clone(), None, "muller", true),
+            (String, name.clone(), None, "MÜLL", true),
+            (String, name.clone(), None, "jose", true),
+            (String, name.clone(), None, "ann", true),
+            (String, name.clone(), None, "ller", false),
+            (String, name.clone(), Some("contains"), "ller", true),
+            (String, name.clone(), Some("contains"), "xyz", false),
+            (String, name.clone(), Some("exact"), "Müller", true),
+            (String, name.clone(), Some("exact"), "muller", false),
+            (String, name.clone(), Some("exact"), "Müll", false),
+            (String, name.clone(), None, "smith,müller", true),
+            (String, none.clone(), Some("missing"), "true", true),
+            // date: precision ranges and prefixes
+            (Date, dt.clone(), None, "2024-03-15", true),
+            (Date, dt.clone(), None, "2024-03", true),
+            (Date, dt.clone(), None, "2024", true),
+            (Date, dt.clone(), None, "2024-03-16", false),
+            (Date, dt.clone(), None, "eq2024-03-15", true),
+            (Date, dt.clone(), None, "ne2024-03-15", false),
+            (Date, dt.clone(), None, "ne2024-03-14", true),
+            (Date, dt.clone(), None, "gt2024-03-14", true),
+            (Date, dt.clone(), None, "gt2024-03-15", false),
+            (Date, dt.clone(), None, "lt2024-03-16", true),
+            (Date, dt.clone(), None, "lt2024-03-15", false),
+            (Date, dt.clone(), None, "ge2024-03-15", true),
+            (Date, dt.clone(), None, "le2024-03-15", true),
+            (Date, dt.clone(), None, "le2024-03-14", false),
+            (Date, dt.clone(), None, "sa2024-03-14", true),
+            (Date, dt.clone(), None, "sa2024-03-15", false),
+            (Date, dt.clone(), None, "eb2024-03-16", true),
+            (Date, dt.clone(), None, "eb2024-03-15", false),
+            (Date, dt.clone(), None, "ap2024-03-15", true),
+            (Date, dt.clone(), None, "gt2024-03-15T10:00:00Z", true),
+            (Date, dt.clone(), None, "lt2024-03-15T10:00:00Z", false),
+            (Date, dt.clone(), None, "2024-03-15T10:30:00Z", true),
+            (Date, dt.clone(), None, "2024-03-15T12:30:00+02:00", true),
+            (Date, day.clone(), None, "2024-03-15", true),
+            (Date, day.clone(), None, "2024-03-15T10:30:00Z", false),
+            (Date, day.clone(), None, "ge2024-03-15T10:30:00Z", true),
+            (Date, day.clone(), None, "gt2024-03-15", false),
+            (Date, period.clone(), None, "2024-03", true),
+            (Date, period.clone(), None, "2024-03-10", false),
+            (Date, period.clone(), None, "ge2024-03-10", true),
+            (Date, period.clone(), None, "le2024-03-10", true),
+            (Date, period.clone(), None, "gt2024-04-01", false),
+            (Date, period.clone(), None, "sa2024-02-28", true),
+            (Date, open.clone(), None, "gt2030-01-01", true),
+            (Date, open.clone(), None, "lt2024-01-01", false),
+            (Date, none.clone(), None, "2024", false),
+            // quantity: implicit precision, prefixes, system|code
+            (Quantity, q.clone(), None, "140", true),
+            (Quantity, q.clone(), None, "eq140", true),
+            (Quantity, q.clone(), None, "140.4", true),
+            (Quantity, q.clone(), None, "140.0", false),
+            (Quantity, q.clone(), None, "141", false),
+            (Quantity, q.clone(), None, "gt100", true),
+            (Quantity, q.clone(), None, "gt140.4", false),
+            (Quantity, q.clone(), None, "ge140.4", true),
+            (Quantity, q.clone(), None, "lt200", true),
+            (Quantity, q.clone(), None, "lt140", false),
+            (Quantity, q.clone(), None, "le140.4", true),
+            (Quantity, q.clone(), None, "ne150", true),
+            (Quantity, q.clone(), None, "ne140", false),
+            (Quantity, q.clone(), None, "ap135", true),
+            (Quantity, q.clone(), None, "ap100", false),
+            (
+                Quantity,
+                q.clone(),
+                None,
+                "140|http://unitsofmeasure.org|mg/dL",
+                true,
+            ),
+            (Quantity, q.clone(), None, "140||mg/dL", true),
+            (
+                Quantity,
+                q.clone(),
+                None,
+                "140|http://unitsofmeasure.org|mmol/L",
+                false,
+            ),
+            (
+                Quantity,
+                q.clone(),
+                None,
+                "gt100|http://unitsofmeasure.org|mg/dL",
+                true,
+            ),
+            (Quantity, q.clone(), None, "gt200,lt150", true),
+            // number
+            (Number, n.clone(), None, "140", true),
+            (Number, n.clone(), None, "140.0", true),
+            (Number, n.clone(), None, "139.6", false),
+            (Number, n.clone(), None, "gt139", true),
+            (Number, n.clone(), None, "lt140", false),
+            (Number, n.clone(), None, "le140", true),
+            (Number, n.clone(), None, "1.4e2", true),
+            // uri
+            (
+                Uri,
+                uri.clone(),
+                None,
+                "http://example.org/fhir/ValueSet/x",
+                true,
+            ),
+            (
+                Uri,
+                uri.clone(),
+                None,
+                "http://example.org/fhir/ValueSet",
+                false,
+            ),
+            (
+                Uri,
+                uri.clone(),
+                Some("below"),
+                "http://example.org/fhir",
+                true,
+            ),
+            (
+                Uri,
+                uri.clone(),
+                Some("above"),
+                "http://example.org/fhir/ValueSet/x/y",
+                true,
+            ),
+        ]
+    }
+
+    #[test]
+    fn table() {
+        let all = cases();
+        assert!(all.len() >= 120, "{}", all.len());
+        for (kind, results, modifier, search, want) in all {
+            let values = extract(kind, results.as_array().unwrap());
+            assert_eq!(
+                matches(&values, modifier, search),
+                want,
+                "{kind:?} {results} {modifier:?} {search}"
+            );
+            // Filter values survive the queue (JSON) unchanged.
+            let back: Values =
+                serde_json::from_value(serde_json::to_value(&values).unwrap()).unwrap();
+            assert_eq!(back, values);
+        }
+    }
+
+    #[test]
+    fn validation() {
+        use ParamType::*;
+        assert!(validate(Token, Some("not"), "final").is_ok());
+        assert!(validate(Token, Some("in"), "http://vs").is_err());
+        assert!(validate(Token, Some("not-in"), "http://vs").is_err());
+        assert!(validate(Reference, Some("exact"), "Patient/1").is_err());
+        assert!(validate(String, Some("exact"), "x").is_ok());
+        assert!(validate(Date, None, "ge2024-01-01").is_ok());
+        assert!(validate(Date, None, "yesterday").is_err());
+        assert!(validate(Quantity, None, "gt5.4|http://unitsofmeasure.org|mg").is_ok());
+        assert!(validate(Quantity, None, "lots").is_err());
+        assert!(validate(Token, Some("missing"), "maybe").is_err());
+    }
+
+    #[test]
+    fn references_and_dates_normalise() {
+        assert_eq!(normalize_reference("Patient/1"), "Patient/1");
+        assert_eq!(
+            normalize_reference("http://x.org/fhir/Patient/1/_history/2"),
+            "Patient/1"
+        );
+        assert_eq!(normalize_reference("urn:uuid:abc"), "urn:uuid:abc");
+        assert_eq!(
+            normalize_reference("http://x.org/ValueSet/v|1.0"),
+            "ValueSet/v"
+        );
+        let d = date_range("2024-02").unwrap();
+        assert_eq!(d.hi - d.lo, 29 * 86_400_000, "leap February");
+        assert_eq!(
+            date_range("2024-12").unwrap().hi,
+            date_range("2025").unwrap().lo
+        );
+        assert!(date_range("2024-13").is_none());
+    }
+}
