@@ -23,6 +23,8 @@ CREATE TABLE fhir_cdc.event (
     xid            bigint NOT NULL,
     commit_time    timestamptz NOT NULL,
     resource       jsonb,
+    -- The topic's canFilterBy values of the resource: {"patient": {"t": "reference", "v": [...]}}.
+    filters        jsonb,
     queued_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX event_topic_id ON fhir_cdc.event (topic, id);

@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::fhir::search::Searcher;
 use crate::fhir::subscription::{self, Rules};
 use crate::fhir::topic::{Interaction, Topic};
+use crate::fhir::trigger::{self, Compiled, Outcome};
 use crate::queue::{self, batch, batch::Item, batch::QueuedEvent};
 use profile::{Profile, RowChange, TableKind};
 
@@ -42,10 +44,18 @@ pub async fn run(
     streaming: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let searcher = Arc::new(searcher(&cfg).await?);
+    // Configured topics must compile: a typo in a criterion is a configuration error.
+    let mut configured = Vec::new();
+    for t in &cfg.topics {
+        let compiled = trigger::compile(&t.topic, &searcher.registry, &searcher.fp)
+            .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        configured.push((t.topic.clone(), compiled));
+    }
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        let result = run_once(&cfg, &streaming, &mut shutdown).await;
+        let result = run_once(&cfg, &configured, &searcher, &streaming, &mut shutdown).await;
         streaming.store(false, Ordering::SeqCst);
         match result {
             Ok(()) => return Ok(()),
@@ -107,6 +117,7 @@ fn url_decode(s: &str) -> String {
 struct Active {
     url: Arc<str>,
     topic: Topic,
+    compiled: Compiled,
     /// The store resource's id, for topics that live in the store.
     store_id: Option<String>,
 }
@@ -122,6 +133,8 @@ struct Txn {
     commit_time: DateTime<Utc>,
     skip: bool,
     items: Vec<Item>,
+    /// History rows seen in this transaction: the versions its updates and deletes replace.
+    history: HashMap<(String, String), RowChange>,
 }
 
 /// Decoding state of one stream: relation cache, open transaction, unflushed items.
@@ -129,6 +142,7 @@ struct Stream<'a> {
     cfg: &'a Config,
     profile: Profile,
     topics: Vec<Active>,
+    searcher: Arc<Searcher>,
     parser: LogicalReplicationParser,
     relations: HashMap<u32, Relation>,
     checkpoint: u64,
@@ -139,8 +153,20 @@ struct Stream<'a> {
     pending_since: Option<Instant>,
 }
 
+/// The search machinery for the store's FHIR version.
+pub async fn searcher(cfg: &Config) -> anyhow::Result<Searcher> {
+    Ok(Searcher {
+        fp: crate::fhir::fhirpath::FhirPath::new(cfg.source.fhir_version).await?,
+        registry: Arc::new(crate::fhir::search::registry::Registry::load(
+            cfg.source.fhir_version,
+        )),
+    })
+}
+
 async fn run_once(
     cfg: &Config,
+    configured: &[(Topic, Compiled)],
+    searcher: &Arc<Searcher>,
     streaming: &AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -195,12 +221,12 @@ async fn run_once(
     streaming.store(true, Ordering::SeqCst);
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
 
-    let mut topics: Vec<Active> = cfg
-        .topics
+    let mut topics: Vec<Active> = configured
         .iter()
-        .map(|t| Active {
-            url: Arc::from(t.topic.url.as_str()),
-            topic: t.topic.clone(),
+        .map(|(t, c)| Active {
+            url: Arc::from(t.url.as_str()),
+            topic: t.clone(),
+            compiled: c.clone(),
             store_id: None,
         })
         .collect();
@@ -208,16 +234,23 @@ async fn run_once(
         if topics.iter().any(|a| a.topic.url == topic.url) {
             continue;
         }
-        topics.push(Active {
-            url: Arc::from(topic.url.as_str()),
-            topic,
-            store_id: Some(store_id),
-        });
+        match trigger::compile(&topic, &searcher.registry, &searcher.fp) {
+            Ok(compiled) => topics.push(Active {
+                url: Arc::from(topic.url.as_str()),
+                topic,
+                compiled,
+                store_id: Some(store_id),
+            }),
+            Err(e) => {
+                tracing::error!(topic = %store_id, error = %e, "stored topic does not compile; skipped")
+            }
+        }
     }
     let mut s = Stream {
         cfg,
         profile: Profile::new(src),
         topics,
+        searcher: searcher.clone(),
         parser: LogicalReplicationParser::with_protocol_version(1),
         relations: HashMap::new(),
         checkpoint,
@@ -236,7 +269,7 @@ async fn run_once(
             ev = repl.recv() => {
                 match ev.context("replication stream")? {
                     Some(ev) => {
-                        if s.handle(ev)? {
+                        if s.handle(ev).await? {
                             s.flush(&mut qc, &repl).await?;
                         }
                     }
@@ -257,7 +290,7 @@ async fn run_once(
 
 impl Stream<'_> {
     /// Handles one replication event; returns true when the batch should be flushed now.
-    fn handle(&mut self, ev: ReplicationEvent) -> anyhow::Result<bool> {
+    async fn handle(&mut self, ev: ReplicationEvent) -> anyhow::Result<bool> {
         match ev {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -271,9 +304,10 @@ impl Stream<'_> {
                     // Queued before the crash: its end LSN is at or below the checkpoint.
                     skip: final_lsn.0 < self.checkpoint,
                     items: Vec::new(),
+                    history: HashMap::new(),
                 });
             }
-            ReplicationEvent::XLogData { data, .. } => self.decode(data)?,
+            ReplicationEvent::XLogData { data, .. } => self.decode(data).await?,
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let Some(txn) = self.txn.take() else {
                     anyhow::bail!("commit without begin in the replication stream");
@@ -300,7 +334,7 @@ impl Stream<'_> {
         Ok(false)
     }
 
-    fn decode(&mut self, data: bytes::Bytes) -> anyhow::Result<()> {
+    async fn decode(&mut self, data: bytes::Bytes) -> anyhow::Result<()> {
         let msg = self
             .parser
             .parse_wal_message_bytes(data)
@@ -369,6 +403,27 @@ impl Stream<'_> {
                 return Ok(());
             }
         };
+        if matches!(rel.kind, TableKind::AidboxHistory(_)) {
+            if let Some(t) = self.txn.as_mut() {
+                t.history
+                    .insert((change.resource_type.clone(), change.id.clone()), change);
+            }
+            return Ok(());
+        }
+        // The version this change replaces: the history row written just before it in this
+        // transaction, else the old tuple when the table has REPLICA IDENTITY FULL.
+        let previous_row = match change.interaction {
+            Interaction::Create => None,
+            _ => {
+                let key = (change.resource_type.clone(), change.id.clone());
+                let from_history = self.txn.as_mut().and_then(|t| t.history.remove(&key));
+                from_history.or_else(|| {
+                    old.as_ref()
+                        .filter(|o| o.columns.iter().all(|c| !c.is_null() || c.is_unchanged()))
+                        .and_then(|o| self.profile.row(&rel.name, &rel.kind, o).ok().flatten())
+                })
+            }
+        };
         if change.resource_type == "Subscription" {
             let list: Vec<Topic> = self.topics.iter().map(|a| a.topic.clone()).collect();
             if let Some(item) = subscription_item(&change, &list, self.cfg) {
@@ -384,41 +439,93 @@ impl Stream<'_> {
                 return Ok(());
             }
         }
-        let Some(txn) = self.txn.as_mut() else {
+        let wanted: Vec<&Active> = self
+            .topics
+            .iter()
+            .filter(|a| a.topic.matches(&change.resource_type, change.interaction))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // Parse once, and only for changes some topic wants.
+        let current = match change.resource() {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!("fhir_cdc_bad_rows_total").increment(1);
+                tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
+                return Ok(());
+            }
+        };
+        let previous = match previous_row.as_ref().map(RowChange::resource) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
+                None
+            }
+            None => None,
+        };
+        let current = current.map(Arc::new);
+        let Some((commit_lsn, xid, commit_time)) = self
+            .txn
+            .as_ref()
+            .map(|t| (t.commit_lsn, t.xid, t.commit_time))
+        else {
             return Ok(());
         };
-        let mut body: Option<Option<Arc<serde_json::Value>>> = None;
-        for Active { url, topic, .. } in &self.topics {
-            if !topic.matches(&change.resource_type, change.interaction) {
+        let mut items = Vec::new();
+        for a in wanted {
+            let fires = if a.compiled.has_criteria() {
+                match a
+                    .compiled
+                    .evaluate(
+                        &self.searcher,
+                        &change.resource_type,
+                        change.interaction,
+                        previous.as_ref(),
+                        current.as_deref(),
+                    )
+                    .await
+                {
+                    Outcome::Fires => true,
+                    Outcome::DoesNotFire => false,
+                    Outcome::Error(e) => {
+                        metrics::counter!("fhir_cdc_trigger_errors_total").increment(1);
+                        tracing::error!(topic = %a.url, reference = %change.reference(), error = %e,
+                            "topic criteria could not be evaluated; the trigger does not fire");
+                        false
+                    }
+                }
+            } else {
+                true
+            };
+            if !fires {
                 continue;
             }
-            // Parse once, and only for changes some topic wants.
-            let resource = match &body {
-                Some(b) => b.clone(),
-                None => match change.resource() {
-                    Ok(r) => {
-                        let r = r.map(Arc::new);
-                        body = Some(r.clone());
-                        r
-                    }
-                    Err(e) => {
-                        metrics::counter!("fhir_cdc_bad_rows_total").increment(1);
-                        tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
-                        return Ok(());
-                    }
-                },
+            let filters = if a.compiled.filters.is_empty() {
+                None
+            } else {
+                let focus = current.as_deref().or(previous.as_ref());
+                let values = a
+                    .compiled
+                    .filter_values(&self.searcher, &change.resource_type, focus)
+                    .await;
+                serde_json::to_value(values).ok()
             };
-            txn.items.push(Item::Event(QueuedEvent {
-                topic: url.clone(),
+            items.push(Item::Event(QueuedEvent {
+                topic: a.url.clone(),
                 resource_type: change.resource_type.clone(),
                 resource_id: change.id.clone(),
                 version_id: change.version_id.clone(),
                 interaction: change.interaction,
-                resource,
-                commit_lsn: txn.commit_lsn,
-                xid: txn.xid,
-                commit_time: txn.commit_time,
+                resource: current.clone(),
+                filters,
+                commit_lsn,
+                xid,
+                commit_time,
             }));
+        }
+        for item in items {
+            self.push(item);
         }
         Ok(())
     }
@@ -467,10 +574,17 @@ impl Stream<'_> {
                 return unregister(self);
             }
         };
-        if let Err(e) = topic.evaluable() {
-            tracing::error!(reference = %change.reference(), reason = %e, "SubscriptionTopic in the store refused");
-            return unregister(self);
-        }
+        let compiled = match topic
+            .evaluable()
+            .map_err(|e| e.to_string())
+            .and_then(|()| trigger::compile(&topic, &self.searcher.registry, &self.searcher.fp))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(reference = %change.reference(), reason = %e, "SubscriptionTopic in the store refused");
+                return unregister(self);
+            }
+        };
         let clash = self
             .topics
             .iter()
@@ -483,6 +597,7 @@ impl Stream<'_> {
         let active = Active {
             url: Arc::from(url.as_str()),
             topic,
+            compiled,
             store_id: Some(change.id.clone()),
         };
         match registered {

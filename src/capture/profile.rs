@@ -17,6 +17,9 @@ pub enum TableKind {
     /// Not a resource table (history tables, other tables in the publication).
     Ignored,
     Aidbox(AidboxTable),
+    /// `<type>_history`: the version an update or delete replaces, written in the same
+    /// transaction just before it; capture keeps it as the previous version.
+    AidboxHistory(AidboxTable),
     Generic(GenericLayout),
 }
 
@@ -171,9 +174,13 @@ impl Profile {
         let col = |n: &str| columns.iter().position(|c| *c == n);
         match self.kind {
             ProfileKind::Aidbox => {
-                if namespace != self.schema || name.ends_with("_history") {
+                if namespace != self.schema {
                     return TableKind::Ignored;
                 }
+                let (base, history) = match name.strip_suffix("_history") {
+                    Some(b) => (b, true),
+                    None => (name, false),
+                };
                 match (
                     col("id"),
                     col("txid"),
@@ -181,15 +188,20 @@ impl Profile {
                     col("resource"),
                 ) {
                     (Some(id), Some(txid), Some(resource_type), Some(resource)) => {
-                        TableKind::Aidbox(AidboxTable {
-                            table_type: self.lower_types.get(name).copied(),
+                        let t = AidboxTable {
+                            table_type: self.lower_types.get(base).copied(),
                             id,
                             txid,
                             ts: col("ts"),
                             resource_type,
                             status: col("status"),
                             resource,
-                        })
+                        };
+                        if history {
+                            TableKind::AidboxHistory(t)
+                        } else {
+                            TableKind::Aidbox(t)
+                        }
                     }
                     _ => TableKind::Ignored,
                 }
@@ -221,6 +233,25 @@ impl Profile {
         }
     }
 
+    /// Reads a full tuple (an old tuple under REPLICA IDENTITY FULL) as the resource row it
+    /// was. `Ok(None)` for tables that are not resource tables.
+    pub fn row(
+        &self,
+        table: &str,
+        kind: &TableKind,
+        tuple: &TupleData,
+    ) -> Result<Option<RowChange>, RowError> {
+        match kind {
+            TableKind::Ignored => Ok(None),
+            TableKind::Aidbox(t) | TableKind::AidboxHistory(t) => {
+                aidbox_row(table, t, Some(tuple)).map(Some)
+            }
+            TableKind::Generic(g) => {
+                generic_change(table, g, Interaction::Create, None, Some(tuple)).map(Some)
+            }
+        }
+    }
+
     /// Turns one row operation into a change. `Ok(None)` for rows that are not resource
     /// changes (the profile's bookkeeping).
     pub fn change(
@@ -234,6 +265,8 @@ impl Profile {
         match kind {
             TableKind::Ignored => Ok(None),
             TableKind::Aidbox(t) => aidbox_change(table, t, op, old, new).map(Some),
+            // A history row is the stored version as it was: read it as a resource row.
+            TableKind::AidboxHistory(t) => aidbox_row(table, t, new.or(old)).map(Some),
             TableKind::Generic(g) => generic_change(table, g, op, old, new).map(Some),
         }
     }
@@ -304,6 +337,18 @@ fn aidbox_change(
         interaction,
         body,
     })
+}
+
+/// A row as the stored version it holds, whatever its status says (a history row of a
+/// delete holds the last version).
+fn aidbox_row(
+    table: &str,
+    t: &AidboxTable,
+    row: Option<&TupleData>,
+) -> Result<RowChange, RowError> {
+    let mut plain = t.clone();
+    plain.status = None;
+    aidbox_change(table, &plain, Interaction::Create, None, row)
 }
 
 fn generic_change(
@@ -420,7 +465,7 @@ deleted_column = "gone"
         let p = Profile::new(&cfg("aidbox"));
         assert!(matches!(
             p.classify("public", "encounter_history", AIDBOX_COLS),
-            TableKind::Ignored
+            TableKind::AidboxHistory(_)
         ));
         assert!(matches!(
             p.classify("other", "encounter", AIDBOX_COLS),

@@ -115,12 +115,6 @@ pub enum TopicError {
         index: usize,
         value: String,
     },
-    #[error("SubscriptionTopic {url}: resourceTrigger[{index}] uses {what}, which this version does not evaluate; refusing the topic rather than notifying on every change")]
-    Unsupported {
-        url: String,
-        index: usize,
-        what: &'static str,
-    },
 }
 
 /// `http://hl7.org/fhir/StructureDefinition/Encounter` → `Encounter`.
@@ -245,27 +239,13 @@ impl Topic {
         })
     }
 
-    /// Whether this version can evaluate the topic: resource triggers by type and
-    /// interaction only. A topic it cannot evaluate is refused rather than run loosely
-    /// (it would notify on every change).
+    /// Whether the topic has something this server evaluates: at least one
+    /// resourceTrigger (eventTrigger-only topics are refused). Criteria are checked when the
+    /// topic is compiled against the search parameters ([`crate::fhir::trigger::compile`]).
     pub fn evaluable(&self) -> Result<(), TopicError> {
         if self.triggers.is_empty() {
             return Err(TopicError::NoTrigger {
                 url: self.url.clone(),
-            });
-        }
-        for (index, t) in self.triggers.iter().enumerate() {
-            let what = if t.query_criteria.is_some() {
-                "queryCriteria"
-            } else if t.fhirpath_criteria.is_some() {
-                "fhirPathCriteria"
-            } else {
-                continue;
-            };
-            return Err(TopicError::Unsupported {
-                url: self.url.clone(),
-                index,
-                what,
             });
         }
         Ok(())
@@ -465,13 +445,7 @@ mod tests {
         .unwrap();
         let q = t.triggers[0].query_criteria.as_ref().unwrap();
         assert_eq!(q.current.as_deref(), Some("status=finished"));
-        assert!(matches!(
-            t.evaluable(),
-            Err(TopicError::Unsupported {
-                what: "queryCriteria",
-                ..
-            })
-        ));
+        assert!(t.evaluable().is_ok());
         assert_eq!(
             Topic::from_json(&json!({"resourceType": "Patient"})).unwrap_err(),
             TopicError::NotATopic("Patient".into())

@@ -21,6 +21,8 @@ pub struct QueuedEvent {
     pub version_id: Option<String>,
     pub interaction: Interaction,
     pub resource: Option<Arc<Value>>,
+    /// The topic's canFilterBy values of this resource (`{param: Values}`), when it has any.
+    pub filters: Option<Value>,
     pub commit_lsn: u64,
     pub xid: u32,
     pub commit_time: DateTime<Utc>,
@@ -153,6 +155,7 @@ async fn insert_events(
     let mut xid = Vec::with_capacity(n);
     let mut time = Vec::with_capacity(n);
     let mut body: Vec<Option<&Value>> = Vec::with_capacity(n);
+    let mut filters: Vec<Option<&Value>> = Vec::with_capacity(n);
     for e in run {
         topic.push(e.topic.as_ref());
         rtype.push(e.resource_type.as_str());
@@ -162,6 +165,7 @@ async fn insert_events(
         lsn.push(lsn_text(e.commit_lsn));
         xid.push(i64::from(e.xid));
         time.push(e.commit_time);
+        filters.push(e.filters.as_ref());
         body.push(if full.contains(e.topic.as_ref()) {
             e.resource.as_deref()
         } else {
@@ -172,13 +176,13 @@ async fn insert_events(
     let rows = tx
         .execute(
             "INSERT INTO fhir_cdc.event
-                 (topic, resource_type, resource_id, version_id, interaction, commit_lsn, xid, commit_time, resource)
-             SELECT t, rt, ri, v, i, l::pg_lsn, x, ct, b
+                 (topic, resource_type, resource_id, version_id, interaction, commit_lsn, xid, commit_time, resource, filters)
+             SELECT t, rt, ri, v, i, l::pg_lsn, x, ct, b, f
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::int8[], $8::timestamptz[], $9::jsonb[])
-                  WITH ORDINALITY AS u(t, rt, ri, v, i, l, x, ct, b, ord)
+                         $7::int8[], $8::timestamptz[], $9::jsonb[], $10::jsonb[])
+                  WITH ORDINALITY AS u(t, rt, ri, v, i, l, x, ct, b, f, ord)
              ORDER BY ord",
-            &[&topic, &rtype, &rid, &ver, &inter, &lsn, &xid, &time, &body],
+            &[&topic, &rtype, &rid, &ver, &inter, &lsn, &xid, &time, &body, &filters],
         )
         .await?;
     Ok(rows as usize)

@@ -4,3 +4,75 @@
 
 pub mod registry;
 pub mod value;
+
+use std::sync::Arc;
+
+use super::fhirpath::{FhirPath, Prepared};
+use registry::{Registry, SearchParam};
+use value::Values;
+
+/// One `param[:modifier]=value` of a search string.
+#[derive(Debug, Clone)]
+pub struct Criterion {
+    pub param: Arc<SearchParam>,
+    pub modifier: Option<String>,
+    pub value: String,
+}
+
+/// Parses and checks a search string (`status=finished&class:not=AMB`) for `resource_type`.
+pub fn parse_query(
+    registry: &Registry,
+    resource_type: &str,
+    query: &str,
+) -> Result<Vec<Criterion>, String> {
+    let query = query.trim_start_matches('?');
+    let query = match query.split_once('?') {
+        // `Encounter?status=x` form.
+        Some((_, q)) => q,
+        None => query,
+    };
+    let mut out = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        let (code, modifier) = match k.split_once(':') {
+            Some((c, m)) => (c.to_string(), Some(m.to_string())),
+            None => (k.to_string(), None),
+        };
+        let param = registry
+            .get(resource_type, &code)
+            .ok_or_else(|| format!("{resource_type} has no search parameter {code:?}"))?;
+        value::validate(param.kind, modifier.as_deref(), &v).map_err(|e| format!("{code}: {e}"))?;
+        out.push(Criterion {
+            param,
+            modifier,
+            value: v.into_owned(),
+        });
+    }
+    if out.is_empty() {
+        return Err(format!("empty search criteria {query:?}"));
+    }
+    Ok(out)
+}
+
+/// Search parameters evaluated with FHIRPath.
+pub struct Searcher {
+    pub fp: FhirPath,
+    pub registry: Arc<Registry>,
+}
+
+impl Searcher {
+    pub async fn values(&self, p: &Prepared, param: &SearchParam) -> Result<Values, String> {
+        let items = self.fp.eval(p, &param.expression).await?;
+        Ok(value::extract(param.kind, &items))
+    }
+
+    /// AND of the criteria (each an OR over its comma-separated values).
+    pub async fn matches(&self, p: &Prepared, criteria: &[Criterion]) -> Result<bool, String> {
+        for c in criteria {
+            let v = self.values(p, &c.param).await?;
+            if !value::matches(&v, c.modifier.as_deref(), &c.value) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

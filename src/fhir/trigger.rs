@@ -1,0 +1,237 @@
+//! Topic triggers compiled against the search parameters and the FHIRPath engine, and
+//! evaluated on a change the way the R5 SubscriptionTopic page defines them.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+use super::search::registry::Registry;
+use super::search::value::Values;
+use super::search::{parse_query, Criterion, Searcher};
+use super::topic::{Interaction, Interactions, Topic};
+
+/// A `resourceTrigger` ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub resource_type: String,
+    pub interactions: Interactions,
+    pub query: Option<Query>,
+    pub fhirpath: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub previous: Option<Vec<Criterion>>,
+    pub current: Option<Vec<Criterion>>,
+    /// The previous test's result when there is no previous state (a create).
+    pub result_for_create: bool,
+    /// The current test's result when there is no current state (a delete).
+    pub result_for_delete: bool,
+    pub require_both: bool,
+}
+
+/// A `canFilterBy` parameter, resolved to its definition.
+#[derive(Debug, Clone)]
+pub struct FilterParam {
+    pub resource_type: Option<String>,
+    pub name: String,
+    pub param: std::sync::Arc<super::search::registry::SearchParam>,
+}
+
+/// A topic compiled for capture.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub triggers: Vec<Trigger>,
+    pub filters: Vec<FilterParam>,
+}
+
+fn result_code(v: Option<&str>, what: &str) -> Result<bool, String> {
+    match v {
+        None | Some("test-fails") => Ok(false),
+        Some("test-passes") => Ok(true),
+        Some(other) => Err(format!("{what} {other:?} is not test-passes or test-fails")),
+    }
+}
+
+/// Compiles a topic: every criterion's parameters must exist for its resource type, every
+/// FHIRPath must parse, every canFilterBy parameter must be a known search parameter.
+pub fn compile(
+    topic: &Topic,
+    registry: &Registry,
+    fp: &super::fhirpath::FhirPath,
+) -> Result<Compiled, String> {
+    let mut triggers = Vec::new();
+    for (i, t) in topic.triggers.iter().enumerate() {
+        let where_ =
+            |e: String| format!("SubscriptionTopic {}: resourceTrigger[{i}]: {e}", topic.url);
+        let query = match &t.query_criteria {
+            None => None,
+            Some(q) => {
+                let parse = |s: &Option<String>| {
+                    s.as_deref()
+                        .map(|s| parse_query(registry, &t.resource_type, s))
+                        .transpose()
+                };
+                Some(Query {
+                    previous: parse(&q.previous).map_err(&where_)?,
+                    current: parse(&q.current).map_err(&where_)?,
+                    result_for_create: result_code(
+                        q.result_for_create.as_deref(),
+                        "resultForCreate",
+                    )
+                    .map_err(&where_)?,
+                    result_for_delete: result_code(
+                        q.result_for_delete.as_deref(),
+                        "resultForDelete",
+                    )
+                    .map_err(&where_)?,
+                    require_both: q.require_both.unwrap_or(false),
+                })
+            }
+        };
+        if let Some(e) = &t.fhirpath_criteria {
+            fp.compile(e)
+                .map_err(|err| where_(format!("fhirPathCriteria does not parse: {err}")))?;
+        }
+        triggers.push(Trigger {
+            resource_type: t.resource_type.clone(),
+            interactions: t.interactions,
+            query,
+            fhirpath: t.fhirpath_criteria.clone(),
+        });
+    }
+    let mut filters = Vec::new();
+    for c in &topic.can_filter_by {
+        let types: Vec<String> = match &c.resource_type {
+            Some(r) => vec![r.clone()],
+            None => topic
+                .triggers
+                .iter()
+                .map(|t| t.resource_type.clone())
+                .collect(),
+        };
+        for ty in types {
+            // A parameter without a definition (e.g. `_in`) cannot be evaluated here;
+            // subscriptions that filter on it are refused when they are created.
+            let Some(param) = registry.get(&ty, &c.parameter) else {
+                tracing::warn!(topic = %topic.url, parameter = %c.parameter, resource = %ty,
+                    "canFilterBy parameter has no search parameter definition; filters on it will be refused");
+                continue;
+            };
+            filters.push(FilterParam {
+                resource_type: Some(ty),
+                name: c.parameter.clone(),
+                param,
+            });
+        }
+    }
+    Ok(Compiled { triggers, filters })
+}
+
+/// Why a trigger did not fire although its type and interaction matched.
+#[derive(Debug)]
+pub enum Outcome {
+    Fires,
+    DoesNotFire,
+    /// The criterion could not be evaluated (logged; the trigger does not fire).
+    Error(String),
+}
+
+impl Compiled {
+    /// Whether any trigger has criteria beyond type and interaction.
+    pub fn has_criteria(&self) -> bool {
+        self.triggers
+            .iter()
+            .any(|t| t.query.is_some() || t.fhirpath.is_some())
+    }
+
+    /// Evaluates the triggers for a change; fires when any trigger of the type does.
+    pub async fn evaluate(
+        &self,
+        s: &Searcher,
+        resource_type: &str,
+        interaction: Interaction,
+        previous: Option<&Value>,
+        current: Option<&Value>,
+    ) -> Outcome {
+        let mut last_error = None;
+        for t in &self.triggers {
+            if t.resource_type != resource_type || !t.interactions.contains(interaction) {
+                continue;
+            }
+            match evaluate_trigger(t, s, previous, current).await {
+                Ok(true) => return Outcome::Fires,
+                Ok(false) => {}
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match last_error {
+            Some(e) => Outcome::Error(e),
+            None => Outcome::DoesNotFire,
+        }
+    }
+
+    /// The canFilterBy values of a resource (current, or previous for a delete).
+    pub async fn filter_values(
+        &self,
+        s: &Searcher,
+        resource_type: &str,
+        resource: Option<&Value>,
+    ) -> BTreeMap<String, Values> {
+        let mut out = BTreeMap::new();
+        let Some(r) = resource else {
+            return out;
+        };
+        let p = s.fp.prepare(r, None, Some(r));
+        for f in &self.filters {
+            if f.resource_type.as_deref() != Some(resource_type) {
+                continue;
+            }
+            match s.values(&p, &f.param).await {
+                Ok(v) => {
+                    out.insert(f.name.clone(), v);
+                }
+                Err(e) => {
+                    tracing::warn!(parameter = %f.name, error = %e, "canFilterBy value not extracted")
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn evaluate_trigger(
+    t: &Trigger,
+    s: &Searcher,
+    previous: Option<&Value>,
+    current: Option<&Value>,
+) -> Result<bool, String> {
+    if let Some(q) = &t.query {
+        let prev = match (&q.previous, previous) {
+            (None, _) => None,
+            (Some(_), None) => Some(q.result_for_create),
+            (Some(c), Some(r)) => Some(s.matches(&s.fp.prepare(r, None, None), c).await?),
+        };
+        let curr = match (&q.current, current) {
+            (None, _) => None,
+            (Some(_), None) => Some(q.result_for_delete),
+            (Some(c), Some(r)) => Some(s.matches(&s.fp.prepare(r, None, None), c).await?),
+        };
+        let tests: Vec<bool> = [prev, curr].into_iter().flatten().collect();
+        let pass = if tests.is_empty() {
+            true
+        } else if q.require_both {
+            tests.iter().all(|x| *x)
+        } else {
+            tests.iter().any(|x| *x)
+        };
+        if !pass {
+            return Ok(false);
+        }
+    }
+    if let Some(expr) = &t.fhirpath {
+        let focus = current.or(previous).cloned().unwrap_or(Value::Null);
+        let p = s.fp.prepare(&focus, previous, current);
+        return s.fp.eval_bool(&p, expr).await;
+    }
+    Ok(true)
+}
