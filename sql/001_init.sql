@@ -38,6 +38,8 @@ CREATE TABLE fhir_cdc.subscription (
     content             text NOT NULL CHECK (content IN ('empty', 'id-only', 'full-resource')),
     content_type        text NOT NULL,
     headers             jsonb NOT NULL DEFAULT '[]',
+    -- Checked filterBy entries; dispatch matches them against each event's filters.
+    filters             jsonb NOT NULL DEFAULT '[]',
     heartbeat_period    integer,
     timeout             integer,
     max_count           integer,

@@ -1,7 +1,9 @@
 //! The official Subscription and SubscriptionTopic examples (R5, R4B, R4 backport) read
 //! without error, with the values they state.
 
+use fhir_cdc::config::FhirVersion;
 use fhir_cdc::fhir::notification::Format;
+use fhir_cdc::fhir::search::registry::Registry;
 use fhir_cdc::fhir::subscription::{self, Content, Rules, Status};
 use fhir_cdc::fhir::topic::{Interaction, Topic};
 use serde_json::Value;
@@ -155,7 +157,9 @@ fn policy_refuses_what_it_cannot_honour() {
     let mut sub = load("r4b-backport/Subscription-subscription-admission.json");
     sub["criteria"] = Value::String(topic.url.clone());
     let topics = [topic];
+    let registry = Registry::load(FhirVersion::R4B);
     let rules = Rules {
+        registry: Some(&registry),
         topics: &topics,
         format: Format::R4B,
         allow_private_endpoints: false,

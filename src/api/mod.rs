@@ -28,6 +28,8 @@ pub struct ApiState {
     pub pool: deadpool_postgres::Pool,
     pub metrics: Option<PrometheusHandle>,
     pub payloads: Payloads,
+    /// Search parameters of the store's FHIR version, for checking filters.
+    pub registry: Arc<crate::fhir::search::registry::Registry>,
     /// Set when capture runs in this process: ready only while it streams.
     pub capture_streaming: Option<Arc<AtomicBool>>,
 }
@@ -310,6 +312,7 @@ fn parse_body(body: &str) -> Result<Value, Fhir> {
 async fn validate(s: &ApiState, v: &Value) -> Result<subscription::SubscriptionSpec, Fhir> {
     let topics = s.topics().await?;
     let rules = Rules {
+        registry: Some(&s.registry),
         format: s.cfg.source.fhir_version.into(),
         topics: &topics,
         allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
@@ -649,6 +652,9 @@ pub fn state(
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
         payloads: Payloads::new(cfg.clone())?,
+        registry: Arc::new(crate::fhir::search::registry::Registry::load(
+            cfg.source.fhir_version,
+        )),
         cfg,
         metrics,
         capture_streaming,

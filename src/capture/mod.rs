@@ -426,7 +426,8 @@ impl Stream<'_> {
         };
         if change.resource_type == "Subscription" {
             let list: Vec<Topic> = self.topics.iter().map(|a| a.topic.clone()).collect();
-            if let Some(item) = subscription_item(&change, &list, self.cfg) {
+            if let Some(item) = subscription_item(&change, &list, &self.searcher.registry, self.cfg)
+            {
                 self.push(item);
             }
             return Ok(());
@@ -640,7 +641,12 @@ impl Stream<'_> {
 }
 
 /// A Subscription written into the store becomes a queue item at its place in the stream.
-fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Option<Item> {
+fn subscription_item(
+    change: &RowChange,
+    topics: &[Topic],
+    registry: &crate::fhir::search::registry::Registry,
+    cfg: &Config,
+) -> Option<Item> {
     if change.interaction == Interaction::Delete {
         return Some(Item::DeleteSubscription {
             id: change.id.clone(),
@@ -663,6 +669,7 @@ fn subscription_item(change: &RowChange, topics: &[Topic], cfg: &Config) -> Opti
         }
     };
     let rules = Rules {
+        registry: Some(registry),
         format: cfg.source.fhir_version.into(),
         topics,
         allow_private_endpoints: cfg.delivery.allow_private_endpoints,

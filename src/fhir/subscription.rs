@@ -62,11 +62,39 @@ impl Content {
 }
 
 /// A `filterBy` entry as the client wrote it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Filter {
     pub resource_type: Option<String>,
     pub parameter: String,
+    /// `eq`, `gt`, … (R5 filterBy.comparator); folded into `value` once checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparator: Option<String>,
+    /// `not`, `missing`, `exact`, … (R5 filterBy.modifier, or `param:modifier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modifier: Option<String>,
     pub value: String,
+}
+
+impl Filter {
+    /// Does an event of `resource_type` with canFilterBy `values` pass this filter? A filter
+    /// applies only to the resource type it names (AND across filters is the caller's;
+    /// OR across comma-separated values is here).
+    pub fn matches(
+        &self,
+        resource_type: &str,
+        values: &std::collections::HashMap<String, crate::fhir::search::value::Values>,
+    ) -> bool {
+        if self
+            .resource_type
+            .as_deref()
+            .is_some_and(|t| t != resource_type)
+        {
+            return true;
+        }
+        let empty = crate::fhir::search::value::Values::Uri(Vec::new());
+        let v = values.get(&self.parameter).unwrap_or(&empty);
+        crate::fhir::search::value::matches(v, self.modifier.as_deref(), &self.value)
+    }
 }
 
 /// A validated subscription, as delivery needs it.
@@ -90,6 +118,8 @@ pub struct Rules<'a> {
     pub topics: &'a [Topic],
     /// How Subscriptions are written: R5 natively, R4/R4B as the Backport IG profiles them.
     pub format: Format,
+    /// The search parameters filters are evaluated with; without it filters are refused.
+    pub registry: Option<&'a crate::fhir::search::registry::Registry>,
     pub allow_private_endpoints: bool,
     pub require_https_for_full_resource: bool,
 }
@@ -263,12 +293,21 @@ fn read_r5(
                     "filterBy.filterParameter is required",
                 )
             })?;
+        let (parameter, modifier_in_name) = match parameter.split_once(':') {
+            Some((p, m)) => (p, Some(m.to_string())),
+            None => (parameter, None),
+        };
+        let text = |k: &str| f.get(k).and_then(Value::as_str).map(str::to_string);
         filters.push(Filter {
             resource_type: f
                 .get("resourceType")
                 .and_then(Value::as_str)
                 .map(|r| resource_type_of(r).to_string()),
             parameter: parameter.to_string(),
+            comparator: text("comparator"),
+            modifier: text("modifier")
+                .filter(|m| m != "=" && m != "eq")
+                .or(modifier_in_name),
             value: f
                 .get("value")
                 .and_then(Value::as_str)
@@ -431,9 +470,15 @@ pub fn filters_from_criteria(crit: &str) -> Result<Vec<Filter>, Invalid> {
                     format!("filter criteria {crit:?} has an empty parameter"),
                 ))
             } else {
+                let (parameter, modifier) = match k.split_once(':') {
+                    Some((p, m)) => (p.to_string(), Some(m.to_string())),
+                    None => (k.into_owned(), None),
+                };
                 Ok(Filter {
                     resource_type: resource_type.clone(),
-                    parameter: k.into_owned(),
+                    parameter,
+                    comparator: None,
+                    modifier,
                     value: v.into_owned(),
                 })
             }
@@ -521,32 +566,9 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
             ),
         ));
     }
-    for f in &r.filters {
-        if !topic.allows_filter(f.resource_type.as_deref(), &f.parameter) {
-            return Err(invalid(
-                "not-supported",
-                "filterBy",
-                format!(
-                    "filter {:?} is not allowed by topic {}: its canFilterBy lists {:?}",
-                    f.parameter,
-                    r.topic_url,
-                    topic
-                        .can_filter_by
-                        .iter()
-                        .map(|c| c.parameter.as_str())
-                        .collect::<Vec<_>>()
-                ),
-            ));
-        }
-    }
-    if !r.filters.is_empty() {
-        // Matching filters needs search-parameter evaluation in capture; until it exists a
-        // filtered subscription would receive other patients' events, so it is refused.
-        return Err(invalid(
-            "not-supported",
-            "filterBy",
-            "filterBy is validated but not yet evaluated by this server version; subscribe without filters",
-        ));
+    let mut filters = Vec::with_capacity(r.filters.len());
+    for f in r.filters {
+        filters.push(check_filter(f, topic, rules)?);
     }
     Ok(SubscriptionSpec {
         status,
@@ -559,7 +581,97 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         timeout: r.timeout,
         max_count: r.max_count,
         end: r.end,
-        filters: r.filters,
+        filters,
+    })
+}
+
+/// A filter the topic allows, on a parameter this server can evaluate, with a valid value;
+/// returned with its resource type settled and any comparator folded into the value.
+fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, Invalid> {
+    let refuse = |msg: String| invalid("not-supported", "filterBy", msg);
+    let entries: Vec<_> = topic
+        .can_filter_by
+        .iter()
+        .filter(|c| {
+            c.parameter == f.parameter
+                && match (&c.resource_type, &f.resource_type) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                }
+        })
+        .collect();
+    let Some(entry) = entries.first() else {
+        return Err(refuse(format!(
+            "filter {:?} is not allowed by topic {}: its canFilterBy lists {:?}",
+            f.parameter,
+            topic.url,
+            topic
+                .can_filter_by
+                .iter()
+                .map(|c| c.parameter.as_str())
+                .collect::<Vec<_>>()
+        )));
+    };
+    if f.comparator.is_some() && f.modifier.is_some() {
+        return Err(invalid(
+            "invalid",
+            "filterBy",
+            format!(
+                "filter {:?} has both a comparator and a modifier",
+                f.parameter
+            ),
+        ));
+    }
+    if let Some(c) = &f.comparator {
+        if !entry.comparators.is_empty() && !entry.comparators.contains(c) {
+            return Err(refuse(format!(
+                "comparator {c:?} is not allowed for filter {:?} by topic {}",
+                f.parameter, topic.url
+            )));
+        }
+    }
+    if let Some(m) = &f.modifier {
+        if !entry.modifiers.is_empty() && !entry.modifiers.contains(m) {
+            return Err(refuse(format!(
+                "modifier {m:?} is not allowed for filter {:?} by topic {}",
+                f.parameter, topic.url
+            )));
+        }
+    }
+    let resource_type = f
+        .resource_type
+        .clone()
+        .or_else(|| entry.resource_type.clone())
+        .or_else(|| (topic.triggers.len() == 1).then(|| topic.triggers[0].resource_type.clone()))
+        .ok_or_else(|| {
+            refuse(format!(
+                "filter {:?}: name its resourceType (the topic has several)",
+                f.parameter
+            ))
+        })?;
+    let Some(registry) = rules.registry else {
+        return Err(refuse(
+            "filters are not evaluated by this server configuration".into(),
+        ));
+    };
+    let param = registry.get(&resource_type, &f.parameter).ok_or_else(|| {
+        refuse(format!(
+            "filter {:?} has no search parameter definition for {resource_type}; it cannot be evaluated",
+            f.parameter
+        ))
+    })?;
+    let value = match &f.comparator {
+        Some(c) => format!("{c}{}", f.value),
+        None => f.value.clone(),
+    };
+    crate::fhir::search::value::validate(param.kind, f.modifier.as_deref(), &value)
+        .map_err(|e| refuse(format!("filter {:?}: {e}", f.parameter)))?;
+    Ok(Filter {
+        resource_type: Some(resource_type),
+        parameter: f.parameter,
+        comparator: None,
+        modifier: f.modifier,
+        value,
     })
 }
 
@@ -627,14 +739,23 @@ pub fn is_private_ip(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FhirVersion;
+    use crate::fhir::search::registry::Registry;
     use serde_json::json;
+    use std::sync::LazyLock;
+
+    static REGISTRY: LazyLock<Registry> = LazyLock::new(|| Registry::load(FhirVersion::R5));
 
     fn topics() -> Vec<Topic> {
         vec![Topic::from_json(&json!({
             "resourceType": "SubscriptionTopic",
             "url": "http://example.org/t/enc",
             "resourceTrigger": [{"resource": "Encounter"}],
-            "canFilterBy": [{"resource": "Encounter", "filterParameter": "patient"}]
+            "canFilterBy": [
+                {"resource": "Encounter", "filterParameter": "patient"},
+                {"resource": "Encounter", "filterParameter": "date", "comparator": ["ge", "le"]},
+                {"resource": "Encounter", "filterParameter": "status", "modifier": ["not"]}
+            ]
         }))
         .unwrap()]
     }
@@ -660,6 +781,7 @@ mod tests {
         parse(
             &v,
             &Rules {
+                registry: Some(&REGISTRY),
                 topics: &t,
                 format: Format::R5,
                 allow_private_endpoints: private,
@@ -698,7 +820,7 @@ mod tests {
             ),
             (json!({"content": "everything"}), "content"),
             (
-                json!({"filterBy": [{"filterParameter": "status", "value": "x"}]}),
+                json!({"filterBy": [{"filterParameter": "class", "value": "x"}]}),
                 "filterBy",
             ),
             (json!({"status": "error"}), "status"),
@@ -712,10 +834,38 @@ mod tests {
     }
 
     #[test]
+    fn filters_are_checked_and_normalised() {
+        let f = |filters: Value| check(sub(json!({"filterBy": filters})), false, true);
+        let ok = f(json!([{"filterParameter": "patient", "value": "Patient/1"},
+                          {"filterParameter": "date", "comparator": "ge", "value": "2024-01-01"},
+                          {"filterParameter": "status", "modifier": "not", "value": "cancelled"}]))
+        .unwrap();
+        assert_eq!(ok.filters.len(), 3);
+        assert_eq!(ok.filters[0].resource_type.as_deref(), Some("Encounter"));
+        assert_eq!(
+            ok.filters[1].value, "ge2024-01-01",
+            "comparator folded into the value"
+        );
+        assert_eq!(ok.filters[2].modifier.as_deref(), Some("not"));
+        let refused = [
+            json!([{"filterParameter": "date", "comparator": "gt", "value": "2024"}]),
+            json!([{"filterParameter": "status", "modifier": "text", "value": "x"}]),
+            json!([{"filterParameter": "date", "comparator": "ge", "modifier": "missing", "value": "true"}]),
+            json!([{"filterParameter": "date", "comparator": "ge", "value": "last tuesday"}]),
+            json!([{"filterParameter": "subject", "value": "Patient/1"}]),
+        ];
+        for r in refused {
+            let e = f(r.clone()).unwrap_err();
+            assert_eq!(e.expression, "filterBy", "{r}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn topic_max_content_caps_the_payload() {
         let mut t = topics();
         t[0].max_content = Some(Content::IdOnly);
         let rules = Rules {
+            registry: Some(&REGISTRY),
             topics: &t,
             format: Format::R5,
             allow_private_endpoints: false,

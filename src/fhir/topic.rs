@@ -75,6 +75,10 @@ pub struct ResourceTrigger {
 pub struct CanFilterBy {
     pub resource_type: Option<String>,
     pub parameter: String,
+    /// Comparators a subscription may use (empty: any the type allows).
+    pub comparators: Vec<String>,
+    /// Modifiers a subscription may use (empty: any the type allows; `=` means none).
+    pub modifiers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,9 +214,22 @@ impl Topic {
                             .get("resource")
                             .and_then(Value::as_str)
                             .map(|r| resource_type_of(r).to_string());
+                        let list = |k: &str| -> Vec<String> {
+                            c.get(k)
+                                .and_then(Value::as_array)
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(Value::as_str)
+                                        .map(str::to_string)
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        };
                         Some(CanFilterBy {
                             resource_type,
                             parameter,
+                            comparators: list("comparator"),
+                            modifiers: list("modifier"),
                         })
                     })
                     .collect()

@@ -2,7 +2,11 @@
 //! transaction per round, under a per-topic advisory lock, so eventNumbers are gap-free
 //! whatever crashes and however many delivery instances run.
 
+use std::collections::HashMap;
 use tokio_postgres::Client;
+
+use crate::fhir::search::value::Values;
+use crate::fhir::subscription::Filter;
 
 use super::{Result, DELIVERY_CHANNEL};
 
@@ -33,22 +37,31 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
         )
         .await?
         .get(0);
-    let ids: Vec<i64> = tx
+    let events = tx
         .query(
-            "SELECT id FROM fhir_cdc.event WHERE topic = $1 AND id > $2 ORDER BY id LIMIT $3",
+            "SELECT id, resource_type, filters FROM fhir_cdc.event
+             WHERE topic = $1 AND id > $2 ORDER BY id LIMIT $3",
             &[&topic, &cursor, &limit],
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let Some(&last) = ids.last() else {
+        .await?;
+    let Some(last) = events.last().map(|r| r.get::<_, i64>(0)) else {
         return Ok(0);
     };
+    // Each event's canFilterBy values, parsed once for all subscriptions.
+    let events: Vec<(i64, String, HashMap<String, Values>)> = events
+        .iter()
+        .map(|r| {
+            let filters: Option<serde_json::Value> = r.get(2);
+            let values = filters
+                .and_then(|f| serde_json::from_value(f).ok())
+                .unwrap_or_default();
+            (r.get(0), r.get(1), values)
+        })
+        .collect();
     // Every subscription that is not off counts the events, delivered or not.
     let subs = tx
         .query(
-            "SELECT id, start_event_id FROM fhir_cdc.subscription
+            "SELECT id, start_event_id, filters FROM fhir_cdc.subscription
              WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused
              ORDER BY id FOR UPDATE",
             &[&topic],
@@ -58,17 +71,28 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
     for s in &subs {
         let id: &str = s.get(0);
         let start: i64 = s.get(1);
+        let filters: Vec<Filter> = serde_json::from_value(s.get(2)).unwrap_or_default();
+        // AND across filters; each filter applies to the resource type it names.
+        let ids: Vec<i64> = events
+            .iter()
+            .filter(|(eid, ty, values)| {
+                *eid > start && filters.iter().all(|f| f.matches(ty, values))
+            })
+            .map(|(eid, _, _)| *eid)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
         let n = tx
             .execute(
                 "WITH ev AS (
-                     SELECT e, row_number() OVER (ORDER BY e) AS rn
-                     FROM unnest($2::int8[]) AS e WHERE e > $3),
+                     SELECT e, row_number() OVER (ORDER BY e) AS rn FROM unnest($2::int8[]) AS e),
                  sub AS (
                      UPDATE fhir_cdc.subscription SET events_since_start = events_since_start + (SELECT count(*) FROM ev)
                      WHERE id = $1 RETURNING events_since_start - (SELECT count(*) FROM ev) AS base)
                  INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
                  SELECT $1, sub.base + ev.rn, ev.e FROM ev, sub",
-                &[&id, &ids, &start],
+                &[&id, &ids],
             )
             .await?;
         matched += n;
@@ -84,5 +108,5 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
     }
     tx.commit().await?;
     metrics::counter!("fhir_cdc_dispatched_total", "topic" => topic.to_string()).increment(matched);
-    Ok(ids.len())
+    Ok(events.len())
 }

@@ -124,14 +124,15 @@ pub async fn upsert<C: GenericClient>(
     c.execute(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
-              heartbeat_period, timeout, max_count, resource, end_at, start_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+              heartbeat_period, timeout, max_count, resource, end_at, filters, start_event_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
                  (SELECT coalesce(max(id), 0) FROM fhir_cdc.event))
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
              content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
              heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
              max_count = EXCLUDED.max_count, resource = EXCLUDED.resource, end_at = EXCLUDED.end_at,
+             filters = EXCLUDED.filters,
              handshake_done = CASE WHEN EXCLUDED.status = 'requested' THEN false
                                    ELSE fhir_cdc.subscription.handshake_done END,
              failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
@@ -151,6 +152,7 @@ pub async fn upsert<C: GenericClient>(
             &spec.max_count,
             resource,
             &spec.end,
+            &serde_json::to_value(&spec.filters).unwrap_or_else(|_| Value::Array(vec![])),
         ],
     )
     .await?;
