@@ -18,6 +18,9 @@ pub struct FhirPath {
 /// A resource made ready for many evaluations, with `%previous` and `%current` bound.
 pub struct Prepared {
     ctx: EvaluationContext,
+    /// `%previous`/`%current` that are absent: the engine binds every variable as a
+    /// one-item collection, so these are rewritten to the empty literal `{}` instead.
+    absent: Vec<&'static str>,
 }
 
 impl FhirPath {
@@ -60,17 +63,25 @@ impl FhirPath {
             None,
             None,
         );
-        let bind = |name: &str, v: Option<&Value>| match v {
-            Some(v) => ctx.set_variable(name.into(), json_to_fhirpath_value(v.clone())),
-            None => ctx.set_variable(name.into(), json_to_fhirpath_value(Value::Array(vec![]))),
-        };
-        bind("previous", previous);
-        bind("current", current);
-        Prepared { ctx }
+        let mut absent = Vec::new();
+        for (name, v) in [("previous", previous), ("current", current)] {
+            match v {
+                Some(v) => ctx.set_variable(name.into(), json_to_fhirpath_value(v.clone())),
+                None => absent.push(name),
+            }
+        }
+        Prepared { ctx, absent }
     }
 
     /// Evaluates `expr`; the results as JSON.
     pub async fn eval(&self, p: &Prepared, expr: &str) -> Result<Vec<Value>, String> {
+        let rewritten;
+        let expr = if p.absent.iter().any(|n| expr.contains(&format!("%{n}"))) {
+            rewritten = without_absent(expr, &p.absent);
+            rewritten.as_str()
+        } else {
+            expr
+        };
         let r = self
             .engine
             .evaluate(expr, &p.ctx)
@@ -90,5 +101,44 @@ impl FhirPath {
                 other.len()
             )),
         }
+    }
+}
+
+/// Replaces `%name` (not `%nameMore`) by `{}` for each absent variable.
+fn without_absent(expr: &str, absent: &[&str]) -> String {
+    let mut out = expr.to_string();
+    for n in absent {
+        let pat = format!("%{n}");
+        let mut res = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(&pat) {
+            let after = &rest[i + pat.len()..];
+            let continues = after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            res.push_str(&rest[..i]);
+            res.push_str(if continues { &pat } else { "{}" });
+            rest = after;
+        }
+        res.push_str(rest);
+        out = res;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_variables_become_empty() {
+        assert_eq!(
+            without_absent(
+                "%previous.status != 'x' and %current.id = %previousId",
+                &["previous"]
+            ),
+            "{}.status != 'x' and %current.id = %previousId"
+        );
     }
 }
