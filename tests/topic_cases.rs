@@ -679,6 +679,9 @@ async fn trigger_cases() {
     assert!(n >= 50, "{n}");
 }
 
+/// (resource, filter's resource type, parameter, modifier, value, expected)
+type FilterCase<'a> = (&'a Value, &'a str, &'a str, Option<&'a str>, &'a str, bool);
+
 #[tokio::test]
 async fn filter_cases() {
     let s = searcher(FhirVersion::R5).await;
@@ -707,7 +710,7 @@ async fn filter_cases() {
         "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose"}]},
         "valueQuantity": {"value": 140.4, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"},
         "effectiveDateTime": "2024-07-01T08:30:00Z"});
-    let cases: Vec<(&Value, &str, &str, Option<&str>, &str, bool)> = vec![
+    let cases: Vec<FilterCase> = vec![
         (&e_patient, "Encounter", "patient", None, "Patient/p1", true),
         (&e_patient, "Encounter", "patient", None, "p1", true),
         (
