@@ -125,7 +125,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     }
     if with_delivery {
         tasks.spawn(delivery::run(cfg.clone(), shutdown.clone()));
-        let state = api::state(cfg.clone(), Some(prom), streaming)?;
+        let state = api::state(cfg.clone(), Some(prom), streaming).await?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

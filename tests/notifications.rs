@@ -42,6 +42,12 @@ fn event(f: Format, n: i64, id: &str, interaction: Interaction) -> Event {
         interaction,
         timestamp: Utc::now(),
         resource: (interaction != Interaction::Delete).then(|| encounter(f, id, n)),
+        // What a notificationShape include adds (full-resource only).
+        related: if interaction == Interaction::Delete {
+            vec![]
+        } else {
+            vec![json!({"resourceType": "Patient", "id": "p1", "active": true})]
+        },
     }
 }
 

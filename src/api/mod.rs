@@ -625,9 +625,16 @@ async fn events_answer(s: &ApiState, id: &str, q: EventsQuery) -> Result<Fhir, F
     let rows = subscriptions::events_between(&**c, id, since, until, EVENTS_LIMIT)
         .await
         .map_err(internal)?;
+    let shapes = s
+        .topics()
+        .await?
+        .into_iter()
+        .find(|t| t.url == row.topic)
+        .map(|t| t.shapes)
+        .unwrap_or_default();
     let mut events = Vec::with_capacity(rows.len());
     for p in &rows {
-        events.push(s.payloads.event(content, p).await);
+        events.push(s.payloads.event(content, &shapes, p).await);
     }
     Ok(Fhir(
         StatusCode::OK,
@@ -644,14 +651,14 @@ async fn events_answer(s: &ApiState, id: &str, q: EventsQuery) -> Result<Fhir, F
 }
 
 /// Builds the API state from a config (pool sized for the API only).
-pub fn state(
+pub async fn state(
     cfg: Arc<Config>,
     metrics: Option<PrometheusHandle>,
     capture_streaming: Option<Arc<AtomicBool>>,
 ) -> anyhow::Result<Shared> {
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
-        payloads: Payloads::new(cfg.clone())?,
+        payloads: Payloads::new(cfg.clone(), Arc::new(crate::capture::searcher(&cfg).await?))?,
         registry: Arc::new(crate::fhir::search::registry::Registry::load(
             cfg.source.fhir_version,
         )),

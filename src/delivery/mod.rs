@@ -67,7 +67,10 @@ pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyho
     let wakers = Arc::new(Wakers::default());
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
-        payloads: payload::Payloads::new(cfg.clone())?,
+        payloads: payload::Payloads::new(
+            cfg.clone(),
+            Arc::new(crate::capture::searcher(&cfg).await?),
+        )?,
         channel: RestHook::new(),
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),

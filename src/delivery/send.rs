@@ -121,6 +121,21 @@ async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyh
     Ok(true)
 }
 
+/// The notificationShapes of a topic (configured, or from the store).
+async fn topic_shapes(ctx: &Ctx, c: &Client, topic: &str) -> Vec<crate::fhir::topic::Shape> {
+    if let Some(t) = ctx.cfg.topics.iter().find(|t| t.topic.url == topic) {
+        return t.topic.shapes.clone();
+    }
+    match queue::topics::load_store(c).await {
+        Ok(list) => list
+            .into_iter()
+            .find(|(_, t)| t.url == topic)
+            .map(|(_, t)| t.shapes)
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Notifications one worker sends for one subscription before giving others a turn.
 const BACKLOG_ROUNDS: usize = 100;
 
@@ -231,9 +246,14 @@ async fn send_events(
         subscriptions::defer(&*c, &sub.id, oldest.queued_at + window).await?;
         return Ok(Sent::Deferred);
     }
+    let shapes = if sub.content == crate::fhir::subscription::Content::FullResource {
+        topic_shapes(ctx, c, topic).await
+    } else {
+        Vec::new()
+    };
     let mut events = Vec::with_capacity(batch.len());
     for p in &batch {
-        events.push(ctx.payloads.event(sub.content, p).await);
+        events.push(ctx.payloads.event(sub.content, &shapes, p).await);
     }
     let last = batch.last().map(|p| p.event_number).unwrap_or(0);
     let info = StatusInfo {

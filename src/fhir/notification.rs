@@ -70,6 +70,8 @@ pub struct Event {
     pub timestamp: DateTime<Utc>,
     /// The resource body, when the payload is full-resource and the change was not a delete.
     pub resource: Option<Value>,
+    /// Resources the topic's notificationShape adds (include/revInclude), full-resource only.
+    pub related: Vec<Value>,
 }
 
 pub fn fhir_instant(t: DateTime<Utc>) -> String {
@@ -112,6 +114,9 @@ pub fn status_resource(
             ];
             if content != Content::Empty {
                 part.push(json!({"name": "focus", "valueReference": {"reference": focus(e)}}));
+                for r in &e.related {
+                    part.push(json!({"name": "additional-context", "valueReference": {"reference": related_url(r, base_url)}}));
+                }
             }
             p.push(json!({"name": "notification-event", "part": part}));
         }
@@ -146,6 +151,13 @@ pub fn status_resource(
                 });
                 if content != Content::Empty {
                     n["focus"] = json!({"reference": focus(e)});
+                    if !e.related.is_empty() {
+                        n["additionalContext"] = e
+                            .related
+                            .iter()
+                            .map(|r| json!({"reference": related_url(r, base_url)}))
+                            .collect();
+                    }
                 }
                 n
             })
@@ -192,6 +204,23 @@ pub fn bundle(
             entries.push(entry);
         }
     }
+    if content == Content::FullResource {
+        for e in events {
+            for r in &e.related {
+                let url = related_url(r, base_url);
+                if entries.iter().any(|x| x["fullUrl"] == url.as_str()) {
+                    continue;
+                }
+                let mut entry = json!({"fullUrl": url, "resource": r});
+                if format != Format::R5 {
+                    // History bundles: every entry carries a request and response.
+                    entry["request"] = json!({"method": "GET", "url": format!("{}/{}", r["resourceType"].as_str().unwrap_or(""), r["id"].as_str().unwrap_or(""))});
+                    entry["response"] = json!({"status": "200"});
+                }
+                entries.push(entry);
+            }
+        }
+    }
     let mut b = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
@@ -209,6 +238,14 @@ pub fn bundle(
         Format::R5 => {}
     }
     b
+}
+
+fn related_url(r: &Value, base_url: &str) -> String {
+    format!(
+        "{base_url}/{}/{}",
+        r["resourceType"].as_str().unwrap_or(""),
+        r["id"].as_str().unwrap_or("")
+    )
 }
 
 fn event_entry(e: &Event, content: Content, base_url: &str) -> Value {
@@ -262,6 +299,7 @@ mod tests {
             interaction: i,
             timestamp: Utc::now(),
             resource: Some(json!({"resourceType": "Encounter", "id": "e1"})),
+            related: vec![],
         }
     }
 

@@ -81,6 +81,16 @@ pub struct CanFilterBy {
     pub modifiers: Vec<String>,
 }
 
+/// One `notificationShape`: for a focus of `resource_type`, the resources to add.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub resource_type: String,
+    /// `Encounter:patient` (source type, reference parameter, optional target type).
+    pub include: Vec<String>,
+    /// `Observation:encounter`: resources of that type whose parameter refers to the focus.
+    pub rev_include: Vec<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Topic {
     pub url: String,
@@ -91,6 +101,8 @@ pub struct Topic {
     /// The most a notification of this topic may carry (`maxContent`; TOML `max_content`):
     /// subscriptions asking for more get this.
     pub max_content: Option<Content>,
+    /// `notificationShape`: what full-resource notifications add per focus type.
+    pub shapes: Vec<Shape>,
     /// The resource as given, for `GET /SubscriptionTopic`.
     pub resource: Value,
 }
@@ -246,12 +258,40 @@ impl Topic {
                 value: c.into(),
             })?),
         };
+        let strings = |v: &Value, k: &str| -> Vec<String> {
+            v.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let shapes = v
+            .get("notificationShape")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| {
+                        Some(Shape {
+                            resource_type: resource_type_of(n.get("resource")?.as_str()?)
+                                .to_string(),
+                            include: strings(n, "include"),
+                            rev_include: strings(n, "revInclude"),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Topic {
             url,
             id,
             triggers,
             can_filter_by,
             max_content,
+            shapes,
             resource,
         })
     }
