@@ -68,9 +68,10 @@ impl Payloads {
         let ty = focus["resourceType"].as_str().unwrap_or_default();
         let id = focus["id"].as_str().unwrap_or_default();
         let mut out: Vec<Value> = Vec::new();
-        let mut add = |r: Value, out: &mut Vec<Value>| {
+        let add = |r: Value, out: &mut Vec<Value>| {
             let same = |x: &Value| x["resourceType"] == r["resourceType"] && x["id"] == r["id"];
-            if !out.iter().any(same) && !(r["resourceType"] == ty && r["id"] == id) {
+            let is_focus = r["resourceType"] == ty && r["id"] == id;
+            if !is_focus && !out.iter().any(same) {
                 out.push(r);
             }
         };
