@@ -52,11 +52,13 @@ print("demo: created Subscription/" + json.load(urllib.request.urlopen(req))["id
 PY
 sleep 1
 
-echo "demo: writing Encounters into the store (plain SQL, as the store itself would)"
+echo "demo: writing into the store (plain SQL, as the store itself would); the topic fires when an Encounter moves to in-progress"
+psql -d fhir -c "SELECT aidbox_put('Patient', 'p1', '{\"active\":true,\"name\":[{\"family\":\"Demo\"}]}')" >/dev/null
 psql -d fhir -c "SELECT aidbox_put('Encounter', 'enc-1', '{\"status\":\"planned\",\"subject\":{\"reference\":\"Patient/p1\"}}')" >/dev/null
 psql -d fhir -c "SELECT aidbox_put('Encounter', 'enc-1', '{\"status\":\"in-progress\",\"subject\":{\"reference\":\"Patient/p1\"}}')" >/dev/null
-psql -d fhir -c "BEGIN; SELECT aidbox_put('Encounter', 'enc-rolled-back', '{\"status\":\"planned\"}'); ROLLBACK;" >/dev/null
-psql -d fhir -c "SELECT aidbox_put('Encounter', 'enc-2', '{\"status\":\"planned\"}')" >/dev/null
+psql -d fhir -c "SELECT aidbox_put('Encounter', 'enc-1', '{\"status\":\"in-progress\",\"subject\":{\"reference\":\"Patient/p1\"},\"priority\":{\"text\":\"urgent\"}}')" >/dev/null
+psql -d fhir -c "BEGIN; SELECT aidbox_put('Encounter', 'enc-rolled-back', '{\"status\":\"in-progress\"}'); ROLLBACK;" >/dev/null
+psql -d fhir -c "SELECT aidbox_put('Encounter', 'enc-2', '{\"status\":\"in-progress\",\"subject\":{\"reference\":\"Patient/p1\"}}')" >/dev/null
 sleep 2
 python3 - <<'PY'
 import json, urllib.request

@@ -35,6 +35,22 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         cfg.source.profile,
         cfg.source.fhir_version
     ))];
+    match crate::capture::searcher(cfg).await {
+        Ok(s) => {
+            for t in &cfg.topics {
+                match crate::fhir::trigger::compile(&t.topic, &s.registry, &s.fp) {
+                    Ok(c) => out.push(ok(format!(
+                        "topic {}: {} trigger(s), {} filter parameter(s)",
+                        t.topic.url,
+                        c.triggers.len(),
+                        c.filters.len()
+                    ))),
+                    Err(e) => out.push(bad(e, "fix the topic's criteria (search parameters of source.fhir_version, FHIRPath)")),
+                }
+            }
+        }
+        Err(e) => out.push(bad(format!("FHIRPath engine: {e}"), "report this as a bug")),
+    }
     if cfg.topics.is_empty() {
         out.push(bad(
             "no [[topic]] configured: nothing will ever match",

@@ -41,6 +41,26 @@ async fn check_reports_what_to_fix() {
         out.contains("capture will create it: CREATE PUBLICATION"),
         "{out}"
     );
+    assert!(
+        out.contains("ok    topic http://fhir-cdc.test/topic/encounter: 1 trigger(s)"),
+        "{out}"
+    );
+
+    // A criterion on a parameter the resource type does not have is a configuration error.
+    let typo = aidbox_config(
+        &pg,
+        api,
+        &TOPIC.replace(
+            "resourceTrigger = [{ resource = \"Encounter\" }]",
+            "resourceTrigger = [{ resource = \"Encounter\", queryCriteria = { current = \"statsu=finished\" } }]",
+        ),
+    );
+    let (ok, out) = check(&write_file(dir.path(), "typo.toml", &typo));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FIX") && out.contains("no search parameter \"statsu\""),
+        "{out}"
+    );
 
     let strict = aidbox_config(&pg, api, TOPIC).replace(
         "fhir_version = \"R5\"",
