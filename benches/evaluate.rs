@@ -36,7 +36,7 @@ fn topics(criteria: bool) -> Vec<Value> {
             "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"]}]}),
         );
     }
-    for i in 0..5 {
+    for (i, ty) in TYPES.iter().enumerate() {
         let t = if criteria {
             json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/crit-{i}"),
                 "resourceTrigger": [{"resource": "Observation", "supportedInteraction": ["create", "update"],
@@ -46,7 +46,7 @@ fn topics(criteria: bool) -> Vec<Value> {
                                 {"resource": "Observation", "filterParameter": "date"}]})
         } else {
             json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/more-{i}"),
-                "resourceTrigger": [{"resource": TYPES[i], "supportedInteraction": ["delete"]}]})
+                "resourceTrigger": [{"resource": ty, "supportedInteraction": ["delete"]}]})
         };
         out.push(t);
     }
