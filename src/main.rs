@@ -119,13 +119,24 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let mut tasks = tokio::task::JoinSet::new();
     let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
     let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
+    // One FHIRPath engine and search-parameter index for the whole process.
+    let searcher = Arc::new(capture::searcher(&cfg).await?);
     let streaming = with_capture.then(|| Arc::new(AtomicBool::new(false)));
     if let Some(s) = &streaming {
-        tasks.spawn(capture::run(cfg.clone(), s.clone(), shutdown.clone()));
+        tasks.spawn(capture::run(
+            cfg.clone(),
+            searcher.clone(),
+            s.clone(),
+            shutdown.clone(),
+        ));
     }
     if with_delivery {
-        tasks.spawn(delivery::run(cfg.clone(), shutdown.clone()));
-        let state = api::state(cfg.clone(), Some(prom), streaming).await?;
+        tasks.spawn(delivery::run(
+            cfg.clone(),
+            searcher.clone(),
+            shutdown.clone(),
+        ));
+        let state = api::state(cfg.clone(), Some(prom), streaming, searcher).await?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

@@ -655,13 +655,12 @@ pub async fn state(
     cfg: Arc<Config>,
     metrics: Option<PrometheusHandle>,
     capture_streaming: Option<Arc<AtomicBool>>,
+    searcher: Arc<crate::fhir::search::Searcher>,
 ) -> anyhow::Result<Shared> {
     Ok(Arc::new(ApiState {
         pool: queue::pool(cfg.queue_url(), 8)?,
-        payloads: Payloads::new(cfg.clone(), Arc::new(crate::capture::searcher(&cfg).await?))?,
-        registry: Arc::new(crate::fhir::search::registry::Registry::load(
-            cfg.source.fhir_version,
-        )),
+        registry: searcher.registry.clone(),
+        payloads: Payloads::new(cfg.clone(), searcher)?,
         cfg,
         metrics,
         capture_streaming,

@@ -41,10 +41,10 @@ fn pg_time(micros: i64) -> DateTime<Utc> {
 /// commit is captured (what `/readyz` reports).
 pub async fn run(
     cfg: Arc<Config>,
+    searcher: Arc<Searcher>,
     streaming: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let searcher = Arc::new(searcher(&cfg).await?);
     // Configured topics must compile: a typo in a criterion is a configuration error.
     let mut configured = Vec::new();
     for t in &cfg.topics {

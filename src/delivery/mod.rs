@@ -61,16 +61,17 @@ impl Wakers {
 
 /// Runs dispatch and send workers for every topic (configured, and created in the store)
 /// until `shutdown` flips.
-pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Arc<Config>,
+    searcher: Arc<crate::fhir::search::Searcher>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut client).await?;
     let wakers = Arc::new(Wakers::default());
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
-        payloads: payload::Payloads::new(
-            cfg.clone(),
-            Arc::new(crate::capture::searcher(&cfg).await?),
-        )?,
+        payloads: payload::Payloads::new(cfg.clone(), searcher)?,
         channel: RestHook::new(),
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),
