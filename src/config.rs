@@ -95,6 +95,10 @@ pub struct QueueConfig {
     /// Longest time a committed store transaction waits before it is queued.
     #[serde(default = "default_flush_ms")]
     pub flush_ms: u64,
+    /// How long delivered events stay in the queue for `$events`, hours (default 168 = 7
+    /// days). Pending and dead-lettered events are never removed by retention.
+    #[serde(default = "default_retention")]
+    pub retention_hours: u64,
 }
 
 impl Default for QueueConfig {
@@ -378,6 +382,9 @@ fn yes() -> bool {
 }
 fn default_batch() -> usize {
     5000
+}
+fn default_retention() -> u64 {
+    168
 }
 fn default_flush_ms() -> u64 {
     20

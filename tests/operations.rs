@@ -161,3 +161,99 @@ async fn postgres_crash_is_ridden_out() {
     assert!(d.log_text().contains("reconnecting"), "{}", d.log_text());
     validate(&rx.bodies("r"), "r5", &["--sequence", "strict"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_only_delivered_events() {
+    let pg = Pg::start();
+    let store = pg.aidbox_store().await;
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = free_port();
+    let cfg = aidbox_config(&pg, api, TOPIC).replace("[queue]", "[queue]\nretention_hours = 0");
+    let cfg = write_file(dir.path(), "c.toml", &cfg);
+    let log = dir.path().join("log");
+    let mut d = Daemon::start(&cfg, &log);
+    wait_api(api).await;
+    let ok = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("ok"),
+        "id-only",
+    )
+    .await;
+    wait_until("handshake", Duration::from_secs(30), || async {
+        !rx.bodies("ok").is_empty()
+    })
+    .await;
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'r1', $1)",
+            &[&json!({"status": "planned"})],
+        )
+        .await
+        .unwrap();
+    wait_until("delivered", Duration::from_secs(30), || async {
+        rx.events("ok").len() == 1
+    })
+    .await;
+    // A subscriber that goes down keeps its events pending.
+    let down = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("down"),
+        "id-only",
+    )
+    .await;
+    wait_until("down active", Duration::from_secs(30), || async {
+        status(api, &down).await["status"] == "active"
+    })
+    .await;
+    rx.answer("down", 503);
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'r2', $1)",
+            &[&json!({"status": "planned"})],
+        )
+        .await
+        .unwrap();
+    wait_until("ok got r2", Duration::from_secs(30), || async {
+        rx.events("ok").len() == 2
+    })
+    .await;
+
+    // Retention runs when dispatch starts: delivered events go, the pending one stays.
+    d.kill9();
+    d = Daemon::start(&cfg, &log);
+    wait_api(api).await;
+    let q = pg.client("fhir").await;
+    wait_until("retention", Duration::from_secs(30), || async {
+        d.log_text().contains("retention removed delivered events")
+    })
+    .await;
+    let left: Vec<String> = q
+        .query("SELECT resource_id FROM fhir_cdc.event ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["r2"], "r2 is still pending for the down subscriber");
+    let ev: serde_json::Value = reqwest::get(format!(
+        "http://127.0.0.1:{api}/Subscription/{ok}/$events?eventsSinceNumber=1&eventsUntilNumber=2"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        event_numbers(&ev),
+        Vec::<i64>::new(),
+        "delivered events were let go"
+    );
+    assert_eq!(
+        status(api, &ok).await["eventsSinceSubscriptionStart"],
+        "2",
+        "counts survive retention"
+    );
+}

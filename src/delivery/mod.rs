@@ -143,6 +143,7 @@ async fn dispatcher(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut client = None;
+    let mut last_retention = std::time::Instant::now() - Duration::from_secs(3600);
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -163,6 +164,17 @@ async fn dispatcher(
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "expiring subscriptions failed"),
+            }
+            // Retention runs at most once a minute per topic.
+            if last_retention.elapsed() > Duration::from_secs(60) {
+                last_retention = std::time::Instant::now();
+                match dispatch::retain(c, &topic, cfg.queue.retention_hours).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(topic = %topic, events = n, "retention removed delivered events")
+                    }
+                    Err(e) => tracing::warn!(topic = %topic, error = %e, "retention failed"),
+                }
             }
             loop {
                 match dispatch::round(c, &topic, 1000).await {

@@ -10,6 +10,30 @@ use crate::fhir::subscription::Filter;
 
 use super::{Result, DELIVERY_CHANNEL};
 
+/// Removes what retention lets go: delivered deliveries older than `hours`, and events older
+/// than that which no delivery needs any more and dispatch has passed. Returns the number of
+/// events removed.
+pub async fn retain(client: &Client, topic: &str, hours: u64) -> Result<u64> {
+    let hours = hours as f64;
+    client
+        .execute(
+            "DELETE FROM fhir_cdc.delivery d USING fhir_cdc.subscription s
+             WHERE d.subscription_id = s.id AND s.topic = $1 AND d.state = 'delivered'
+               AND d.delivered_at < now() - make_interval(hours => $2::float8::int)",
+            &[&topic, &hours],
+        )
+        .await?;
+    Ok(client
+        .execute(
+            "DELETE FROM fhir_cdc.event e
+             WHERE e.topic = $1 AND e.queued_at < now() - make_interval(hours => $2::float8::int)
+               AND e.id <= coalesce((SELECT last_event_id FROM fhir_cdc.dispatch_cursor WHERE topic = $1), 0)
+               AND NOT EXISTS (SELECT 1 FROM fhir_cdc.delivery d WHERE d.event_id = e.id)",
+            &[&topic, &hours],
+        )
+        .await?)
+}
+
 /// Dispatches up to `limit` new events of `topic`. Returns how many events it consumed
 /// (0 when there were none or another instance holds the topic).
 pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize> {
