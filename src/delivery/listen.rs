@@ -58,9 +58,11 @@ async fn listen_once(
     });
     client
         .batch_execute(&format!(
-            "LISTEN {EVENT_CHANNEL}; LISTEN {DELIVERY_CHANNEL}"
+            "LISTEN {EVENT_CHANNEL}; LISTEN {DELIVERY_CHANNEL}; LISTEN {TOPIC_CHANNEL}"
         ))
         .await?;
+    // Whatever was notified before LISTEN took effect is picked up by a full round.
+    wakers.wake_all();
     loop {
         tokio::select! {
             m = rx.recv() => {

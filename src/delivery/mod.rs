@@ -126,7 +126,8 @@ pub async fn run(
         }
         tokio::select! {
             _ = wakers.topics_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            // Covers a NOTIFY lost while the LISTEN connection was down.
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.changed() => break,
         }
     }
