@@ -821,3 +821,43 @@ async fn filter_cases() {
         );
     }
 }
+
+#[tokio::test]
+async fn filter_definition_and_explicit_fhirpath() {
+    let s = searcher(FhirVersion::R5).await;
+    let topic = json!({"resourceType": "SubscriptionTopic", "url": "http://t/d",
+    "resourceTrigger": [{"resource": "Observation"}],
+    "canFilterBy": [
+        {"resource": "Observation", "filterParameter": "who",
+         "filterDefinition": "http://hl7.org/fhir/SearchParameter/clinical-patient"},
+        {"resource": "Observation", "filterParameter": "flag",
+         "expression": "Observation.interpretation", "type": "token"}
+    ]});
+    let t = Topic::from_json(&topic).unwrap();
+    let c = trigger::compile(&t, &s.registry, &s.fp).unwrap();
+    assert_eq!(c.filters.len(), 2);
+    let o = json!({"resourceType": "Observation", "id": "o", "status": "final", "code": {},
+        "subject": {"reference": "Patient/p7"},
+        "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "HH"}]}]});
+    let values: std::collections::HashMap<_, _> = c
+        .filter_values(&s, "Observation", Some(&o))
+        .await
+        .into_iter()
+        .collect();
+    let f = |param: &str, value: &str| Filter {
+        resource_type: Some("Observation".into()),
+        parameter: param.into(),
+        comparator: None,
+        modifier: None,
+        value: value.into(),
+    };
+    assert!(f("who", "Patient/p7").matches("Observation", &values));
+    assert!(!f("who", "Patient/p8").matches("Observation", &values));
+    assert!(f("flag", "HH").matches("Observation", &values));
+    assert!(f(
+        "flag",
+        "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation|HH"
+    )
+    .matches("Observation", &values));
+    assert!(!f("flag", "L").matches("Observation", &values));
+}

@@ -654,7 +654,7 @@ fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, I
             "filters are not evaluated by this server configuration".into(),
         ));
     };
-    let param = registry.get(&resource_type, &f.parameter).ok_or_else(|| {
+    let param = registry.for_filter(entry, &resource_type).ok_or_else(|| {
         refuse(format!(
             "filter {:?} has no search parameter definition for {resource_type}; it cannot be evaluated",
             f.parameter

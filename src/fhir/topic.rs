@@ -79,6 +79,11 @@ pub struct CanFilterBy {
     pub comparators: Vec<String>,
     /// Modifiers a subscription may use (empty: any the type allows; `=` means none).
     pub modifiers: Vec<String>,
+    /// `filterDefinition`: the canonical of the SearchParameter that defines the filter.
+    pub filter_definition: Option<String>,
+    /// An explicit FHIRPath (TOML topics: `expression` with `type`) for a filter that no
+    /// SearchParameter defines.
+    pub expression: Option<(String, String)>,
 }
 
 /// One `notificationShape`: for a focus of `resource_type`, the resources to add.
@@ -237,11 +242,14 @@ impl Topic {
                                 })
                                 .unwrap_or_default()
                         };
+                        let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
                         Some(CanFilterBy {
                             resource_type,
                             parameter,
                             comparators: list("comparator"),
                             modifiers: list("modifier"),
+                            filter_definition: text("filterDefinition"),
+                            expression: text("expression").zip(text("type")),
                         })
                     })
                     .collect()

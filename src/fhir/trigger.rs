@@ -112,7 +112,7 @@ pub fn compile(
         for ty in types {
             // A parameter without a definition (e.g. `_in`) cannot be evaluated here;
             // subscriptions that filter on it are refused when they are created.
-            let Some(param) = registry.get(&ty, &c.parameter) else {
+            let Some(param) = registry.for_filter(c, &ty) else {
                 tracing::warn!(topic = %topic.url, parameter = %c.parameter, resource = %ty,
                     "canFilterBy parameter has no search parameter definition; filters on it will be refused");
                 continue;

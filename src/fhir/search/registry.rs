@@ -37,6 +37,7 @@ struct Raw {
     expression: Option<String>,
     #[serde(default)]
     target: Vec<String>,
+    url: Option<String>,
 }
 
 /// One search parameter for one resource type.
@@ -53,6 +54,8 @@ pub struct SearchParam {
 #[derive(Debug)]
 pub struct Registry {
     by_key: HashMap<(String, String), Arc<SearchParam>>,
+    /// Canonical URL → code, for `canFilterBy.filterDefinition`.
+    by_url: HashMap<String, String>,
 }
 
 impl Registry {
@@ -70,7 +73,11 @@ impl Registry {
         let raws: Vec<Raw> =
             serde_json::from_str(&text).expect("vendored search parameters are valid JSON");
         let mut by_key = HashMap::new();
+        let mut by_url = HashMap::new();
         for r in raws {
+            if let Some(u) = &r.url {
+                by_url.insert(u.clone(), r.code.clone());
+            }
             let Some(expr) = r.expression.as_deref() else {
                 continue;
             };
@@ -90,7 +97,7 @@ impl Registry {
                 );
             }
         }
-        Registry { by_key }
+        Registry { by_key, by_url }
     }
 
     /// The parameter `code` of `resource_type`, including those defined on Resource and
@@ -102,6 +109,36 @@ impl Registry {
             }
         }
         None
+    }
+
+    /// The parameter a canonical URL names, for `resource_type`.
+    pub fn by_url(&self, url: &str, resource_type: &str) -> Option<Arc<SearchParam>> {
+        let code = self.by_url.get(url.split('|').next().unwrap_or(url))?;
+        self.get(resource_type, code)
+    }
+
+    /// The definition of a canFilterBy entry for `resource_type`: its explicit FHIRPath, its
+    /// filterDefinition, or the search parameter of that name.
+    pub fn for_filter(
+        &self,
+        c: &crate::fhir::topic::CanFilterBy,
+        resource_type: &str,
+    ) -> Option<Arc<SearchParam>> {
+        if let Some((expression, kind)) = &c.expression {
+            let kind: ParamType =
+                serde_json::from_value(serde_json::Value::String(kind.clone())).ok()?;
+            return Some(Arc::new(SearchParam {
+                code: c.parameter.clone(),
+                resource_type: resource_type.to_string(),
+                kind,
+                expression: rewrite_resolve(expression),
+                target: vec![],
+            }));
+        }
+        if let Some(url) = &c.filter_definition {
+            return self.by_url(url, resource_type);
+        }
+        self.get(resource_type, &c.parameter)
     }
 
     pub fn len(&self) -> usize {
