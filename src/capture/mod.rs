@@ -143,6 +143,8 @@ struct Stream<'a> {
     profile: Profile,
     topics: Vec<Active>,
     searcher: Arc<Searcher>,
+    /// Tables already warned about updates without a previous version.
+    warned_no_previous: std::collections::HashSet<u32>,
     parser: LogicalReplicationParser,
     relations: HashMap<u32, Relation>,
     checkpoint: u64,
@@ -251,6 +253,7 @@ async fn run_once(
         profile: Profile::new(src),
         topics,
         searcher: searcher.clone(),
+        warned_no_previous: Default::default(),
         parser: LogicalReplicationParser::with_protocol_version(1),
         relations: HashMap::new(),
         checkpoint,
@@ -447,6 +450,17 @@ impl Stream<'_> {
             .collect();
         if wanted.is_empty() {
             return Ok(());
+        }
+        if previous_row.is_none()
+            && change.interaction != Interaction::Create
+            && wanted.iter().any(|a| a.compiled.has_criteria())
+            && self.warned_no_previous.insert(rel_id)
+        {
+            tracing::warn!(
+                table = %change.resource_type,
+                "an update or delete arrived without its previous version; criteria evaluate the previous state as absent. \
+                 Set REPLICA IDENTITY FULL on the table (generic profile) so pgoutput sends it"
+            );
         }
         // Parse once, and only for changes some topic wants.
         let current = match change.resource() {
