@@ -12,7 +12,7 @@ use fhir_cdc::fhir::fhirpath::FhirPath;
 use fhir_cdc::fhir::search::registry::Registry;
 use fhir_cdc::fhir::search::Searcher;
 use fhir_cdc::fhir::topic::{Interaction, Topic};
-use fhir_cdc::fhir::trigger::{self, Compiled, Outcome};
+use fhir_cdc::fhir::trigger::{self, ChangeEval, Compiled, Outcome};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,18 +83,16 @@ async fn scenario(
                 .any(|(_, c)| c.has_criteria() || !c.filters.is_empty());
             if needs_body {
                 let current: Value = serde_json::from_str(b).unwrap();
+                let ev = ChangeEval::new(s, None, Some(&current));
                 for (_, c) in &wanted {
                     if c.has_criteria() {
-                        match c
-                            .evaluate(s, ty, Interaction::Update, None, Some(&current))
-                            .await
-                        {
+                        match c.evaluate(&ev, ty, Interaction::Update).await {
                             Outcome::Fires => {}
                             _ => continue,
                         }
                     }
                     if !c.filters.is_empty() {
-                        let v = c.filter_values(s, ty, Some(&current)).await;
+                        let v = c.filter_values(&ev, ty).await;
                         assert!(!v.is_empty());
                     }
                     fired += 1;

@@ -8,7 +8,7 @@ use fhir_cdc::fhir::search::registry::Registry;
 use fhir_cdc::fhir::search::Searcher;
 use fhir_cdc::fhir::subscription::Filter;
 use fhir_cdc::fhir::topic::{Interaction, Topic};
-use fhir_cdc::fhir::trigger::{self, Outcome};
+use fhir_cdc::fhir::trigger::{self, ChangeEval, Outcome};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -54,7 +54,10 @@ async fn run(
 ) -> O {
     let t = Topic::from_json(topic).unwrap();
     let c = trigger::compile(&t, &s.registry, &s.fp).unwrap();
-    match c.evaluate(s, ty, i, prev.as_ref(), curr.as_ref()).await {
+    match c
+        .evaluate(&ChangeEval::new(s, prev.as_ref(), curr.as_ref()), ty, i)
+        .await
+    {
         Outcome::Fires => O::F,
         Outcome::DoesNotFire => O::N,
         Outcome::Error(_) => O::E,
@@ -805,7 +808,9 @@ async fn filter_cases() {
     ];
     for (res, filter_type, param, modifier, value, want) in cases {
         let ty = res["resourceType"].as_str().unwrap();
-        let values = c.filter_values(&s, ty, Some(res)).await;
+        let values = c
+            .filter_values(&ChangeEval::new(&s, None, Some(res)), ty)
+            .await;
         let values = values.into_iter().collect();
         let f = Filter {
             resource_type: Some(filter_type.to_string()),
@@ -840,7 +845,7 @@ async fn filter_definition_and_explicit_fhirpath() {
         "subject": {"reference": "Patient/p7"},
         "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "HH"}]}]});
     let values: std::collections::HashMap<_, _> = c
-        .filter_values(&s, "Observation", Some(&o))
+        .filter_values(&ChangeEval::new(&s, None, Some(&o)), "Observation")
         .await
         .into_iter()
         .collect();

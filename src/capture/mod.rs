@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::fhir::search::Searcher;
 use crate::fhir::subscription::{self, Rules};
 use crate::fhir::topic::{Interaction, Topic};
-use crate::fhir::trigger::{self, Compiled, Outcome};
+use crate::fhir::trigger::{self, ChangeEval, Compiled, Outcome};
 use crate::queue::{self, batch, batch::Item, batch::QueuedEvent};
 use profile::{Profile, RowChange, TableKind};
 
@@ -488,17 +488,16 @@ impl Stream<'_> {
             return Ok(());
         };
         let mut items = Vec::new();
+        // Built once for every topic that evaluates something on this change.
+        let eval = wanted
+            .iter()
+            .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
+            .then(|| ChangeEval::new(&self.searcher, previous.as_ref(), current.as_deref()));
         for a in wanted {
-            let fires = if a.compiled.has_criteria() {
+            let fires = if let (true, Some(ev)) = (a.compiled.has_criteria(), eval.as_ref()) {
                 match a
                     .compiled
-                    .evaluate(
-                        &self.searcher,
-                        &change.resource_type,
-                        change.interaction,
-                        previous.as_ref(),
-                        current.as_deref(),
-                    )
+                    .evaluate(ev, &change.resource_type, change.interaction)
                     .await
                 {
                     Outcome::Fires => true,
@@ -516,15 +515,12 @@ impl Stream<'_> {
             if !fires {
                 continue;
             }
-            let filters = if a.compiled.filters.is_empty() {
-                None
-            } else {
-                let focus = current.as_deref().or(previous.as_ref());
-                let values = a
-                    .compiled
-                    .filter_values(&self.searcher, &change.resource_type, focus)
-                    .await;
-                serde_json::to_value(values).ok()
+            let filters = match (&eval, a.compiled.filters.is_empty()) {
+                (Some(ev), false) => {
+                    let values = a.compiled.filter_values(ev, &change.resource_type).await;
+                    serde_json::to_value(values).ok()
+                }
+                _ => None,
             };
             items.push(Item::Event(QueuedEvent {
                 topic: a.url.clone(),

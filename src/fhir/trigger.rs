@@ -2,9 +2,11 @@
 //! evaluated on a change the way the R5 SubscriptionTopic page defines them.
 
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
-use super::search::registry::Registry;
+use super::fhirpath::Prepared;
+use super::search::registry::{Registry, SearchParam};
 use super::search::value::Values;
 use super::search::{parse_query, Criterion, Searcher};
 use super::topic::{Interaction, Interactions, Topic};
@@ -147,18 +149,16 @@ impl Compiled {
     /// Evaluates the triggers for a change; fires when any trigger of the type does.
     pub async fn evaluate(
         &self,
-        s: &Searcher,
+        change: &ChangeEval<'_>,
         resource_type: &str,
         interaction: Interaction,
-        previous: Option<&Value>,
-        current: Option<&Value>,
     ) -> Outcome {
         let mut last_error = None;
         for t in &self.triggers {
             if t.resource_type != resource_type || !t.interactions.contains(interaction) {
                 continue;
             }
-            match evaluate_trigger(t, s, previous, current).await {
+            match evaluate_trigger(t, change).await {
                 Ok(true) => return Outcome::Fires,
                 Ok(false) => {}
                 Err(e) => last_error = Some(e),
@@ -170,23 +170,21 @@ impl Compiled {
         }
     }
 
-    /// The canFilterBy values of a resource (current, or previous for a delete).
+    /// The canFilterBy values of the changed resource (current, or previous for a delete).
     pub async fn filter_values(
         &self,
-        s: &Searcher,
+        change: &ChangeEval<'_>,
         resource_type: &str,
-        resource: Option<&Value>,
     ) -> BTreeMap<String, Values> {
         let mut out = BTreeMap::new();
-        let Some(r) = resource else {
+        if change.current.is_none() && change.previous.is_none() {
             return out;
-        };
-        let p = s.fp.prepare(r, None, Some(r));
+        }
         for f in &self.filters {
             if f.resource_type.as_deref() != Some(resource_type) {
                 continue;
             }
-            match s.values(&p, &f.param).await {
+            match change.values(false, &f.param).await {
                 Ok(v) => {
                     out.insert(f.name.clone(), v);
                 }
@@ -199,22 +197,89 @@ impl Compiled {
     }
 }
 
-async fn evaluate_trigger(
-    t: &Trigger,
-    s: &Searcher,
-    previous: Option<&Value>,
-    current: Option<&Value>,
-) -> Result<bool, String> {
+/// One change made ready for evaluation by every topic that wants it: the resource is
+/// converted for the FHIRPath engine once, and a search parameter's values are computed
+/// once whatever number of topics ask for them.
+pub struct ChangeEval<'a> {
+    pub searcher: &'a Searcher,
+    pub previous: Option<&'a Value>,
+    pub current: Option<&'a Value>,
+    /// Focus: the current version (the previous one for a delete); `%previous`/`%current` bound.
+    main: Prepared,
+    /// Focus: the previous version, when there is also a current one.
+    prev: Option<Prepared>,
+    cache: [Mutex<HashMap<String, Values>>; 2],
+}
+
+impl<'a> ChangeEval<'a> {
+    pub fn new(
+        searcher: &'a Searcher,
+        previous: Option<&'a Value>,
+        current: Option<&'a Value>,
+    ) -> Self {
+        let focus = current.or(previous).cloned().unwrap_or(Value::Null);
+        let main = searcher.fp.prepare(&focus, previous, current);
+        let prev = match (previous, current) {
+            (Some(p), Some(_)) => Some(searcher.fp.prepare(p, previous, current)),
+            _ => None,
+        };
+        ChangeEval {
+            searcher,
+            previous,
+            current,
+            main,
+            prev,
+            cache: Default::default(),
+        }
+    }
+
+    fn ctx(&self, previous_side: bool) -> &Prepared {
+        if previous_side {
+            self.prev.as_ref().unwrap_or(&self.main)
+        } else {
+            &self.main
+        }
+    }
+
+    /// Values of `param` on the previous or the current version, computed once.
+    pub async fn values(&self, previous_side: bool, param: &SearchParam) -> Result<Values, String> {
+        let slot = &self.cache[usize::from(previous_side)];
+        if let Some(v) = slot
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&param.expression).cloned())
+        {
+            return Ok(v);
+        }
+        let v = self.searcher.values(self.ctx(previous_side), param).await?;
+        if let Ok(mut m) = slot.lock() {
+            m.insert(param.expression.clone(), v.clone());
+        }
+        Ok(v)
+    }
+
+    async fn matches(&self, previous_side: bool, criteria: &[Criterion]) -> Result<bool, String> {
+        for c in criteria {
+            let v = self.values(previous_side, &c.param).await?;
+            if !super::search::value::matches(&v, c.modifier.as_deref(), &c.value) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, String> {
     if let Some(q) = &t.query {
-        let prev = match (&q.previous, previous) {
+        let prev = match (&q.previous, change.previous) {
             (None, _) => None,
             (Some(_), None) => Some(q.result_for_create),
-            (Some(c), Some(r)) => Some(s.matches(&s.fp.prepare(r, None, None), c).await?),
+            (Some(c), Some(_)) => Some(change.matches(true, c).await?),
         };
-        let curr = match (&q.current, current) {
+        let curr = match (&q.current, change.current) {
             (None, _) => None,
             (Some(_), None) => Some(q.result_for_delete),
-            (Some(c), Some(r)) => Some(s.matches(&s.fp.prepare(r, None, None), c).await?),
+            (Some(c), Some(_)) => Some(change.matches(false, c).await?),
         };
         let tests: Vec<bool> = [prev, curr].into_iter().flatten().collect();
         let pass = if tests.is_empty() {
@@ -229,9 +294,7 @@ async fn evaluate_trigger(
         }
     }
     if let Some(expr) = &t.fhirpath {
-        let focus = current.or(previous).cloned().unwrap_or(Value::Null);
-        let p = s.fp.prepare(&focus, previous, current);
-        return s.fp.eval_bool(&p, expr).await;
+        return change.searcher.fp.eval_bool(change.ctx(false), expr).await;
     }
     Ok(true)
 }

@@ -64,15 +64,4 @@ impl Searcher {
         let items = self.fp.eval(p, &param.expression).await?;
         Ok(value::extract(param.kind, &items))
     }
-
-    /// AND of the criteria (each an OR over its comma-separated values).
-    pub async fn matches(&self, p: &Prepared, criteria: &[Criterion]) -> Result<bool, String> {
-        for c in criteria {
-            let v = self.values(p, &c.param).await?;
-            if !value::matches(&v, c.modifier.as_deref(), &c.value) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
 }
