@@ -83,7 +83,7 @@ async fn scenario(
                 .any(|(_, c)| c.has_criteria() || !c.filters.is_empty());
             if needs_body {
                 let current: Value = serde_json::from_str(b).unwrap();
-                let ev = ChangeEval::new(s, None, Some(&current));
+                let ev = ChangeEval::from_arcs(s, None, Some(Arc::new(current)));
                 for (_, c) in &wanted {
                     if c.has_criteria() {
                         match c.evaluate(&ev, ty, Interaction::Update).await {

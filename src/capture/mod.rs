@@ -492,7 +492,13 @@ impl Stream<'_> {
         let eval = wanted
             .iter()
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
-            .then(|| ChangeEval::new(&self.searcher, previous.as_ref(), current.as_deref()));
+            .then(|| {
+                ChangeEval::from_arcs(
+                    &self.searcher,
+                    previous.clone().map(Arc::new),
+                    current.clone(),
+                )
+            });
         for a in wanted {
             let fires = if let (true, Some(ev)) = (a.compiled.has_criteria(), eval.as_ref()) {
                 match a

@@ -2,7 +2,7 @@
 //! version (so `value as Quantity` and `ofType()` work). One engine per process; compiled
 //! expressions are cached by the engine.
 
-use octofhir_fhirpath::core::value::utils::json_to_fhirpath_value;
+use octofhir_fhirpath::core::value::utils::{json_to_fhirpath_value, json_to_fhirpath_value_arc};
 use octofhir_fhirpath::{create_function_registry, Collection, EvaluationContext, FhirPathEngine};
 use octofhir_fhirschema::{EmbeddedSchemaProvider, ModelFhirVersion, ModelProvider};
 use serde_json::Value;
@@ -48,14 +48,38 @@ impl FhirPath {
     }
 
     /// `focus` is the evaluation input (`%resource`); `previous`/`current` bind `%previous`
-    /// and `%current` (an absent one is an empty collection).
+    /// and `%current` (an absent one is the empty collection).
     pub fn prepare(
         &self,
         focus: &Value,
         previous: Option<&Value>,
         current: Option<&Value>,
     ) -> Prepared {
-        let input = json_to_fhirpath_value(focus.clone());
+        let arc = |v: &Value| Arc::new(v.clone());
+        self.prepare_arcs(
+            Some(&arc(focus)),
+            previous.map(arc).as_ref(),
+            current.map(arc).as_ref(),
+        )
+    }
+
+    /// As [`FhirPath::prepare`], sharing the caller's JSON instead of copying it. `focus`
+    /// `None` means the current version, else the previous one.
+    pub fn prepare_arcs(
+        &self,
+        focus: Option<&Arc<Value>>,
+        previous: Option<&Arc<Value>>,
+        current: Option<&Arc<Value>>,
+    ) -> Prepared {
+        let pv = previous.map(|p| json_to_fhirpath_value_arc(p.clone()));
+        let cv = current.map(|c| json_to_fhirpath_value_arc(c.clone()));
+        let input = match focus {
+            Some(f) => json_to_fhirpath_value_arc(f.clone()),
+            None => cv
+                .clone()
+                .or_else(|| pv.clone())
+                .unwrap_or_else(|| json_to_fhirpath_value(Value::Null)),
+        };
         let ctx = EvaluationContext::new(
             Collection::single(input),
             self.provider.clone(),
@@ -64,9 +88,9 @@ impl FhirPath {
             None,
         );
         let mut absent = Vec::new();
-        for (name, v) in [("previous", previous), ("current", current)] {
+        for (name, v) in [("previous", pv), ("current", cv)] {
             match v {
-                Some(v) => ctx.set_variable(name.into(), json_to_fhirpath_value(v.clone())),
+                Some(v) => ctx.set_variable(name.into(), v),
                 None => absent.push(name),
             }
         }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::fhirpath::Prepared;
 use super::search::registry::{Registry, SearchParam};
@@ -202,8 +202,8 @@ impl Compiled {
 /// once whatever number of topics ask for them.
 pub struct ChangeEval<'a> {
     pub searcher: &'a Searcher,
-    pub previous: Option<&'a Value>,
-    pub current: Option<&'a Value>,
+    pub previous: Option<Arc<Value>>,
+    pub current: Option<Arc<Value>>,
     /// Focus: the current version (the previous one for a delete); `%previous`/`%current` bound.
     main: Prepared,
     /// Focus: the previous version, when there is also a current one.
@@ -212,15 +212,26 @@ pub struct ChangeEval<'a> {
 }
 
 impl<'a> ChangeEval<'a> {
-    pub fn new(
+    pub fn new(searcher: &'a Searcher, previous: Option<&Value>, current: Option<&Value>) -> Self {
+        let arc = |v: &Value| Arc::new(v.clone());
+        Self::from_arcs(searcher, previous.map(arc), current.map(arc))
+    }
+
+    /// Without copying the resources (capture already holds them behind an `Arc`).
+    pub fn from_arcs(
         searcher: &'a Searcher,
-        previous: Option<&'a Value>,
-        current: Option<&'a Value>,
+        previous: Option<Arc<Value>>,
+        current: Option<Arc<Value>>,
     ) -> Self {
-        let focus = current.or(previous).cloned().unwrap_or(Value::Null);
-        let main = searcher.fp.prepare(&focus, previous, current);
-        let prev = match (previous, current) {
-            (Some(p), Some(_)) => Some(searcher.fp.prepare(p, previous, current)),
+        let main = searcher
+            .fp
+            .prepare_arcs(None, previous.as_ref(), current.as_ref());
+        let prev = match (&previous, &current) {
+            (Some(p), Some(_)) => Some(searcher.fp.prepare_arcs(
+                Some(p),
+                previous.as_ref(),
+                current.as_ref(),
+            )),
             _ => None,
         };
         ChangeEval {
@@ -271,12 +282,12 @@ impl<'a> ChangeEval<'a> {
 
 async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, String> {
     if let Some(q) = &t.query {
-        let prev = match (&q.previous, change.previous) {
+        let prev = match (&q.previous, &change.previous) {
             (None, _) => None,
             (Some(_), None) => Some(q.result_for_create),
             (Some(c), Some(_)) => Some(change.matches(true, c).await?),
         };
-        let curr = match (&q.current, change.current) {
+        let curr = match (&q.current, &change.current) {
             (None, _) => None,
             (Some(_), None) => Some(q.result_for_delete),
             (Some(c), Some(_)) => Some(change.matches(false, c).await?),
