@@ -171,25 +171,7 @@ async fn heartbeat(
         topic_url: sub.topic.clone(),
         errors: sub.last_error.iter().cloned().collect(),
     };
-    let notification = bundle(
-        ctx.format,
-        Kind::Heartbeat,
-        &info,
-        &[],
-        sub.content,
-        &ctx.base_url,
-        Utc::now(),
-    );
-    let result = ctx
-        .channel
-        .send(Outgoing {
-            endpoint: &sub.endpoint,
-            headers: &sub.headers,
-            content_type: &sub.content_type,
-            body: serde_json::to_vec(&notification)?,
-            timeout,
-        })
-        .await;
+    let result = notify(ctx, sub, Kind::Heartbeat, &info, &[], timeout).await?;
     match result {
         Ok(()) => subscriptions::touched(&*c, &sub.id).await?,
         Err(e) => {
@@ -263,26 +245,8 @@ async fn send_events(
         topic_url: sub.topic.clone(),
         errors: sub.last_error.iter().cloned().collect(),
     };
-    let notification = bundle(
-        ctx.format,
-        Kind::EventNotification,
-        &info,
-        &events,
-        sub.content,
-        &ctx.base_url,
-        Utc::now(),
-    );
     let numbers: Vec<i64> = batch.iter().map(|p| p.event_number).collect();
-    let result = ctx
-        .channel
-        .send(Outgoing {
-            endpoint: &sub.endpoint,
-            headers: &sub.headers,
-            content_type: &sub.content_type,
-            body: serde_json::to_vec(&notification)?,
-            timeout: t,
-        })
-        .await;
+    let result = notify(ctx, sub, Kind::EventNotification, &info, &events, t).await?;
     match result {
         Ok(()) => {
             subscriptions::delivered(&*c, &sub.id, &numbers).await?;
@@ -314,25 +278,7 @@ async fn handshake(
         topic_url: sub.topic.clone(),
         errors: vec![],
     };
-    let notification = bundle(
-        ctx.format,
-        Kind::Handshake,
-        &info,
-        &[],
-        sub.content,
-        &ctx.base_url,
-        Utc::now(),
-    );
-    let result = ctx
-        .channel
-        .send(Outgoing {
-            endpoint: &sub.endpoint,
-            headers: &sub.headers,
-            content_type: &sub.content_type,
-            body: serde_json::to_vec(&notification)?,
-            timeout,
-        })
-        .await;
+    let result = notify(ctx, sub, Kind::Handshake, &info, &[], timeout).await?;
     match result {
         Ok(()) => {
             subscriptions::handshake_ok(c, &sub.id).await?;
@@ -345,6 +291,37 @@ async fn handshake(
         }
     }
     Ok(())
+}
+
+/// Builds `sub`'s notification of `kind` and sends it over its channel within `timeout`.
+/// The outer error is ours (serialisation); the inner one is the channel's.
+async fn notify(
+    ctx: &Ctx,
+    sub: &SubscriptionRow,
+    kind: Kind,
+    info: &StatusInfo,
+    events: &[crate::fhir::notification::Event],
+    timeout: Duration,
+) -> anyhow::Result<Result<(), crate::channel::SendError>> {
+    let notification = bundle(
+        ctx.format,
+        kind,
+        info,
+        events,
+        sub.content,
+        &ctx.base_url,
+        Utc::now(),
+    );
+    Ok(ctx
+        .channel
+        .send(Outgoing {
+            endpoint: &sub.endpoint,
+            headers: &sub.headers,
+            content_type: &sub.content_type,
+            body: serde_json::to_vec(&notification)?,
+            timeout,
+        })
+        .await)
 }
 
 /// Exponential backoff with jitter: initial × 2^failures, capped, times a factor in [0.5, 1].

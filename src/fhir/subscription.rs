@@ -255,16 +255,10 @@ fn read_r5(
                 "Subscription.channelType.code is required",
             )
         })?;
-    let content = match v.get("content").and_then(Value::as_str) {
-        None => Content::Empty,
-        Some(s) => Content::parse(s).ok_or_else(|| {
-            invalid(
-                "value",
-                "content",
-                format!("Subscription.content {s:?} is not empty, id-only or full-resource"),
-            )
-        })?,
-    };
+    let content = content_of(
+        v.get("content").and_then(Value::as_str),
+        "Subscription.content",
+    )?;
     let mut headers = Vec::new();
     for p in v
         .get("parameter")
@@ -366,21 +360,14 @@ fn read_backport(
             "Subscription.channel.type is required",
         )
     })?;
-    let content = match backport_ext(
-        ch.get("_payload").and_then(|p| p.get("extension")),
+    let content = content_of(
+        backport_ext(
+            ch.get("_payload").and_then(|p| p.get("extension")),
+            "backport-payload-content",
+        )
+        .and_then(Value::as_str),
         "backport-payload-content",
-    )
-    .and_then(Value::as_str)
-    {
-        None => Content::Empty,
-        Some(s) => Content::parse(s).ok_or_else(|| {
-            invalid(
-                "value",
-                "content",
-                format!("backport-payload-content {s:?} is not empty, id-only or full-resource"),
-            )
-        })?,
-    };
+    )?;
     let mut headers = Vec::new();
     for h in ch
         .get("header")
@@ -449,6 +436,20 @@ fn read_backport(
         end,
         filters,
     })
+}
+
+/// A payload content code; absent means `empty`.
+fn content_of(code: Option<&str>, what: &str) -> Result<Content, Invalid> {
+    match code {
+        None => Ok(Content::Empty),
+        Some(s) => Content::parse(s).ok_or_else(|| {
+            invalid(
+                "value",
+                "content",
+                format!("{what} {s:?} is not empty, id-only or full-resource"),
+            )
+        }),
+    }
 }
 
 /// `Encounter?patient=Patient/123&status=in-progress` → one filter per parameter.
