@@ -177,6 +177,7 @@ async fn lifecycle_heartbeats_batching_end_and_restart() {
     .await;
 
     // After a restart, $status still knows the counts and states.
+    wait_settled(&pg).await;
     d.kill9();
     d = Daemon::start(&cfg, &log);
     wait_api(api).await;

@@ -99,6 +99,7 @@ async fn store_topics_take_effect_in_stream_order() {
     let via_api = subscribe(api, X, &rx.url("api"), "id-only").await;
 
     // Restart: the topic is still there; both subscriptions get the next change.
+    wait_settled(&pg).await;
     d.kill9();
     d = Daemon::start(&cfg, &log);
     wait_api(api).await;

@@ -280,6 +280,7 @@ async fn run_version(version: &str, validator: &str) {
         "http://fhir-cdc.test/fhir/Encounter/after-topic"
     );
 
+    wait_settled(&pg).await;
     d.kill9();
     d = Daemon::start(&cfg, &log);
     wait_api(api).await;

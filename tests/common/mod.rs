@@ -299,6 +299,29 @@ where
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// Waits until no delivery is pending, so a kill that follows cannot cause a resend
+/// (at-least-once delivery resends what was sent but not yet recorded as delivered).
+pub async fn wait_settled(pg: &Pg) {
+    let q = pg.client("fhir").await;
+    wait_until("no pending deliveries", Duration::from_secs(60), || {
+        let q = &q;
+        async move {
+            let n: i64 = q
+                .query_one(
+                    "SELECT count(*) FROM fhir_cdc.delivery d JOIN fhir_cdc.subscription s
+                     ON s.id = d.subscription_id
+                     WHERE d.state = 'pending' AND s.status = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n == 0
+        }
+    })
+    .await;
+}
+
 /// Waits until the daemon is ready: API up and capture streaming.
 pub async fn wait_api(port: u16) {
     let http = reqwest::Client::new();
