@@ -141,8 +141,14 @@ fn invalid(code: &'static str, expression: &'static str, message: impl Into<Stri
     }
 }
 
-fn int_field(v: &Value, key: &'static str) -> Result<Option<i32>, Invalid> {
-    match v.get(key) {
+/// A non-negative integer element (`heartbeatPeriod`, `timeout`, `maxCount` or their
+/// backport extensions); absent or null is `None`.
+fn non_negative(
+    x: Option<&Value>,
+    expression: &'static str,
+    what: &str,
+) -> Result<Option<i32>, Invalid> {
+    match x {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x
             .as_i64()
@@ -152,11 +158,15 @@ fn int_field(v: &Value, key: &'static str) -> Result<Option<i32>, Invalid> {
             .ok_or_else(|| {
                 invalid(
                     "value",
-                    key,
-                    format!("Subscription.{key} must be a non-negative integer"),
+                    expression,
+                    format!("{what} must be a non-negative integer"),
                 )
             }),
     }
+}
+
+fn int_field(v: &Value, key: &'static str) -> Result<Option<i32>, Invalid> {
+    non_negative(v.get(key), key, &format!("Subscription.{key}"))
 }
 
 /// A Subscription as read, before any policy: what the resource says, in R5 terms.
@@ -385,23 +395,7 @@ fn read_backport(
         })?;
         headers.push(header(name.trim(), value.trim())?);
     }
-    let ext = |name: &str| -> Result<Option<i32>, Invalid> {
-        match backport_ext(ch.get("extension"), name) {
-            None => Ok(None),
-            Some(x) => x
-                .as_i64()
-                .and_then(|n| i32::try_from(n).ok())
-                .filter(|n| *n >= 0)
-                .map(Some)
-                .ok_or_else(|| {
-                    invalid(
-                        "value",
-                        "extension",
-                        format!("{name} must be a non-negative integer"),
-                    )
-                }),
-        }
-    };
+    let ext = |name: &str| non_negative(backport_ext(ch.get("extension"), name), "extension", name);
     let mut filters = Vec::new();
     let crit_ext = v.get("_criteria").and_then(|c| c.get("extension"));
     for e in crit_ext.and_then(Value::as_array).into_iter().flatten() {
