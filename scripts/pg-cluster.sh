@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throwaway PostgreSQL cluster with wal_level=logical in a temp dir on a free port.
 #   eval "$(scripts/pg-cluster.sh start)"   # sets PGDATA_DIR, PGPORT, PG_BIN
+#   scripts/pg-cluster.sh start PID         # ... and stops it by itself once process PID is gone
 #   scripts/pg-cluster.sh stop "$PGDATA_DIR"
 # Installs Debian's postgresql package when no server binaries are found.
 set -euo pipefail
@@ -46,11 +47,18 @@ port = $port
 unix_socket_directories = '$dir'
 listen_addresses = '127.0.0.1'
 wal_level = logical
-max_replication_slots = 20
-max_wal_senders = 20
+max_replication_slots = 40
+max_wal_senders = 40
 fsync = off
 CONF
     as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w start >/dev/null
+    owner=${2:-}
+    if [ -n "$owner" ]; then
+      # A cluster shared by a test binary has no destructor: a detached watcher stops it
+      # once the owning process has exited, however it exited.
+      setsid nohup bash -c "while kill -0 $owner 2>/dev/null; do sleep 1; done; '$0' stop '$dir'" \
+        </dev/null >/dev/null 2>&1 &
+    fi
     echo "PGDATA_DIR=$dir; PGPORT=$port; PG_BIN=$bin; export PGDATA_DIR PGPORT PG_BIN"
     ;;
   restart)
@@ -67,5 +75,5 @@ CONF
     as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$dir"
     ;;
-  *) echo "usage: $0 start | restart DIR [PAUSE] | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start [OWNER_PID] | restart DIR [PAUSE] | stop DIR" >&2; exit 2 ;;
 esac

@@ -1,9 +1,9 @@
 //! `fhir-cdc check`: validates the configuration and the database, and says what to fix
 //! with the SQL to run.
 
-use crate::capture::setup;
 use crate::config::Config;
 use crate::queue;
+use crate::store::{self, setup};
 
 /// One finding: ok, or what is wrong and how to fix it.
 pub struct Finding {
@@ -65,13 +65,10 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         }
     };
     out.push(ok("connected to the store database"));
-    match store.query_one("SHOW wal_level", &[]).await {
-        Ok(r) if r.get::<_, String>(0) == "logical" => out.push(ok("wal_level = logical")),
-        Ok(r) => out.push(bad(
-            format!(
-                "wal_level = {} (logical replication needs logical)",
-                r.get::<_, String>(0)
-            ),
+    match setup::wal_level(&store).await {
+        Ok(level) if level == "logical" => out.push(ok("wal_level = logical")),
+        Ok(level) => out.push(bad(
+            format!("wal_level = {level} (logical replication needs logical)"),
             "ALTER SYSTEM SET wal_level = logical;  -- then restart Postgres",
         )),
         Err(e) => out.push(bad(
@@ -79,14 +76,8 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             "grant the user access to pg_settings",
         )),
     }
-    match store
-        .query_one(
-            "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-    {
-        Ok(r) if r.get::<_, bool>(0) => out.push(ok("the user may replicate")),
+    match setup::may_replicate(&store).await {
+        Ok(true) => out.push(ok("the user may replicate")),
         Ok(_) => out.push(bad(
             "the user lacks the REPLICATION attribute",
             "ALTER ROLE <user> REPLICATION;",
@@ -96,46 +87,28 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             "check the user",
         )),
     }
-    match store
-        .query_one(
-            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
-            &[],
-        )
-        .await
-    {
-        Ok(r) => {
-            let free: i32 = r.get(0);
-            if free > 0 || matches!(setup::slot_plugin(&store, &cfg.source.slot).await, Ok(Some(_))) {
+    match setup::free_slots(&store).await {
+        Ok(free) => {
+            if free > 0
+                || matches!(
+                    setup::slot_plugin(&store, &cfg.source.slot).await,
+                    Ok(Some(_))
+                )
+            {
                 out.push(ok(format!("replication slots: {free} free")));
             } else {
-                out.push(bad("no free replication slot", "ALTER SYSTEM SET max_replication_slots = 10;  -- then restart Postgres"));
-            }
-        }
-        Err(e) => out.push(bad(format!("cannot read max_replication_slots: {e}"), "check the user")),
-    }
-    match setup::publication_exists(&store, &cfg.source.publication).await {
-        Ok(true) => out.push(ok(format!("publication {} exists", cfg.source.publication))),
-        Ok(false) => {
-            let sql = setup::publication_sql(&store, &cfg.source)
-                .await
-                .unwrap_or_else(|e| format!("-- {e}"));
-            if cfg.source.create_missing {
-                out.push(ok(format!(
-                    "publication {} is missing; capture will create it: {sql}",
-                    cfg.source.publication
-                )));
-            } else {
                 out.push(bad(
-                    format!("publication {} is missing", cfg.source.publication),
-                    sql,
+                    "no free replication slot",
+                    "ALTER SYSTEM SET max_replication_slots = 10;  -- then restart Postgres",
                 ));
             }
         }
         Err(e) => out.push(bad(
-            format!("cannot read publications: {e}"),
+            format!("cannot read max_replication_slots: {e}"),
             "check the user",
         )),
     }
+    out.push(publication_finding(cfg, &store).await);
     match setup::slot_plugin(&store, &cfg.source.slot).await {
         Ok(Some(p)) if p == "pgoutput" => {
             out.push(ok(format!("slot {} exists (pgoutput)", cfg.source.slot)))
@@ -159,15 +132,59 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         Err(e) => out.push(bad(format!("cannot read slots: {e}"), "check the user")),
     }
     match queue::connect(cfg.queue_url()).await {
-        Ok(q) => match q
-            .query_one("SELECT has_database_privilege(current_database(), 'CREATE') OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'fhir_cdc')", &[])
-            .await
-        {
-            Ok(r) if r.get::<_, bool>(0) => out.push(ok("queue database reachable; schema fhir_cdc can be created")),
-            Ok(_) => out.push(bad("the user cannot create schema fhir_cdc in the queue database", "GRANT CREATE ON DATABASE <db> TO <user>;")),
+        Ok(q) => match queue::can_hold_schema(&q).await {
+            Ok(true) => out.push(ok(
+                "queue database reachable; schema fhir_cdc can be created",
+            )),
+            Ok(_) => out.push(bad(
+                "the user cannot create schema fhir_cdc in the queue database",
+                "GRANT CREATE ON DATABASE <db> TO <user>;",
+            )),
             Err(e) => out.push(bad(format!("queue database: {e}"), "check queue.url")),
         },
-        Err(e) => out.push(bad(format!("cannot connect to the queue database: {e}"), "check queue.url (or FHIR_CDC_QUEUE_URL)")),
+        Err(e) => out.push(bad(
+            format!("cannot connect to the queue database: {e}"),
+            "check queue.url (or FHIR_CDC_QUEUE_URL)",
+        )),
     }
     out
+}
+
+/// Whether the publication covers exactly the tables the profile reads, and the SQL that
+/// makes it so.
+async fn publication_finding(cfg: &Config, store: &tokio_postgres::Client) -> Finding {
+    let name = &cfg.source.publication;
+    let profile = match queue::pool(&cfg.source.url, 1) {
+        Ok(pool) => store::from_config(&cfg.source, pool),
+        Err(e) => return bad(format!("source.url: {e}"), "check source.url"),
+    };
+    let (now, sql) = match (
+        setup::publication(store, name).await,
+        setup::publication_plan(store, profile.as_ref(), name).await,
+    ) {
+        (Ok(now), Ok(sql)) => (now, sql.join(";\n         ")),
+        (Err(e), _) | (_, Err(e)) => {
+            return bad(
+                format!("publication {name}: {e}"),
+                "check the user and source.schema / source.tables",
+            )
+        }
+    };
+    let what = if !now.exists {
+        format!("publication {name} is missing")
+    } else if sql.is_empty() {
+        return ok(format!(
+            "publication {name} names the store's resource tables"
+        ));
+    } else if now.all_tables || !now.schemas.is_empty() {
+        format!("publication {name} covers whole schemas: Postgres refuses the store's UPDATE/DELETE on their tables without a replica identity")
+    } else {
+        format!("publication {name} lacks some of the store's resource tables")
+    };
+    if cfg.source.create_missing {
+        let will = if now.exists { "run" } else { "create it" };
+        ok(format!("{what}; capture will {will}: {sql}"))
+    } else {
+        bad(what, sql)
+    }
 }

@@ -3,12 +3,13 @@
 //! Secrets never need to live in the file: `FHIR_CDC_SOURCE_URL` and `FHIR_CDC_QUEUE_URL`
 //! override the connection strings.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fhir::topic::Topic;
+pub use crate::fhir::FhirVersion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,22 +29,14 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProfileKind {
     Aidbox,
     Generic,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-pub enum FhirVersion {
-    R4,
-    R4B,
-    R5,
-    R6,
-}
-
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub url: String,
@@ -63,10 +56,15 @@ pub struct SourceConfig {
     /// Create the publication and slot when missing (default true).
     #[serde(default = "yes")]
     pub create_missing: bool,
+    /// How often capture compares the publication with the store's tables and adds
+    /// resource tables created since (seconds; default 10). Rows written to a new table
+    /// before it is added are not captured.
+    #[serde(default = "default_publication_refresh")]
+    pub publication_refresh_secs: u64,
 }
 
 /// One table of a `generic` store: which columns hold what.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenericTable {
     /// `schema.table` or `table` (then `source.schema`).
@@ -84,7 +82,7 @@ pub struct GenericTable {
     pub deleted_column: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Database holding schema `fhir_cdc`; defaults to the source database.
@@ -107,7 +105,7 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     #[serde(default = "default_listen")]
@@ -135,7 +133,7 @@ impl ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Allow endpoints on loopback / private networks (default false).
@@ -183,7 +181,7 @@ impl DeliveryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json`.
@@ -191,7 +189,7 @@ pub struct LogConfig {
     pub format: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TopicEntry {
     /// Path of a SubscriptionTopic JSON file, relative to the config file.
     pub file: Option<PathBuf>,
@@ -204,20 +202,22 @@ pub struct TopicEntry {
     pub inline: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    source: SourceConfig,
+/// The configuration file as written: the TOML shape, before validation. Tests build one
+/// and serialise it instead of patching TOML text.
+pub struct ConfigFile {
+    pub source: SourceConfig,
     #[serde(default)]
-    queue: QueueConfig,
+    pub queue: QueueConfig,
     #[serde(default)]
-    api: ApiConfig,
+    pub api: ApiConfig,
     #[serde(default)]
-    delivery: DeliveryConfig,
+    pub delivery: DeliveryConfig,
     #[serde(default)]
-    log: LogConfig,
+    pub log: LogConfig,
     #[serde(default)]
-    topic: Vec<TopicEntry>,
+    pub topic: Vec<TopicEntry>,
 }
 
 /// A loaded, validated configuration.
@@ -255,15 +255,25 @@ impl Config {
 
     /// Parses TOML text; topic files are resolved against `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
-        let mut raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: ConfigFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::new(),
             source,
         })?;
+        Self::from_file(raw, base)
+    }
+
+    /// Validates a configuration file's contents; topic files are resolved against `base`.
+    pub fn from_file(mut raw: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
         if let Ok(url) = std::env::var("FHIR_CDC_SOURCE_URL") {
             raw.source.url = url;
         }
         if let Ok(url) = std::env::var("FHIR_CDC_QUEUE_URL") {
             raw.queue.url = Some(url);
+        }
+        if raw.source.publication_refresh_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "source.publication_refresh_secs must be at least 1".into(),
+            ));
         }
         if raw.queue.batch_events == 0 {
             return Err(ConfigError::Invalid(
@@ -368,6 +378,9 @@ fn default_fhir_version() -> FhirVersion {
 fn default_slot() -> String {
     "fhir_cdc".into()
 }
+fn default_publication_refresh() -> u64 {
+    10
+}
 fn default_schema() -> String {
     "public".into()
 }
@@ -465,6 +478,40 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }
             assert_eq!(c.topics.len(), 2, "{f}");
             assert_eq!(c.topics[0].topic.id, "encounter-start");
         }
+    }
+
+    #[test]
+    fn a_config_file_survives_serialisation() {
+        // Tests write configs by serialising a ConfigFile: nothing may be lost on the way.
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let again = toml::to_string(&file).unwrap();
+        let base = p.parent().unwrap();
+        let (a, b) = (
+            Config::from_toml(&text, base).unwrap(),
+            Config::from_toml(&again, base).unwrap(),
+        );
+        assert_eq!(format!("{:?}", a.source), format!("{:?}", b.source));
+        assert_eq!(format!("{:?}", a.delivery), format!("{:?}", b.delivery));
+        assert_eq!(format!("{:?}", a.queue), format!("{:?}", b.queue));
+        let urls = |c: &Config| {
+            c.topics
+                .iter()
+                .map(|t| t.topic.url.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(urls(&a), urls(&b));
+        assert_eq!(
+            a.topics
+                .iter()
+                .map(|t| t.topic.triggers.clone())
+                .collect::<Vec<_>>(),
+            b.topics
+                .iter()
+                .map(|t| t.topic.triggers.clone())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use fhir_cdc::config::Config;
-use fhir_cdc::{api, capture, check, delivery};
+use fhir_cdc::{api, capture, check, delivery, queue, store};
 
 /// FHIR topic-based Subscription notifications from a Postgres store's WAL.
 #[derive(Parser)]
@@ -115,28 +115,46 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
+    fhir_cdc::metrics::describe();
     let shutdown = shutdown_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
     let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
     // One FHIRPath engine and search-parameter index for the whole process.
     let searcher = Arc::new(capture::searcher(&cfg).await?);
+    // The store profile, shared: capture decodes through it, delivery and the API read.
+    let profile = store::from_config(&cfg.source, queue::pool(&cfg.source.url, 4)?);
     let streaming = with_capture.then(|| Arc::new(AtomicBool::new(false)));
     if let Some(s) = &streaming {
         tasks.spawn(capture::run(
             cfg.clone(),
+            profile.clone(),
             searcher.clone(),
             s.clone(),
             shutdown.clone(),
         ));
     }
     if with_delivery {
+        let payloads = delivery::payload::Payloads::new(profile.clone(), searcher.clone());
+        let topics = Arc::new(fhir_cdc::topics::Registry::new(
+            &cfg,
+            queue::pool(cfg.queue_url(), 2)?,
+        ));
         tasks.spawn(delivery::run(
             cfg.clone(),
-            searcher.clone(),
+            payloads.clone(),
+            fhir_cdc::channel::Channels::standard(),
+            topics.clone(),
             shutdown.clone(),
         ));
-        let state = api::state(cfg.clone(), Some(prom), streaming, searcher).await?;
+        let state = api::state(
+            cfg.clone(),
+            Some(prom),
+            streaming,
+            searcher,
+            payloads,
+            topics,
+        )?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

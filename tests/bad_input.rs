@@ -4,17 +4,38 @@
 mod common;
 
 use common::*;
+use fhir_cdc::config::{GenericTable, ProfileKind};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rows_and_dead_endpoints_stop_nothing() {
-    let pg = Pg::start();
-    pg.client("postgres")
-        .await
-        .batch_execute("CREATE DATABASE fhir")
-        .await
-        .unwrap();
-    let store = pg.client("fhir").await;
+    let env = TestEnv::empty(
+        r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/encounter"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update"] }]
+"#,
+    )
+    .config(|c| {
+        c.source.profile = ProfileKind::Generic;
+        c.source.tables = vec![GenericTable {
+            table: "res".into(),
+            resource_type: None,
+            type_column: Some("rtype".into()),
+            id_column: "id".into(),
+            resource_column: "resource".into(),
+            version_column: Some("ver".into()),
+            deleted_column: Some("gone".into()),
+        }];
+        // This test ran with the daemon's defaults for these.
+        c.queue.flush_ms = 20;
+        c.api.base_url = None;
+        c.delivery.retry_max_ms = 300_000;
+        c.delivery.timeout_secs = 10;
+    })
+    .build()
+    .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
     // A generic store whose resource column is text, so it can hold broken JSON.
     store
         .batch_execute(
@@ -23,37 +44,8 @@ async fn bad_rows_and_dead_endpoints_stop_nothing() {
         )
         .await
         .unwrap();
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
     let refused = format!("http://127.0.0.1:{}/nobody-listens", free_port());
-    let cfg = format!(
-        r#"[source]
-url = "{}"
-profile = "generic"
-[[source.tables]]
-table = "res"
-type_column = "rtype"
-deleted_column = "gone"
-version_column = "ver"
-
-[api]
-listen = "127.0.0.1:{api}"
-
-[delivery]
-allow_private_endpoints = true
-require_https_for_full_resource = false
-retry_initial_ms = 100
-
-[[topic]]
-url = "http://fhir-cdc.test/topic/encounter"
-resourceTrigger = [{{ resource = "Encounter", supportedInteraction = ["create", "update"] }}]
-"#,
-        pg.url("fhir")
-    );
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    let d = env.start().await;
     let good = subscribe(
         api,
         "http://fhir-cdc.test/topic/encounter",

@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -40,22 +41,25 @@ fn txn_sql(k: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg =
-        aidbox_config(&pg, api, TOPIC).replace("flush_ms = 10", "flush_ms = 5\nbatch_events = 300");
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let log = dir.path().join("log");
-    let mut d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
-    let sub = subscribe(
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| {
+            c.queue.flush_ms = 5;
+            c.queue.batch_events = 300;
+            c.delivery.batch_window_ms = 100;
+        })
+        .build()
+        .await;
+    let (rx, api) = (&env.rx, env.api);
+    // The writer task owns its connection.
+    let store = env.client().await;
+    let mut d = env.start().await;
+    // Batches of up to 100 events: every Bundle is validated below, at about 40 ms each.
+    let sub = subscribe_with(
         api,
         "http://fhir-cdc.test/topic/encounter",
         &rx.url("crash"),
         "id-only",
+        serde_json::json!({"maxCount": 100}),
     )
     .await;
     wait_until("handshake", Duration::from_secs(30), || async {
@@ -70,38 +74,52 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         }
     });
 
-    let q = pg.client("fhir").await;
+    // Seeded kill points: the seed is printed, CRASH_SEED repeats a run.
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash test: seed {seed} (CRASH_SEED={seed} repeats these kill points)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q = env.client().await;
     let mut kills = 0;
+    let mut checkpoints = BTreeSet::new();
     while kills < 5 || !writer.is_finished() {
-        let wait = rand::rng().random_range(300..1500);
+        // Progress first: the daemon streams the slot before it is killed.
+        wait_api(api).await;
+        let wait = rng.random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         d.kill9();
         kills += 1;
         // Invariant 2, with the daemon dead: the slot never confirmed past the checkpoint,
-        // which moves only with the events it covers.
+        // which moves only with the events it covers. Both must exist by now.
         let row = q
             .query_one(
-                "SELECT (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'fhir_cdc'),
-                        (SELECT lsn FROM fhir_cdc.checkpoint WHERE slot = 'fhir_cdc'),
-                        (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'fhir_cdc')
-                          <= coalesce((SELECT lsn FROM fhir_cdc.checkpoint WHERE slot = 'fhir_cdc'),
-                                      (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'fhir_cdc'))",
-                &[],
+                "SELECT s.confirmed_flush_lsn::text, c.lsn::text, s.confirmed_flush_lsn <= c.lsn
+                 FROM pg_replication_slots s JOIN fhir_cdc.checkpoint c ON c.slot = s.slot_name
+                 WHERE s.slot_name = $1",
+                &[&env.slot],
             )
             .await
-            .unwrap();
-        let ok: bool = row.get(2);
+            .unwrap_or_else(|e| panic!("kill {kills}: no slot or no checkpoint yet: {e}"));
+        let (confirmed, checkpoint, ok): (Option<String>, String, bool) =
+            (row.get(0), row.get(1), row.get(2));
         assert!(
             ok,
-            "kill {kills}: slot confirmed past the queued checkpoint"
+            "kill {kills}: slot confirmed {confirmed:?} past the queued checkpoint {checkpoint}"
         );
-        d = Daemon::start(&cfg, &log);
+        checkpoints.insert(checkpoint);
+        d = env.spawn("run");
         if kills > 40 {
             panic!("writer did not finish");
         }
     }
     writer.await.unwrap();
     wait_api(api).await;
+    assert!(
+        checkpoints.len() >= 3,
+        "the checkpoint hardly moved between kills: {checkpoints:?}"
+    );
 
     // Invariant 1: exactly one event per matching change.
     wait_until("all events queued", Duration::from_secs(120), || async {
@@ -171,6 +189,8 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         assert!(n <= max + 1, "event {n} arrived before {}", max + 1);
         max = max.max(n);
     }
+    // Every Bundle received, resends after kills included, is a valid notification.
+    validate(&rx.bodies("crash"), "r5", &["-q"]);
     eprintln!(
         "crash test: {kills} SIGKILLs, {EXPECTED} events, {} notifications received",
         rx.events("crash").len()

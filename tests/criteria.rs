@@ -64,30 +64,25 @@ async fn sub(api: u16, topic: &str, hook: &str, rx: &Receiver, filters: Value) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn criteria_and_filters_end_to_end() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, TOPICS));
-    let d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    let env = TestEnv::aidbox(TOPICS).build().await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let d = env.start().await;
 
-    sub(api, "http://t/enc-finished", "s1", &rx, json!([])).await;
+    sub(api, "http://t/enc-finished", "s1", rx, json!([])).await;
     sub(
         api,
         "http://t/enc-finished-not-on-create",
         "s2",
-        &rx,
+        rx,
         json!([]),
     )
     .await;
-    sub(api, "http://t/enc-cancelled", "s3", &rx, json!([])).await;
+    sub(api, "http://t/enc-cancelled", "s3", rx, json!([])).await;
     sub(
         api,
         "http://t/obs-high",
         "p1",
-        &rx,
+        rx,
         json!([{"filterParameter": "patient", "value": "Patient/p1"}]),
     )
     .await;
@@ -95,7 +90,7 @@ async fn criteria_and_filters_end_to_end() {
         api,
         "http://t/obs-high",
         "p2",
-        &rx,
+        rx,
         json!([{"filterParameter": "patient", "value": "Patient/p2"}]),
     )
     .await;
@@ -103,7 +98,7 @@ async fn criteria_and_filters_end_to_end() {
         api,
         "http://t/obs-high",
         "code",
-        &rx,
+        rx,
         json!([{"filterParameter": "code", "value": "http://loinc.org|2339-0"}]),
     )
     .await;
@@ -111,7 +106,7 @@ async fn criteria_and_filters_end_to_end() {
         api,
         "http://t/obs-high",
         "gt200",
-        &rx,
+        rx,
         json!([{"filterParameter": "value-quantity", "comparator": "gt", "value": "200"}]),
     )
     .await;
@@ -119,15 +114,15 @@ async fn criteria_and_filters_end_to_end() {
         api,
         "http://t/obs-high",
         "recent",
-        &rx,
+        rx,
         json!([{"filterParameter": "date", "comparator": "ge", "value": "2024-06-01"}]),
     )
     .await;
-    sub(api, "http://t/obs-high", "and", &rx,
+    sub(api, "http://t/obs-high", "and", rx,
         json!([{"filterParameter": "patient", "value": "Patient/p1,Patient/p2"}, {"filterParameter": "code", "value": "718-7"}])).await;
-    sub(api, "http://t/finished-deleted", "s5", &rx, json!([])).await;
-    sub(api, "http://t/not-boolean", "s6", &rx, json!([])).await;
-    sub(api, "http://t/multi", "s7", &rx, json!([{"resourceType": "Observation", "filterParameter": "patient", "value": "Patient/p2"}])).await;
+    sub(api, "http://t/finished-deleted", "s5", rx, json!([])).await;
+    sub(api, "http://t/not-boolean", "s6", rx, json!([])).await;
+    sub(api, "http://t/multi", "s7", rx, json!([{"resourceType": "Observation", "filterParameter": "patient", "value": "Patient/p2"}])).await;
     let hooks = [
         "s1", "s2", "s3", "p1", "p2", "code", "gt200", "recent", "and", "s5", "s6", "s7",
     ];

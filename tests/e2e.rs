@@ -35,14 +35,9 @@ fn methods(bundles: &[Value]) -> Vec<(i64, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_update_delete_notify_in_commit_order() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, TOPICS));
-    let d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    let env = TestEnv::aidbox(TOPICS).build().await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let d = env.start().await;
 
     let enc = subscribe(
         api,
@@ -163,14 +158,9 @@ async fn create_update_delete_notify_in_commit_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_of_5000_rows_gives_5000_events() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, TOPICS));
-    let _d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    let env = TestEnv::aidbox(TOPICS).build().await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let _d = env.start().await;
     let id = subscribe(
         api,
         "http://fhir-cdc.test/topic/encounter-all",
@@ -192,7 +182,7 @@ async fn a_transaction_of_5000_rows_gives_5000_events() {
         )
         .await
         .unwrap();
-    let q = pg.client("fhir").await;
+    let q = env.client().await;
     wait_until("5000 queued events", Duration::from_secs(60), || async {
         let n: i64 = q
             .query_one("SELECT count(*) FROM fhir_cdc.event", &[])

@@ -16,19 +16,12 @@ const T: &str = "http://fhir-cdc.test/topic/encounter";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_heartbeats_batching_end_and_restart() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = aidbox_config(&pg, api, TOPIC).replace(
-        "retry_initial_ms = 100",
-        "retry_initial_ms = 100\nerror_after_failures = 1",
-    );
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let log = dir.path().join("log");
-    let mut d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| c.delivery.error_after_failures = 1)
+        .build()
+        .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let mut d = env.start().await;
     let http = reqwest::Client::new();
 
     // Handshake refused → error; the client fixes its endpoint and asks again → active.
@@ -177,10 +170,9 @@ async fn lifecycle_heartbeats_batching_end_and_restart() {
     .await;
 
     // After a restart, $status still knows the counts and states.
-    wait_settled(&pg).await;
+    wait_settled(&env).await;
     d.kill9();
-    d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    d = env.start().await;
     assert_eq!(
         status(api, &batched).await["eventsSinceSubscriptionStart"],
         "5"

@@ -28,13 +28,8 @@ fn check(cfg: &std::path::Path) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_what_to_fix() {
-    let pg = Pg::start();
-    pg.aidbox_store().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-
-    let cfg = write_file(dir.path(), "ok.toml", &aidbox_config(&pg, api, TOPIC));
-    let (ok, out) = check(&cfg);
+    let env = TestEnv::aidbox(TOPIC).build().await;
+    let (ok, out) = check(&env.config);
     assert!(ok, "{out}");
     assert!(out.contains("ok    wal_level = logical"), "{out}");
     assert!(
@@ -47,48 +42,50 @@ async fn check_reports_what_to_fix() {
     );
 
     // A criterion on a parameter the resource type does not have is a configuration error.
-    let typo = aidbox_config(
-        &pg,
-        api,
-        &TOPIC.replace(
-            "resourceTrigger = [{ resource = \"Encounter\" }]",
-            "resourceTrigger = [{ resource = \"Encounter\", queryCriteria = { current = \"statsu=finished\" } }]",
-        ),
+    let typo = TOPIC.replace(
+        "resourceTrigger = [{ resource = \"Encounter\" }]",
+        "resourceTrigger = [{ resource = \"Encounter\", queryCriteria = { current = \"statsu=finished\" } }]",
     );
-    let (ok, out) = check(&write_file(dir.path(), "typo.toml", &typo));
+    assert_ne!(typo, TOPIC);
+    let typo = env.config_variant("typo.toml", |c| c.topic = topics(&typo));
+    let (ok, out) = check(&typo);
     assert!(!ok, "{out}");
     assert!(
         out.contains("FIX") && out.contains("no search parameter \"statsu\""),
         "{out}"
     );
 
-    let strict = aidbox_config(&pg, api, TOPIC).replace(
-        "fhir_version = \"R5\"",
-        "fhir_version = \"R5\"\ncreate_missing = false",
-    );
-    let (ok, out) = check(&write_file(dir.path(), "strict.toml", &strict));
+    let strict = env.config_variant("strict.toml", |c| {
+        c.source.create_missing = false;
+        c.source.slot = "fhir_cdc".into();
+    });
+    let (ok, out) = check(&strict);
     assert!(!ok, "{out}");
     assert!(
         out.contains("FIX   publication fhir_cdc is missing"),
         "{out}"
     );
+    // The publication names the store's resource and history tables, never a whole schema
+    // (Postgres would refuse the store's UPDATE/DELETE on tables without a replica identity).
     assert!(
-        out.contains("-> CREATE PUBLICATION \"fhir_cdc\" FOR TABLES IN SCHEMA \"public\""),
+        out.contains("-> CREATE PUBLICATION \"fhir_cdc\" FOR TABLE \"public\".\"encounter\", \"public\".\"encounter_history\", "),
         "{out}"
     );
+    assert!(!out.contains("TABLES IN SCHEMA"), "{out}");
     assert!(
         out.contains("-> SELECT pg_create_logical_replication_slot('fhir_cdc', 'pgoutput')"),
         "{out}"
     );
 
-    let gone =
-        aidbox_config(&pg, api, TOPIC).replace(&pg.port.to_string(), &free_port().to_string());
-    let (ok, out) = check(&write_file(dir.path(), "gone.toml", &gone));
+    let gone = env.config_variant("gone.toml", |c| {
+        c.source.url = format!("postgresql://postgres@127.0.0.1:{}/{}", free_port(), env.db)
+    });
+    let (ok, out) = check(&gone);
     assert!(!ok);
     assert!(out.contains("FIX   cannot connect to source.url"), "{out}");
 
     // A broken file is refused before any database work, with the reason.
-    let bad = write_file(dir.path(), "bad.toml", "[source]\nurl = 1\n");
+    let bad = write_file(env.dir.path(), "bad.toml", "[source]\nurl = 1\n");
     let out = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
         .args(["check", "--config"])
         .arg(&bad)
@@ -100,14 +97,11 @@ async fn check_reports_what_to_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_is_ridden_out() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, TOPIC));
-    let d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    // Crashes Postgres: a cluster of its own.
+    let env = TestEnv::aidbox(TOPIC).own_cluster().build().await;
+    let (rx, api) = (&env.rx, env.api);
+    let store = env.client().await;
+    let d = env.start().await;
     let sub = subscribe(
         api,
         "http://fhir-cdc.test/topic/encounter",
@@ -132,8 +126,8 @@ async fn postgres_crash_is_ridden_out() {
     .await;
     drop(store);
 
-    pg.restart(Duration::from_secs(2));
-    let store = pg.client("fhir").await;
+    env.pg.restart(Duration::from_secs(2));
+    let store = env.client().await;
     store
         .execute(
             "SELECT aidbox_put('Encounter', 'after', $1)",
@@ -164,16 +158,12 @@ async fn postgres_crash_is_ridden_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_removes_only_delivered_events() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = aidbox_config(&pg, api, TOPIC).replace("[queue]", "[queue]\nretention_hours = 0");
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let log = dir.path().join("log");
-    let mut d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| c.queue.retention_hours = 0)
+        .build()
+        .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let mut d = env.start().await;
     let ok = subscribe(
         api,
         "http://fhir-cdc.test/topic/encounter",
@@ -223,9 +213,8 @@ async fn retention_removes_only_delivered_events() {
 
     // Retention runs when dispatch starts: delivered events go, the pending one stays.
     d.kill9();
-    d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
-    let q = pg.client("fhir").await;
+    d = env.start().await;
+    let q = env.client().await;
     wait_until("retention", Duration::from_secs(30), || async {
         d.log_text().contains("retention removed delivered events")
     })

@@ -15,18 +15,13 @@ notificationShape = [{ resource = "Encounter", include = ["Encounter:patient"], 
 "#;
 
 async fn run(version: &str, validator: &str) {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = aidbox_config(&pg, api, TOPIC).replace(
-        "fhir_version = \"R5\"",
-        &format!("fhir_version = \"{version}\""),
-    );
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let _d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    let v = fhir_version(version);
+    let env = TestEnv::aidbox(TOPIC)
+        .config(move |c| c.source.fhir_version = v)
+        .build()
+        .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let _d = env.start().await;
     let class = if version == "R5" {
         json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}]}])
     } else {

@@ -36,20 +36,14 @@ async fn event_ids(q: &tokio_postgres::Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_topics_take_effect_in_stream_order() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
+    // No topic in the file at all.
+    let env = TestEnv::aidbox("").build().await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
     store
         .execute("SELECT aidbox_create_type('SubscriptionTopic')", &[])
         .await
         .unwrap();
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    // No topic in the file at all.
-    let cfg = write_file(dir.path(), "c.toml", &aidbox_config(&pg, api, ""));
-    let log = dir.path().join("log");
-    let mut d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    let mut d = env.start().await;
 
     let sub = json!({
         "resourceType": "Subscription", "status": "requested", "topic": X,
@@ -72,7 +66,7 @@ async fn store_topics_take_effect_in_stream_order() {
         !rx.events("store").is_empty()
     })
     .await;
-    let q = pg.client("fhir").await;
+    let q = env.client().await;
     assert_eq!(
         event_ids(&q).await,
         ["e1"],
@@ -99,10 +93,9 @@ async fn store_topics_take_effect_in_stream_order() {
     let via_api = subscribe(api, X, &rx.url("api"), "id-only").await;
 
     // Restart: the topic is still there; both subscriptions get the next change.
-    wait_settled(&pg).await;
+    wait_settled(&env).await;
     d.kill9();
-    d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    d = env.start().await;
     store
         .execute("SELECT aidbox_put('Encounter', 'e2', $1)", &[&enc])
         .await

@@ -30,15 +30,13 @@ fn sub(extra: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_crud_refusals_and_store_subscriptions() {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = aidbox_config(&pg, api, TOPIC).replace("require_https_for_full_resource = false", "");
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let _d = Daemon::start(&cfg, &dir.path().join("log"));
-    wait_api(api).await;
+    // The default: full-resource payloads need an https endpoint.
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| c.delivery.require_https_for_full_resource = true)
+        .build()
+        .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let _d = env.start().await;
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{api}");
 

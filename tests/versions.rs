@@ -46,19 +46,16 @@ fn backport_sub(
 }
 
 async fn run_version(version: &str, validator: &str) {
-    let pg = Pg::start();
-    let store = pg.aidbox_store().await;
-    let rx = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let api = free_port();
-    let cfg = aidbox_config(&pg, api, TOPIC).replace(
-        "fhir_version = \"R5\"",
-        &format!("fhir_version = \"{version}\""),
-    );
-    let cfg = write_file(dir.path(), "c.toml", &cfg);
-    let log = dir.path().join("log");
-    let mut d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    let v = fhir_version(version);
+    let env = TestEnv::aidbox(TOPIC)
+        .config(move |c| {
+            c.source.fhir_version = v;
+            c.source.publication_refresh_secs = 1;
+        })
+        .build()
+        .await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let mut d = env.start().await;
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{api}");
 
@@ -252,6 +249,9 @@ async fn run_version(version: &str, validator: &str) {
         .execute("SELECT aidbox_create_type($1)", &[&rtype])
         .await
         .unwrap();
+    // A table created after fhir-cdc attached is captured once capture has added it to the
+    // publication (every publication_refresh_secs).
+    wait_published(store, &rtype.to_lowercase()).await;
     let mut to_store_topic = backport_sub(&rx.url("storetopic"), "id-only", None, None);
     to_store_topic["criteria"] = json!(url);
     let enc = json!({"status": "planned", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"}});
@@ -280,10 +280,9 @@ async fn run_version(version: &str, validator: &str) {
         "http://fhir-cdc.test/fhir/Encounter/after-topic"
     );
 
-    wait_settled(&pg).await;
+    wait_settled(&env).await;
     d.kill9();
-    d = Daemon::start(&cfg, &log);
-    wait_api(api).await;
+    d = env.start().await;
     let st: Value = http
         .get(format!("{base}/Subscription/{id}/$status"))
         .send()

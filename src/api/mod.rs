@@ -32,6 +32,7 @@ pub struct ApiState {
     pub registry: Arc<crate::fhir::search::registry::Registry>,
     /// Set when capture runs in this process: ready only while it streams.
     pub capture_streaming: Option<Arc<AtomicBool>>,
+    pub topics: Arc<crate::topics::Registry>,
 }
 
 type Shared = Arc<ApiState>;
@@ -115,7 +116,7 @@ async fn ready(State(s): State<Shared>) -> impl IntoResponse {
         }
     }
     match s.pool.get().await {
-        Ok(c) if c.simple_query("SELECT 1").await.is_ok() => (StatusCode::OK, "ready"),
+        Ok(c) if queue::ping(&**c).await.is_ok() => (StatusCode::OK, "ready"),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
             "queue database unreachable",
@@ -138,39 +139,20 @@ async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
 
 /// Gauges read from the database at scrape time: slot lag and queue depth.
 async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config) {
-    if let Ok(Some(r)) = c
-        .query_opt(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.source.slot],
-        )
-        .await
-    {
-        if let Some(lag) = r.get::<_, Option<f64>>(0) {
-            metrics::gauge!("fhir_cdc_slot_lag_bytes").set(lag);
-        }
+    if let Ok(Some(lag)) = queue::slot_lag_bytes(&***c, &cfg.source.slot).await {
+        metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(lag);
     }
-    if let Ok(rows) = c
-        .query(
-            "SELECT s.topic, count(*)::float8 FROM fhir_cdc.delivery d
-             JOIN fhir_cdc.subscription s ON s.id = d.subscription_id
-             WHERE d.state = 'pending' GROUP BY s.topic",
-            &[],
-        )
-        .await
-    {
-        for r in rows {
-            let topic: String = r.get(0);
-            metrics::gauge!("fhir_cdc_queue_depth", "topic" => topic).set(r.get::<_, f64>(1));
+    if let Ok(depths) = queue::pending_by_topic(&***c).await {
+        for (topic, n) in depths {
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "topic" => topic).set(n);
         }
     }
 }
 
 impl ApiState {
     /// Configured topics and those created in the store.
-    async fn topics(&self) -> Result<Vec<Topic>, Fhir> {
-        let c = self.pool.get().await.map_err(internal)?;
-        queue::topics::all(&**c, &self.cfg).await.map_err(internal)
+    async fn topics(&self) -> Result<Arc<Vec<Topic>>, Fhir> {
+        self.topics.all().await.map_err(internal)
     }
 }
 
@@ -625,13 +607,7 @@ async fn events_answer(s: &ApiState, id: &str, q: EventsQuery) -> Result<Fhir, F
     let rows = subscriptions::events_between(&**c, id, since, until, EVENTS_LIMIT)
         .await
         .map_err(internal)?;
-    let shapes = s
-        .topics()
-        .await?
-        .into_iter()
-        .find(|t| t.url == row.topic)
-        .map(|t| t.shapes)
-        .unwrap_or_default();
+    let shapes = s.topics.shapes(&row.topic).await;
     let mut events = Vec::with_capacity(rows.len());
     for p in &rows {
         events.push(s.payloads.event(content, &shapes, p).await);
@@ -651,16 +627,19 @@ async fn events_answer(s: &ApiState, id: &str, q: EventsQuery) -> Result<Fhir, F
 }
 
 /// Builds the API state from a config (pool sized for the API only).
-pub async fn state(
+pub fn state(
     cfg: Arc<Config>,
     metrics: Option<PrometheusHandle>,
     capture_streaming: Option<Arc<AtomicBool>>,
     searcher: Arc<crate::fhir::search::Searcher>,
+    payloads: Payloads,
+    topics: Arc<crate::topics::Registry>,
 ) -> anyhow::Result<Shared> {
     Ok(Arc::new(ApiState {
+        topics,
         pool: queue::pool(cfg.queue_url(), 8)?,
         registry: searcher.registry.clone(),
-        payloads: Payloads::new(cfg.clone(), searcher)?,
+        payloads,
         cfg,
         metrics,
         capture_streaming,

@@ -1,21 +1,38 @@
-//! Channels: how a notification leaves the daemon. One trait, so send workers do not care
-//! which channel a subscription uses.
+//! Channels: how a notification leaves the daemon. One object-safe trait, chosen per
+//! subscription by its `channel` column, so send workers do not care which channel a
+//! subscription uses and a new channel is one new file here.
 
+pub mod memory;
 pub mod rest_hook;
 
-use std::future::Future;
+use async_trait::async_trait;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// One notification ready to go out.
-pub struct Outgoing<'a> {
-    pub endpoint: &'a str,
-    pub headers: &'a [(String, String)],
-    pub content_type: &'a str,
-    pub body: Vec<u8>,
+use crate::fhir::notification::Kind;
+use crate::fhir::subscription::ChannelType;
+
+/// A built notification Bundle.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub kind: Kind,
+    pub subscription_id: String,
+    pub bundle: Value,
+}
+
+/// Where and how a subscription wants its notifications: its channel settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub content_type: String,
     pub timeout: Duration,
 }
 
-/// Why a send failed. Texts name the endpoint's answer, never the payload.
+/// Why a send failed. Texts name the endpoint's answer, never the payload. Every kind is
+/// retried by the send policy (backoff, then `error`/`off`); none stops the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("timed out after {0:?}")]
@@ -24,10 +41,43 @@ pub enum SendError {
     Status(u16),
     #[error("connection failed: {0}")]
     Connect(String),
+    #[error("notification could not be encoded: {0}")]
+    Encode(String),
+    #[error("channel {0} is not available in this process")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
 }
 
+#[async_trait]
 pub trait Channel: Send + Sync {
-    fn send(&self, out: Outgoing<'_>) -> impl Future<Output = Result<(), SendError>> + Send;
+    fn channel_type(&self) -> ChannelType;
+
+    /// Sends one notification; `Ok` means the receiver accepted it.
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError>;
+}
+
+/// The channels of this process, by type.
+#[derive(Clone, Default)]
+pub struct Channels {
+    by_type: HashMap<ChannelType, Arc<dyn Channel>>,
+}
+
+impl Channels {
+    /// Every channel the daemon delivers over, with its production implementation.
+    pub fn standard() -> Self {
+        Channels::default().with(Arc::new(rest_hook::RestHook::new()))
+    }
+
+    pub fn with(mut self, c: Arc<dyn Channel>) -> Self {
+        self.by_type.insert(c.channel_type(), c);
+        self
+    }
+
+    pub fn get(&self, t: Option<ChannelType>) -> Result<&Arc<dyn Channel>, SendError> {
+        let t = t.ok_or_else(|| SendError::Unavailable("(unknown)".into()))?;
+        self.by_type
+            .get(&t)
+            .ok_or_else(|| SendError::Unavailable(t.as_str().into()))
+    }
 }

@@ -1,6 +1,9 @@
 //! rest-hook: an HTTP POST of the notification Bundle to the subscriber's endpoint.
 
-use super::{Channel, Outgoing, SendError};
+use async_trait::async_trait;
+
+use super::{Channel, Destination, Notification, SendError};
+use crate::fhir::subscription::ChannelType;
 
 #[derive(Clone)]
 pub struct RestHook {
@@ -26,21 +29,27 @@ impl Default for RestHook {
     }
 }
 
+#[async_trait]
 impl Channel for RestHook {
-    async fn send(&self, out: Outgoing<'_>) -> Result<(), SendError> {
+    fn channel_type(&self) -> ChannelType {
+        ChannelType::RestHook
+    }
+
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+        let body = serde_json::to_vec(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
         let mut req = self
             .client
-            .post(out.endpoint)
-            .timeout(out.timeout)
-            .header(reqwest::header::CONTENT_TYPE, out.content_type)
-            .body(out.body);
-        for (k, v) in out.headers {
+            .post(&to.endpoint)
+            .timeout(to.timeout)
+            .header(reqwest::header::CONTENT_TYPE, to.content_type.as_str())
+            .body(body);
+        for (k, v) in &to.headers {
             req = req.header(k.as_str(), v.as_str());
         }
         match req.send().await {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => Err(SendError::Status(resp.status().as_u16())),
-            Err(e) if e.is_timeout() => Err(SendError::Timeout(out.timeout)),
+            Err(e) if e.is_timeout() => Err(SendError::Timeout(to.timeout)),
             Err(e) if e.is_connect() => Err(SendError::Connect(root_cause(&e))),
             Err(e) => Err(SendError::Other(e.without_url().to_string())),
         }

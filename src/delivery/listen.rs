@@ -6,36 +6,33 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use super::Wakers;
+use super::{DeliveryError, Wakers};
+use crate::error::{supervise, Backoff};
 use crate::queue::topics::TOPIC_CHANNEL;
 use crate::queue::{DELIVERY_CHANNEL, EVENT_CHANNEL};
 
 pub async fn run(
     url: String,
     wakers: Arc<Wakers>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    loop {
-        if let Err(e) = listen_once(&url, &wakers, &mut shutdown).await {
-            tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-        }
-        if *shutdown.borrow() {
-            return Ok(());
-        }
-        // Whatever was notified meanwhile is picked up by a full round.
-        wakers.wake_all();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.changed() => return Ok(()),
-        }
-    }
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(5),
+        ..Backoff::default()
+    };
+    supervise("listen", backoff, shutdown.clone(), || {
+        listen_once(&url, &wakers, shutdown.clone())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("LISTEN: {e}"))
 }
 
 async fn listen_once(
     url: &str,
     wakers: &Wakers,
-    shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), DeliveryError> {
     let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -43,10 +40,8 @@ async fn listen_once(
         while let Some(m) = stream.next().await {
             match m {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if tx
-                        .send((n.channel().to_string(), n.payload().to_string()))
-                        .is_err()
-                    {
+                    let note = (n.channel().to_string(), n.payload().to_string());
+                    if tx.send(note).is_err() {
                         break;
                     }
                 }
@@ -61,27 +56,32 @@ async fn listen_once(
             "LISTEN {EVENT_CHANNEL}; LISTEN {DELIVERY_CHANNEL}; LISTEN {TOPIC_CHANNEL}"
         ))
         .await?;
-    // Whatever was notified before LISTEN took effect is picked up by a full round.
+    // Whatever was notified before LISTEN took effect (or while it was down) is picked up
+    // by a full round.
     wakers.wake_all();
     loop {
         tokio::select! {
             m = rx.recv() => {
                 let Some((channel, topic)) = m else { break };
-                if channel == TOPIC_CHANNEL {
-                    wakers.topics_changed.notify_one();
-                } else if let Some(w) = wakers.get(&topic) {
-                    if channel == EVENT_CHANNEL {
-                        w.events.notify_one();
-                    } else {
-                        w.deliveries.notify_one();
-                    }
-                }
+                route(wakers, &channel, &topic);
             }
             _ = shutdown.changed() => return Ok(()),
         }
     }
     match driver.await {
         Ok(Err(e)) => Err(e.into()),
-        _ => anyhow::bail!("LISTEN connection closed"),
+        _ => Err(DeliveryError::ListenClosed),
+    }
+}
+
+fn route(wakers: &Wakers, channel: &str, topic: &str) {
+    if channel == TOPIC_CHANNEL {
+        wakers.topic_changed();
+    } else if let Some(w) = wakers.get(topic) {
+        if channel == EVENT_CHANNEL {
+            w.events.notify_one();
+        } else {
+            w.deliveries.notify_one();
+        }
     }
 }

@@ -1,19 +1,47 @@
 //! Delivery: dispatch (events → numbered deliveries, one instance per topic) and send
-//! workers (deliveries → notifications, one subscription per worker at a time).
-//! Wakes on LISTEN/NOTIFY; timers only cover retries and a missed notification.
+//! workers (deliveries → notifications over the subscription's channel, one subscription
+//! per worker at a time). Wakes on LISTEN/NOTIFY; timers only cover retries and a missed
+//! notification.
 
 mod listen;
 pub mod payload;
+pub mod policy;
 mod send;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
-use crate::channel::rest_hook::RestHook;
+use crate::channel::Channels;
 use crate::config::Config;
-use crate::queue::{self, dispatch};
+use crate::error::{supervise, Backoff, Classify, ErrorKind};
+use crate::queue::{self, dispatch, QueueError};
+use crate::topics::Registry;
+
+/// Delivery's one error type: everything that stops a worker is the queue going away.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("LISTEN connection closed")]
+    ListenClosed,
+}
+
+impl From<tokio_postgres::Error> for DeliveryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DeliveryError::Queue(QueueError::Db(e))
+    }
+}
+
+impl Classify for DeliveryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DeliveryError::Queue(e) => e.kind(),
+            DeliveryError::ListenClosed => ErrorKind::Retryable,
+        }
+    }
+}
 
 /// Wake-ups of one topic's dispatcher and send workers.
 #[derive(Clone, Default)]
@@ -23,14 +51,22 @@ pub struct TopicWakers {
 }
 
 /// Per-topic wake-ups fed by the LISTEN connection; topics come and go at run time.
-#[derive(Default)]
 pub struct Wakers {
     topics: Mutex<HashMap<String, TopicWakers>>,
     /// A store topic appeared, changed or went.
     pub topics_changed: Notify,
+    registry: Arc<Registry>,
 }
 
 impl Wakers {
+    fn new(registry: Arc<Registry>) -> Self {
+        Wakers {
+            topics: Mutex::default(),
+            topics_changed: Notify::new(),
+            registry,
+        }
+    }
+
     fn get(&self, topic: &str) -> Option<TopicWakers> {
         self.topics.lock().ok()?.get(topic).cloned()
     }
@@ -48,6 +84,11 @@ impl Wakers {
         }
     }
 
+    fn topic_changed(&self) {
+        self.registry.invalidate();
+        self.topics_changed.notify_one();
+    }
+
     fn wake_all(&self) {
         if let Ok(m) = self.topics.lock() {
             for w in m.values() {
@@ -55,7 +96,7 @@ impl Wakers {
                 w.deliveries.notify_one();
             }
         }
-        self.topics_changed.notify_one();
+        self.topic_changed();
     }
 }
 
@@ -63,16 +104,21 @@ impl Wakers {
 /// until `shutdown` flips.
 pub async fn run(
     cfg: Arc<Config>,
-    searcher: Arc<crate::fhir::search::Searcher>,
+    payloads: payload::Payloads,
+    channels: Channels,
+    registry: Arc<Registry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut client).await?;
-    let wakers = Arc::new(Wakers::default());
+    drop(client);
+    let wakers = Arc::new(Wakers::new(registry.clone()));
     let ctx = Arc::new(send::Ctx {
         cfg: cfg.clone(),
-        payloads: payload::Payloads::new(cfg.clone(), searcher)?,
-        channel: RestHook::new(),
+        policy: policy::SendPolicy::from(&cfg.delivery),
+        payloads,
+        channels,
+        topics: registry.clone(),
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),
     });
@@ -83,46 +129,13 @@ pub async fn run(
         shutdown.clone(),
     ));
     loop {
-        match queue::topics::all(&client, &cfg).await {
+        match registry.all().await {
             Ok(topics) => {
-                for t in topics {
-                    let (w, new) = wakers.entry(&t.url);
-                    if !new {
-                        continue;
-                    }
-                    let workers = cfg
-                        .topics
-                        .iter()
-                        .find(|c| c.topic.url == t.url)
-                        .map(|c| c.workers)
-                        .unwrap_or(cfg.delivery.workers)
-                        .max(1);
-                    tracing::info!(topic = %t.url, workers, "delivering topic");
-                    tasks.spawn(dispatcher(
-                        cfg.clone(),
-                        t.url.clone(),
-                        w.events.clone(),
-                        shutdown.clone(),
-                    ));
-                    for _ in 0..workers {
-                        tasks.spawn(send::worker(
-                            ctx.clone(),
-                            t.url.clone(),
-                            w.deliveries.clone(),
-                            shutdown.clone(),
-                        ));
-                    }
-                    // Catch up on whatever was queued while no delivery ran.
-                    w.events.notify_one();
-                    w.deliveries.notify_one();
+                for t in topics.iter() {
+                    start_topic(&cfg, &ctx, &wakers, &t.url, &mut tasks, &shutdown);
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read topics; reconnecting");
-                if let Ok(c) = queue::connect(cfg.queue_url()).await {
-                    client = c;
-                }
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot read topics; retrying"),
         }
         tokio::select! {
             _ = wakers.topics_changed.notified() => {}
@@ -137,58 +150,87 @@ pub async fn run(
     Ok(())
 }
 
+/// Starts the dispatcher and send workers of a topic seen for the first time.
+fn start_topic(
+    cfg: &Arc<Config>,
+    ctx: &Arc<send::Ctx>,
+    wakers: &Wakers,
+    url: &str,
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let (w, new) = wakers.entry(url);
+    if !new {
+        return;
+    }
+    let workers = cfg
+        .topics
+        .iter()
+        .find(|c| c.topic.url == url)
+        .map(|c| c.workers)
+        .unwrap_or(cfg.delivery.workers)
+        .max(1);
+    tracing::info!(topic = %url, workers, "delivering topic");
+    tasks.spawn(dispatcher(
+        cfg.clone(),
+        url.to_string(),
+        w.events.clone(),
+        shutdown.clone(),
+    ));
+    for _ in 0..workers {
+        tasks.spawn(send::worker(
+            ctx.clone(),
+            url.to_string(),
+            w.deliveries.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Catch up on whatever was queued while no delivery ran.
+    w.events.notify_one();
+    w.deliveries.notify_one();
+}
+
 async fn dispatcher(
     cfg: Arc<Config>,
     topic: String,
     wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut client = None;
-    let mut last_retention = std::time::Instant::now() - Duration::from_secs(3600);
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        ..Backoff::default()
+    };
+    supervise("dispatch", backoff, shutdown.clone(), || {
+        run_dispatcher(&cfg, &topic, &wake, shutdown.clone())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("dispatch of {topic}: {e}"))
+}
+
+async fn run_dispatcher(
+    cfg: &Config,
+    topic: &str,
+    wake: &Notify,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), DeliveryError> {
+    let mut c = queue::connect(cfg.queue_url()).await?;
+    let mut last_retention = Instant::now() - Duration::from_secs(3600);
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        if client.is_none() {
-            match queue::connect(cfg.queue_url()).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(topic = %topic, error = %e, "dispatch cannot reach the queue")
-                }
+        for id in queue::subscriptions::expire(&c).await? {
+            tracing::info!(subscription = %id, "subscription end reached; turned off");
+        }
+        // Retention runs at most once a minute per topic.
+        if last_retention.elapsed() > Duration::from_secs(60) {
+            last_retention = Instant::now();
+            let n = dispatch::retain(&c, topic, cfg.queue.retention_hours).await?;
+            if n > 0 {
+                tracing::info!(topic = %topic, events = n, "retention removed delivered events");
             }
         }
-        if let Some(c) = client.as_mut() {
-            match crate::queue::subscriptions::expire(&*c).await {
-                Ok(ids) => {
-                    for id in ids {
-                        tracing::info!(subscription = %id, "subscription end reached; turned off");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "expiring subscriptions failed"),
-            }
-            // Retention runs at most once a minute per topic.
-            if last_retention.elapsed() > Duration::from_secs(60) {
-                last_retention = std::time::Instant::now();
-                match dispatch::retain(c, &topic, cfg.queue.retention_hours).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(topic = %topic, events = n, "retention removed delivered events")
-                    }
-                    Err(e) => tracing::warn!(topic = %topic, error = %e, "retention failed"),
-                }
-            }
-            loop {
-                match dispatch::round(c, &topic, 1000).await {
-                    Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(topic = %topic, error = %e, "dispatch round failed");
-                        client = None;
-                        break;
-                    }
-                }
-            }
-        }
+        while dispatch::round(&mut c, topic, 1000).await? > 0 {}
         tokio::select! {
             _ = wake.notified() => {}
             // Covers a NOTIFY lost while the LISTEN connection was down.

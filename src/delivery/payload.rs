@@ -2,37 +2,30 @@
 //! with the resource body when the payload is full-resource, and the resources the topic's
 //! notificationShape adds (include / revInclude), read from the store.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::Arc;
 
-use crate::capture::profile::{pg_timestamptz_to_fhir, Body, RowChange};
-use crate::capture::setup::ident;
-use crate::config::{Config, ProfileKind};
 use crate::fhir::notification::Event;
 use crate::fhir::search::value::Values;
 use crate::fhir::search::Searcher;
 use crate::fhir::subscription::Content;
 use crate::fhir::topic::{Interaction, Shape};
 use crate::queue::subscriptions::Pending;
+use crate::store::StoreProfile;
 
 /// Most resources one revInclude adds to a notification.
 const REV_INCLUDE_LIMIT: i64 = 50;
 
+/// Builds notification events; reaches the store only through its profile.
 #[derive(Clone)]
 pub struct Payloads {
-    cfg: Arc<Config>,
-    store: deadpool_postgres::Pool,
+    store: Arc<dyn StoreProfile>,
     searcher: Arc<Searcher>,
 }
 
 impl Payloads {
-    pub fn new(cfg: Arc<Config>, searcher: Arc<Searcher>) -> anyhow::Result<Self> {
-        let store = crate::queue::pool(&cfg.source.url, 4)?;
-        Ok(Payloads {
-            cfg,
-            store,
-            searcher,
-        })
+    pub fn new(store: Arc<dyn StoreProfile>, searcher: Arc<Searcher>) -> Self {
+        Payloads { store, searcher }
     }
 
     /// The event as a notification carries it. `shapes` are the topic's notificationShapes.
@@ -121,94 +114,74 @@ impl Payloads {
         out
     }
 
-    /// Resources of `src` whose search parameter `code` refers to `reference`, for stores
-    /// whose JSON holds FHIR references (`{"reference": "Type/id"}`) at a plain path.
+    /// Resources of `src` whose search parameter `code` refers to `reference`, found by the
+    /// store profile on the element the parameter reads.
     async fn referring(&self, src: &str, code: &str, reference: &str) -> Vec<Value> {
-        if self.cfg.source.profile != ProfileKind::Aidbox {
-            return Vec::new();
-        }
         let Some(param) = self.searcher.registry.get(src, code) else {
             tracing::warn!(rev_include = %format!("{src}:{code}"), "notificationShape revInclude names no known search parameter");
             return Vec::new();
         };
-        // The element the parameter reads: `Observation.encounter` → `encounter`.
-        let path = param
-            .expression
-            .split('|')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_start_matches('(')
-            .strip_prefix(&format!("{src}."))
-            .map(|p| p.split(['.', '(', ' ']).next().unwrap_or(""))
-            .unwrap_or("");
-        if path.is_empty() || !path.chars().all(|c| c.is_ascii_alphanumeric()) {
+        let Some(path) = element_path(src, &param.expression) else {
             tracing::debug!(rev_include = %format!("{src}:{code}"), "revInclude path not simple; skipped");
             return Vec::new();
+        };
+        match self
+            .store
+            .referring(src, &path, reference, REV_INCLUDE_LIMIT)
+            .await
+        {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(rev_include = %format!("{src}:{code}"), error = %e, "revInclude read failed");
+                Vec::new()
+            }
         }
-        let one = json!({ path: {"reference": reference} });
-        let many = json!({ path: [{"reference": reference}] });
-        let Ok(c) = self.store.get().await else {
-            return Vec::new();
-        };
-        let sql = format!(
-            "SELECT id, resource::text, txid::text, ts::text FROM {}.{}
-             WHERE resource @> $1 OR resource @> $2 ORDER BY ts DESC LIMIT {REV_INCLUDE_LIMIT}",
-            ident(&self.cfg.source.schema),
-            ident(&src.to_ascii_lowercase())
-        );
-        let Ok(rows) = c.query(&sql, &[&one, &many]).await else {
-            return Vec::new();
-        };
-        rows.iter()
-            .filter_map(|row| as_resource(src, row.get(0), row.get(1), row.get(2), row.get(3)))
-            .collect()
     }
 
     async fn read_store(&self, resource_type: &str, id: &str) -> Option<Value> {
-        if self.cfg.source.profile != ProfileKind::Aidbox
-            || !crate::fhir::resource_types::is_resource_type(resource_type)
-        {
-            return None;
+        match self.store.read(resource_type, id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(reference = %format!("{resource_type}/{id}"), error = %e, "store read for a payload failed");
+                None
+            }
         }
-        let c = self.store.get().await.ok()?;
-        let sql = format!(
-            "SELECT id, resource::text, txid::text, ts::text FROM {}.{} WHERE id = $1",
-            ident(&self.cfg.source.schema),
-            ident(&resource_type.to_ascii_lowercase())
-        );
-        let row = c.query_opt(&sql, &[&id]).await.ok()??;
-        as_resource(
-            resource_type,
-            row.get(0),
-            row.get(1),
-            row.get(2),
-            row.get(3),
-        )
     }
 }
 
-/// An Aidbox row as a FHIR resource (id, type and meta from the columns).
-fn as_resource(
-    resource_type: &str,
-    id: String,
-    body: Option<String>,
-    txid: Option<String>,
-    ts: Option<String>,
-) -> Option<Value> {
-    let change = RowChange {
-        resource_type: resource_type.to_string(),
-        id,
-        version_id: txid,
-        last_updated: ts.map(|s| pg_timestamptz_to_fhir(&s)),
-        interaction: Interaction::Update,
-        body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
-    };
-    match change.resource() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "store read for a full-resource payload failed");
-            None
-        }
+/// The element a search parameter reads, when it is a plain one: `Observation.encounter`
+/// → `encounter`.
+fn element_path(src: &str, expression: &str) -> Option<String> {
+    let path = expression
+        .split('|')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_start_matches('(')
+        .strip_prefix(&format!("{src}."))
+        .map(|p| p.split(['.', '(', ' ']).next().unwrap_or(""))
+        .unwrap_or("");
+    (!path.is_empty() && path.chars().all(|c| c.is_ascii_alphanumeric())).then(|| path.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_paths() {
+        assert_eq!(
+            element_path("Observation", "Observation.encounter").as_deref(),
+            Some("encounter")
+        );
+        assert_eq!(
+            element_path(
+                "Observation",
+                "Observation.subject.where(resolve() is Patient)"
+            )
+            .as_deref(),
+            Some("subject")
+        );
+        assert_eq!(element_path("Observation", "Condition.encounter"), None);
     }
 }

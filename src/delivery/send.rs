@@ -1,65 +1,75 @@
-//! Send workers: lease a subscription, send its handshake or its oldest pending event,
-//! record the outcome. One subscription per worker at a time keeps each subscription in
-//! eventNumber order while a slow endpoint holds up only itself.
+//! Send workers: lease a subscription, send its handshake, its pending events or a
+//! heartbeat over its channel, record the outcome. One subscription per worker at a time
+//! keeps each subscription in eventNumber order while a slow endpoint holds up only itself.
+//! The decisions are in [`super::policy`]; this module does the I/O around them.
 
 use chrono::Utc;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio_postgres::Client;
 
 use super::payload::Payloads;
-use crate::channel::{rest_hook::RestHook, Channel, Outgoing};
+use super::policy::{heartbeat_due, Batch, SendPolicy};
+use super::DeliveryError;
+use crate::channel::{Channels, Destination, Notification, SendError};
 use crate::config::Config;
-use crate::fhir::notification::{bundle, Format, Kind, StatusInfo};
-use crate::fhir::subscription::Status;
+use crate::error::{supervise, Backoff};
+use crate::fhir::notification::{bundle, Event, Format, Kind, StatusInfo};
+use crate::fhir::subscription::{Content, Status};
 use crate::queue::{
     self,
-    subscriptions::{self, FailurePolicy, SubscriptionRow},
+    subscriptions::{self, Failure, SubscriptionRow},
 };
-use tokio_postgres::Client;
+
+type Result<T> = std::result::Result<T, DeliveryError>;
 
 pub struct Ctx {
     pub cfg: Arc<Config>,
+    pub policy: SendPolicy,
     pub payloads: Payloads,
-    pub channel: RestHook,
+    pub channels: Channels,
+    pub topics: Arc<crate::topics::Registry>,
     pub base_url: String,
     pub format: Format,
 }
 
+/// Runs one send worker of `topic` until shutdown, reconnecting when the queue goes away.
 pub async fn worker(
     ctx: Arc<Ctx>,
     topic: String,
     wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        ..Backoff::default()
+    };
+    supervise("send", backoff, shutdown.clone(), || {
+        run_worker(&ctx, &topic, &wake, shutdown.clone())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("send worker of {topic}: {e}"))
+}
+
+async fn run_worker(
+    ctx: &Ctx,
+    topic: &str,
+    wake: &Notify,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
     // A connection of the worker's own: its session advisory locks are the leases, so a
     // dropped connection (error, crash) frees them at once.
-    let mut conn: Option<Client> = None;
+    let mut c = queue::connect(ctx.cfg.queue_url()).await?;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        if conn.is_none() {
-            match queue::connect(ctx.cfg.queue_url()).await {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    tracing::warn!(topic = %topic, error = %e, "send worker cannot reach the queue")
-                }
-            }
+        if work_one(ctx, &mut c, topic, wake).await? {
+            continue;
         }
-        let idle = match conn.as_mut() {
-            None => Duration::from_secs(1),
-            Some(c) => match work_one(&ctx, c, &topic, &wake).await {
-                Ok(true) => continue,
-                Ok(false) => next_wait(c, &topic).await,
-                Err(e) => {
-                    tracing::warn!(topic = %topic, error = format!("{e:#}"), "send worker error; reconnecting");
-                    conn = None;
-                    Duration::from_secs(1)
-                }
-            },
-        };
+        let idle = next_wait(&c, topic).await;
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(idle) => {}
@@ -77,43 +87,23 @@ async fn next_wait(c: &Client, topic: &str) -> Duration {
     }
 }
 
+/// Notifications one worker sends for one subscription before giving others a turn.
+const BACKLOG_ROUNDS: usize = 100;
+
 /// Does one unit of work. Returns false when no subscription of the topic had any.
-async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyhow::Result<bool> {
+async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> Result<bool> {
     let Some(mut sub) = subscriptions::lease(c, topic).await? else {
         return Ok(false);
     };
     // Another worker may find more work meanwhile.
     wake.notify_one();
-    let t = sub
-        .timeout
-        .filter(|t| *t > 0)
-        .map(|t| Duration::from_secs(t as u64))
-        .unwrap_or(ctx.cfg.delivery.default_timeout());
+    let t = ctx.policy.timeout(sub.timeout);
     if sub.status == Status::Requested {
         handshake(ctx, c, &sub, t).await?;
     } else {
-        // Keep the lease while the backlog drains, up to a bound so other subscriptions of
-        // the topic get their turn; stop at the first failure (its retry is scheduled).
         let now = Utc::now();
-        let mut went_out = false;
-        if sub.next_attempt_at <= now {
-            for _ in 0..BACKLOG_ROUNDS {
-                match send_events(ctx, c, topic, &sub, t).await? {
-                    Sent::Delivered => {
-                        went_out = true;
-                        // What `delivered` just wrote; later notifications report it.
-                        sub.status = Status::Active;
-                        sub.last_error = None;
-                    }
-                    Sent::Failed => {
-                        went_out = true;
-                        break;
-                    }
-                    Sent::Nothing | Sent::Deferred => break,
-                }
-            }
-        }
-        if !went_out && heartbeat_due(&sub, now) {
+        let went_out = sub.next_attempt_at <= now && drain(ctx, c, topic, &mut sub, t).await?;
+        if !went_out && heartbeat_due(sub.heartbeat_period, sub.last_sent_at, now) {
             heartbeat(ctx, c, &sub, t).await?;
         }
     }
@@ -121,23 +111,34 @@ async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> anyh
     Ok(true)
 }
 
-/// The notificationShapes of a topic (configured, or from the store).
-async fn topic_shapes(ctx: &Ctx, c: &Client, topic: &str) -> Vec<crate::fhir::topic::Shape> {
-    if let Some(t) = ctx.cfg.topics.iter().find(|t| t.topic.url == topic) {
-        return t.topic.shapes.clone();
+/// Keeps the lease while the backlog drains, up to a bound so other subscriptions of the
+/// topic get their turn; stops at the first failure (its retry is scheduled). Returns
+/// whether anything went out.
+async fn drain(
+    ctx: &Ctx,
+    c: &mut Client,
+    topic: &str,
+    sub: &mut SubscriptionRow,
+    t: Duration,
+) -> Result<bool> {
+    let mut went_out = false;
+    for _ in 0..BACKLOG_ROUNDS {
+        match send_events(ctx, c, topic, sub, t).await? {
+            Sent::Delivered => {
+                went_out = true;
+                // What `delivered` just wrote; later notifications report it.
+                if sub.status == Status::Error {
+                    sub.status = Status::Active;
+                }
+                sub.failures = 0;
+                sub.last_error = None;
+            }
+            Sent::Failed => return Ok(true),
+            Sent::Nothing | Sent::Deferred => break,
+        }
     }
-    match queue::topics::load_store(c).await {
-        Ok(list) => list
-            .into_iter()
-            .find(|(_, t)| t.url == topic)
-            .map(|(_, t)| t.shapes)
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
-    }
+    Ok(went_out)
 }
-
-/// Notifications one worker sends for one subscription before giving others a turn.
-const BACKLOG_ROUNDS: usize = 100;
 
 enum Sent {
     Nothing,
@@ -147,65 +148,56 @@ enum Sent {
     Failed,
 }
 
-fn heartbeat_due(sub: &SubscriptionRow, now: chrono::DateTime<Utc>) -> bool {
-    match sub.heartbeat_period.filter(|p| *p > 0) {
-        None => false,
-        Some(p) => sub
-            .last_sent_at
-            .is_none_or(|t| t + chrono::Duration::seconds(i64::from(p)) <= now),
+fn status_info(sub: &SubscriptionRow, status: Status, events_since_start: i64) -> StatusInfo {
+    StatusInfo {
+        subscription_id: sub.id.clone(),
+        status,
+        events_since_start,
+        topic_url: sub.topic.clone(),
+        errors: sub.last_error.iter().cloned().collect(),
     }
 }
 
 /// A heartbeat: nothing else went out for `heartbeatPeriod`. It carries the subscription's
 /// status (and error) and never moves the event count.
-async fn heartbeat(
-    ctx: &Ctx,
-    c: &mut Client,
-    sub: &SubscriptionRow,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let info = StatusInfo {
-        subscription_id: sub.id.clone(),
-        status: sub.status,
-        events_since_start: subscriptions::last_settled_number(&*c, &sub.id).await?,
-        topic_url: sub.topic.clone(),
-        errors: sub.last_error.iter().cloned().collect(),
-    };
-    let result = notify(ctx, sub, Kind::Heartbeat, &info, &[], timeout).await?;
-    match result {
+async fn heartbeat(ctx: &Ctx, c: &mut Client, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+    let settled = subscriptions::last_settled_number(&*c, &sub.id).await?;
+    let info = status_info(sub, sub.status, settled);
+    match notify(ctx, sub, Kind::Heartbeat, &info, &[], t).await {
         Ok(()) => subscriptions::touched(&*c, &sub.id).await?,
-        Err(e) => {
-            record_failure(ctx, c, sub, &[], &e.to_string()).await?;
-        }
+        Err(e) => record_failure(ctx, c, sub, &[], &e.to_string()).await?,
     }
     Ok(())
 }
 
-/// Counts a failed send and schedules the retry; returns nothing, logs one line.
+/// Counts a failed send and schedules the retry; logs one line.
 async fn record_failure(
     ctx: &Ctx,
     c: &mut Client,
     sub: &SubscriptionRow,
     numbers: &[i64],
     error: &str,
-) -> anyhow::Result<()> {
-    let policy = FailurePolicy {
-        max_attempts: ctx.cfg.delivery.max_attempts,
-        error_after: ctx.cfg.delivery.error_after_failures,
-        off_after: ctx.cfg.delivery.off_after_failures,
+) -> Result<()> {
+    let p = &ctx.policy;
+    let retry_in = p.backoff(sub.failures, rand::rng().random_range(0.5..=1.0));
+    let new_status = p.status_after_failure(sub.failures, sub.status);
+    let failure = Failure {
+        error,
+        retry_in,
+        max_attempts: p.max_attempts,
+        new_status,
+        off_after: p.off_after,
     };
-    let retry = backoff(ctx, sub.failures);
     let tx = c.transaction().await?;
-    let status = subscriptions::send_failed(&tx, &sub.id, numbers, error, retry, policy).await?;
+    subscriptions::send_failed(&tx, &sub.id, numbers, &failure).await?;
     tx.commit().await?;
-    metrics::counter!("fhir_cdc_delivery_failures_total", "topic" => sub.topic.clone())
-        .increment(1);
+    metrics::counter!(crate::metrics::DELIVERY_FAILURES, "topic" => sub.topic.clone()).increment(1);
     tracing::warn!(
         subscription = %sub.id,
         event_number = numbers.first().copied().unwrap_or(0),
         error = %error,
-        status = status.as_str(),
-        retry_in_ms = retry.as_millis() as u64,
+        status = new_status.as_str(),
+        retry_in_ms = retry_in.as_millis() as u64,
         "notification not delivered"
     );
     Ok(())
@@ -217,44 +209,31 @@ async fn send_events(
     topic: &str,
     sub: &SubscriptionRow,
     t: Duration,
-) -> anyhow::Result<Sent> {
-    let max = i64::from(sub.max_count.filter(|m| *m > 0).unwrap_or(1));
+) -> Result<Sent> {
+    let max = SendPolicy::max_count(sub.max_count);
     let batch = subscriptions::pending(&*c, &sub.id, max).await?;
     let Some(oldest) = batch.first() else {
         return Ok(Sent::Nothing);
     };
-    let window = chrono::Duration::milliseconds(ctx.cfg.delivery.batch_window_ms as i64);
-    if (batch.len() as i64) < max && oldest.queued_at + window > Utc::now() {
-        subscriptions::defer(&*c, &sub.id, oldest.queued_at + window).await?;
+    if let Batch::WaitUntil(at) = ctx
+        .policy
+        .batch(batch.len(), max, oldest.queued_at, Utc::now())
+    {
+        subscriptions::defer(&*c, &sub.id, at).await?;
         return Ok(Sent::Deferred);
     }
-    let shapes = if sub.content == crate::fhir::subscription::Content::FullResource {
-        topic_shapes(ctx, c, topic).await
-    } else {
-        Vec::new()
-    };
-    let mut events = Vec::with_capacity(batch.len());
-    for p in &batch {
-        events.push(ctx.payloads.event(sub.content, &shapes, p).await);
-    }
+    let events = build_events(ctx, topic, sub.content, &batch).await;
     let last = batch.last().map(|p| p.event_number).unwrap_or(0);
-    let info = StatusInfo {
-        subscription_id: sub.id.clone(),
-        status: sub.status,
-        events_since_start: last,
-        topic_url: sub.topic.clone(),
-        errors: sub.last_error.iter().cloned().collect(),
-    };
+    let info = status_info(sub, sub.status, last);
     let numbers: Vec<i64> = batch.iter().map(|p| p.event_number).collect();
-    let result = notify(ctx, sub, Kind::EventNotification, &info, &events, t).await?;
-    match result {
+    match notify(ctx, sub, Kind::EventNotification, &info, &events, t).await {
         Ok(()) => {
             subscriptions::delivered(&*c, &sub.id, &numbers).await?;
-            metrics::counter!("fhir_cdc_notifications_sent_total", "topic" => topic.to_string())
+            metrics::counter!(crate::metrics::NOTIFICATIONS_SENT, "topic" => topic.to_string())
                 .increment(1);
             for p in &batch {
                 let age = (Utc::now() - p.commit_time).to_std().unwrap_or_default();
-                metrics::histogram!("fhir_cdc_end_to_end_seconds").record(age.as_secs_f64());
+                metrics::histogram!(crate::metrics::END_TO_END_SECONDS).record(age.as_secs_f64());
             }
             Ok(Sent::Delivered)
         }
@@ -265,21 +244,29 @@ async fn send_events(
     }
 }
 
-async fn handshake(
+/// The events as the subscription's content level carries them.
+async fn build_events(
     ctx: &Ctx,
-    c: &Client,
-    sub: &SubscriptionRow,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let info = StatusInfo {
-        subscription_id: sub.id.clone(),
-        status: Status::Requested,
-        events_since_start: sub.events_since_start,
-        topic_url: sub.topic.clone(),
-        errors: vec![],
+    topic: &str,
+    content: Content,
+    batch: &[subscriptions::Pending],
+) -> Vec<Event> {
+    let shapes = if content == Content::FullResource {
+        ctx.topics.shapes(topic).await
+    } else {
+        Vec::new()
     };
-    let result = notify(ctx, sub, Kind::Handshake, &info, &[], timeout).await?;
-    match result {
+    let mut events = Vec::with_capacity(batch.len());
+    for p in batch {
+        events.push(ctx.payloads.event(content, &shapes, p).await);
+    }
+    events
+}
+
+async fn handshake(ctx: &Ctx, c: &Client, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+    let mut info = status_info(sub, Status::Requested, sub.events_since_start);
+    info.errors.clear();
+    match notify(ctx, sub, Kind::Handshake, &info, &[], t).await {
         Ok(()) => {
             subscriptions::handshake_ok(c, &sub.id).await?;
             tracing::info!(subscription = %sub.id, "handshake accepted; subscription active");
@@ -294,41 +281,178 @@ async fn handshake(
 }
 
 /// Builds `sub`'s notification of `kind` and sends it over its channel within `timeout`.
-/// The outer error is ours (serialisation); the inner one is the channel's.
 async fn notify(
     ctx: &Ctx,
     sub: &SubscriptionRow,
     kind: Kind,
     info: &StatusInfo,
-    events: &[crate::fhir::notification::Event],
+    events: &[Event],
     timeout: Duration,
-) -> anyhow::Result<Result<(), crate::channel::SendError>> {
-    let notification = bundle(
-        ctx.format,
+) -> std::result::Result<(), SendError> {
+    let (n, to) = notification(ctx.format, &ctx.base_url, sub, kind, info, events, timeout);
+    ctx.channels.get(sub.channel)?.send(&n, &to).await
+}
+
+/// The notification Bundle and where it goes.
+fn notification(
+    format: Format,
+    base_url: &str,
+    sub: &SubscriptionRow,
+    kind: Kind,
+    info: &StatusInfo,
+    events: &[Event],
+    timeout: Duration,
+) -> (Notification, Destination) {
+    let bundle = bundle(
+        format,
         kind,
         info,
         events,
         sub.content,
-        &ctx.base_url,
+        base_url,
         Utc::now(),
     );
-    Ok(ctx
-        .channel
-        .send(Outgoing {
-            endpoint: &sub.endpoint,
-            headers: &sub.headers,
-            content_type: &sub.content_type,
-            body: serde_json::to_vec(&notification)?,
-            timeout,
-        })
-        .await)
+    let n = Notification {
+        kind,
+        subscription_id: sub.id.clone(),
+        bundle,
+    };
+    let to = Destination {
+        endpoint: sub.endpoint.clone(),
+        headers: sub.headers.clone(),
+        content_type: sub.content_type.clone(),
+        timeout,
+    };
+    (n, to)
 }
 
-/// Exponential backoff with jitter: initial × 2^failures, capped, times a factor in [0.5, 1].
-fn backoff(ctx: &Ctx, failures: i32) -> Duration {
-    let d = &ctx.cfg.delivery;
-    let exp = 2u64.saturating_pow(failures.clamp(0, 30) as u32);
-    let ms = d.retry_initial_ms.saturating_mul(exp).min(d.retry_max_ms);
-    let jitter: f64 = rand::rng().random_range(0.5..=1.0);
-    Duration::from_millis((ms as f64 * jitter) as u64)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::memory::MemoryChannel;
+    use crate::config::DeliveryConfig;
+    use crate::fhir::subscription::ChannelType;
+    use crate::fhir::topic::Interaction;
+    use serde_json::json;
+
+    fn sub() -> SubscriptionRow {
+        SubscriptionRow {
+            id: "s1".into(),
+            origin: "api".into(),
+            topic: "http://t".into(),
+            status: Status::Active,
+            channel: Some(ChannelType::RestHook),
+            endpoint: "http://receiver/hook".into(),
+            content: Content::IdOnly,
+            content_type: "application/fhir+json".into(),
+            headers: vec![("X-Test".into(), "yes".into())],
+            timeout: Some(3),
+            max_count: Some(2),
+            heartbeat_period: None,
+            next_attempt_at: Utc::now(),
+            last_sent_at: None,
+            resource: json!({}),
+            events_since_start: 0,
+            handshake_done: true,
+            failures: 0,
+            last_error: None,
+        }
+    }
+
+    fn event(n: i64) -> Event {
+        Event {
+            event_number: n,
+            resource_type: "Encounter".into(),
+            resource_id: format!("e{n}"),
+            interaction: Interaction::Create,
+            timestamp: Utc::now(),
+            resource: None,
+            related: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_on_the_subscriptions_channel_with_its_settings() {
+        let ch = Arc::new(MemoryChannel::new(ChannelType::RestHook));
+        let channels = Channels::default().with(ch.clone());
+        let s = sub();
+        let policy = SendPolicy::from(&DeliveryConfig::default());
+        let info = status_info(&s, s.status, 2);
+        let events = [event(1), event(2)];
+        let (n, to) = notification(
+            Format::R5,
+            "http://base",
+            &s,
+            Kind::EventNotification,
+            &info,
+            &events,
+            policy.timeout(s.timeout),
+        );
+        channels
+            .get(s.channel)
+            .unwrap()
+            .send(&n, &to)
+            .await
+            .unwrap();
+        let sent = ch.sent();
+        assert_eq!(sent.len(), 1);
+        let (n, to) = &sent[0];
+        assert_eq!(to.timeout, Duration::from_secs(3));
+        assert_eq!(to.headers, vec![("X-Test".to_string(), "yes".to_string())]);
+        assert_eq!(n.kind, Kind::EventNotification);
+        let status = &n.bundle["entry"][0]["resource"];
+        assert_eq!(status["type"], "event-notification");
+        assert_eq!(status["notificationEvent"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            n.bundle["entry"].as_array().unwrap().len(),
+            3,
+            "status + 2 id-only entries"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_walk_the_subscription_to_error_and_off() {
+        let ch = Arc::new(MemoryChannel::new(ChannelType::RestHook));
+        ch.fail_next(60);
+        let channels = Channels::default().with(ch.clone());
+        let policy = SendPolicy::from(&DeliveryConfig::default());
+        let mut s = sub();
+        let mut statuses = Vec::new();
+        while s.status != Status::Off {
+            let info = status_info(&s, s.status, 1);
+            let (n, to) = notification(
+                Format::R5,
+                "http://b",
+                &s,
+                Kind::EventNotification,
+                &info,
+                &[event(1)],
+                Duration::from_secs(1),
+            );
+            let e = channels
+                .get(s.channel)
+                .unwrap()
+                .send(&n, &to)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, SendError::Status(503)));
+            s.status = policy.status_after_failure(s.failures, s.status);
+            s.failures += 1;
+            statuses.push(s.status);
+        }
+        assert_eq!(statuses.len(), 50);
+        assert_eq!(statuses[1], Status::Active);
+        assert_eq!(statuses[2], Status::Error);
+        assert!(ch.sent().is_empty());
+    }
+
+    #[test]
+    fn a_channel_this_process_lacks_is_a_send_error_not_a_panic() {
+        let channels = Channels::default();
+        assert!(matches!(
+            channels.get(Some(ChannelType::RestHook)),
+            Err(SendError::Unavailable(_))
+        ));
+        assert!(matches!(channels.get(None), Err(SendError::Unavailable(_))));
+    }
 }

@@ -8,7 +8,7 @@ use octofhir_fhirschema::{EmbeddedSchemaProvider, ModelFhirVersion, ModelProvide
 use serde_json::Value;
 use std::sync::Arc;
 
-use crate::config::FhirVersion;
+use crate::fhir::FhirVersion;
 
 pub struct FhirPath {
     engine: FhirPathEngine,

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::subscription::{Content, Status};
 use super::topic::Interaction;
-use crate::config::FhirVersion;
+use crate::fhir::FhirVersion;
 
 /// The wire format of notifications, from the store's FHIR version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -97,11 +97,32 @@ impl Filter {
     }
 }
 
+/// The channel types (`subscription-channel-type` codes) this server delivers over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelType {
+    RestHook,
+}
+
+impl ChannelType {
+    pub const ALL: &'static [ChannelType] = &[ChannelType::RestHook];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelType::RestHook => "rest-hook",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|c| c.as_str() == s)
+    }
+}
+
 /// A validated subscription, as delivery needs it.
 #[derive(Debug, Clone)]
 pub struct SubscriptionSpec {
     pub status: Status,
     pub topic_url: String,
+    pub channel: ChannelType,
     pub endpoint: String,
     pub content: Content,
     pub content_type: String,
@@ -527,16 +548,18 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
                 format!("unknown SubscriptionTopic {:?}: GET /SubscriptionTopic lists the ones this server supports", r.topic_url),
             )
         })?;
-    if r.channel != "rest-hook" {
+    let Some(channel) = ChannelType::parse(&r.channel) else {
+        let supported: Vec<&str> = ChannelType::ALL.iter().map(|c| c.as_str()).collect();
         return Err(invalid(
             "not-supported",
             "channelType",
             format!(
-                "channel type {:?} is not supported; supported: rest-hook",
-                r.channel
+                "channel type {:?} is not supported; supported: {}",
+                r.channel,
+                supported.join(", ")
             ),
         ));
-    }
+    };
     let endpoint = r.endpoint.ok_or_else(|| {
         invalid(
             "required",
@@ -568,6 +591,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
     Ok(SubscriptionSpec {
         status,
         topic_url: r.topic_url,
+        channel,
         endpoint,
         content,
         content_type: r.content_type,
@@ -734,8 +758,8 @@ pub fn is_private_ip(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::FhirVersion;
     use crate::fhir::search::registry::Registry;
+    use crate::fhir::FhirVersion;
     use serde_json::json;
     use std::sync::LazyLock;
 

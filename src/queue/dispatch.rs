@@ -131,6 +131,6 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
             .await?;
     }
     tx.commit().await?;
-    metrics::counter!("fhir_cdc_dispatched_total", "topic" => topic.to_string()).increment(matched);
+    metrics::counter!(crate::metrics::DISPATCHED, "topic" => topic.to_string()).increment(matched);
     Ok(events.len())
 }

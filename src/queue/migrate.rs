@@ -5,7 +5,10 @@ use tokio_postgres::Client;
 
 use super::Result;
 
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../sql/001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../sql/001_init.sql")),
+    (2, include_str!("../../sql/002_channel.sql")),
+];
 
 /// Arbitrary but fixed key for the migration lock.
 const LOCK_KEY: i64 = 0x0f4c_dc00_0001;

@@ -27,6 +27,26 @@ pub enum QueueError {
 
 pub type Result<T> = std::result::Result<T, QueueError>;
 
+impl crate::error::Classify for QueueError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            QueueError::Db(_) | QueueError::Pool(_) => crate::error::ErrorKind::Retryable,
+            QueueError::Other(_) => crate::error::ErrorKind::Fatal,
+        }
+    }
+}
+
+/// Tries to take the capture lock of `slot` on this session: one active capture per slot.
+pub async fn capture_lock(c: &Client, slot: &str) -> Result<bool> {
+    let key = format!("fhir_cdc.capture.{slot}");
+    Ok(c.query_one(
+        "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+        &[&key],
+    )
+    .await?
+    .get(0))
+}
+
 /// Opens one connection and drives it on a task; errors of that task end up as errors of
 /// the next call on the client.
 pub async fn connect(url: &str) -> Result<Client> {
@@ -37,6 +57,54 @@ pub async fn connect(url: &str) -> Result<Client> {
         }
     });
     Ok(client)
+}
+
+/// WAL bytes the slot holds back, when the slot exists (the queue may live elsewhere than
+/// the store: then this reads nothing).
+pub async fn slot_lag_bytes<C: tokio_postgres::GenericClient>(
+    c: &C,
+    slot: &str,
+) -> Result<Option<f64>> {
+    Ok(c.query_opt(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8
+         FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await?
+    .and_then(|r| r.get(0)))
+}
+
+/// Pending deliveries per topic.
+pub async fn pending_by_topic<C: tokio_postgres::GenericClient>(
+    c: &C,
+) -> Result<Vec<(String, f64)>> {
+    Ok(c.query(
+        "SELECT s.topic, count(*)::float8 FROM fhir_cdc.delivery d
+         JOIN fhir_cdc.subscription s ON s.id = d.subscription_id
+         WHERE d.state = 'pending' GROUP BY s.topic",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
+/// Whether the user may create schema `fhir_cdc` (or it exists already).
+pub async fn can_hold_schema(c: &Client) -> Result<bool> {
+    Ok(c.query_one(
+        "SELECT has_database_privilege(current_database(), 'CREATE')
+             OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'fhir_cdc')",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// A round trip to the queue database (readiness).
+pub async fn ping<C: tokio_postgres::GenericClient>(c: &C) -> Result<()> {
+    c.execute("SELECT 1", &[]).await?;
+    Ok(())
 }
 
 /// A pool for the API and delivery workers.

@@ -5,7 +5,7 @@ use serde_json::Value;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use super::Result;
-use crate::fhir::subscription::{Content, Status, SubscriptionSpec};
+use crate::fhir::subscription::{ChannelType, Content, Status, SubscriptionSpec};
 use crate::fhir::topic::Interaction;
 
 /// A subscription row as delivery and the API read it.
@@ -15,6 +15,8 @@ pub struct SubscriptionRow {
     pub origin: String,
     pub topic: String,
     pub status: Status,
+    /// `None`: a channel this version does not deliver (a row written by a newer one).
+    pub channel: Option<ChannelType>,
     pub endpoint: String,
     pub content: Content,
     pub content_type: String,
@@ -32,7 +34,7 @@ pub struct SubscriptionRow {
 }
 
 const COLUMNS: &str =
-    "id, origin, topic, status, endpoint, content, content_type, headers, timeout,
+    "id, origin, topic, status, channel, endpoint, content, content_type, headers, timeout,
     max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, events_since_start,
     handshake_done, failures, last_error";
 
@@ -57,6 +59,7 @@ impl SubscriptionRow {
             origin: r.get("origin"),
             topic: r.get("topic"),
             status: Status::parse(r.get("status")).unwrap_or(Status::Off),
+            channel: ChannelType::parse(r.get("channel")),
             endpoint: r.get("endpoint"),
             content: Content::parse(r.get("content")).unwrap_or(Content::Empty),
             content_type: r.get("content_type"),
@@ -124,11 +127,12 @@ pub async fn upsert<C: GenericClient>(
     c.execute(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
-              heartbeat_period, timeout, max_count, resource, end_at, filters, start_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+              heartbeat_period, timeout, max_count, resource, end_at, filters, channel,
+              start_event_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                  (SELECT coalesce(max(id), 0) FROM fhir_cdc.event))
          ON CONFLICT (id) DO UPDATE SET
-             status = EXCLUDED.status, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
+             status = EXCLUDED.status, channel = EXCLUDED.channel, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
              content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
              heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
              max_count = EXCLUDED.max_count, resource = EXCLUDED.resource, end_at = EXCLUDED.end_at,
@@ -153,6 +157,7 @@ pub async fn upsert<C: GenericClient>(
             resource,
             &spec.end,
             &serde_json::to_value(&spec.filters).unwrap_or_else(|_| Value::Array(vec![])),
+            &spec.channel.as_str(),
         ],
     )
     .await?;
@@ -427,32 +432,34 @@ pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Re
     Ok(())
 }
 
-/// Policy for a failed send, from `[delivery]`.
-#[derive(Debug, Clone, Copy)]
-pub struct FailurePolicy {
+/// A failed send as delivery's policy decided it.
+#[derive(Debug, Clone)]
+pub struct Failure<'a> {
+    pub error: &'a str,
+    pub retry_in: std::time::Duration,
+    /// Attempts per event before it goes to `dead_letter`.
     pub max_attempts: i32,
-    pub error_after: i32,
+    /// The subscription's status after this failure.
+    pub new_status: Status,
+    /// The consecutive failures that turned it off, for the dead-letter reason.
     pub off_after: i32,
 }
 
 /// A send failed. Counts the attempt, moves exhausted events and the events of a
 /// subscription turned off to `dead_letter`, and schedules the retry.
-/// Returns the subscription's new status.
 pub async fn send_failed(
     tx: &tokio_postgres::Transaction<'_>,
     id: &str,
     numbers: &[i64],
-    error: &str,
-    retry_in: std::time::Duration,
-    policy: FailurePolicy,
-) -> Result<Status> {
+    f: &Failure<'_>,
+) -> Result<()> {
     tx.execute(
         "UPDATE fhir_cdc.delivery SET attempts = attempts + 1, last_error = $3
          WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'",
-        &[&id, &numbers, &error],
+        &[&id, &numbers, &f.error],
     )
     .await?;
-    let exhausted = format!("gave up after {} attempts: {error}", policy.max_attempts);
+    let exhausted = format!("gave up after {} attempts: {}", f.max_attempts, f.error);
     tx.execute(
         "WITH dead AS (
              UPDATE fhir_cdc.delivery SET state = 'dead'
@@ -461,32 +468,26 @@ pub async fn send_failed(
          INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
          SELECT subscription_id, event_number, event_id, $3 FROM dead
          ON CONFLICT DO NOTHING",
-        &[&id, &policy.max_attempts, &exhausted],
+        &[&id, &f.max_attempts, &exhausted],
     )
     .await?;
-    let row = tx
-        .query_one(
-            "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
-                 updated_at = now(), last_sent_at = now(),
-                 next_attempt_at = now() + make_interval(secs => $3),
-                 status = CASE WHEN failures + 1 >= $5 THEN 'off'
-                               WHEN failures + 1 >= $4 THEN 'error'
-                               ELSE status END
-             WHERE id = $1 RETURNING status",
-            &[
-                &id,
-                &error,
-                &retry_in.as_secs_f64(),
-                &policy.error_after,
-                &policy.off_after,
-            ],
-        )
-        .await?;
-    let status = Status::parse(row.get(0)).unwrap_or(Status::Off);
-    if status == Status::Off {
+    tx.execute(
+        "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
+             updated_at = now(), last_sent_at = now(),
+             next_attempt_at = now() + make_interval(secs => $3), status = $4
+         WHERE id = $1",
+        &[
+            &id,
+            &f.error,
+            &f.retry_in.as_secs_f64(),
+            &f.new_status.as_str(),
+        ],
+    )
+    .await?;
+    if f.new_status == Status::Off {
         let reason = format!(
-            "subscription turned off after {} consecutive failures: {error}",
-            policy.off_after
+            "subscription turned off after {} consecutive failures: {}",
+            f.off_after, f.error
         );
         tx.execute(
             "WITH dead AS (
@@ -500,7 +501,7 @@ pub async fn send_failed(
         )
         .await?;
     }
-    Ok(status)
+    Ok(())
 }
 
 /// Gives a lease back.

@@ -5,7 +5,6 @@ use serde_json::Value;
 use tokio_postgres::GenericClient;
 
 use super::Result;
-use crate::config::Config;
 use crate::fhir::topic::Topic;
 
 /// Channel capture notifies when a store topic appears, changes or goes.
@@ -59,15 +58,4 @@ pub async fn load_store<C: GenericClient>(c: &C) -> Result<Vec<(String, Topic)>>
         }
     }
     Ok(out)
-}
-
-/// Configured topics, then store topics whose url no configured topic has.
-pub async fn all<C: GenericClient>(c: &C, cfg: &Config) -> Result<Vec<Topic>> {
-    let mut topics: Vec<Topic> = cfg.topics.iter().map(|t| t.topic.clone()).collect();
-    for (_, t) in load_store(c).await? {
-        if !topics.iter().any(|x| x.url == t.url) {
-            topics.push(t);
-        }
-    }
-    Ok(topics)
 }

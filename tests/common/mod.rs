@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
+pub use fhir_cdc::config::ConfigFile;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -23,12 +25,28 @@ pub fn repo() -> PathBuf {
 pub struct Pg {
     pub dir: String,
     pub port: u16,
+    pub bin: String,
 }
 
 impl Pg {
     pub fn start() -> Pg {
+        Self::start_with(&[])
+    }
+
+    /// One cluster for all tests of this test binary that do not crash Postgres; each
+    /// [`TestEnv`] gets a database and a slot of its own in it. A watcher started by
+    /// `pg-cluster.sh` stops it when this process exits.
+    pub fn shared() -> Arc<Pg> {
+        static SHARED: std::sync::OnceLock<Arc<Pg>> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| Arc::new(Self::start_with(&[&std::process::id().to_string()])))
+            .clone()
+    }
+
+    fn start_with(args: &[&str]) -> Pg {
         let out = Command::new(repo().join("scripts/pg-cluster.sh"))
             .arg("start")
+            .args(args)
             .output()
             .expect("run scripts/pg-cluster.sh");
         assert!(
@@ -45,6 +63,7 @@ impl Pg {
         Pg {
             dir: get("PGDATA_DIR"),
             port: get("PGPORT").parse().unwrap(),
+            bin: get("PG_BIN"),
         }
     }
 
@@ -71,16 +90,52 @@ impl Pg {
 
     /// Creates database `fhir` with the Aidbox-style store of `scripts/aidbox-store.sql`.
     pub async fn aidbox_store(&self) -> Client {
+        self.create_db("fhir", Layout::Aidbox).await
+    }
+
+    /// Creates database `db`, with the store tables of `layout`.
+    pub async fn create_db(&self, db: &str, layout: Layout) -> Client {
         self.client("postgres")
             .await
-            .batch_execute("CREATE DATABASE fhir")
+            .batch_execute(&format!("CREATE DATABASE {db}"))
             .await
             .unwrap();
-        let c = self.client("fhir").await;
-        let sql = std::fs::read_to_string(repo().join("scripts/aidbox-store.sql")).unwrap();
-        c.batch_execute(&sql).await.unwrap();
+        let c = self.client(db).await;
+        if layout == Layout::Aidbox {
+            let sql = std::fs::read_to_string(repo().join("scripts/aidbox-store.sql")).unwrap();
+            c.batch_execute(&sql).await.unwrap();
+        }
         c
     }
+
+    /// Runs SQL with psql (for destructors, which cannot await).
+    fn psql(&self, db: &str, sql: &str) -> bool {
+        Command::new(format!("{}/psql", self.bin))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+/// The store tables a test database starts with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Layout {
+    /// `scripts/aidbox-store.sql`.
+    Aidbox,
+    /// No tables: the test creates its own (generic profile).
+    Empty,
 }
 
 impl Drop for Pg {
@@ -301,8 +356,8 @@ where
 
 /// Waits until no delivery is pending, so a kill that follows cannot cause a resend
 /// (at-least-once delivery resends what was sent but not yet recorded as delivered).
-pub async fn wait_settled(pg: &Pg) {
-    let q = pg.client("fhir").await;
+pub async fn wait_settled(env: &TestEnv) {
+    let q = env.client().await;
     wait_until("no pending deliveries", Duration::from_secs(60), || {
         let q = &q;
         async move {
@@ -377,34 +432,6 @@ pub fn validate(bundles: &[Value], fhir: &str, extra: &[&str]) {
     );
 }
 
-/// A config for an Aidbox store at `pg`, with the API on `api_port` and `topics` TOML appended.
-pub fn aidbox_config(pg: &Pg, api_port: u16, topics: &str) -> String {
-    format!(
-        r#"[source]
-url = "{}"
-profile = "aidbox"
-fhir_version = "R5"
-
-[queue]
-flush_ms = 10
-
-[api]
-listen = "127.0.0.1:{api_port}"
-base_url = "http://fhir-cdc.test/fhir"
-
-[delivery]
-allow_private_endpoints = true
-require_https_for_full_resource = false
-retry_initial_ms = 100
-retry_max_ms = 1000
-timeout_secs = 5
-
-{topics}
-"#,
-        pg.url("fhir")
-    )
-}
-
 /// POSTs an R5 Subscription; returns its id.
 pub async fn subscribe(api_port: u16, topic: &str, endpoint: &str, content: &str) -> String {
     subscribe_with(api_port, topic, endpoint, content, serde_json::json!({})).await
@@ -453,4 +480,236 @@ pub async fn status(api_port: u16, id: &str) -> Value {
     .await
     .unwrap();
     v["entry"][0]["resource"].clone()
+}
+
+/// The config every test starts from; tests change it through [`ConfigFile`]'s fields.
+fn base_config(url: &str, api_port: u16, slot: &str, topics: &str) -> ConfigFile {
+    let text = format!(
+        r#"[source]
+url = "{url}"
+profile = "aidbox"
+fhir_version = "R5"
+slot = "{slot}"
+publication = "fhir_cdc"
+
+[queue]
+flush_ms = 10
+
+[api]
+listen = "127.0.0.1:{api_port}"
+base_url = "http://fhir-cdc.test/fhir"
+
+[delivery]
+allow_private_endpoints = true
+require_https_for_full_resource = false
+retry_initial_ms = 100
+retry_max_ms = 1000
+timeout_secs = 5
+
+{topics}
+"#
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("test config does not parse: {e}\n{text}"))
+}
+
+type Edit = Box<dyn FnOnce(&mut ConfigFile) + Send>;
+
+/// Builds a [`TestEnv`]: which cluster, which store tables, which config.
+pub struct EnvBuilder {
+    layout: Layout,
+    topics: String,
+    own_cluster: bool,
+    edits: Vec<Edit>,
+}
+
+impl EnvBuilder {
+    /// A cluster of the test's own, for tests that crash or restart Postgres.
+    pub fn own_cluster(mut self) -> Self {
+        self.own_cluster = true;
+        self
+    }
+
+    /// Changes the config before it is written.
+    pub fn config(mut self, f: impl FnOnce(&mut ConfigFile) + Send + 'static) -> Self {
+        self.edits.push(Box::new(f));
+        self
+    }
+
+    pub async fn build(self) -> TestEnv {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (pg, shared) = if self.own_cluster {
+            (Arc::new(Pg::start()), false)
+        } else {
+            (Pg::shared(), true)
+        };
+        let db = format!("fhir_{n}");
+        let slot = format!("fhir_cdc_{n}");
+        let store = pg.create_db(&db, self.layout).await;
+        let dir = tempfile::tempdir().unwrap();
+        let api = free_port();
+        let mut file = base_config(&pg.url(&db), api, &slot, &self.topics);
+        for edit in self.edits {
+            edit(&mut file);
+        }
+        let env = TestEnv {
+            rx: Receiver::start().await,
+            config: dir.path().join("c.toml"),
+            log: dir.path().join("log"),
+            pg,
+            shared,
+            db,
+            slot,
+            store,
+            dir,
+            api,
+            file,
+        };
+        env.write_config();
+        env
+    }
+}
+
+/// One test's world: a database (with its own slot) in a cluster, a webhook receiver, a
+/// config file, and the daemon when started. The database and slot go away on drop.
+pub struct TestEnv {
+    pub pg: Arc<Pg>,
+    shared: bool,
+    pub db: String,
+    pub slot: String,
+    /// A connection to the store (and queue) database.
+    pub store: Client,
+    pub rx: Receiver,
+    pub dir: tempfile::TempDir,
+    pub api: u16,
+    /// The config as written to `config`; change it with [`TestEnv::edit`].
+    pub file: ConfigFile,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TestEnv {
+    /// An Aidbox-style store with `topics` (TOML `[[topic]]` entries).
+    pub fn aidbox(topics: &str) -> EnvBuilder {
+        EnvBuilder {
+            layout: Layout::Aidbox,
+            topics: topics.to_string(),
+            own_cluster: false,
+            edits: Vec::new(),
+        }
+    }
+
+    /// A database without tables: the test creates the store it needs.
+    pub fn empty(topics: &str) -> EnvBuilder {
+        EnvBuilder {
+            layout: Layout::Empty,
+            ..Self::aidbox(topics)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.pg.url(&self.db)
+    }
+
+    /// A new connection to the test's database.
+    pub async fn client(&self) -> Client {
+        self.pg.client(&self.db).await
+    }
+
+    pub fn write_config(&self) {
+        let text = toml::to_string(&self.file).expect("config serialises");
+        write_file(self.dir.path(), "c.toml", &text);
+    }
+
+    /// Changes the config and writes it again (for the next daemon start).
+    pub fn edit(&mut self, f: impl FnOnce(&mut ConfigFile)) {
+        f(&mut self.file);
+        self.write_config();
+    }
+
+    /// The config written to another file, for commands that should see a variant.
+    pub fn config_variant(&self, name: &str, f: impl FnOnce(&mut ConfigFile)) -> PathBuf {
+        let mut file = self.file.clone();
+        f(&mut file);
+        write_file(self.dir.path(), name, &toml::to_string(&file).unwrap())
+    }
+
+    /// `fhir-cdc run`, waited for until the API is ready and capture streams.
+    pub async fn start(&self) -> Daemon {
+        let d = self.spawn("run");
+        wait_api(self.api).await;
+        d
+    }
+
+    /// The daemon with `cmd` (`run`, `capture`, `deliver`), not waited for.
+    pub fn spawn(&self, cmd: &str) -> Daemon {
+        Daemon::start_cmd(cmd, &self.config, &self.log)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if !self.shared {
+            return;
+        }
+        // The daemon is gone (declared after the env, dropped before it); its walsender
+        // may take a moment to release the slot.
+        let drop_slot = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}'",
+            self.slot
+        );
+        for _ in 0..50 {
+            if self.pg.psql("postgres", &drop_slot) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.pg.psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
+        );
+    }
+}
+
+/// `[[topic]]` entries from TOML text, for a config's `topic` list.
+pub fn topics(toml_text: &str) -> Vec<fhir_cdc::config::TopicEntry> {
+    #[derive(serde::Deserialize)]
+    struct Topics {
+        #[serde(default)]
+        topic: Vec<fhir_cdc::config::TopicEntry>,
+    }
+    toml::from_str::<Topics>(toml_text)
+        .expect("topic TOML parses")
+        .topic
+}
+
+/// `"R4"`, `"R4B"`, `"R5"` as the config's FHIR version.
+pub fn fhir_version(v: &str) -> fhir_cdc::fhir::FhirVersion {
+    toml::Value::String(v.to_string())
+        .try_into()
+        .unwrap_or_else(|e| panic!("{v} is not a FHIR version: {e}"))
+}
+
+/// Waits until capture has added `table` (schema public) to the publication.
+pub async fn wait_published(store: &Client, table: &str) {
+    wait_until(
+        &format!("{table} in the publication"),
+        Duration::from_secs(30),
+        || async {
+            store
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_tables WHERE pubname = 'fhir_cdc'
+                 AND schemaname = 'public' AND tablename = $1",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 
-use crate::config::FhirVersion;
+use crate::fhir::FhirVersion;
 
 const R4: &[u8] = include_bytes!("../../../fhir/searchparams/r4.json.gz");
 const R4B: &[u8] = include_bytes!("../../../fhir/searchparams/r4b.json.gz");

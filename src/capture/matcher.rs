@@ -1,0 +1,154 @@
+//! Stage 4: topic matching. Evaluates each topic's resourceTrigger on a resource change
+//! (type, interaction, queryCriteria, fhirPathCriteria) and, for each match, extracts the
+//! topic's canFilterBy values. The resource JSON is parsed once per change, and only for
+//! changes some topic wants.
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::assemble::ResourceChange;
+use super::control::Active;
+use crate::fhir::search::Searcher;
+use crate::fhir::topic::Interaction;
+use crate::fhir::trigger::{ChangeEval, Outcome};
+use crate::queue::batch::QueuedEvent;
+use crate::store::RowChange;
+
+pub struct Matcher {
+    searcher: Arc<Searcher>,
+    /// Tables already warned about updates without a previous version.
+    warned_no_previous: HashSet<u32>,
+}
+
+/// The two versions of a change as JSON.
+struct Versions {
+    current: Option<Arc<Value>>,
+    previous: Option<Arc<Value>>,
+}
+
+impl Matcher {
+    pub fn new(searcher: Arc<Searcher>) -> Self {
+        Matcher {
+            searcher,
+            warned_no_previous: HashSet::new(),
+        }
+    }
+
+    /// The events `change` makes, one per topic that fires.
+    pub async fn events(&mut self, topics: &[Active], change: &ResourceChange) -> Vec<QueuedEvent> {
+        let row = &change.current;
+        let wanted: Vec<&Active> = topics
+            .iter()
+            .filter(|a| a.topic.matches(&row.resource_type, row.interaction))
+            .collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        self.warn_without_previous(&wanted, change);
+        let Some(v) = parse(change) else {
+            return Vec::new();
+        };
+        // Built once for every topic that evaluates something on this change.
+        let eval = wanted
+            .iter()
+            .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
+            .then(|| ChangeEval::from_arcs(&self.searcher, v.previous.clone(), v.current.clone()));
+        let mut out = Vec::new();
+        for a in wanted {
+            if !fires(a, eval.as_ref(), row).await {
+                continue;
+            }
+            let filters = match (&eval, a.compiled.filters.is_empty()) {
+                (Some(ev), false) => {
+                    let values = a.compiled.filter_values(ev, &row.resource_type).await;
+                    serde_json::to_value(values).ok()
+                }
+                _ => None,
+            };
+            out.push(event(a, change, v.current.clone(), filters));
+        }
+        out
+    }
+
+    fn warn_without_previous(&mut self, wanted: &[&Active], change: &ResourceChange) {
+        if change.previous.is_none()
+            && change.current.interaction != Interaction::Create
+            && wanted.iter().any(|a| a.compiled.has_criteria())
+            && self.warned_no_previous.insert(change.relation_id)
+        {
+            tracing::warn!(
+                table = %change.current.resource_type,
+                "an update or delete arrived without its previous version; criteria evaluate the previous state as absent. \
+                 Set REPLICA IDENTITY FULL on the table (generic profile) so pgoutput sends it"
+            );
+        }
+    }
+}
+
+/// Parses both versions; `None` (with a log line) when the current one is not a resource.
+fn parse(change: &ResourceChange) -> Option<Versions> {
+    let current = match change.current.resource() {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
+            tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
+            return None;
+        }
+    };
+    let previous = match change.previous.as_ref().map(RowChange::resource) {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
+            None
+        }
+        None => None,
+    };
+    Some(Versions {
+        current: current.map(Arc::new),
+        previous: previous.map(Arc::new),
+    })
+}
+
+/// Whether the topic's trigger fires; a criteria error is counted, logged by reference, and
+/// does not fire.
+async fn fires(a: &Active, eval: Option<&ChangeEval<'_>>, row: &RowChange) -> bool {
+    let (true, Some(ev)) = (a.compiled.has_criteria(), eval) else {
+        return true;
+    };
+    match a
+        .compiled
+        .evaluate(ev, &row.resource_type, row.interaction)
+        .await
+    {
+        Outcome::Fires => true,
+        Outcome::DoesNotFire => false,
+        Outcome::Error(e) => {
+            metrics::counter!(crate::metrics::TRIGGER_ERRORS).increment(1);
+            tracing::error!(topic = %a.url, reference = %row.reference(), error = %e,
+                "topic criteria could not be evaluated; the trigger does not fire");
+            false
+        }
+    }
+}
+
+fn event(
+    a: &Active,
+    change: &ResourceChange,
+    resource: Option<Arc<Value>>,
+    filters: Option<Value>,
+) -> QueuedEvent {
+    let row = &change.current;
+    QueuedEvent {
+        topic: a.url.clone(),
+        resource_type: row.resource_type.clone(),
+        resource_id: row.id.clone(),
+        version_id: row.version_id.clone(),
+        interaction: row.interaction,
+        resource,
+        filters,
+        commit_lsn: change.commit.lsn,
+        xid: change.commit.xid,
+        commit_time: change.commit.time,
+    }
+}

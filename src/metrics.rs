@@ -1,0 +1,64 @@
+//! Every metric the daemon exports, named and described in one place. Code records through
+//! these constants, so a name cannot drift between the recorder and the README.
+
+/// Row operations read from the slot (every published table).
+pub const ROWS: &str = "fhir_cdc_rows_total";
+/// Rows that are not resources (bad JSON, unknown type): skipped with a log line.
+pub const BAD_ROWS: &str = "fhir_cdc_bad_rows_total";
+/// Topic criteria that could not be evaluated on a change.
+pub const TRIGGER_ERRORS: &str = "fhir_cdc_trigger_errors_total";
+/// Events written to the queue.
+pub const EVENTS_QUEUED: &str = "fhir_cdc_events_queued_total";
+/// Store transactions skipped after a restart because they were queued before it.
+pub const SKIPPED_TRANSACTIONS: &str = "fhir_cdc_skipped_transactions_total";
+/// Seconds one capture batch took to write (events + checkpoint in one transaction).
+pub const BATCH_WRITE_SECONDS: &str = "fhir_cdc_batch_write_seconds";
+/// The end LSN of the last queued store commit.
+pub const CHECKPOINT_LSN: &str = "fhir_cdc_checkpoint_lsn";
+/// Bytes of WAL the slot holds back (read at scrape time).
+pub const SLOT_LAG_BYTES: &str = "fhir_cdc_slot_lag_bytes";
+/// Times a supervised task (capture, LISTEN, dispatch, send) reconnected after an error.
+pub const RESTARTS: &str = "fhir_cdc_restarts_total";
+/// Times capture reconnected after an error (kept for dashboards; also in `RESTARTS`).
+pub const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
+/// Deliveries recorded by dispatch, per topic.
+pub const DISPATCHED: &str = "fhir_cdc_dispatched_total";
+/// Pending deliveries, per topic (read at scrape time).
+pub const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
+/// Event notifications delivered, per topic.
+pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
+/// Failed sends, per topic.
+pub const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
+/// Seconds from the store commit to the notification being delivered.
+pub const END_TO_END_SECONDS: &str = "fhir_cdc_end_to_end_seconds";
+
+/// Registers the descriptions with the installed recorder (shown as `# HELP`).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(ROWS, "Row operations read from the replication slot");
+    describe_counter!(BAD_ROWS, "Rows skipped because they are not FHIR resources");
+    describe_counter!(TRIGGER_ERRORS, "Topic criteria that could not be evaluated");
+    describe_counter!(EVENTS_QUEUED, "Events written to the queue");
+    describe_counter!(
+        SKIPPED_TRANSACTIONS,
+        "Store transactions already queued before a restart"
+    );
+    describe_histogram!(
+        BATCH_WRITE_SECONDS,
+        Unit::Seconds,
+        "Capture batch write time"
+    );
+    describe_gauge!(CHECKPOINT_LSN, "End LSN of the last queued store commit");
+    describe_gauge!(SLOT_LAG_BYTES, Unit::Bytes, "WAL bytes the slot holds back");
+    describe_counter!(RESTARTS, "Reconnects of supervised tasks after an error");
+    describe_counter!(CAPTURE_RESTARTS, "Capture reconnects after an error");
+    describe_counter!(DISPATCHED, "Deliveries recorded by dispatch");
+    describe_gauge!(QUEUE_DEPTH, "Pending deliveries");
+    describe_counter!(NOTIFICATIONS_SENT, "Event notifications delivered");
+    describe_counter!(DELIVERY_FAILURES, "Failed notification sends");
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "Store commit to delivery"
+    );
+}

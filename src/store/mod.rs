@@ -1,0 +1,188 @@
+//! The store seam: everything fhir-cdc knows about how a particular FHIR server lays out its
+//! tables lives behind [`StoreProfile`]. Capture asks a profile which tables to publish and
+//! how a row becomes a resource change; delivery and the API ask it to read a resource (or a
+//! given version of it) and to find resources that refer to one. Nothing outside this module
+//! branches on the kind of store, so a new store is one new file here.
+
+pub mod aidbox;
+pub mod generic;
+pub mod memory;
+mod row;
+pub mod setup;
+
+use async_trait::async_trait;
+use pg_walstream::TupleData;
+use serde_json::Value;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::{ProfileKind, SourceConfig};
+pub use row::{pg_timestamptz_to_fhir, Body, RowChange, RowError};
+
+/// A table as pgoutput (Relation message) or the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    /// Column names in attribute order, the order of pgoutput tuples.
+    pub columns: Vec<String>,
+}
+
+impl TableInfo {
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == name)
+    }
+}
+
+/// `schema.table`, printed quoted for SQL.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", ident(&self.schema), ident(&self.name))
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// What one row operation of a published table means.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    /// A resource was created, updated or deleted.
+    Change(RowChange),
+    /// The stored version a later change in the same transaction replaces (a history row
+    /// written just before the update): kept by capture as that change's previous version.
+    PriorVersion(RowChange),
+    /// Bookkeeping of the store, not a resource change.
+    Skip,
+}
+
+/// The kind of row operation pgoutput reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOp {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// Turns the rows of one table into resource changes. Made once per Relation message, so
+/// the per-row work is index lookups.
+pub trait TableDecoder: Send + Sync + fmt::Debug {
+    fn decode(
+        &self,
+        op: RowOp,
+        old: Option<&TupleData>,
+        new: Option<&TupleData>,
+    ) -> Result<Decoded, RowError>;
+
+    /// A full old tuple (REPLICA IDENTITY FULL) read as the stored version it held.
+    fn version(&self, tuple: &TupleData) -> Result<RowChange, RowError>;
+}
+
+/// Why a store read failed. Reads are best effort for payloads, so callers log and go on;
+/// the kind still says whether trying again could help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("store database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Row(#[from] RowError),
+}
+
+impl StoreError {
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            StoreError::Db(_) | StoreError::Pool(_) => crate::error::ErrorKind::Retryable,
+            StoreError::Config(_) | StoreError::Row(_) => crate::error::ErrorKind::Fatal,
+        }
+    }
+}
+
+/// A FHIR store's table layout and reads.
+#[async_trait]
+pub trait StoreProfile: Send + Sync {
+    /// The profile's name in the config (`aidbox`, `generic`, …).
+    fn name(&self) -> &'static str;
+
+    /// The tables the publication names, chosen from the database's tables. Only resource
+    /// and history tables: Postgres refuses UPDATE/DELETE on a published table without a
+    /// replica identity, so publishing anything else could break the store.
+    fn publication_tables(&self, catalog: &[TableInfo]) -> Result<Vec<TableName>, StoreError>;
+
+    /// The decoder for a table, or `None` when the profile does not read it.
+    fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>>;
+
+    /// The current version of a resource, as FHIR JSON; `None` when absent or deleted.
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Value>, StoreError>;
+
+    /// A given version of a resource, when the store keeps it.
+    async fn read_version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: &str,
+    ) -> Result<Option<Value>, StoreError>;
+
+    /// Resources of `source_type` whose element `path` holds a reference to `reference`
+    /// (`Type/id`), newest first, at most `limit` (notificationShape revInclude).
+    async fn referring(
+        &self,
+        source_type: &str,
+        path: &str,
+        reference: &str,
+        limit: i64,
+    ) -> Result<Vec<Value>, StoreError>;
+}
+
+/// The profile the configuration names. `pool` is for reads of the store database (payloads
+/// and revInclude); it connects lazily.
+pub fn from_config(source: &SourceConfig, pool: deadpool_postgres::Pool) -> Arc<dyn StoreProfile> {
+    match source.profile {
+        ProfileKind::Aidbox => Arc::new(aidbox::Aidbox::new(&source.schema, Some(pool))),
+        ProfileKind::Generic => Arc::new(generic::Generic::new(
+            &source.schema,
+            source.tables.clone(),
+            Some(pool),
+        )),
+    }
+}
+
+/// Builds the `RowChange` of a tuple: shared by the profiles.
+pub(crate) fn text(c: Option<&pg_walstream::ColumnData>) -> Option<String> {
+    let c = c?;
+    if c.is_null() || c.is_unchanged() {
+        return None;
+    }
+    c.as_string()
+}
+
+pub(crate) fn body_of(c: Option<&pg_walstream::ColumnData>) -> Body {
+    match c {
+        None => Body::Absent,
+        Some(c) if c.is_unchanged() => Body::UnchangedToast,
+        Some(c) if c.is_null() => Body::Absent,
+        Some(c) => Body::Text(c.raw_bytes()),
+    }
+}
+
+pub(crate) fn check_type(table: &str, ty: String) -> Result<String, RowError> {
+    if crate::fhir::resource_types::is_resource_type(&ty) {
+        Ok(ty)
+    } else {
+        Err(RowError::UnknownType {
+            table: table.into(),
+            resource_type: ty,
+        })
+    }
+}

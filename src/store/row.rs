@@ -1,0 +1,123 @@
+//! A row in resource terms: what a profile makes of a tuple before topic matching. The JSON
+//! is parsed only for changes that some topic wants.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::fhir::topic::Interaction;
+
+/// The body of the row as it came in the WAL.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// No body in the tuple (a delete's key-only old tuple, a NULL column).
+    Absent,
+    /// pgoutput did not send the value because it was TOASTed and unchanged: the value is
+    /// unknown and must be read from the store, never taken for "empty".
+    UnchangedToast,
+    Text(Bytes),
+}
+
+/// A row change in resource terms, before topic matching. The JSON is parsed only for
+/// changes that match a topic.
+#[derive(Debug, Clone)]
+pub struct RowChange {
+    pub resource_type: String,
+    pub id: String,
+    pub version_id: Option<String>,
+    pub last_updated: Option<String>,
+    pub interaction: Interaction,
+    pub body: Body,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RowError {
+    #[error("{reference}: resource column is not a JSON object ({detail})")]
+    BadJson { reference: String, detail: String },
+    #[error("table {table}: resource type {resource_type:?} is not a FHIR resource type")]
+    UnknownType {
+        table: String,
+        resource_type: String,
+    },
+    #[error("table {table}: row without {column}")]
+    MissingColumn { table: String, column: &'static str },
+}
+
+impl RowChange {
+    /// `Type/id`, the only thing about a resource that logs may name.
+    pub fn reference(&self) -> String {
+        format!("{}/{}", self.resource_type, self.id)
+    }
+
+    /// The resource JSON with `id`, `resourceType` and `meta` filled from the columns.
+    /// `Ok(None)` when the row carries no body.
+    pub fn resource(&self) -> Result<Option<Value>, RowError> {
+        let Body::Text(text) = &self.body else {
+            return Ok(None);
+        };
+        let mut obj: Map<String, Value> = match serde_json::from_slice(text) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                return Err(RowError::BadJson {
+                    reference: self.reference(),
+                    detail: "not an object".into(),
+                })
+            }
+            Err(e) => {
+                return Err(RowError::BadJson {
+                    reference: self.reference(),
+                    // serde's message names line/column only, never content.
+                    detail: format!("line {} column {}", e.line(), e.column()),
+                });
+            }
+        };
+        obj.insert("resourceType".into(), self.resource_type.clone().into());
+        obj.insert("id".into(), self.id.clone().into());
+        if self.version_id.is_some() || self.last_updated.is_some() {
+            let meta = obj
+                .entry("meta")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(m) = meta.as_object_mut() {
+                if let Some(v) = &self.version_id {
+                    m.insert("versionId".into(), v.clone().into());
+                }
+                if let Some(t) = &self.last_updated {
+                    m.insert("lastUpdated".into(), t.clone().into());
+                }
+            }
+        }
+        Ok(Some(Value::Object(obj)))
+    }
+}
+
+/// `2024-05-01 10:00:00.123+00` (Postgres text) → `2024-05-01T10:00:00.123+00:00` (FHIR instant).
+pub fn pg_timestamptz_to_fhir(s: &str) -> String {
+    let mut out = s.replacen(' ', "T", 1);
+    // Offsets print as +HH or +HH:MM; FHIR needs +HH:MM.
+    if let Some(pos) = out.rfind(['+', '-']) {
+        if pos > 10 && out.len() - pos == 3 {
+            out.push_str(":00");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(
+            pg_timestamptz_to_fhir("2024-01-02 03:04:05+00"),
+            "2024-01-02T03:04:05+00:00"
+        );
+        assert_eq!(
+            pg_timestamptz_to_fhir("2024-01-02 03:04:05+05:30"),
+            "2024-01-02T03:04:05+05:30"
+        );
+        assert_eq!(
+            pg_timestamptz_to_fhir("2024-01-02 03:04:05.1-08"),
+            "2024-01-02T03:04:05.1-08:00"
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! The store-side objects capture needs: the publication (naming only the tables the
+//! profile reads) and the logical replication slot. All SQL fhir-cdc runs against the store's
+//! catalog lives here.
+
+use tokio_postgres::Client;
+
+use super::{StoreError, StoreProfile, TableInfo, TableName};
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The publication's options. Updates and deletes must be published: they are interactions.
+const PUBLISH: &str = "WITH (publish = 'insert, update, delete')";
+
+/// Tables (and partitioned tables) of the database outside the system schemas and our own,
+/// with their columns in attribute order.
+pub async fn catalog(c: &Client) -> Result<Vec<TableInfo>> {
+    let rows = c
+        .query(
+            "SELECT n.nspname::text, c.relname::text,
+                    array_agg(a.attname::text ORDER BY a.attnum)
+             FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'fhir_cdc')
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableInfo {
+            schema: r.get(0),
+            name: r.get(1),
+            columns: r.get(2),
+        })
+        .collect())
+}
+
+/// What a publication covers now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub exists: bool,
+    pub all_tables: bool,
+    /// Schemas published whole (`FOR TABLES IN SCHEMA`, Postgres 15+).
+    pub schemas: Vec<String>,
+    /// Tables named one by one.
+    pub tables: Vec<TableName>,
+}
+
+pub async fn publication(c: &Client, name: &str) -> Result<Publication> {
+    let Some(row) = c
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(Publication::default());
+    };
+    let tables = c
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_publication p
+             JOIN pg_publication_rel pr ON pr.prpubid = p.oid
+             JOIN pg_class c ON c.oid = pr.prrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE p.pubname = $1 ORDER BY 1, 2",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect();
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let schemas = if version >= 150000 {
+        c.query(
+            "SELECT n.nspname::text FROM pg_publication p
+             JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid
+             JOIN pg_namespace n ON n.oid = pn.pnnspid
+             WHERE p.pubname = $1 ORDER BY 1",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Publication {
+        exists: true,
+        all_tables: row.get(0),
+        schemas,
+        tables,
+    })
+}
+
+/// The statements that make publication `name` cover exactly `wanted` (adding tables the
+/// profile reads; replacing whole-schema or all-tables coverage, which would make Postgres
+/// refuse the store's own UPDATE/DELETE on tables without a replica identity). Tables named
+/// by hand beyond `wanted` are left alone. Empty when nothing needs to change.
+pub fn plan(name: &str, now: &Publication, wanted: &[TableName]) -> Vec<String> {
+    let list = |t: &[&TableName]| {
+        t.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let name_q = super::ident(name);
+    let all: Vec<&TableName> = wanted.iter().collect();
+    if !now.exists {
+        return vec![format!(
+            "CREATE PUBLICATION {name_q} FOR TABLE {} {PUBLISH}",
+            list(&all)
+        )];
+    }
+    if now.all_tables {
+        return vec![
+            format!("DROP PUBLICATION {name_q}"),
+            format!(
+                "CREATE PUBLICATION {name_q} FOR TABLE {} {PUBLISH}",
+                list(&all)
+            ),
+        ];
+    }
+    let mut out: Vec<String> = now
+        .schemas
+        .iter()
+        .map(|s| {
+            format!(
+                "ALTER PUBLICATION {name_q} DROP TABLES IN SCHEMA {}",
+                super::ident(s)
+            )
+        })
+        .collect();
+    let missing: Vec<&TableName> = wanted.iter().filter(|t| !now.tables.contains(t)).collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "ALTER PUBLICATION {name_q} ADD TABLE {}",
+            list(&missing)
+        ));
+    }
+    out
+}
+
+/// What the publication should become, from the catalog and the profile.
+pub async fn publication_plan(
+    c: &Client,
+    profile: &dyn StoreProfile,
+    name: &str,
+) -> Result<Vec<String>> {
+    let wanted = profile.publication_tables(&catalog(c).await?)?;
+    Ok(plan(name, &publication(c, name).await?, &wanted))
+}
+
+/// Brings the publication in line with the profile's tables: run when capture starts and
+/// periodically, so resource tables created later are added. Refuses with the SQL to run
+/// when `create_missing` is off.
+pub async fn sync_publication(
+    c: &mut Client,
+    profile: &dyn StoreProfile,
+    name: &str,
+    create_missing: bool,
+) -> Result<()> {
+    let sql = publication_plan(c, profile, name).await?;
+    if sql.is_empty() {
+        return Ok(());
+    }
+    if !create_missing {
+        return Err(StoreError::Config(format!(
+            "publication {name} does not cover exactly the tables the profile reads; run: {}",
+            sql.join("; ")
+        )));
+    }
+    let tx = c.transaction().await?;
+    for s in &sql {
+        tx.batch_execute(s).await?;
+    }
+    tx.commit().await?;
+    for s in &sql {
+        tracing::info!(publication = %name, statement = %s, "publication updated");
+    }
+    Ok(())
+}
+
+/// The slot's plugin, if the slot exists.
+pub async fn slot_plugin(c: &Client, slot: &str) -> Result<Option<String>> {
+    Ok(c.query_opt(
+        "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await?
+    .map(|r| r.get(0)))
+}
+
+pub fn slot_sql(slot: &str) -> String {
+    format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+}
+
+/// Creates the slot when missing (when allowed) and checks its plugin.
+pub async fn ensure_slot(c: &Client, slot: &str, create_missing: bool) -> Result<()> {
+    match slot_plugin(c, slot).await? {
+        Some(p) if p == "pgoutput" => Ok(()),
+        Some(p) => Err(StoreError::Config(format!(
+            "replication slot {slot} uses plugin {p}; fhir-cdc needs pgoutput. Drop it or set source.slot"
+        ))),
+        None if !create_missing => Err(StoreError::Config(format!(
+            "replication slot {slot} is missing; create it with: {}",
+            slot_sql(slot)
+        ))),
+        None => {
+            c.batch_execute(&slot_sql(slot)).await?;
+            tracing::info!(slot = %slot, "created logical replication slot");
+            Ok(())
+        }
+    }
+}
+
+/// `wal_level` as the server reports it.
+pub async fn wal_level(c: &Client) -> Result<String> {
+    Ok(c.query_one("SHOW wal_level", &[]).await?.get(0))
+}
+
+/// Whether the connected user may open a replication connection.
+pub async fn may_replicate(c: &Client) -> Result<bool> {
+    Ok(c.query_one(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// Replication slots still free on the server.
+pub async fn free_slots(c: &Client) -> Result<i32> {
+    Ok(c.query_one(
+        "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// `wal_level` must be logical for a slot to decode anything.
+pub async fn check_wal_level(c: &Client) -> Result<()> {
+    let level = wal_level(c).await?;
+    if level == "logical" {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!(
+            "the store runs with wal_level={level}; set wal_level=logical and restart Postgres (run `fhir-cdc check` for details)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str, n: &str) -> TableName {
+        TableName {
+            schema: s.into(),
+            name: n.into(),
+        }
+    }
+
+    #[test]
+    fn plans() {
+        let wanted = vec![t("public", "encounter"), t("public", "encounter_history")];
+        let create = plan("fhir_cdc", &Publication::default(), &wanted);
+        assert_eq!(
+            create,
+            vec![
+                r#"CREATE PUBLICATION "fhir_cdc" FOR TABLE "public"."encounter", "public"."encounter_history" WITH (publish = 'insert, update, delete')"#
+            ]
+        );
+        let schema_wide = Publication {
+            exists: true,
+            schemas: vec!["public".into()],
+            ..Default::default()
+        };
+        let fix = plan("fhir_cdc", &schema_wide, &wanted);
+        assert_eq!(
+            fix[0],
+            r#"ALTER PUBLICATION "fhir_cdc" DROP TABLES IN SCHEMA "public""#
+        );
+        assert!(
+            fix[1].starts_with(r#"ALTER PUBLICATION "fhir_cdc" ADD TABLE "public"."encounter""#)
+        );
+        let current = Publication {
+            exists: true,
+            tables: wanted.clone(),
+            ..Default::default()
+        };
+        assert!(plan("fhir_cdc", &current, &wanted).is_empty());
+        let mut more = wanted.clone();
+        more.push(t("public", "patient"));
+        assert_eq!(
+            plan("fhir_cdc", &current, &more),
+            vec![r#"ALTER PUBLICATION "fhir_cdc" ADD TABLE "public"."patient""#]
+        );
+        let all = Publication {
+            exists: true,
+            all_tables: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            plan("fhir_cdc", &all, &wanted)[0],
+            r#"DROP PUBLICATION "fhir_cdc""#
+        );
+    }
+}
