@@ -166,9 +166,72 @@ fn policy_refuses_what_it_cannot_honour() {
         require_https_for_full_resource: true,
     };
     let e = subscription::parse(&sub, &rules).unwrap_err();
-    assert_eq!(e.expression, "filterBy", "{}", e.message);
+    // The element the filter came from: the backport filter-criteria extension.
+    assert_eq!(
+        e.expression, "Subscription._criteria.extension[0].valueString",
+        "{}",
+        e.message
+    );
     // Without the filter it is accepted.
     sub.as_object_mut().unwrap().remove("_criteria");
     let spec = subscription::parse(&sub, &rules).unwrap();
     assert_eq!(spec.max_count, Some(20));
+}
+
+#[test]
+fn every_topic_based_example_subscription_is_accepted_when_its_topic_allows_its_filters() {
+    let mut n = 0;
+    for (dir, version) in [
+        ("r5", FhirVersion::R5),
+        ("r4b-backport", FhirVersion::R4B),
+        ("r4-backport", FhirVersion::R4),
+    ] {
+        let registry = Registry::load(version);
+        for e in std::fs::read_dir(examples().join(dir)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            if !name.starts_with("Subscription-") {
+                continue;
+            }
+            let v = load(&format!("{dir}/{name}"));
+            let r = subscription::read(&v, format_of(dir)).unwrap();
+            if r.channel != "rest-hook" || r.endpoint.is_none() {
+                // A custom channel (zulip) this server does not have, or a rest-hook
+                // without an endpoint (r5/Subscription-example): nothing could be sent.
+                continue;
+            }
+            // A topic that allows exactly the example's filters.
+            let types: Vec<String> = r
+                .filters
+                .iter()
+                .map(|f| {
+                    f.resource_type
+                        .clone()
+                        .unwrap_or_else(|| "Encounter".into())
+                })
+                .chain(["Encounter".to_string()])
+                .collect();
+            let topic = serde_json::json!({
+                "resourceType": "SubscriptionTopic",
+                "url": r.topic_url,
+                "status": "active",
+                "resourceTrigger": types.iter().map(|t| serde_json::json!({"resource": t})).collect::<Vec<_>>(),
+                "canFilterBy": r.filters.iter().map(|f| serde_json::json!({
+                    "resource": f.resource_type.clone().unwrap_or_else(|| "Encounter".into()),
+                    "filterParameter": f.parameter
+                })).collect::<Vec<_>>()
+            });
+            let topics = [Topic::from_json(&topic).unwrap()];
+            let rules = Rules {
+                registry: Some(&registry),
+                topics: &topics,
+                format: format_of(dir),
+                allow_private_endpoints: false,
+                require_https_for_full_resource: true,
+            };
+            let spec = subscription::parse(&v, &rules);
+            assert!(spec.is_ok(), "{dir}/{name}: {:?}", spec.err());
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "only {n} examples checked");
 }

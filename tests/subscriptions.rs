@@ -57,7 +57,7 @@ async fn api_crud_refusals_and_store_subscriptions() {
         (
             sub(json!({"filterBy": [{"filterParameter": "code", "value": "x"}]})),
             422,
-            "filterBy",
+            "filterBy[0]",
         ),
     ];
     for (body, code, expr) in cases {

@@ -818,6 +818,7 @@ async fn filter_cases() {
             comparator: None,
             modifier: modifier.map(str::to_string),
             value: value.to_string(),
+            source: String::new(),
         };
         assert_eq!(
             f.matches(ty, &values),
@@ -855,6 +856,7 @@ async fn filter_definition_and_explicit_fhirpath() {
         comparator: None,
         modifier: None,
         value: value.into(),
+        source: String::new(),
     };
     assert!(f("who", "Patient/p7").matches("Observation", &values));
     assert!(!f("who", "Patient/p8").matches("Observation", &values));

@@ -268,11 +268,12 @@ fn event_entry(e: &Event, content: Content, base_url: &str) -> Value {
     entry
 }
 
-/// An OperationOutcome with one error issue.
+/// An OperationOutcome with one error issue; `expression` names the element or parameter
+/// (`Subscription.filterBy[0]`, `eventsSinceNumber`).
 pub fn operation_outcome(code: &str, message: &str, expression: Option<&str>) -> Value {
     let mut issue = json!({"severity": "error", "code": code, "diagnostics": message});
     if let Some(e) = expression {
-        issue["expression"] = json!([format!("Subscription.{e}")]);
+        issue["expression"] = json!([e]);
     }
     json!({"resourceType": "OperationOutcome", "issue": [issue]})
 }

@@ -4,8 +4,12 @@
 use serde_json::Value;
 use std::net::IpAddr;
 
+mod element;
+mod read;
+
 use super::notification::Format;
-use super::topic::{resource_type_of, Topic};
+use super::topic::Topic;
+pub use read::{filters_from_criteria, read, Paths, Read};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -73,6 +77,9 @@ pub struct Filter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modifier: Option<String>,
     pub value: String,
+    /// The element it was read from (`Subscription.filterBy[0]`), for refusals.
+    #[serde(skip)]
+    pub source: String,
 }
 
 impl Filter {
@@ -145,377 +152,22 @@ pub struct Rules<'a> {
     pub require_https_for_full_resource: bool,
 }
 
-/// Why a Subscription is refused; `code` is the OperationOutcome issue code.
+/// Why a Subscription is refused; `code` is the OperationOutcome issue code. From [`read`]
+/// the resource is invalid (HTTP 400); from [`check`] it is valid but this server will not
+/// take it (422).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invalid {
     pub code: &'static str,
     pub message: String,
-    /// FHIRPath of the offending element.
-    pub expression: &'static str,
+    /// FHIRPath of the offending element (`Subscription.filterBy[0]`).
+    pub expression: String,
 }
 
-fn invalid(code: &'static str, expression: &'static str, message: impl Into<String>) -> Invalid {
+fn invalid(code: &'static str, expression: &str, message: impl Into<String>) -> Invalid {
     Invalid {
         code,
         message: message.into(),
-        expression,
-    }
-}
-
-/// A non-negative integer element (`heartbeatPeriod`, `timeout`, `maxCount` or their
-/// backport extensions); absent or null is `None`.
-fn non_negative(
-    x: Option<&Value>,
-    expression: &'static str,
-    what: &str,
-) -> Result<Option<i32>, Invalid> {
-    match x {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_i64()
-            .and_then(|n| i32::try_from(n).ok())
-            .filter(|n| *n >= 0)
-            .map(Some)
-            .ok_or_else(|| {
-                invalid(
-                    "value",
-                    expression,
-                    format!("{what} must be a non-negative integer"),
-                )
-            }),
-    }
-}
-
-fn int_field(v: &Value, key: &'static str) -> Result<Option<i32>, Invalid> {
-    non_negative(v.get(key), key, &format!("Subscription.{key}"))
-}
-
-/// A Subscription as read, before any policy: what the resource says, in R5 terms.
-#[derive(Debug, Clone)]
-pub struct Read {
-    pub status: Status,
-    pub topic_url: String,
-    pub channel: String,
-    pub endpoint: Option<String>,
-    pub content: Content,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
-    pub heartbeat_period: Option<i32>,
-    pub timeout: Option<i32>,
-    pub max_count: Option<i32>,
-    pub end: Option<chrono::DateTime<chrono::Utc>>,
-    pub filters: Vec<Filter>,
-}
-
-const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
-
-/// The value of the extension `BACKPORT{name}` among `exts`.
-fn backport_ext<'a>(exts: Option<&'a Value>, name: &str) -> Option<&'a Value> {
-    exts?.as_array()?.iter().find_map(|e| {
-        let url = e.get("url")?.as_str()?;
-        if url.strip_prefix(BACKPORT) == Some(name) {
-            e.as_object()?
-                .iter()
-                .find(|(k, _)| k.starts_with("value"))
-                .map(|(_, v)| v)
-        } else {
-            None
-        }
-    })
-}
-
-/// Reads a Subscription of the given format: R5/R6 natively, R4 and R4B as the Backport IG
-/// profiles them (`criteria` = topic, extensions for filters, content, heartbeat, timeout,
-/// maxCount; `channel.header` as `Name: value`).
-pub fn read(v: &Value, format: Format) -> Result<Read, Invalid> {
-    if v.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
-        return Err(invalid(
-            "structure",
-            "resourceType",
-            "resourceType must be Subscription",
-        ));
-    }
-    let status = match v.get("status").and_then(Value::as_str) {
-        None => Status::Requested,
-        Some(st) => Status::parse(st).ok_or_else(|| {
-            invalid(
-                "value",
-                "status",
-                format!("Subscription.status {st:?} is not requested, active, error or off"),
-            )
-        })?,
-    };
-    let end = match v.get("end").and_then(Value::as_str) {
-        None => None,
-        Some(e) => Some(
-            chrono::DateTime::parse_from_rfc3339(e)
-                .map_err(|_| {
-                    invalid(
-                        "value",
-                        "end",
-                        format!("Subscription.end {e:?} is not a FHIR instant"),
-                    )
-                })?
-                .with_timezone(&chrono::Utc),
-        ),
-    };
-    if format == Format::R5 {
-        read_r5(v, status, end)
-    } else {
-        read_backport(v, status, end)
-    }
-}
-
-fn read_r5(
-    v: &Value,
-    status: Status,
-    end: Option<chrono::DateTime<chrono::Utc>>,
-) -> Result<Read, Invalid> {
-    let topic_url = v
-        .get("topic")
-        .and_then(Value::as_str)
-        .ok_or_else(|| invalid("required", "topic", "Subscription.topic is required"))?;
-    let channel = v
-        .get("channelType")
-        .and_then(|c| c.get("code"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            invalid(
-                "required",
-                "channelType",
-                "Subscription.channelType.code is required",
-            )
-        })?;
-    let content = content_of(
-        v.get("content").and_then(Value::as_str),
-        "Subscription.content",
-    )?;
-    let mut headers = Vec::new();
-    for p in v
-        .get("parameter")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = p.get("name").and_then(Value::as_str).unwrap_or("");
-        let value = p.get("value").and_then(Value::as_str).unwrap_or("");
-        headers.push(header(name, value)?);
-    }
-    let mut filters = Vec::new();
-    for f in v
-        .get("filterBy")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let parameter = f
-            .get("filterParameter")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                invalid(
-                    "required",
-                    "filterBy",
-                    "filterBy.filterParameter is required",
-                )
-            })?;
-        let (parameter, modifier_in_name) = match parameter.split_once(':') {
-            Some((p, m)) => (p, Some(m.to_string())),
-            None => (parameter, None),
-        };
-        let text = |k: &str| f.get(k).and_then(Value::as_str).map(str::to_string);
-        filters.push(Filter {
-            resource_type: f
-                .get("resourceType")
-                .and_then(Value::as_str)
-                .map(|r| resource_type_of(r).to_string()),
-            parameter: parameter.to_string(),
-            comparator: text("comparator"),
-            modifier: text("modifier")
-                .filter(|m| m != "=" && m != "eq")
-                .or(modifier_in_name),
-            value: f
-                .get("value")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        });
-    }
-    Ok(Read {
-        status,
-        topic_url: topic_url.to_string(),
-        channel: channel.to_string(),
-        endpoint: v
-            .get("endpoint")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        content,
-        content_type: v
-            .get("contentType")
-            .and_then(Value::as_str)
-            .unwrap_or("application/fhir+json")
-            .to_string(),
-        headers,
-        heartbeat_period: int_field(v, "heartbeatPeriod")?,
-        timeout: int_field(v, "timeout")?,
-        max_count: int_field(v, "maxCount")?,
-        end,
-        filters,
-    })
-}
-
-fn read_backport(
-    v: &Value,
-    status: Status,
-    end: Option<chrono::DateTime<chrono::Utc>>,
-) -> Result<Read, Invalid> {
-    let topic_url = v.get("criteria").and_then(Value::as_str).ok_or_else(|| {
-        invalid(
-            "required",
-            "criteria",
-            "Subscription.criteria (the topic canonical) is required",
-        )
-    })?;
-    let ch = v.get("channel").cloned().unwrap_or(Value::Null);
-    // A custom channel type rides in an extension on channel.type.
-    let channel = backport_ext(
-        ch.get("_type").and_then(|t| t.get("extension")),
-        "backport-channel-type",
-    )
-    .and_then(|c| c.get("code"))
-    .and_then(Value::as_str)
-    .or_else(|| ch.get("type").and_then(Value::as_str))
-    .ok_or_else(|| {
-        invalid(
-            "required",
-            "channelType",
-            "Subscription.channel.type is required",
-        )
-    })?;
-    let content = content_of(
-        backport_ext(
-            ch.get("_payload").and_then(|p| p.get("extension")),
-            "backport-payload-content",
-        )
-        .and_then(Value::as_str),
-        "backport-payload-content",
-    )?;
-    let mut headers = Vec::new();
-    for h in ch
-        .get("header")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let h = h.as_str().unwrap_or("");
-        let (name, value) = h.split_once(':').ok_or_else(|| {
-            invalid(
-                "value",
-                "parameter",
-                format!("channel.header {h:?} is not `Name: value`"),
-            )
-        })?;
-        headers.push(header(name.trim(), value.trim())?);
-    }
-    let ext = |name: &str| non_negative(backport_ext(ch.get("extension"), name), "extension", name);
-    let mut filters = Vec::new();
-    let crit_ext = v.get("_criteria").and_then(|c| c.get("extension"));
-    for e in crit_ext.and_then(Value::as_array).into_iter().flatten() {
-        if e.get("url")
-            .and_then(Value::as_str)
-            .and_then(|u| u.strip_prefix(BACKPORT))
-            != Some("backport-filter-criteria")
-        {
-            continue;
-        }
-        let crit = e.get("valueString").and_then(Value::as_str).unwrap_or("");
-        filters.extend(filters_from_criteria(crit)?);
-    }
-    Ok(Read {
-        status,
-        topic_url: topic_url.to_string(),
-        channel: channel.to_string(),
-        endpoint: ch
-            .get("endpoint")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        content,
-        content_type: ch
-            .get("payload")
-            .and_then(Value::as_str)
-            .unwrap_or("application/fhir+json")
-            .to_string(),
-        headers,
-        heartbeat_period: ext("backport-heartbeat-period")?,
-        timeout: ext("backport-timeout")?,
-        max_count: ext("backport-max-count")?,
-        end,
-        filters,
-    })
-}
-
-/// A payload content code; absent means `empty`.
-fn content_of(code: Option<&str>, what: &str) -> Result<Content, Invalid> {
-    match code {
-        None => Ok(Content::Empty),
-        Some(s) => Content::parse(s).ok_or_else(|| {
-            invalid(
-                "value",
-                "content",
-                format!("{what} {s:?} is not empty, id-only or full-resource"),
-            )
-        }),
-    }
-}
-
-/// `Encounter?patient=Patient/123&status=in-progress` → one filter per parameter.
-pub fn filters_from_criteria(crit: &str) -> Result<Vec<Filter>, Invalid> {
-    let (ty, query) = crit.split_once('?').ok_or_else(|| {
-        invalid(
-            "value",
-            "filterBy",
-            format!("filter criteria {crit:?} is not `Type?param=value`"),
-        )
-    })?;
-    let resource_type = (!ty.is_empty()).then(|| resource_type_of(ty).to_string());
-    url::form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| {
-            if k.is_empty() {
-                Err(invalid(
-                    "value",
-                    "filterBy",
-                    format!("filter criteria {crit:?} has an empty parameter"),
-                ))
-            } else {
-                let (parameter, modifier) = match k.split_once(':') {
-                    Some((p, m)) => (p.to_string(), Some(m.to_string())),
-                    None => (k.into_owned(), None),
-                };
-                Ok(Filter {
-                    resource_type: resource_type.clone(),
-                    parameter,
-                    comparator: None,
-                    modifier,
-                    value: v.into_owned(),
-                })
-            }
-        })
-        .collect()
-}
-
-fn header(name: &str, value: &str) -> Result<(String, String), Invalid> {
-    let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        && value.bytes().all(|b| b >= 0x20 && b != 0x7f);
-    if ok {
-        Ok((name.to_string(), value.to_string()))
-    } else {
-        Err(invalid(
-            "value",
-            "parameter",
-            format!("header {name:?} cannot be sent as an HTTP header"),
-        ))
+        expression: expression.to_string(),
     }
 }
 
@@ -533,7 +185,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
             Status::Off => Status::Off,
             Status::Error => return Err(invalid(
                 "value",
-                "status",
+                r.paths.status,
                 "Subscription.status error is set by the server; a client may set requested or off",
             )),
         };
@@ -544,7 +196,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         .ok_or_else(|| {
             invalid(
                 "not-supported",
-                "topic",
+                r.paths.topic,
                 format!("unknown SubscriptionTopic {:?}: GET /SubscriptionTopic lists the ones this server supports", r.topic_url),
             )
         })?;
@@ -552,7 +204,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         let supported: Vec<&str> = ChannelType::ALL.iter().map(|c| c.as_str()).collect();
         return Err(invalid(
             "not-supported",
-            "channelType",
+            r.paths.channel,
             format!(
                 "channel type {:?} is not supported; supported: {}",
                 r.channel,
@@ -563,8 +215,8 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
     let endpoint = r.endpoint.ok_or_else(|| {
         invalid(
             "required",
-            "endpoint",
-            "Subscription.endpoint is required for rest-hook",
+            r.paths.endpoint,
+            format!("{} is required for rest-hook", r.paths.endpoint),
         )
     })?;
     // The topic's maxContent caps what a subscription gets.
@@ -572,12 +224,12 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         Some(max) if r.content > max => max,
         _ => r.content,
     };
-    check_endpoint(&endpoint, content, rules)?;
+    check_endpoint(&endpoint, r.paths.endpoint, content, rules)?;
     if !r.content_type.starts_with("application/fhir+json") && r.content_type != "application/json"
     {
         return Err(invalid(
             "not-supported",
-            "contentType",
+            r.paths.content_type,
             format!(
                 "contentType {:?} is not supported; use application/fhir+json",
                 r.content_type
@@ -607,7 +259,8 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
 /// A filter the topic allows, on a parameter this server can evaluate, with a valid value;
 /// returned with its resource type settled and any comparator folded into the value.
 fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, Invalid> {
-    let refuse = |msg: String| invalid("not-supported", "filterBy", msg);
+    let source = f.source.clone();
+    let refuse = |msg: String| invalid("not-supported", &source, msg);
     let entries: Vec<_> = topic
         .can_filter_by
         .iter()
@@ -634,7 +287,7 @@ fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, I
     if f.comparator.is_some() && f.modifier.is_some() {
         return Err(invalid(
             "invalid",
-            "filterBy",
+            &f.source,
             format!(
                 "filter {:?} has both a comparator and a modifier",
                 f.parameter
@@ -691,14 +344,20 @@ fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, I
         comparator: None,
         modifier: f.modifier,
         value,
+        source: f.source,
     })
 }
 
-fn check_endpoint(endpoint: &str, content: Content, rules: &Rules<'_>) -> Result<(), Invalid> {
+fn check_endpoint(
+    endpoint: &str,
+    path: &str,
+    content: Content,
+    rules: &Rules<'_>,
+) -> Result<(), Invalid> {
     let url = url::Url::parse(endpoint).map_err(|e| {
         invalid(
             "value",
-            "endpoint",
+            path,
             format!("endpoint is not an absolute URL: {e}"),
         )
     })?;
@@ -708,7 +367,7 @@ fn check_endpoint(endpoint: &str, content: Content, rules: &Rules<'_>) -> Result
             if content == Content::FullResource && rules.require_https_for_full_resource {
                 return Err(invalid(
                     "security",
-                    "endpoint",
+                    path,
                     "full-resource payloads need an https endpoint (delivery.require_https_for_full_resource)",
                 ));
             }
@@ -716,7 +375,7 @@ fn check_endpoint(endpoint: &str, content: Content, rules: &Rules<'_>) -> Result
         other => {
             return Err(invalid(
                 "value",
-                "endpoint",
+                path,
                 format!("rest-hook endpoint scheme {other:?} is not http or https"),
             ))
         }
@@ -724,7 +383,7 @@ fn check_endpoint(endpoint: &str, content: Content, rules: &Rules<'_>) -> Result
     if !rules.allow_private_endpoints && is_private_host(&url) {
         return Err(invalid(
             "security",
-            "endpoint",
+            path,
             "endpoint is on a loopback or private network (delivery.allow_private_endpoints is false)",
         ));
     }
@@ -840,7 +499,7 @@ mod tests {
             (json!({"content": "everything"}), "content"),
             (
                 json!({"filterBy": [{"filterParameter": "class", "value": "x"}]}),
-                "filterBy",
+                "filterBy[0]",
             ),
             (json!({"status": "error"}), "status"),
             (json!({"maxCount": -1}), "maxCount"),
@@ -848,7 +507,12 @@ mod tests {
         ];
         for (extra, expr) in cases {
             let e = check(sub(extra.clone()), false, true).unwrap_err();
-            assert_eq!(e.expression, expr, "{extra}: {}", e.message);
+            assert_eq!(
+                e.expression,
+                format!("Subscription.{expr}"),
+                "{extra}: {}",
+                e.message
+            );
         }
     }
 
@@ -875,7 +539,11 @@ mod tests {
         ];
         for r in refused {
             let e = f(r.clone()).unwrap_err();
-            assert_eq!(e.expression, "filterBy", "{r}: {}", e.message);
+            assert_eq!(
+                e.expression, "Subscription.filterBy[0]",
+                "{r}: {}",
+                e.message
+            );
         }
     }
 

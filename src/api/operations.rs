@@ -1,0 +1,168 @@
+//! `$status` (instance and type level) and `$events`, GET and POST, with their parameters
+//! read strictly.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::params::Params;
+use super::response::{bad_request, fhir_id, internal, json_body, not_found, Fhir};
+use super::{ApiState, Shared};
+use crate::fhir::notification::{bundle, status_resource, Kind, StatusInfo};
+use crate::fhir::subscription::Content;
+use crate::queue::subscriptions::{self, SubscriptionRow};
+
+/// Most events one `$events` answer carries.
+const EVENTS_LIMIT: i64 = 1000;
+const STATUS_CODES: &[&str] = &["requested", "active", "error", "off"];
+const CONTENT_CODES: &[&str] = &["empty", "id-only", "full-resource"];
+const EVENTS_PARAMS: &[&str] = &["eventsSinceNumber", "eventsUntilNumber", "content"];
+
+fn status_info(row: &SubscriptionRow) -> StatusInfo {
+    StatusInfo {
+        subscription_id: row.id.clone(),
+        status: row.status,
+        events_since_start: row.events_since_start,
+        topic_url: row.topic.clone(),
+        errors: row.last_error.iter().cloned().collect(),
+    }
+}
+
+/// A searchset of status resources (what `$status` answers).
+fn status_searchset(s: &ApiState, rows: &[SubscriptionRow]) -> Value {
+    let base = s.cfg.api.base_url();
+    let entry: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let st = status_resource(
+                s.cfg.source.fhir_version.into(),
+                Kind::QueryStatus,
+                &status_info(row),
+                &[],
+                row.content,
+                &base,
+            );
+            let id = st["id"].as_str().unwrap_or_default().to_string();
+            json!({"fullUrl": format!("urn:uuid:{id}"), "resource": st, "search": {"mode": "match"}})
+        })
+        .collect();
+    json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": "searchset",
+        "total": entry.len(),
+        "entry": entry
+    })
+}
+
+async fn load(s: &ApiState, id: &str) -> Result<SubscriptionRow, Fhir> {
+    let id = fhir_id(id)?;
+    let c = s.pool.get().await.map_err(internal)?;
+    subscriptions::get(&**c, id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(&format!("Subscription/{id}")))
+}
+
+pub async fn status_one(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Fhir, Fhir> {
+    Params::parse(q.as_deref(), &[])?;
+    let row = load(&s, &id).await?;
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &[row])))
+}
+
+pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
+    let p = Params::parse(q.as_deref(), &["id", "status"])?;
+    let ids = p.list("id", None)?;
+    let statuses = p.list("status", Some(STATUS_CODES))?;
+    let c = s.pool.get().await.map_err(internal)?;
+    let rows = subscriptions::search(&**c, None, None)
+        .await
+        .map_err(internal)?;
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| ids.as_ref().is_none_or(|ids| ids.contains(&r.id)))
+        .filter(|r| {
+            statuses
+                .as_ref()
+                .is_none_or(|st| st.iter().any(|x| x == r.status.as_str()))
+        })
+        .collect();
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &rows)))
+}
+
+pub async fn events_get(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Fhir, Fhir> {
+    let p = Params::parse(q.as_deref(), EVENTS_PARAMS)?;
+    events(&s, &id, &p).await
+}
+
+/// POST form: the parameters in a Parameters body (or none).
+pub async fn events_post(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Fhir, Fhir> {
+    let empty = body
+        .as_ref()
+        .is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
+    let p = if empty {
+        Params::parse(None, EVENTS_PARAMS)?
+    } else {
+        Params::from_parameters(&json_body(&headers, body)?, EVENTS_PARAMS)?
+    };
+    events(&s, &id, &p).await
+}
+
+async fn events(s: &ApiState, id: &str, p: &Params) -> Result<Fhir, Fhir> {
+    let row = load(s, id).await?;
+    let content = match p.list("content", Some(CONTENT_CODES))? {
+        None => row.content,
+        Some(c) if c.len() == 1 => Content::parse(&c[0]).unwrap_or(row.content),
+        Some(_) => return Err(bad_request("content", "content takes one value")),
+    };
+    let until = p
+        .number("eventsUntilNumber")?
+        .unwrap_or(row.events_since_start);
+    let since = p
+        .number("eventsSinceNumber")?
+        .unwrap_or_else(|| (until - EVENTS_LIMIT + 1).max(1));
+    if since > until {
+        return Err(bad_request(
+            "eventsSinceNumber",
+            "eventsSinceNumber is greater than eventsUntilNumber",
+        ));
+    }
+    let c = s.pool.get().await.map_err(internal)?;
+    let rows = subscriptions::events_between(&**c, &row.id, since, until, EVENTS_LIMIT)
+        .await
+        .map_err(internal)?;
+    drop(c);
+    let shapes = s.topics.shapes(&row.topic).await;
+    let mut events = Vec::with_capacity(rows.len());
+    for p in &rows {
+        events.push(s.payloads.event(content, &shapes, p).await);
+    }
+    let format = s.cfg.source.fhir_version.into();
+    let base = s.cfg.api.base_url();
+    let b = bundle(
+        format,
+        Kind::QueryEvent,
+        &status_info(&row),
+        &events,
+        content,
+        &base,
+        Utc::now(),
+    );
+    Ok(Fhir(StatusCode::OK, b))
+}
