@@ -39,12 +39,20 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         Ok(s) => {
             for t in &cfg.topics {
                 match crate::fhir::trigger::compile(&t.topic, &s.registry, &s.fp) {
-                    Ok(c) => out.push(ok(format!(
-                        "topic {}: {} trigger(s), {} filter parameter(s)",
-                        t.topic.url,
-                        c.triggers.len(),
-                        c.filters.len()
-                    ))),
+                    Ok(c) => {
+                        out.push(ok(format!(
+                            "topic {}: {} trigger(s), {} filter parameter(s)",
+                            t.topic.url,
+                            c.triggers.len(),
+                            c.filters.len()
+                        )));
+                        for p in c.probe(&s).await {
+                            out.push(ok(format!(
+                                "topic {}: {p}; on_criteria_error = {:?} decides when that happens",
+                                t.topic.url, t.on_criteria_error
+                            )));
+                        }
+                    }
                     Err(e) => out.push(bad(e, "fix the topic's criteria (search parameters of source.fhir_version, FHIRPath)")),
                 }
             }
@@ -109,12 +117,19 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         )),
     }
     out.push(publication_finding(cfg, &store).await);
-    match setup::slot_plugin(&store, &cfg.source.slot).await {
-        Ok(Some(p)) if p == "pgoutput" => {
-            out.push(ok(format!("slot {} exists (pgoutput)", cfg.source.slot)))
-        }
-        Ok(Some(p)) => out.push(bad(
-            format!("slot {} uses plugin {p}", cfg.source.slot),
+    out.push(wal_keep_finding(&store).await);
+    match setup::slot_state(&store, &cfg.source.slot).await {
+        Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => out.push(bad(
+            format!("slot {} was invalidated (wal_status lost): changes since the last checkpoint were not captured", cfg.source.slot),
+            "fhir-cdc capture --resync-from-now  -- makes a new slot and captures from now on; the gap is logged",
+        )),
+        Ok(Some(s)) if s.plugin == "pgoutput" => out.push(ok(format!(
+            "slot {} exists (pgoutput, wal_status {})",
+            cfg.source.slot,
+            s.wal_status.as_deref().unwrap_or("unknown")
+        ))),
+        Ok(Some(s)) => out.push(bad(
+            format!("slot {} uses plugin {}", cfg.source.slot, s.plugin),
             format!(
                 "SELECT pg_drop_replication_slot('{}');  -- or set source.slot to another name",
                 cfg.source.slot
@@ -186,5 +201,15 @@ async fn publication_finding(cfg: &Config, store: &tokio_postgres::Client) -> Fi
         ok(format!("{what}; capture will {will}: {sql}"))
     } else {
         bad(what, sql)
+    }
+}
+
+/// `max_slot_wal_keep_size`: unlimited lets a stopped capture fill the store's disk; a limit
+/// makes Postgres invalidate the slot instead (capture then stops and says so).
+async fn wal_keep_finding(store: &tokio_postgres::Client) -> Finding {
+    match setup::wal_keep(store).await {
+        Ok(v) if v == "-1" => ok("max_slot_wal_keep_size = -1: a slot may retain WAL without limit while capture is stopped; consider a limit sized for your longest outage"),
+        Ok(v) => ok(format!("max_slot_wal_keep_size = {v}: a slot further behind is invalidated (capture then stops with a clear error)")),
+        Err(e) => bad(format!("cannot read max_slot_wal_keep_size: {e}"), "check the user"),
     }
 }

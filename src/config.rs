@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fhir::topic::Topic;
+use crate::fhir::trigger::OnCriteriaError;
 pub use crate::fhir::FhirVersion;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,11 @@ pub struct SourceConfig {
     /// before it is added are not captured.
     #[serde(default = "default_publication_refresh")]
     pub publication_refresh_secs: u64,
+    /// Every this many seconds capture writes a tiny logical message of its own into the
+    /// store database's WAL, so the slot can be confirmed past WAL the cluster writes
+    /// elsewhere while the store is quiet (default 10; 0: off).
+    #[serde(default = "default_wal_heartbeat")]
+    pub wal_heartbeat_secs: u64,
 }
 
 /// One table of a `generic` store: which columns hold what.
@@ -197,6 +203,8 @@ pub struct TopicEntry {
     pub workers: Option<usize>,
     /// The most a notification of this topic may carry: empty | id-only | full-resource.
     pub max_content: Option<String>,
+    /// When criteria give no decision: use-query-criteria (default) | skip | notify.
+    pub on_criteria_error: Option<String>,
     /// Inline topic: the same fields as the resource.
     #[serde(flatten)]
     pub inline: serde_json::Map<String, serde_json::Value>,
@@ -235,6 +243,7 @@ pub struct Config {
 pub struct ConfiguredTopic {
     pub topic: Topic,
     pub workers: usize,
+    pub on_criteria_error: OnCriteriaError,
 }
 
 impl Config {
@@ -336,9 +345,19 @@ impl Config {
                     message: format!("duplicate topic url {}", topic.url),
                 });
             }
+            let on_criteria_error = match entry.on_criteria_error.as_deref() {
+                None => OnCriteriaError::default(),
+                Some(s) => OnCriteriaError::parse(s).ok_or_else(|| ConfigError::Topic {
+                    index,
+                    message: format!(
+                        "on_criteria_error = {s:?}: use use-query-criteria, skip or notify"
+                    ),
+                })?,
+            };
             topics.push(ConfiguredTopic {
                 topic,
                 workers: entry.workers.unwrap_or(raw.delivery.workers).max(1),
+                on_criteria_error,
             });
         }
         Ok(Config {
@@ -377,6 +396,9 @@ fn default_fhir_version() -> FhirVersion {
 }
 fn default_slot() -> String {
     "fhir_cdc".into()
+}
+fn default_wal_heartbeat() -> u64 {
+    10
 }
 fn default_publication_refresh() -> u64 {
     10

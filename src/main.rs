@@ -20,9 +20,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Capture, delivery and the API in one process.
-    Run(Args),
+    Run(CaptureArgs),
     /// Only the CDC stage (one active instance per slot; more wait as standbys).
-    Capture(Args),
+    Capture(CaptureArgs),
     /// Only delivery and the API (any number of instances).
     Deliver(Args),
     /// Validate the config file and the database; print what to fix.
@@ -34,6 +34,17 @@ struct Args {
     /// Path of the TOML configuration.
     #[arg(long, short, env = "FHIR_CDC_CONFIG")]
     config: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    #[command(flatten)]
+    args: Args,
+    /// The replication slot was lost (invalidated or dropped): make a new one and capture
+    /// from now on. Store changes since the last checkpoint are then never captured; the
+    /// gap is logged. Without this flag capture stops and says so.
+    #[arg(long)]
+    resync_from_now: bool,
 }
 
 fn init_logging(cfg: Option<&Config>) {
@@ -72,7 +83,8 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = match &cli.command {
-        Command::Run(a) | Command::Capture(a) | Command::Deliver(a) | Command::Check(a) => a,
+        Command::Run(a) | Command::Capture(a) => &a.args,
+        Command::Deliver(a) | Command::Check(a) => a,
     };
     let cfg = match Config::load(&args.config) {
         Ok(c) => Arc::new(c),
@@ -119,6 +131,12 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let shutdown = shutdown_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
+    let options = match &cmd {
+        Command::Run(a) | Command::Capture(a) => capture::Options {
+            resync_from_now: a.resync_from_now,
+        },
+        _ => capture::Options::default(),
+    };
     let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
     // One FHIRPath engine and search-parameter index for the whole process.
     let searcher = Arc::new(capture::searcher(&cfg).await?);
@@ -131,6 +149,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             profile.clone(),
             searcher.clone(),
             s.clone(),
+            options,
             shutdown.clone(),
         ));
     }

@@ -7,6 +7,8 @@ pub const ROWS: &str = "fhir_cdc_rows_total";
 pub const BAD_ROWS: &str = "fhir_cdc_bad_rows_total";
 /// Topic criteria that could not be evaluated on a change.
 pub const TRIGGER_ERRORS: &str = "fhir_cdc_trigger_errors_total";
+/// Criteria that gave no decision, per topic (the topic's policy decided).
+pub const CRITERIA_ERRORS: &str = "fhir_cdc_criteria_errors_total";
 /// Events written to the queue.
 pub const EVENTS_QUEUED: &str = "fhir_cdc_events_queued_total";
 /// Store transactions skipped after a restart because they were queued before it.
@@ -38,6 +40,10 @@ pub fn describe() {
     describe_counter!(ROWS, "Row operations read from the replication slot");
     describe_counter!(BAD_ROWS, "Rows skipped because they are not FHIR resources");
     describe_counter!(TRIGGER_ERRORS, "Topic criteria that could not be evaluated");
+    describe_counter!(
+        CRITERIA_ERRORS,
+        "Topic criteria that gave no decision, per topic"
+    );
     describe_counter!(EVENTS_QUEUED, "Events written to the queue");
     describe_counter!(
         SKIPPED_TRANSACTIONS,

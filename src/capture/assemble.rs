@@ -112,6 +112,11 @@ impl Assembler {
         }))
     }
 
+    /// No transaction is open.
+    pub fn is_idle(&self) -> bool {
+        self.open.is_none()
+    }
+
     /// Ends the open transaction; its commit, or `None` when it was skipped.
     pub fn commit(&mut self) -> Result<Option<Commit>> {
         let Some(open) = self.open.take() else {

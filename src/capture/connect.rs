@@ -42,12 +42,23 @@ fn url_decode(s: &str) -> String {
         .unwrap_or_else(|| s.to_string())
 }
 
-/// wal_level, publication and slot, as the profile needs them.
-pub async fn prepare_store(src: &SourceConfig, profile: &dyn StoreProfile) -> Result<()> {
+/// wal_level, publication and slot, as the profile needs them. `checkpoint` > 0 means capture
+/// used the slot before; `resync_from_now` allows replacing a lost slot.
+pub async fn prepare_store(
+    src: &SourceConfig,
+    profile: &dyn StoreProfile,
+    checkpoint: u64,
+    resync_from_now: bool,
+) -> Result<()> {
     let mut store = queue::connect(&src.url).await?;
     setup::check_wal_level(&store).await?;
     setup::sync_publication(&mut store, profile, &src.publication, src.create_missing).await?;
-    setup::ensure_slot(&store, &src.slot, src.create_missing).await?;
+    let policy = setup::SlotPolicy {
+        create_missing: src.create_missing,
+        streamed_before: checkpoint > 0,
+        resync_from_now,
+    };
+    setup::ensure_slot(&store, &src.slot, policy).await?;
     Ok(())
 }
 

@@ -26,6 +26,11 @@ impl Pending {
         self.events >= batch_events
     }
 
+    /// Nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.end.is_none()
+    }
+
     /// When the oldest waiting commit must be flushed at the latest.
     pub fn deadline(&self, flush_after: Duration) -> Option<tokio::time::Instant> {
         self.since

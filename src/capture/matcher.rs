@@ -19,6 +19,8 @@ pub struct Matcher {
     searcher: Arc<Searcher>,
     /// Tables already warned about updates without a previous version.
     warned_no_previous: HashSet<u32>,
+    /// `(topic, kind)` of criteria errors already logged: once each, the counter counts all.
+    logged_errors: HashSet<(Arc<str>, &'static str)>,
 }
 
 /// The two versions of a change as JSON.
@@ -32,6 +34,7 @@ impl Matcher {
         Matcher {
             searcher,
             warned_no_previous: HashSet::new(),
+            logged_errors: HashSet::new(),
         }
     }
 
@@ -49,14 +52,15 @@ impl Matcher {
         let Some(v) = parse(change) else {
             return Vec::new();
         };
+        let searcher = self.searcher.clone();
         // Built once for every topic that evaluates something on this change.
         let eval = wanted
             .iter()
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
-            .then(|| ChangeEval::from_arcs(&self.searcher, v.previous.clone(), v.current.clone()));
+            .then(|| ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone()));
         let mut out = Vec::new();
         for a in wanted {
-            if !fires(a, eval.as_ref(), row).await {
+            if !fires(&mut self.logged_errors, a, eval.as_ref(), row).await {
                 continue;
             }
             let filters = match (&eval, a.compiled.filters.is_empty()) {
@@ -110,9 +114,15 @@ fn parse(change: &ResourceChange) -> Option<Versions> {
     })
 }
 
-/// Whether the topic's trigger fires; a criteria error is counted, logged by reference, and
-/// does not fire.
-async fn fires(a: &Active, eval: Option<&ChangeEval<'_>>, row: &RowChange) -> bool {
+/// Whether the topic's trigger fires. Criteria that give no decision are counted per topic,
+/// logged once per topic and kind (`logged`; topic and error text, no resource content), and
+/// decided by the topic's `on_criteria_error` policy.
+async fn fires(
+    logged: &mut HashSet<(Arc<str>, &'static str)>,
+    a: &Active,
+    eval: Option<&ChangeEval<'_>>,
+    row: &RowChange,
+) -> bool {
     let (true, Some(ev)) = (a.compiled.has_criteria(), eval) else {
         return true;
     };
@@ -125,9 +135,14 @@ async fn fires(a: &Active, eval: Option<&ChangeEval<'_>>, row: &RowChange) -> bo
         Outcome::DoesNotFire => false,
         Outcome::Error(e) => {
             metrics::counter!(crate::metrics::TRIGGER_ERRORS).increment(1);
-            tracing::error!(topic = %a.url, reference = %row.reference(), error = %e,
-                "topic criteria could not be evaluated; the trigger does not fire");
-            false
+            metrics::counter!(crate::metrics::CRITERIA_ERRORS, "topic" => a.url.to_string())
+                .increment(1);
+            if logged.insert((a.url.clone(), e.kind)) {
+                tracing::error!(topic = %a.url, kind = e.kind, error = %e.message,
+                    policy = ?a.compiled.on_error, fires = e.fires,
+                    "topic criteria could not be evaluated; the topic's on_criteria_error policy decided (logged once per topic and kind)");
+            }
+            e.fires
         }
     }
 }

@@ -19,21 +19,27 @@ pub mod decode;
 pub mod error;
 pub mod flush;
 pub mod matcher;
+mod stream;
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{supervise, Backoff, Classify};
 use crate::fhir::search::Searcher;
 use crate::fhir::trigger;
-use crate::queue::{self, batch, batch::Item};
-use crate::store::{setup, StoreProfile};
-use control::{Active, Role, Topics};
+use crate::queue::{self, batch};
+use crate::store::StoreProfile;
+use control::{Active, Topics};
 use error::{CaptureError, Result};
+
+/// How this capture process was started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Replace a lost or missing slot with a new one, accepting the gap (logged).
+    pub resync_from_now: bool,
+}
 
 /// Runs capture until `shutdown` flips, reconnecting with backoff when Postgres goes away
 /// and stopping on a fatal error (configuration, an unreadable stream).
@@ -45,21 +51,34 @@ pub async fn run(
     profile: Arc<dyn StoreProfile>,
     searcher: Arc<Searcher>,
     streaming: Arc<AtomicBool>,
+    options: Options,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // Configured topics must compile: a typo in a criterion is a configuration error.
     let mut configured = Vec::new();
     for t in &cfg.topics {
-        let compiled = trigger::compile(&t.topic, &searcher.registry, &searcher.fp)
+        let mut compiled = trigger::compile(&t.topic, &searcher.registry, &searcher.fp)
             .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+        compiled.on_error = t.on_criteria_error;
         configured.push((t.topic.clone(), compiled));
     }
     let configured = &configured;
+    let resync = AtomicBool::new(options.resync_from_now);
     let result = supervise("capture", Backoff::default(), shutdown.clone(), || {
         let (cfg, profile, searcher, streaming) = (&cfg, &profile, &searcher, &streaming);
+        let resync = &resync;
         let mut shutdown = shutdown.clone();
         async move {
-            let r = run_once(cfg, profile, configured, searcher, streaming, &mut shutdown).await;
+            let r = run_once(
+                cfg,
+                profile,
+                configured,
+                searcher,
+                streaming,
+                resync,
+                &mut shutdown,
+            )
+            .await;
             streaming.store(false, Ordering::SeqCst);
             if r.is_err() {
                 metrics::counter!(crate::metrics::CAPTURE_RESTARTS).increment(1);
@@ -115,147 +134,30 @@ async fn run_once(
     configured: &[(crate::fhir::topic::Topic, trigger::Compiled)],
     searcher: &Arc<Searcher>,
     streaming: &AtomicBool,
+    resync: &AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     let src = &cfg.source;
     let mut qc = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut qc).await?;
-    connect::prepare_store(src, profile.as_ref()).await?;
     if !connect::take_slot_lock(&qc, &src.slot, shutdown).await? {
         return Ok(());
     }
     let checkpoint = batch::checkpoint(&qc, &src.slot).await?.unwrap_or(0);
+    let resync_now = resync.load(Ordering::SeqCst);
+    connect::prepare_store(src, profile.as_ref(), checkpoint, resync_now).await?;
+    // `--resync-from-now` applies to the slot found at start, not to a later loss.
+    resync.store(false, Ordering::SeqCst);
     let repl = connect::start_replication(src, checkpoint).await?;
     streaming.store(true, Ordering::SeqCst);
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
     let topics = initial_topics(&qc, configured, searcher).await?;
-    let mut s = Stream {
+    let mut s = stream::Stream::new(
         cfg,
-        decoder: decode::Decoder::new(profile.clone()),
-        assembler: assemble::Assembler::new(checkpoint),
-        topics: Topics::new(topics, searcher.clone()),
-        matcher: matcher::Matcher::new(searcher.clone()),
-        txn_items: Vec::new(),
-        pending: flush::Pending::default(),
-    };
-    s.stream(&mut qc, repl, profile.as_ref(), shutdown).await
-}
-
-/// The stages of one stream, glued together.
-struct Stream<'a> {
-    cfg: &'a Config,
-    decoder: decode::Decoder,
-    assembler: assemble::Assembler,
-    topics: Topics,
-    matcher: matcher::Matcher,
-    /// Items of the open store transaction, in stream order.
-    txn_items: Vec<Item>,
-    pending: flush::Pending,
-}
-
-impl Stream<'_> {
-    async fn stream(
-        &mut self,
-        qc: &mut tokio_postgres::Client,
-        mut repl: ReplicationClient,
-        profile: &dyn StoreProfile,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
-        let flush_after = Duration::from_millis(self.cfg.queue.flush_ms);
-        let every = Duration::from_secs(self.cfg.source.publication_refresh_secs);
-        let mut sync = tokio::time::interval(every);
-        sync.tick().await;
-        loop {
-            let deadline = self.pending.deadline(flush_after);
-            tokio::select! {
-                ev = repl.recv() => {
-                    let ev = ev.map_err(|e| CaptureError::Replication(e.to_string()))?
-                        .ok_or_else(|| CaptureError::Replication("replication stream ended".into()))?;
-                    if self.handle(ev).await? {
-                        self.flush(qc, &repl).await?;
-                    }
-                }
-                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
-                    self.flush(qc, &repl).await?;
-                }
-                _ = sync.tick() => sync_publication(self.cfg, profile).await,
-                _ = shutdown.changed() => {
-                    self.flush(qc, &repl).await?;
-                    repl.shutdown().await.ok();
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    /// Handles one replication event; returns true when the batch should be flushed now.
-    async fn handle(&mut self, ev: ReplicationEvent) -> Result<bool> {
-        match ev {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => self.assembler.begin(final_lsn.0, xid, commit_time_micros),
-            ReplicationEvent::XLogData { data, .. } => {
-                let Some(row) = self.decoder.decode(data)? else {
-                    return Ok(false);
-                };
-                if let Some(change) = self.assembler.row(row)? {
-                    self.change(change).await;
-                }
-            }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                let items = std::mem::take(&mut self.txn_items);
-                if self.assembler.commit()?.is_some() {
-                    let batch = self.cfg.queue.batch_events;
-                    return Ok(self.pending.commit(items, end_lsn.0, batch));
-                }
-            }
-            ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
-            ReplicationEvent::StoppedAt { .. } => {
-                return Err(CaptureError::Replication(
-                    "replication stopped at a stop LSN".into(),
-                ))
-            }
-        }
-        Ok(false)
-    }
-
-    /// One resource change: control rows update the topics; resource changes are matched.
-    async fn change(&mut self, change: assemble::ResourceChange) {
-        match self.topics.classify(&change, self.cfg) {
-            Role::Control(item) => self.txn_items.extend(item),
-            Role::Resource(item) => {
-                self.txn_items.extend(item);
-                let events = self.matcher.events(&self.topics.active, &change).await;
-                self.txn_items.extend(events.into_iter().map(Item::Event));
-            }
-        }
-    }
-
-    async fn flush(
-        &mut self,
-        qc: &mut tokio_postgres::Client,
-        repl: &ReplicationClient,
-    ) -> Result<()> {
-        if let Some(end) = self.pending.flush(qc, &self.cfg.source.slot).await? {
-            // Only now, with the events committed, may the server forget this WAL.
-            repl.update_applied_lsn(Lsn(end));
-        }
-        Ok(())
-    }
-}
-
-/// Adds resource tables created since capture started to the publication. A failure is
-/// logged, not fatal: capture of the tables already published goes on.
-async fn sync_publication(cfg: &Config, profile: &dyn StoreProfile) {
-    let src = &cfg.source;
-    let r = async {
-        let mut c = queue::connect(&src.url).await?;
-        setup::sync_publication(&mut c, profile, &src.publication, src.create_missing).await?;
-        Ok::<_, CaptureError>(())
-    };
-    if let Err(e) = r.await {
-        tracing::warn!(publication = %src.publication, error = %e, "publication not brought up to date");
-    }
+        profile,
+        Topics::new(topics, searcher.clone()),
+        searcher,
+        checkpoint,
+    );
+    s.run(&mut qc, repl, shutdown).await
 }

@@ -126,6 +126,57 @@ impl FhirPath {
             )),
         }
     }
+
+    /// A criterion: exactly one boolean, or why not. An empty result counts as "no boolean"
+    /// (a strict engine raises an error for what this one returns empty, e.g. `and` over a
+    /// two-item collection), so that the topic's policy decides rather than silence.
+    pub async fn eval_criterion(&self, p: &Prepared, expr: &str) -> Result<bool, CriterionError> {
+        let out = self.eval(p, expr).await.map_err(CriterionError::Engine)?;
+        match out.as_slice() {
+            [Value::Bool(b)] => Ok(*b),
+            [] => Err(CriterionError::Empty),
+            [_] => Err(CriterionError::NotBoolean),
+            many => Err(CriterionError::Many(many.len())),
+        }
+    }
+}
+
+/// Why a fhirPathCriteria gave no decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CriterionError {
+    Engine(String),
+    Empty,
+    NotBoolean,
+    Many(usize),
+}
+
+impl CriterionError {
+    /// The kind, for logging once per topic per kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CriterionError::Engine(_) => "error",
+            CriterionError::Empty => "empty",
+            CriterionError::NotBoolean => "not-boolean",
+            CriterionError::Many(_) => "multi-item",
+        }
+    }
+}
+
+impl std::fmt::Display for CriterionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CriterionError::Engine(e) => write!(f, "fhirPathCriteria failed: {e}"),
+            CriterionError::Empty => {
+                write!(f, "fhirPathCriteria gave no boolean (an empty result)")
+            }
+            CriterionError::NotBoolean => {
+                write!(f, "fhirPathCriteria gave a value that is not a boolean")
+            }
+            CriterionError::Many(n) => {
+                write!(f, "fhirPathCriteria gave {n} values instead of one boolean")
+            }
+        }
+    }
 }
 
 /// Replaces `%name` (not `%nameMore`) by `{}` for each absent variable.

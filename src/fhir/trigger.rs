@@ -5,7 +5,7 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use super::fhirpath::Prepared;
+use super::fhirpath::{CriterionError, Prepared};
 use super::search::registry::{Registry, SearchParam};
 use super::search::value::Values;
 use super::search::{parse_query, Criterion, Searcher};
@@ -39,11 +39,37 @@ pub struct FilterParam {
     pub param: std::sync::Arc<super::search::registry::SearchParam>,
 }
 
+/// What a trigger does when its criteria cannot be evaluated (`[[topic]]
+/// on_criteria_error`). The R5 page makes the conceptual definition the arbiter between
+/// the query and FHIRPath forms; by default the queryCriteria decide when present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnCriteriaError {
+    /// The queryCriteria decide (when the trigger has none: it does not fire).
+    #[default]
+    UseQueryCriteria,
+    /// It does not fire.
+    Skip,
+    /// It fires.
+    Notify,
+}
+
+impl OnCriteriaError {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "use-query-criteria" => Some(Self::UseQueryCriteria),
+            "skip" => Some(Self::Skip),
+            "notify" => Some(Self::Notify),
+            _ => None,
+        }
+    }
+}
+
 /// A topic compiled for capture.
 #[derive(Debug, Clone)]
 pub struct Compiled {
     pub triggers: Vec<Trigger>,
     pub filters: Vec<FilterParam>,
+    pub on_error: OnCriteriaError,
 }
 
 fn result_code(v: Option<&str>, what: &str) -> Result<bool, String> {
@@ -126,16 +152,36 @@ pub fn compile(
             });
         }
     }
-    Ok(Compiled { triggers, filters })
+    Ok(Compiled {
+        triggers,
+        filters,
+        on_error: OnCriteriaError::default(),
+    })
 }
 
-/// Why a trigger did not fire although its type and interaction matched.
+/// Why a trigger did or did not fire although its type and interaction matched.
 #[derive(Debug)]
 pub enum Outcome {
     Fires,
     DoesNotFire,
-    /// The criterion could not be evaluated (logged; the trigger does not fire).
-    Error(String),
+    /// The criteria could not be evaluated; the topic's policy decided.
+    Error(CriteriaError),
+}
+
+/// A criteria failure and what the policy made of it.
+#[derive(Debug, Clone)]
+pub struct CriteriaError {
+    /// `error`, `empty`, `not-boolean`, `multi-item`, `query` (a queryCriteria value failed).
+    pub kind: &'static str,
+    pub message: String,
+    pub fires: bool,
+}
+
+/// A trigger that gave no decision; `query_passed` when its queryCriteria passed.
+struct Undecided {
+    kind: &'static str,
+    message: String,
+    query_passed: Option<bool>,
 }
 
 impl Compiled {
@@ -161,13 +207,45 @@ impl Compiled {
             match evaluate_trigger(t, change).await {
                 Ok(true) => return Outcome::Fires,
                 Ok(false) => {}
-                Err(e) => last_error = Some(e),
+                Err(u) => {
+                    let fires = match self.on_error {
+                        OnCriteriaError::UseQueryCriteria => u.query_passed == Some(true),
+                        OnCriteriaError::Skip => false,
+                        OnCriteriaError::Notify => true,
+                    };
+                    let e = CriteriaError {
+                        kind: u.kind,
+                        message: u.message,
+                        fires,
+                    };
+                    if fires {
+                        return Outcome::Error(e);
+                    }
+                    last_error = Some(e);
+                }
             }
         }
         match last_error {
             Some(e) => Outcome::Error(e),
             None => Outcome::DoesNotFire,
         }
+    }
+
+    /// Criteria that fail statically: each fhirPathCriteria evaluated on a minimal resource
+    /// of its type as both versions. Engine errors and results that are not one boolean are
+    /// reported; an empty result is not (a minimal resource lacks the elements).
+    pub async fn probe(&self, searcher: &Searcher) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, t) in self.triggers.iter().enumerate() {
+            let Some(expr) = &t.fhirpath else { continue };
+            let r = serde_json::json!({"resourceType": t.resource_type, "id": "probe"});
+            let ev = ChangeEval::new(searcher, Some(&r), Some(&r));
+            match searcher.fp.eval_criterion(ev.ctx(false), expr).await {
+                Ok(_) | Err(CriterionError::Empty) => {}
+                Err(e) => out.push(format!("resourceTrigger[{i}]: {e}")),
+            }
+        }
+        out
     }
 
     /// The canFilterBy values of the changed resource (current, or previous for a delete).
@@ -280,32 +358,64 @@ impl<'a> ChangeEval<'a> {
     }
 }
 
-async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, String> {
-    if let Some(q) = &t.query {
-        let prev = match (&q.previous, &change.previous) {
-            (None, _) => None,
-            (Some(_), None) => Some(q.result_for_create),
-            (Some(c), Some(_)) => Some(change.matches(true, c).await?),
-        };
-        let curr = match (&q.current, &change.current) {
-            (None, _) => None,
-            (Some(_), None) => Some(q.result_for_delete),
-            (Some(c), Some(_)) => Some(change.matches(false, c).await?),
-        };
-        let tests: Vec<bool> = [prev, curr].into_iter().flatten().collect();
-        let pass = if tests.is_empty() {
-            true
-        } else if q.require_both {
-            tests.iter().all(|x| *x)
-        } else {
-            tests.iter().any(|x| *x)
-        };
-        if !pass {
-            return Ok(false);
-        }
+async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, Undecided> {
+    let query_passed = match &t.query {
+        None => None,
+        Some(q) => match query_passes(q, change).await {
+            Ok(false) => return Ok(false),
+            Ok(true) => Some(true),
+            Err(message) => {
+                return Err(Undecided {
+                    kind: "query",
+                    message,
+                    query_passed: None,
+                })
+            }
+        },
+    };
+    let Some(expr) = &t.fhirpath else {
+        return Ok(true);
+    };
+    match change
+        .searcher
+        .fp
+        .eval_criterion(change.ctx(false), expr)
+        .await
+    {
+        Ok(b) => Ok(b),
+        // Empty is false, as engines commonly read it, unless the queryCriteria passed: then
+        // the two forms disagree (the R5 example topic's `|` makes `and` empty here, where
+        // a strict engine raises an error) and the topic's policy decides.
+        Err(CriterionError::Empty) if query_passed.is_none() => Ok(false),
+        Err(e) => Err(Undecided {
+            kind: e.kind(),
+            message: match (&e, query_passed) {
+                (CriterionError::Empty, Some(_)) => format!("{e} while the queryCriteria passed"),
+                _ => e.to_string(),
+            },
+            query_passed,
+        }),
     }
-    if let Some(expr) = &t.fhirpath {
-        return change.searcher.fp.eval_bool(change.ctx(false), expr).await;
-    }
-    Ok(true)
+}
+
+/// The queryCriteria of a trigger, as the R5 page defines them.
+async fn query_passes(q: &Query, change: &ChangeEval<'_>) -> Result<bool, String> {
+    let prev = match (&q.previous, &change.previous) {
+        (None, _) => None,
+        (Some(_), None) => Some(q.result_for_create),
+        (Some(c), Some(_)) => Some(change.matches(true, c).await?),
+    };
+    let curr = match (&q.current, &change.current) {
+        (None, _) => None,
+        (Some(_), None) => Some(q.result_for_delete),
+        (Some(c), Some(_)) => Some(change.matches(false, c).await?),
+    };
+    let tests: Vec<bool> = [prev, curr].into_iter().flatten().collect();
+    Ok(if tests.is_empty() {
+        true
+    } else if q.require_both {
+        tests.iter().all(|x| *x)
+    } else {
+        tests.iter().any(|x| *x)
+    })
 }

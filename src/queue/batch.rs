@@ -188,6 +188,20 @@ async fn insert_events(
     Ok(rows as usize)
 }
 
+/// Moves the checkpoint of `slot` to `lsn` when nothing is waiting to be queued: every store
+/// commit up to `lsn` is queued or has nothing for us. Never moves it back.
+pub async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO fhir_cdc.checkpoint (slot, lsn) VALUES ($1, $2::text::pg_lsn)
+             ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()
+             WHERE fhir_cdc.checkpoint.lsn < EXCLUDED.lsn",
+            &[&slot, &lsn_text(lsn)],
+        )
+        .await?;
+    Ok(())
+}
+
 /// The end LSN of the last queued store commit for `slot`.
 pub async fn checkpoint(client: &Client, slot: &str) -> Result<Option<u64>> {
     let row = client

@@ -98,13 +98,18 @@ pub enum StoreError {
     Config(String),
     #[error(transparent)]
     Row(#[from] RowError),
+    /// The replication slot was lost: capture must stop and say so.
+    #[error("{0}")]
+    SlotLost(String),
 }
 
 impl StoreError {
     pub fn kind(&self) -> crate::error::ErrorKind {
         match self {
             StoreError::Db(_) | StoreError::Pool(_) => crate::error::ErrorKind::Retryable,
-            StoreError::Config(_) | StoreError::Row(_) => crate::error::ErrorKind::Fatal,
+            StoreError::Config(_) | StoreError::Row(_) | StoreError::SlotLost(_) => {
+                crate::error::ErrorKind::Fatal
+            }
         }
     }
 }

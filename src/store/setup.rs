@@ -204,23 +204,111 @@ pub fn slot_sql(slot: &str) -> String {
     format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
 }
 
-/// Creates the slot when missing (when allowed) and checks its plugin.
-pub async fn ensure_slot(c: &Client, slot: &str, create_missing: bool) -> Result<()> {
-    match slot_plugin(c, slot).await? {
-        Some(p) if p == "pgoutput" => Ok(()),
-        Some(p) => Err(StoreError::Config(format!(
-            "replication slot {slot} uses plugin {p}; fhir-cdc needs pgoutput. Drop it or set source.slot"
+/// A slot as the server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotState {
+    pub plugin: String,
+    /// `reserved`, `extended`, `unreserved` or `lost` (Postgres 13+).
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_state(c: &Client, slot: &str) -> Result<Option<SlotState>> {
+    Ok(c.query_opt(
+        "SELECT plugin::text, wal_status::text FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await?
+    .map(|r| SlotState {
+        plugin: r.get(0),
+        wal_status: r.get(1),
+    }))
+}
+
+/// How capture may treat the slot at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotPolicy {
+    pub create_missing: bool,
+    /// Capture ran on this slot before (a checkpoint exists): a missing slot means lost
+    /// changes, never a first start.
+    pub streamed_before: bool,
+    /// `--resync-from-now`: replace a lost or missing slot with a new one, knowingly.
+    pub resync_from_now: bool,
+}
+
+/// Creates the slot on a first start, checks its plugin and health, and refuses to go on
+/// silently when it was lost: changes would be missing without anyone knowing.
+pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<()> {
+    let state = slot_state(c, slot).await?;
+    let lost = state
+        .as_ref()
+        .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
+    if lost || (state.is_none() && policy.streamed_before) {
+        return resync_or_stop(c, slot, lost, policy).await;
+    }
+    match state {
+        Some(s) if s.plugin == "pgoutput" => {
+            if s.wal_status.as_deref() == Some("unreserved") {
+                tracing::warn!(slot = %slot, "replication slot is about to lose WAL it needs (wal_status unreserved, max_slot_wal_keep_size); capture is too far behind");
+            }
+            Ok(())
+        }
+        Some(s) => Err(StoreError::Config(format!(
+            "replication slot {slot} uses plugin {}; fhir-cdc needs pgoutput. Drop it or set source.slot",
+            s.plugin
         ))),
-        None if !create_missing => Err(StoreError::Config(format!(
+        None if !policy.create_missing => Err(StoreError::Config(format!(
             "replication slot {slot} is missing; create it with: {}",
             slot_sql(slot)
         ))),
-        None => {
-            c.batch_execute(&slot_sql(slot)).await?;
-            tracing::info!(slot = %slot, "created logical replication slot");
-            Ok(())
-        }
+        None => create_slot(c, slot).await,
     }
+}
+
+async fn create_slot(c: &Client, slot: &str) -> Result<()> {
+    c.batch_execute(&slot_sql(slot)).await?;
+    tracing::info!(slot = %slot, "created logical replication slot");
+    Ok(())
+}
+
+async fn resync_or_stop(c: &Client, slot: &str, lost: bool, policy: SlotPolicy) -> Result<()> {
+    let what = if lost {
+        format!("replication slot {slot} was invalidated (wal_status lost: the WAL it needed was removed, see max_slot_wal_keep_size)")
+    } else {
+        format!("replication slot {slot} disappeared after capture had used it (dropped by hand, or invalidated and removed)")
+    };
+    if !policy.resync_from_now {
+        return Err(StoreError::SlotLost(format!(
+            "{what}. Store changes committed after the last checkpoint may never have been captured, and fhir-cdc will not pretend otherwise. \
+             To start again from now, accepting that gap, run `fhir-cdc capture --resync-from-now` (or `run --resync-from-now`)"
+        )));
+    }
+    if lost {
+        c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await?;
+    }
+    create_slot(c, slot).await?;
+    let now: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    tracing::error!(slot = %slot, resumed_at = %now, "{what}; resynced from now on request (--resync-from-now): store changes between the last checkpoint and {now} were NOT captured");
+    Ok(())
+}
+
+/// Writes a non-transactional logical message of ours into the store database's WAL, so the
+/// slot sees a position to confirm even when nothing in the publication changes while the
+/// cluster writes WAL elsewhere. Capture ignores the message itself.
+pub async fn emit_heartbeat(c: &Client, prefix: &str) -> Result<()> {
+    c.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&prefix])
+        .await?;
+    Ok(())
+}
+
+/// `max_slot_wal_keep_size` (`-1`: unlimited) and the slot's `wal_status`, for `check`.
+pub async fn wal_keep(c: &Client) -> Result<String> {
+    Ok(c.query_one("SHOW max_slot_wal_keep_size", &[])
+        .await?
+        .get(0))
 }
 
 /// `wal_level` as the server reports it.

@@ -283,13 +283,19 @@ impl Daemon {
     }
 
     pub fn start_cmd(cmd: &str, config: &FsPath, log: &FsPath) -> Daemon {
+        Self::start_args(&[cmd], config, log)
+    }
+
+    /// `fhir-cdc ARGS… --config CONFIG`.
+    pub fn start_args(args: &[&str], config: &FsPath, log: &FsPath) -> Daemon {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
-            .args([cmd, "--config"])
+            .args(args)
+            .arg("--config")
             .arg(config)
             .env("FHIR_CDC_LOG", "info,fhir_cdc=debug")
             .stdout(Stdio::null())
@@ -644,6 +650,11 @@ impl TestEnv {
     /// The daemon with `cmd` (`run`, `capture`, `deliver`), not waited for.
     pub fn spawn(&self, cmd: &str) -> Daemon {
         Daemon::start_cmd(cmd, &self.config, &self.log)
+    }
+
+    /// The daemon with arguments (`["run", "--resync-from-now"]`), not waited for.
+    pub fn spawn_args(&self, args: &[&str]) -> Daemon {
+        Daemon::start_args(args, &self.config, &self.log)
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,230 @@
+//! One replication stream with the stages glued together, and the slot kept moving: events
+//! of whole transactions are flushed with the checkpoint; when nothing of ours is waiting,
+//! the position of a keepalive or of our own WAL heartbeat message is confirmed too, so WAL
+//! the cluster writes elsewhere never piles up behind the slot.
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use super::control::{Role, Topics};
+use super::error::{CaptureError, Result};
+use super::{assemble, decode, flush, matcher};
+use crate::config::Config;
+use crate::fhir::search::Searcher;
+use crate::queue::{self, batch, batch::Item};
+use crate::store::{setup, StoreProfile};
+
+/// Prefix of our WAL heartbeat messages (`pg_logical_emit_message`).
+pub const HEARTBEAT_PREFIX: &str = "fhir_cdc_heartbeat";
+
+/// Least time between two idle confirmations (each writes the checkpoint).
+const ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// What one replication event asks of the stream.
+enum Step {
+    Nothing,
+    Flush,
+    /// A position with nothing of ours before it that is not handled.
+    Position(u64),
+}
+
+pub struct Stream<'a> {
+    cfg: &'a Config,
+    profile: Arc<dyn StoreProfile>,
+    decoder: decode::Decoder,
+    assembler: assemble::Assembler,
+    topics: Topics,
+    matcher: matcher::Matcher,
+    /// Items of the open store transaction, in stream order.
+    txn_items: Vec<Item>,
+    pending: flush::Pending,
+    /// The highest LSN confirmed to the server (and checkpointed).
+    confirmed: u64,
+    last_advance: Instant,
+    /// The store connection the WAL heartbeat is written on; `None` when off.
+    heartbeat: Option<tokio_postgres::Client>,
+}
+
+impl<'a> Stream<'a> {
+    pub fn new(
+        cfg: &'a Config,
+        profile: &Arc<dyn StoreProfile>,
+        topics: Topics,
+        searcher: &Arc<Searcher>,
+        checkpoint: u64,
+    ) -> Self {
+        Stream {
+            cfg,
+            profile: profile.clone(),
+            decoder: decode::Decoder::new(profile.clone()),
+            assembler: assemble::Assembler::new(checkpoint),
+            topics,
+            matcher: matcher::Matcher::new(searcher.clone()),
+            txn_items: Vec::new(),
+            pending: flush::Pending::default(),
+            confirmed: checkpoint,
+            last_advance: Instant::now(),
+            heartbeat: None,
+        }
+    }
+
+    pub async fn run(
+        &mut self,
+        qc: &mut tokio_postgres::Client,
+        mut repl: ReplicationClient,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let src = &self.cfg.source;
+        let flush_after = Duration::from_millis(self.cfg.queue.flush_ms);
+        let mut sync = interval(src.publication_refresh_secs);
+        let mut beat = interval(src.wal_heartbeat_secs.max(1));
+        if src.wal_heartbeat_secs > 0 {
+            self.heartbeat = queue::connect(&src.url).await.ok();
+        }
+        loop {
+            let deadline = self.pending.deadline(flush_after);
+            tokio::select! {
+                ev = repl.recv() => {
+                    let ev = ev.map_err(|e| CaptureError::Replication(e.to_string()))?
+                        .ok_or_else(|| CaptureError::Replication("replication stream ended".into()))?;
+                    match self.handle(ev).await? {
+                        Step::Nothing => {}
+                        Step::Flush => self.flush(qc, &repl).await?,
+                        Step::Position(lsn) => self.advance(qc, &repl, lsn).await?,
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                    self.flush(qc, &repl).await?;
+                }
+                _ = sync.tick() => sync_publication(self.cfg, self.profile.as_ref()).await,
+                _ = beat.tick(), if self.heartbeat.is_some() => self.beat().await,
+                _ = shutdown.changed() => {
+                    self.flush(qc, &repl).await?;
+                    repl.shutdown().await.ok();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Handles one replication event.
+    async fn handle(&mut self, ev: ReplicationEvent) -> Result<Step> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => self.assembler.begin(final_lsn.0, xid, commit_time_micros),
+            ReplicationEvent::XLogData { data, .. } => {
+                let Some(row) = self.decoder.decode(data)? else {
+                    return Ok(Step::Nothing);
+                };
+                if let Some(change) = self.assembler.row(row)? {
+                    self.change(change).await;
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let items = std::mem::take(&mut self.txn_items);
+                if self.assembler.commit()?.is_some() {
+                    let batch = self.cfg.queue.batch_events;
+                    if self.pending.commit(items, end_lsn.0, batch) {
+                        return Ok(Step::Flush);
+                    }
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => return Ok(Step::Position(wal_end.0)),
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => return Ok(Step::Position(lsn.0)),
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(CaptureError::Replication(
+                    "replication stopped at a stop LSN".into(),
+                ))
+            }
+        }
+        Ok(Step::Nothing)
+    }
+
+    /// One resource change: control rows update the topics; resource changes are matched.
+    async fn change(&mut self, change: assemble::ResourceChange) {
+        match self.topics.classify(&change, self.cfg) {
+            Role::Control(item) => self.txn_items.extend(item),
+            Role::Resource(item) => {
+                self.txn_items.extend(item);
+                let events = self.matcher.events(&self.topics.active, &change).await;
+                self.txn_items.extend(events.into_iter().map(Item::Event));
+            }
+        }
+    }
+
+    async fn flush(
+        &mut self,
+        qc: &mut tokio_postgres::Client,
+        repl: &ReplicationClient,
+    ) -> Result<()> {
+        if let Some(end) = self.pending.flush(qc, &self.cfg.source.slot).await? {
+            // Only now, with the events committed, may the server forget this WAL.
+            repl.update_applied_lsn(Lsn(end));
+            self.confirmed = self.confirmed.max(end);
+            self.last_advance = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Confirms `lsn` when nothing of ours before it is open or waiting: every store commit
+    /// up to it is queued or has nothing for us. The checkpoint moves first, so the slot is
+    /// never confirmed past it (invariant 2).
+    async fn advance(
+        &mut self,
+        qc: &tokio_postgres::Client,
+        repl: &ReplicationClient,
+        lsn: u64,
+    ) -> Result<()> {
+        let idle = self.assembler.is_idle() && self.pending.is_empty() && self.txn_items.is_empty();
+        if !idle || lsn <= self.confirmed || self.last_advance.elapsed() < ADVANCE_EVERY {
+            return Ok(());
+        }
+        batch::advance(qc, &self.cfg.source.slot, lsn).await?;
+        repl.update_applied_lsn(Lsn(lsn));
+        self.confirmed = lsn;
+        self.last_advance = Instant::now();
+        metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(lsn as f64);
+        tracing::trace!(lsn = %queue::lsn_text(lsn), "idle position confirmed");
+        Ok(())
+    }
+
+    /// Writes our WAL heartbeat; turned off with one log line when the user may not.
+    async fn beat(&mut self) {
+        let Some(c) = &self.heartbeat else { return };
+        if let Err(e) = setup::emit_heartbeat(c, HEARTBEAT_PREFIX).await {
+            tracing::warn!(error = %e, "WAL heartbeat (pg_logical_emit_message) failed; turned off. On a quiet store database the slot then advances only on keepalives");
+            self.heartbeat = None;
+        }
+    }
+}
+
+fn interval(secs: u64) -> tokio::time::Interval {
+    let every = Duration::from_secs(secs.max(1));
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// Adds resource tables created since capture started to the publication. A failure is
+/// logged, not fatal: capture of the tables already published goes on.
+async fn sync_publication(cfg: &Config, profile: &dyn StoreProfile) {
+    let src = &cfg.source;
+    let r = async {
+        let mut c = queue::connect(&src.url).await?;
+        setup::sync_publication(&mut c, profile, &src.publication, src.create_missing).await?;
+        Ok::<_, CaptureError>(())
+    };
+    if let Err(e) = r.await {
+        tracing::warn!(publication = %src.publication, error = %e, "publication not brought up to date");
+    }
+}
