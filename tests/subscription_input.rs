@@ -649,12 +649,12 @@ async fn malformed_backport_subscriptions_are_refused_naming_the_element() {
         .config(|c| c.source.fhir_version = fhir_version("R4"))
         .build()
         .await;
-    let (rx, api) = (&env.rx, env.api);
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
     let _d = env.start().await;
     let base = backport(&rx.url("refused"));
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{api}/Subscription"))
-        .json(&base)
+        .json(&backport(&rx.url("valid")))
         .send()
         .await
         .unwrap();
@@ -664,7 +664,58 @@ async fn malformed_backport_subscriptions_are_refused_naming_the_element() {
         "the valid backport Subscription: {}",
         r.text().await.unwrap()
     );
-    refuse_all(api, &base, &backport_cases()).await;
+    let cases = backport_cases();
+    refuse_all(api, &base, &cases).await;
+
+    // The same, written into the store's own table, end in error naming the element.
+    for (i, c) in cases.iter().enumerate() {
+        store
+            .execute(
+                "SELECT aidbox_put('Subscription', $1, $2)",
+                &[&format!("bp-{i}"), &apply(&base, c)],
+            )
+            .await
+            .unwrap();
+    }
+    let q = env.client().await;
+    wait_until(
+        "every stored backport case recorded",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = q
+                .query_one(
+                    "SELECT count(*) FROM fhir_cdc.subscription WHERE id LIKE 'bp-%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n as usize == cases.len()
+        },
+    )
+    .await;
+    for (i, c) in cases.iter().enumerate() {
+        let row = q
+            .query_one(
+                "SELECT status, last_error FROM fhir_cdc.subscription WHERE id = $1",
+                &[&format!("bp-{i}")],
+            )
+            .await
+            .unwrap();
+        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+        let error = error.unwrap_or_default();
+        assert_eq!(status, "error", "{} = {:?}", c.at, c.to);
+        assert!(
+            error.contains(&format!("({})", c.expression)),
+            "{} = {:?}: {error}",
+            c.at,
+            c.to
+        );
+    }
+    assert!(
+        rx.bodies("refused").is_empty(),
+        "a refused subscription was sent something"
+    );
 }
 
 /// A random JSON value of a kind clients get wrong.
