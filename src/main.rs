@@ -173,7 +173,8 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             searcher,
             payloads,
             topics,
-        )?;
+        )
+        .await?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

@@ -3,6 +3,7 @@
 //! is read strictly, so a request can be refused (4xx, with an OperationOutcome naming what
 //! is wrong) but never answered with a 500 for its content alone.
 
+pub mod auth;
 mod metadata;
 mod operations;
 mod params;
@@ -36,6 +37,8 @@ pub struct ApiState {
     /// Set when capture runs in this process: ready only while it streams.
     pub capture_streaming: Option<Arc<AtomicBool>>,
     pub topics: Arc<crate::topics::Registry>,
+    /// `[api.auth]`; `None`: the API listens on loopback only (or was told otherwise).
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 type Shared = Arc<ApiState>;
@@ -76,6 +79,10 @@ pub fn router(state: Shared) -> Router {
         .route("/readyz", get(metadata::ready))
         .route("/metrics", get(metadata::prometheus))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -96,7 +103,11 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
     let listener = tokio::net::TcpListener::bind(state.cfg.api.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", state.cfg.api.listen))?;
-    tracing::info!(listen = %state.cfg.api.listen, "API listening");
+    let api = &state.cfg.api;
+    if api.auth.is_none() && !api.listen.ip().is_loopback() {
+        tracing::warn!(listen = %api.listen, "API listening WITHOUT AUTHENTICATION on a non-loopback address (api.allow_unauthenticated = true): anyone who reaches it can subscribe to PHI");
+    }
+    tracing::info!(listen = %state.cfg.api.listen, auth = api.auth.is_some(), "API listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;
@@ -105,8 +116,9 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
     Ok(())
 }
 
-/// Builds the API state from a config (pool sized for the API only).
-pub fn state(
+/// Builds the API state from a config (pool sized for the API only; static tokens and the
+/// JWKS loaded).
+pub async fn state(
     cfg: Arc<Config>,
     metrics: Option<PrometheusHandle>,
     capture_streaming: Option<Arc<AtomicBool>>,
@@ -114,7 +126,12 @@ pub fn state(
     payloads: Payloads,
     topics: Arc<crate::topics::Registry>,
 ) -> anyhow::Result<Shared> {
+    let auth = match &cfg.api.auth {
+        Some(a) => Some(Arc::new(auth::Auth::from_config(a).await?)),
+        None => None,
+    };
     Ok(Arc::new(ApiState {
+        auth,
         topics,
         pool: queue::pool(cfg.queue_url(), 8)?,
         registry: searcher.registry.clone(),

@@ -3,11 +3,12 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use serde_json::{json, Value};
 
+use super::auth::{needed, Action, Principal};
 use super::params::Params;
 use super::response::{bad_request, fhir_id, internal, json_body, not_found, Fhir};
 use super::{ApiState, Shared};
@@ -99,16 +100,18 @@ pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resul
 
 pub async fn events_get(
     State(s): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Fhir, Fhir> {
     let p = Params::parse(q.as_deref(), EVENTS_PARAMS)?;
-    events(&s, &id, &p).await
+    events(&s, &who, &id, &p).await
 }
 
 /// POST form: the parameters in a Parameters body (or none).
 pub async fn events_post(
     State(s): State<Shared>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -121,16 +124,54 @@ pub async fn events_post(
     } else {
         Params::from_parameters(&json_body(&headers, body)?, EVENTS_PARAMS)?
     };
-    events(&s, &id, &p).await
+    events(&s, &who, &id, &p).await
 }
 
-async fn events(s: &ApiState, id: &str, p: &Params) -> Result<Fhir, Fhir> {
-    let row = load(s, id).await?;
-    let content = match p.list("content", Some(CONTENT_CODES))? {
+/// The content `$events` answers with: what was asked, never more than the subscription's
+/// own level; full resources only for a caller that may read the topic's resource types.
+async fn content(
+    s: &ApiState,
+    who: &Principal,
+    row: &SubscriptionRow,
+    p: &Params,
+) -> Result<Content, Fhir> {
+    let asked = match p.list("content", Some(CONTENT_CODES))? {
         None => row.content,
         Some(c) if c.len() == 1 => Content::parse(&c[0]).unwrap_or(row.content),
         Some(_) => return Err(bad_request("content", "content takes one value")),
     };
+    let content = if asked > row.content {
+        row.content
+    } else {
+        asked
+    };
+    if content == Content::FullResource {
+        let topics = s.topics().await?;
+        let types = topics
+            .iter()
+            .filter(|t| t.url == row.topic)
+            .flat_map(|t| t.triggers.iter().map(|tr| tr.resource_type.clone()));
+        for ty in types {
+            if !who.0.allows(&ty, Action::Read) {
+                let msg = format!(
+                    "full-resource events need scope {}",
+                    needed(&ty, Action::Read)
+                );
+                return Err(super::response::outcome(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    &msg,
+                    None,
+                ));
+            }
+        }
+    }
+    Ok(content)
+}
+
+async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<Fhir, Fhir> {
+    let row = load(s, id).await?;
+    let content = content(s, who, &row, p).await?;
     let until = p
         .number("eventsUntilNumber")?
         .unwrap_or(row.events_since_start);
