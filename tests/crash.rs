@@ -197,3 +197,99 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     );
     drop(d);
 }
+
+/// A SIGKILL while capture works through one 30,000-row store transaction: nothing of it is
+/// queued at the kill, and after the restart all of it is, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_inside_a_30000_row_transaction_queues_it_once() {
+    const ROWS: i64 = 30_000;
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| c.delivery.batch_window_ms = 100)
+        .build()
+        .await;
+    let (rx, api) = (&env.rx, env.api);
+    let store = env.client().await;
+    let mut d = env.start().await;
+    let sub = subscribe_with(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("big"),
+        "id-only",
+        serde_json::json!({"maxCount": 100}),
+    )
+    .await;
+    wait_until("handshake", Duration::from_secs(30), || async {
+        !rx.bodies("big").is_empty()
+    })
+    .await;
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("big transaction crash test: seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    store
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT aidbox_put('Encounter', 'big-' || g, jsonb_build_object('status', 'planned', 'n', g))
+             FROM generate_series(1, {ROWS}) g;
+             COMMIT;"
+        ))
+        .await
+        .unwrap();
+    // The daemon streams; kill it while it is still inside that transaction.
+    tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+    d.kill9();
+    let q = env.client().await;
+    let queued: i64 = q
+        .query_one("SELECT count(*) FROM fhir_cdc.event", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        queued, 0,
+        "the kill came after the transaction was queued: it proves nothing"
+    );
+
+    d = env.start().await;
+    wait_until(
+        "the whole transaction queued",
+        Duration::from_secs(180),
+        || async {
+            let n: i64 = q
+                .query_one("SELECT count(*) FROM fhir_cdc.event", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n >= ROWS
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let row = q
+        .query_one(
+            "SELECT count(*), count(DISTINCT resource_id) FROM fhir_cdc.event",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (total, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((total, distinct), (ROWS, ROWS));
+    wait_until(
+        "every eventNumber delivered",
+        Duration::from_secs(300),
+        || async {
+            let seen: BTreeSet<i64> = rx.events("big").iter().flat_map(event_numbers).collect();
+            seen.len() as i64 >= ROWS
+        },
+    )
+    .await;
+    let seen: BTreeSet<i64> = rx.events("big").iter().flat_map(event_numbers).collect();
+    assert_eq!(seen, (1..=ROWS).collect::<BTreeSet<_>>());
+    assert_eq!(
+        status(api, &sub).await["eventsSinceSubscriptionStart"],
+        ROWS.to_string()
+    );
+    validate(&rx.bodies("big"), "r5", &["-q"]);
+    drop(d);
+}
