@@ -495,6 +495,56 @@ fn backport_cases() -> Vec<Case> {
     ]
 }
 
+/// Writes every case into the store's own Subscription table as `{prefix}-{i}`; asserts
+/// each ends in `error` with its element named in the reason.
+async fn store_refusals(env: &TestEnv, base: &Value, cases: &[&Case], prefix: &str) {
+    for (i, c) in cases.iter().enumerate() {
+        env.store
+            .execute(
+                "SELECT aidbox_put('Subscription', $1, $2)",
+                &[&format!("{prefix}-{i}"), &apply(base, c)],
+            )
+            .await
+            .unwrap();
+    }
+    let q = env.client().await;
+    let like = format!("{prefix}-%");
+    wait_until(
+        "every stored case recorded",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = q
+                .query_one(
+                    "SELECT count(*) FROM fhir_cdc.subscription WHERE id LIKE $1",
+                    &[&like],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n as usize == cases.len()
+        },
+    )
+    .await;
+    for (i, c) in cases.iter().enumerate() {
+        let row = q
+            .query_one(
+                "SELECT status, last_error FROM fhir_cdc.subscription WHERE id = $1",
+                &[&format!("{prefix}-{i}")],
+            )
+            .await
+            .unwrap();
+        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+        let error = error.unwrap_or_default();
+        assert_eq!(status, "error", "{} = {:?}", c.at, c.to);
+        assert!(
+            error.contains(&format!("({})", c.expression)),
+            "{} = {:?}: {error}",
+            c.at,
+            c.to
+        );
+    }
+}
+
 /// POSTs every case; asserts the status and the named element of each refusal.
 async fn refuse_all(api: u16, base: &Value, cases: &[Case]) {
     let http = reqwest::Client::new();
@@ -572,50 +622,7 @@ async fn malformed_r5_subscriptions_are_refused_naming_the_element_via_api_and_s
         "only {} storable cases",
         storable.len()
     );
-    for (i, c) in storable.iter().enumerate() {
-        store
-            .execute(
-                "SELECT aidbox_put('Subscription', $1, $2)",
-                &[&format!("bad-{i}"), &apply(&base, c)],
-            )
-            .await
-            .unwrap();
-    }
-    let q = env.client().await;
-    wait_until(
-        "every stored case recorded",
-        Duration::from_secs(60),
-        || async {
-            let n: i64 = q
-                .query_one(
-                    "SELECT count(*) FROM fhir_cdc.subscription WHERE id LIKE 'bad-%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n as usize == storable.len()
-        },
-    )
-    .await;
-    for (i, c) in storable.iter().enumerate() {
-        let row = q
-            .query_one(
-                "SELECT status, last_error FROM fhir_cdc.subscription WHERE id = $1",
-                &[&format!("bad-{i}")],
-            )
-            .await
-            .unwrap();
-        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
-        let error = error.unwrap_or_default();
-        assert_eq!(status, "error", "{} = {:?}", c.at, c.to);
-        assert!(
-            error.contains(&format!("({})", c.expression)),
-            "{} = {:?}: {error}",
-            c.at,
-            c.to
-        );
-    }
+    store_refusals(&env, &base, &storable, "bad").await;
 
     // Nothing refused ever notifies; the valid subscription does.
     wait_until("ok active", Duration::from_secs(30), || async {
@@ -649,7 +656,7 @@ async fn malformed_backport_subscriptions_are_refused_naming_the_element() {
         .config(|c| c.source.fhir_version = fhir_version("R4"))
         .build()
         .await;
-    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let (rx, api) = (&env.rx, env.api);
     let _d = env.start().await;
     let base = backport(&rx.url("refused"));
     let r = reqwest::Client::new()
@@ -668,50 +675,8 @@ async fn malformed_backport_subscriptions_are_refused_naming_the_element() {
     refuse_all(api, &base, &cases).await;
 
     // The same, written into the store's own table, end in error naming the element.
-    for (i, c) in cases.iter().enumerate() {
-        store
-            .execute(
-                "SELECT aidbox_put('Subscription', $1, $2)",
-                &[&format!("bp-{i}"), &apply(&base, c)],
-            )
-            .await
-            .unwrap();
-    }
-    let q = env.client().await;
-    wait_until(
-        "every stored backport case recorded",
-        Duration::from_secs(60),
-        || async {
-            let n: i64 = q
-                .query_one(
-                    "SELECT count(*) FROM fhir_cdc.subscription WHERE id LIKE 'bp-%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n as usize == cases.len()
-        },
-    )
-    .await;
-    for (i, c) in cases.iter().enumerate() {
-        let row = q
-            .query_one(
-                "SELECT status, last_error FROM fhir_cdc.subscription WHERE id = $1",
-                &[&format!("bp-{i}")],
-            )
-            .await
-            .unwrap();
-        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
-        let error = error.unwrap_or_default();
-        assert_eq!(status, "error", "{} = {:?}", c.at, c.to);
-        assert!(
-            error.contains(&format!("({})", c.expression)),
-            "{} = {:?}: {error}",
-            c.at,
-            c.to
-        );
-    }
+    let refs: Vec<&Case> = cases.iter().collect();
+    store_refusals(&env, &base, &refs, "bp").await;
     assert!(
         rx.bodies("refused").is_empty(),
         "a refused subscription was sent something"

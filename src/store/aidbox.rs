@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    body_of, check_type, ident, pg_timestamptz_to_fhir, text, Body, Decoded, RowChange, RowError,
-    RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, tuple, Body, Decoded,
+    RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
 };
 use crate::fhir::resource_types::{is_resource_type, RESOURCE_TYPES};
 use crate::fhir::topic::Interaction;
@@ -106,14 +106,8 @@ impl Layout {
         honour_status: bool,
     ) -> Result<RowChange, RowError> {
         let table = self.table.as_str();
-        let row = row.ok_or(RowError::MissingColumn {
-            table: table.into(),
-            column: "tuple",
-        })?;
-        let id = text(row.get_column(self.id)).ok_or(RowError::MissingColumn {
-            table: table.into(),
-            column: "id",
-        })?;
+        let row = tuple(table, row)?;
+        let id = required(table, row, self.id, "id")?;
         let ty = text(row.get_column(self.resource_type))
             .or_else(|| self.table_type.map(str::to_string))
             .unwrap_or_else(|| table.to_string());
@@ -124,11 +118,7 @@ impl Layout {
                 .and_then(|i| text(row.get_column(i)))
                 .is_some_and(|s| s == "deleted");
         let interaction = if deleted { Interaction::Delete } else { op };
-        let body = if interaction == Interaction::Delete {
-            Body::Absent
-        } else {
-            body_of(row.get_column(self.resource))
-        };
+        let body = body_for(interaction, row.get_column(self.resource));
         Ok(RowChange {
             resource_type,
             id,

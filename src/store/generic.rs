@@ -9,8 +9,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{
-    body_of, check_type, ident, text, Body, Decoded, RowChange, RowError, RowOp, StoreError,
-    StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, check_type, ident, required, text, tuple, Body, Decoded, RowChange, RowError, RowOp,
+    StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
 };
 use crate::config::GenericTable;
 use crate::fhir::topic::Interaction;
@@ -67,20 +67,11 @@ struct Layout {
 impl Layout {
     fn change(&self, op: Interaction, row: Option<&TupleData>) -> Result<RowChange, RowError> {
         let table = self.table.as_str();
-        let row = row.ok_or(RowError::MissingColumn {
-            table: table.into(),
-            column: "tuple",
-        })?;
-        let id = text(row.get_column(self.id)).ok_or(RowError::MissingColumn {
-            table: table.into(),
-            column: "id",
-        })?;
+        let row = tuple(table, row)?;
+        let id = required(table, row, self.id, "id")?;
         let ty = match (&self.fixed_type, self.type_col) {
             (Some(t), _) => t.clone(),
-            (None, Some(i)) => text(row.get_column(i)).ok_or(RowError::MissingColumn {
-                table: table.into(),
-                column: "type",
-            })?,
+            (None, Some(i)) => required(table, row, i, "type")?,
             (None, None) => table.to_string(),
         };
         let resource_type = check_type(table, ty)?;
@@ -89,11 +80,7 @@ impl Layout {
             .and_then(|i| text(row.get_column(i)))
             .is_some_and(|v| v == "t" || v == "true");
         let interaction = if deleted { Interaction::Delete } else { op };
-        let body = if interaction == Interaction::Delete {
-            Body::Absent
-        } else {
-            body_of(row.get_column(self.resource))
-        };
+        let body = body_for(interaction, row.get_column(self.resource));
         Ok(RowChange {
             resource_type,
             id,

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    body_of, check_type, text, Decoded, RowChange, RowError, RowOp, StoreError, StoreProfile,
-    TableDecoder, TableInfo, TableName,
+    body_for, check_type, required, text, tuple, Decoded, RowChange, RowError, RowOp, StoreError,
+    StoreProfile, TableDecoder, TableInfo, TableName,
 };
 use crate::fhir::resource_types::RESOURCE_TYPES;
 use crate::fhir::topic::Interaction;
@@ -58,25 +58,15 @@ struct Layout {
 
 impl Layout {
     fn row(&self, op: Interaction, row: Option<&TupleData>) -> Result<RowChange, RowError> {
-        let row = row.ok_or(RowError::MissingColumn {
-            table: self.table.clone(),
-            column: "tuple",
-        })?;
-        let id = text(row.get_column(self.id)).ok_or(RowError::MissingColumn {
-            table: self.table.clone(),
-            column: "id",
-        })?;
+        let row = tuple(&self.table, row)?;
+        let id = required(&self.table, row, self.id, "id")?;
         Ok(RowChange {
             resource_type: check_type(&self.table, self.table_type.clone())?,
             id,
             version_id: self.version.and_then(|i| text(row.get_column(i))),
             last_updated: None,
             interaction: op,
-            body: if op == Interaction::Delete {
-                super::Body::Absent
-            } else {
-                body_of(row.get_column(self.resource))
-            },
+            body: body_for(op, row.get_column(self.resource)),
         })
     }
 }

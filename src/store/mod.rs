@@ -172,6 +172,42 @@ pub(crate) fn text(c: Option<&pg_walstream::ColumnData>) -> Option<String> {
     c.as_string()
 }
 
+/// The tuple a row operation carries, or the error naming the table.
+pub(crate) fn tuple<'a>(
+    table: &str,
+    row: Option<&'a TupleData>,
+) -> Result<&'a TupleData, RowError> {
+    row.ok_or(RowError::MissingColumn {
+        table: table.into(),
+        column: "tuple",
+    })
+}
+
+/// A column that must hold a value (the id, the type).
+pub(crate) fn required(
+    table: &str,
+    row: &TupleData,
+    index: usize,
+    column: &'static str,
+) -> Result<String, RowError> {
+    text(row.get_column(index)).ok_or(RowError::MissingColumn {
+        table: table.into(),
+        column,
+    })
+}
+
+/// The body a change carries: none for a delete.
+pub(crate) fn body_for(
+    interaction: crate::fhir::topic::Interaction,
+    c: Option<&pg_walstream::ColumnData>,
+) -> Body {
+    if interaction == crate::fhir::topic::Interaction::Delete {
+        Body::Absent
+    } else {
+        body_of(c)
+    }
+}
+
 pub(crate) fn body_of(c: Option<&pg_walstream::ColumnData>) -> Body {
     match c {
         None => Body::Absent,
