@@ -147,33 +147,14 @@ impl Auth {
             );
             tokens.push((secret.into_bytes(), Scopes::parse(&t.scopes)));
         }
-        let jwt = match (&cfg.jwks_url, &cfg.jwks_file, &cfg.issuer, &cfg.audience) {
-            (url, file, Some(iss), Some(aud)) if url.is_some() || file.is_some() => {
-                let source = match (url, file) {
-                    (Some(u), _) => JwksSource::Url(u.clone()),
-                    (None, Some(f)) => JwksSource::File(f.clone()),
-                    (None, None) => unreachable!("one of them is set"),
-                };
-                let jwt = Jwt {
-                    issuer: iss.clone(),
-                    audience: aud.clone(),
-                    leeway: cfg.leeway_secs,
-                    source,
-                    keys: RwLock::new(JwkSet { keys: Vec::new() }),
-                    last_fetch: Mutex::new(None),
-                    http: reqwest::Client::builder()
-                        .timeout(Duration::from_secs(5))
-                        .build()?,
-                };
-                if let Err(e) = jwt.refresh(true).await {
-                    match jwt.source {
-                        JwksSource::File(_) => return Err(e),
-                        JwksSource::Url(_) => {
-                            tracing::warn!(error = %e, "JWKS not reachable at start; fetched again when a token needs it")
-                        }
-                    }
-                }
-                Some(jwt)
+        let source = match (&cfg.jwks_url, &cfg.jwks_file) {
+            (Some(u), _) => Some(JwksSource::Url(u.clone())),
+            (None, Some(f)) => Some(JwksSource::File(f.clone())),
+            (None, None) => None,
+        };
+        let jwt = match (source, &cfg.issuer, &cfg.audience) {
+            (Some(source), Some(iss), Some(aud)) => {
+                Some(Jwt::load(source, iss, aud, cfg.leeway_secs).await?)
             }
             _ => None,
         };
@@ -195,6 +176,31 @@ impl Auth {
 }
 
 impl Jwt {
+    /// A verifier with its key set loaded; a JWKS URL unreachable at start is fetched again
+    /// when a token needs it, a JWKS file must read.
+    async fn load(source: JwksSource, iss: &str, aud: &str, leeway: u64) -> anyhow::Result<Self> {
+        let jwt = Jwt {
+            issuer: iss.to_string(),
+            audience: aud.to_string(),
+            leeway,
+            source,
+            keys: RwLock::new(JwkSet { keys: Vec::new() }),
+            last_fetch: Mutex::new(None),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+        };
+        if let Err(e) = jwt.refresh(true).await {
+            match jwt.source {
+                JwksSource::File(_) => return Err(e),
+                JwksSource::Url(_) => {
+                    tracing::warn!(error = %e, "JWKS not reachable at start; fetched again when a token needs it")
+                }
+            }
+        }
+        Ok(jwt)
+    }
+
     /// Loads the key set. `force` (at start) is not rate-limited; fetches for unknown key
     /// ids are, at most one per [`REFETCH_EVERY`], so a flood of bad tokens cannot make us
     /// hammer the issuer.
