@@ -81,11 +81,7 @@ async fn the_official_example_topic_notifies_once_per_completion_and_logs_the_er
     let (store, rx, api) = (&env.store, &env.rx, env.api);
     let d = env.start().await;
     let filter = json!({"filterBy": [{"resourceType": "Encounter", "filterParameter": "subject", "value": "Patient/p1"}]});
-    let sub = subscribe_with(api, URL, &rx.url("done"), "id-only", filter).await;
-    wait_until("active", Duration::from_secs(30), || async {
-        status(api, &sub).await["status"] == "active"
-    })
-    .await;
+    subscribe_active(api, URL, &rx.url("done"), "id-only", filter).await;
     let put = |id: &'static str, status: &'static str, patient: &'static str| async move {
         let mut body = enc(status, patient);
         body.as_object_mut().unwrap().remove("id");

@@ -115,16 +115,13 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         .await
         .unwrap();
     let mut d = env.start().await;
-    let sub = subscribe(
+    subscribe_active(
         api,
         "http://fhir-cdc.test/topic/encounter",
         &rx.url("r"),
         "id-only",
+        json!({}),
     )
-    .await;
-    wait_until("active", Duration::from_secs(30), || async {
-        status(api, &sub).await["status"] == "active"
-    })
     .await;
     store
         .execute(

@@ -52,16 +52,13 @@ async fn store_writes_keyless_table(store: &tokio_postgres::Client) {
 }
 
 async fn encounter_notifies(store: &tokio_postgres::Client, rx: &Receiver, api: u16, id: &str) {
-    let sub = subscribe(
+    subscribe_active(
         api,
         "http://fhir-cdc.test/topic/encounter",
         &rx.url(id),
         "id-only",
+        json!({}),
     )
-    .await;
-    wait_until("active", Duration::from_secs(30), || async {
-        status(api, &sub).await["status"] == "active"
-    })
     .await;
     store
         .execute(
@@ -114,16 +111,13 @@ async fn attaching_leaves_the_stores_other_tables_writable_and_adds_new_resource
         .await
         .unwrap();
     wait_published(store, "condition").await;
-    let sub = subscribe(
+    subscribe_active(
         api,
         "http://fhir-cdc.test/topic/condition",
         &rx.url("cond"),
         "id-only",
+        json!({}),
     )
-    .await;
-    wait_until("active", Duration::from_secs(30), || async {
-        status(api, &sub).await["status"] == "active"
-    })
     .await;
     store
         .execute(

@@ -842,11 +842,7 @@ async fn thousands_of_generated_requests_never_get_a_5xx_nor_stop_delivery() {
 
     // Still up, and still delivering to a well-formed subscription.
     wait_api(api).await;
-    let ok = subscribe(api, TOPIC_URL, &rx.url("after"), "id-only").await;
-    wait_until("active", Duration::from_secs(30), || async {
-        status(api, &ok).await["status"] == "active"
-    })
-    .await;
+    subscribe_active(api, TOPIC_URL, &rx.url("after"), "id-only", json!({})).await;
     store
         .execute(
             "SELECT aidbox_put('Encounter', 'after-fuzz', $1)",

@@ -724,3 +724,22 @@ pub async fn wait_published(store: &Client, table: &str) {
     )
     .await;
 }
+
+/// POSTs an R5 Subscription with `extra` fields and waits until its handshake made it
+/// active; returns its id.
+pub async fn subscribe_active(
+    api_port: u16,
+    topic: &str,
+    endpoint: &str,
+    content: &str,
+    extra: Value,
+) -> String {
+    let id = subscribe_with(api_port, topic, endpoint, content, extra).await;
+    wait_until(
+        "the subscription active",
+        Duration::from_secs(30),
+        || async { status(api_port, &id).await["status"] == "active" },
+    )
+    .await;
+    id
+}
