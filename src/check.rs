@@ -72,7 +72,10 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             return out;
         }
     };
-    out.push(ok("connected to the store database"));
+    out.push(ok(format!(
+        "connected to the store database ({})",
+        tls_state(&store).await
+    )));
     match setup::wal_level(&store).await {
         Ok(level) if level == "logical" => out.push(ok("wal_level = logical")),
         Ok(level) => out.push(bad(
@@ -167,6 +170,23 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
 
 /// Whether the publication covers exactly the tables the profile reads, and the SQL that
 /// makes it so.
+/// Whether the connection is encrypted, as the server sees it.
+async fn tls_state(c: &tokio_postgres::Client) -> String {
+    let row = c
+        .query_opt(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) if r.get::<_, bool>(0) => {
+            format!("TLS {}", r.get::<_, Option<String>>(1).unwrap_or_default())
+        }
+        Ok(Some(_)) => "not encrypted: add sslmode=verify-full to the URL to require TLS".into(),
+        _ => "TLS state unknown".into(),
+    }
+}
+
 async fn publication_finding(cfg: &Config, store: &tokio_postgres::Client) -> Finding {
     let name = &cfg.source.publication;
     let profile = match queue::pool(&cfg.source.url, 1) {

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod channel;
 pub mod check;
 pub mod config;
+pub mod db;
 pub mod delivery;
 pub mod error;
 pub mod fhir;

@@ -13,7 +13,8 @@ use crate::store::{setup, StoreProfile};
 
 /// Replication connection settings from a `postgresql://` URL.
 pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig> {
-    let u = url::Url::parse(url)
+    let target = crate::db::Target::parse(url).map_err(CaptureError::Config)?;
+    let u = url::Url::parse(&target.url)
         .map_err(|_| CaptureError::Config("source.url is not a postgresql:// URL".into()))?;
     let host = u.host_str().unwrap_or("localhost").to_string();
     let user = if u.username().is_empty() {
@@ -31,7 +32,8 @@ pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<Re
     Ok(
         ReplicationConfig::new(host, user, password, db, slot, publication)
             .with_port(u.port().unwrap_or(5432))
-            .with_application_name(format!("fhir-cdc-{slot}")),
+            .with_application_name(format!("fhir-cdc-{slot}"))
+            .with_tls(target.replication_tls()),
     )
 }
 

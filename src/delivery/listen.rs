@@ -4,7 +4,7 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{DeliveryError, Wakers};
 use crate::error::{supervise, Backoff};
@@ -33,7 +33,9 @@ async fn listen_once(
     wakers: &Wakers,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliveryError> {
-    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    let (client, mut conn) = crate::db::connect_driven(url)
+        .await
+        .map_err(crate::queue::QueueError::from)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut stream = futures::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -8,7 +8,7 @@ pub mod migrate;
 pub mod subscriptions;
 pub mod topics;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Channel capture notifies after each batch commit; the payload is the topic url.
 pub const EVENT_CHANNEL: &str = "fhir_cdc_event";
@@ -17,7 +17,7 @@ pub const DELIVERY_CHANNEL: &str = "fhir_cdc_delivery";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("queue database: {0}")]
+    #[error("database: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("queue database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -25,11 +25,23 @@ pub enum QueueError {
     Other(String),
 }
 
+impl From<crate::db::ConnectError> for QueueError {
+    fn from(e: crate::db::ConnectError) -> Self {
+        match e {
+            crate::db::ConnectError::Config(m) => QueueError::Other(format!("database URL: {m}")),
+            crate::db::ConnectError::Db(e) => QueueError::Db(e),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, QueueError>;
 
 impl crate::error::Classify for QueueError {
     fn kind(&self) -> crate::error::ErrorKind {
         match self {
+            QueueError::Db(e) if crate::db::is_certificate_error(e) => {
+                crate::error::ErrorKind::Fatal
+            }
             QueueError::Db(_) | QueueError::Pool(_) => crate::error::ErrorKind::Retryable,
             QueueError::Other(_) => crate::error::ErrorKind::Fatal,
         }
@@ -49,14 +61,9 @@ pub async fn capture_lock(c: &Client, slot: &str) -> Result<bool> {
 
 /// Opens one connection and drives it on a task; errors of that task end up as errors of
 /// the next call on the client.
+/// The URL's `sslmode` / `sslrootcert` apply (see [`crate::db`]).
 pub async fn connect(url: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "database connection closed");
-        }
-    });
-    Ok(client)
+    crate::db::connect(url).await.map_err(QueueError::from)
 }
 
 /// WAL bytes the slot holds back, when the slot exists (the queue may live elsewhere than
@@ -107,19 +114,9 @@ pub async fn ping<C: tokio_postgres::GenericClient>(c: &C) -> Result<()> {
     Ok(())
 }
 
-/// A pool for the API and delivery workers.
+/// A pool for the API and delivery workers, with the URL's TLS settings.
 pub fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
-    let pg: tokio_postgres::Config = url.parse()?;
-    let mgr = deadpool_postgres::Manager::from_config(
-        pg,
-        NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    Ok(deadpool_postgres::Pool::builder(mgr)
-        .max_size(size)
-        .build()?)
+    crate::db::pool(url, size).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `0/16B3748` text form of an LSN, as Postgres prints and parses it.
