@@ -67,6 +67,37 @@ pub struct SourceConfig {
     /// elsewhere while the store is quiet (default 10; 0: off).
     #[serde(default = "default_wal_heartbeat")]
     pub wal_heartbeat_secs: u64,
+    /// When slot lag is worth a warning, and when it makes `/readyz` report degraded.
+    #[serde(default)]
+    pub lag: LagConfig,
+}
+
+/// `[source.lag]`: thresholds on the slot's lag. Either figure above its limit counts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LagConfig {
+    /// WAL bytes behind the slot's confirmed position that log a warning (default 1 GiB).
+    pub warn_bytes: u64,
+    /// Seconds the oldest unqueued store commit may wait before a warning (default 60).
+    pub warn_secs: u64,
+    /// Bytes above which `/readyz` reports degraded and an error is logged (default 8 GiB).
+    pub max_bytes: u64,
+    /// Seconds above which `/readyz` reports degraded (default 600).
+    pub max_secs: u64,
+    /// How often the slot is read (default 5).
+    pub check_secs: u64,
+}
+
+impl Default for LagConfig {
+    fn default() -> Self {
+        LagConfig {
+            warn_bytes: 1 << 30,
+            warn_secs: 60,
+            max_bytes: 8 << 30,
+            max_secs: 600,
+            check_secs: 5,
+        }
+    }
 }
 
 /// One table of a `generic` store: which columns hold what.

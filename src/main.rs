@@ -2,7 +2,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -142,16 +141,21 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let searcher = Arc::new(capture::searcher(&cfg).await?);
     // The store profile, shared: capture decodes through it, delivery and the API read.
     let profile = store::from_config(&cfg.source, queue::pool(&cfg.source.url, 4)?);
-    let streaming = with_capture.then(|| Arc::new(AtomicBool::new(false)));
-    if let Some(s) = &streaming {
+    let health = with_capture.then(|| Arc::new(capture::lag::Health::default()));
+    if let Some(h) = &health {
         tasks.spawn(capture::run(
             cfg.clone(),
             profile.clone(),
             searcher.clone(),
-            s.clone(),
+            h.clone(),
             options,
             shutdown.clone(),
         ));
+        let monitor = capture::lag::monitor(cfg.clone(), h.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            monitor.await;
+            Ok(())
+        });
     }
     if with_delivery {
         let payloads = delivery::payload::Payloads::new(profile.clone(), searcher.clone());
@@ -166,15 +170,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             topics.clone(),
             shutdown.clone(),
         ));
-        let state = api::state(
-            cfg.clone(),
-            Some(prom),
-            streaming,
-            searcher,
-            payloads,
-            topics,
-        )
-        .await?;
+        let state = api::state(cfg.clone(), Some(prom), health, searcher, payloads, topics).await?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {

@@ -19,6 +19,10 @@ pub const BATCH_WRITE_SECONDS: &str = "fhir_cdc_batch_write_seconds";
 pub const CHECKPOINT_LSN: &str = "fhir_cdc_checkpoint_lsn";
 /// Bytes of WAL the slot holds back (read at scrape time).
 pub const SLOT_LAG_BYTES: &str = "fhir_cdc_slot_lag_bytes";
+/// WAL bytes the slot keeps on disk (after its restart LSN).
+pub const SLOT_RETAINED_BYTES: &str = "fhir_cdc_slot_retained_bytes";
+/// Seconds the oldest store commit not yet queued has waited (0 when none waits).
+pub const SLOT_LAG_SECONDS: &str = "fhir_cdc_slot_lag_seconds";
 /// Times a supervised task (capture, LISTEN, dispatch, send) reconnected after an error.
 pub const RESTARTS: &str = "fhir_cdc_restarts_total";
 /// Times capture reconnected after an error (kept for dashboards; also in `RESTARTS`).
@@ -56,6 +60,16 @@ pub fn describe() {
     );
     describe_gauge!(CHECKPOINT_LSN, "End LSN of the last queued store commit");
     describe_gauge!(SLOT_LAG_BYTES, Unit::Bytes, "WAL bytes the slot holds back");
+    describe_gauge!(
+        SLOT_RETAINED_BYTES,
+        Unit::Bytes,
+        "WAL bytes the slot keeps on disk"
+    );
+    describe_gauge!(
+        SLOT_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest store commit not yet queued"
+    );
     describe_counter!(RESTARTS, "Reconnects of supervised tasks after an error");
     describe_counter!(CAPTURE_RESTARTS, "Capture reconnects after an error");
     describe_counter!(DISPATCHED, "Deliveries recorded by dispatch");

@@ -227,3 +227,97 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
     );
     validate(&rx.bodies("r"), "r5", &["--sequence", "strict"]);
 }
+
+async fn readyz(api: u16) -> (u16, String) {
+    let r = reqwest::get(format!("http://127.0.0.1:{api}/readyz"))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The value of an unlabelled gauge in the Prometheus text.
+async fn gauge(api: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_seconds_warns_degrades_readiness_above_the_limit_and_recovers() {
+    let env = TestEnv::aidbox(TOPIC)
+        .config(|c| {
+            c.source.lag.check_secs = 1;
+            c.source.lag.warn_secs = 1;
+            c.source.lag.max_secs = 3;
+        })
+        .build()
+        .await;
+    let _d = env.start().await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/encounter",
+        &env.rx.url("lag"),
+        "id-only",
+        json!({}),
+    )
+    .await;
+    assert_eq!(readyz(env.api).await.0, 200);
+    wait_until("the lag gauges", Duration::from_secs(10), || async {
+        gauge(env.api, "fhir_cdc_slot_lag_seconds").await == Some(0.0)
+            && gauge(env.api, "fhir_cdc_slot_retained_bytes")
+                .await
+                .is_some()
+    })
+    .await;
+
+    // The queue stalls (its checkpoint row locked) while the store commits a change.
+    let mut locker = env.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE fhir_cdc.checkpoint IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    env.store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'lagging', $1)",
+            &[&json!({"status": "planned"})],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "readiness degraded by lag",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = readyz(env.api).await;
+            code == 503 && body.starts_with("degraded: slot lag") && body.contains("max")
+        },
+    )
+    .await;
+    let seconds = gauge(env.api, "fhir_cdc_slot_lag_seconds").await.unwrap();
+    assert!(seconds > 3.0, "lag seconds {seconds}");
+    assert!(env.rx.events("lag").is_empty(), "not queued while stalled");
+
+    // The queue frees up: the change is queued and delivered once, readiness returns.
+    lock.rollback().await.unwrap();
+    wait_until("ready again", Duration::from_secs(30), || async {
+        readyz(env.api).await.0 == 200
+    })
+    .await;
+    wait_until("the notification", Duration::from_secs(30), || async {
+        env.rx.events("lag").len() == 1
+    })
+    .await;
+    validate(&env.rx.bodies("lag"), "r5", &[]);
+    let log = env.log_text();
+    for line in [
+        "above warn",
+        "/readyz reports degraded",
+        "back under the thresholds",
+    ] {
+        assert!(log.contains(line), "log lacks {line:?}: {log}");
+    }
+}

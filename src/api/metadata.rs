@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::Utc;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 
 use super::params::Params;
 use super::response::{fhir_id, not_found, searchset, Fhir};
@@ -111,26 +110,30 @@ pub async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Resu
 }
 
 pub async fn ready(State(s): State<Shared>) -> impl IntoResponse {
-    if let Some(c) = &s.capture_streaming {
-        if !c.load(Ordering::SeqCst) {
+    if let Some(c) = &s.capture {
+        if !c.is_streaming() {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "capture is not streaming yet",
+                "capture is not streaming yet".to_string(),
             );
+        }
+        if let Some(why) = c.degraded() {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("degraded: {why}"));
         }
     }
     match s.pool.get().await {
-        Ok(c) if queue::ping(&**c).await.is_ok() => (StatusCode::OK, "ready"),
+        Ok(c) if queue::ping(&**c).await.is_ok() => (StatusCode::OK, "ready".to_string()),
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "queue database unreachable",
+            "queue database unreachable".to_string(),
         ),
     }
 }
 
 pub async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
     if let Ok(c) = s.pool.get().await {
-        refresh_gauges(&c, &s.cfg).await;
+        // With capture in this process its lag monitor keeps the slot gauges.
+        refresh_gauges(&c, &s.cfg, s.capture.is_none()).await;
     }
     match &s.metrics {
         Some(h) => (StatusCode::OK, h.render()),
@@ -142,9 +145,11 @@ pub async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
 }
 
 /// Gauges read from the database at scrape time: slot lag and queue depth.
-async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config) {
-    if let Ok(Some(lag)) = queue::slot_lag_bytes(&***c, &cfg.source.slot).await {
-        metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(lag);
+async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config, slot_lag: bool) {
+    if slot_lag {
+        if let Ok(Some(lag)) = queue::slot_lag_bytes(&***c, &cfg.source.slot).await {
+            metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(lag);
+        }
     }
     if let Ok(depths) = queue::pending_by_topic(&***c).await {
         for (topic, n) in depths {

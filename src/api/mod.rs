@@ -17,7 +17,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -35,7 +34,8 @@ pub struct ApiState {
     /// Search parameters of the store's FHIR version, for checking filters.
     pub registry: Arc<crate::fhir::search::registry::Registry>,
     /// Set when capture runs in this process: ready only while it streams.
-    pub capture_streaming: Option<Arc<AtomicBool>>,
+    /// Capture's health when it runs in this process (`/readyz`).
+    pub capture: Option<Arc<crate::capture::lag::Health>>,
     pub topics: Arc<crate::topics::Registry>,
     /// `[api.auth]`; `None`: the API listens on loopback only (or was told otherwise).
     pub auth: Option<Arc<auth::Auth>>,
@@ -121,7 +121,7 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
 pub async fn state(
     cfg: Arc<Config>,
     metrics: Option<PrometheusHandle>,
-    capture_streaming: Option<Arc<AtomicBool>>,
+    capture: Option<Arc<crate::capture::lag::Health>>,
     searcher: Arc<crate::fhir::search::Searcher>,
     payloads: Payloads,
     topics: Arc<crate::topics::Registry>,
@@ -138,6 +138,6 @@ pub async fn state(
         payloads,
         cfg,
         metrics,
-        capture_streaming,
+        capture,
     }))
 }

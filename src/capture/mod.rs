@@ -18,6 +18,7 @@ pub mod control;
 pub mod decode;
 pub mod error;
 pub mod flush;
+pub mod lag;
 pub mod matcher;
 mod stream;
 
@@ -44,13 +45,14 @@ pub struct Options {
 /// Runs capture until `shutdown` flips, reconnecting with backoff when Postgres goes away
 /// and stopping on a fatal error (configuration, an unreadable stream).
 ///
-/// `streaming` is true while the slot is being read: the moment from which every store
-/// commit is captured (what `/readyz` reports).
+/// `health.streaming` is true while the slot is being read: the moment from which every
+/// store commit is captured (what `/readyz` reports); the stream also keeps `health`'s lag
+/// clock, which [`lag::monitor`] reads with the slot.
 pub async fn run(
     cfg: Arc<Config>,
     profile: Arc<dyn StoreProfile>,
     searcher: Arc<Searcher>,
-    streaming: Arc<AtomicBool>,
+    health: Arc<lag::Health>,
     options: Options,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -65,7 +67,7 @@ pub async fn run(
     let configured = &configured;
     let resync = AtomicBool::new(options.resync_from_now);
     let result = supervise("capture", Backoff::default(), shutdown.clone(), || {
-        let (cfg, profile, searcher, streaming) = (&cfg, &profile, &searcher, &streaming);
+        let (cfg, profile, searcher, health) = (&cfg, &profile, &searcher, &health);
         let resync = &resync;
         let mut shutdown = shutdown.clone();
         async move {
@@ -74,12 +76,12 @@ pub async fn run(
                 profile,
                 configured,
                 searcher,
-                streaming,
+                health,
                 resync,
                 &mut shutdown,
             )
             .await;
-            streaming.store(false, Ordering::SeqCst);
+            health.stopped();
             if r.is_err() {
                 metrics::counter!(crate::metrics::CAPTURE_RESTARTS).increment(1);
             }
@@ -133,7 +135,7 @@ async fn run_once(
     profile: &Arc<dyn StoreProfile>,
     configured: &[(crate::fhir::topic::Topic, trigger::Compiled)],
     searcher: &Arc<Searcher>,
-    streaming: &AtomicBool,
+    health: &Arc<lag::Health>,
     resync: &AtomicBool,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
@@ -149,7 +151,7 @@ async fn run_once(
     // `--resync-from-now` applies to the slot found at start, not to a later loss.
     resync.store(false, Ordering::SeqCst);
     let repl = connect::start_replication(src, checkpoint).await?;
-    streaming.store(true, Ordering::SeqCst);
+    health.streaming.store(true, Ordering::SeqCst);
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
     let topics = initial_topics(&qc, configured, searcher).await?;
     let mut s = stream::Stream::new(
@@ -158,6 +160,7 @@ async fn run_once(
         Topics::new(topics, searcher.clone()),
         searcher,
         checkpoint,
+        health.clone(),
     );
     s.run(&mut qc, repl, shutdown).await
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::control::{Role, Topics};
 use super::error::{CaptureError, Result};
-use super::{assemble, decode, flush, matcher};
+use super::{assemble, decode, flush, lag, matcher};
 use crate::config::Config;
 use crate::fhir::search::Searcher;
 use crate::queue::{self, batch, batch::Item};
@@ -45,6 +45,9 @@ pub struct Stream<'a> {
     last_advance: Instant,
     /// The store connection the WAL heartbeat is written on; `None` when off.
     heartbeat: Option<tokio_postgres::Client>,
+    /// Commit time of the store transaction being read (Postgres-epoch µs).
+    open_commit: Option<i64>,
+    health: Arc<lag::Health>,
 }
 
 impl<'a> Stream<'a> {
@@ -54,6 +57,7 @@ impl<'a> Stream<'a> {
         topics: Topics,
         searcher: &Arc<Searcher>,
         checkpoint: u64,
+        health: Arc<lag::Health>,
     ) -> Self {
         Stream {
             cfg,
@@ -67,6 +71,8 @@ impl<'a> Stream<'a> {
             confirmed: checkpoint,
             last_advance: Instant::now(),
             heartbeat: None,
+            open_commit: None,
+            health,
         }
     }
 
@@ -116,7 +122,11 @@ impl<'a> Stream<'a> {
                 final_lsn,
                 xid,
                 commit_time_micros,
-            } => self.assembler.begin(final_lsn.0, xid, commit_time_micros),
+            } => {
+                self.open_commit = Some(commit_time_micros);
+                self.health.received(commit_time_micros);
+                self.assembler.begin(final_lsn.0, xid, commit_time_micros)
+            }
             ReplicationEvent::XLogData { data, .. } => {
                 let Some(row) = self.decoder.decode(data)? else {
                     return Ok(Step::Nothing);
@@ -127,11 +137,15 @@ impl<'a> Stream<'a> {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let items = std::mem::take(&mut self.txn_items);
+                self.open_commit = None;
                 if self.assembler.commit()?.is_some() {
                     let batch = self.cfg.queue.batch_events;
                     if self.pending.commit(items, end_lsn.0, batch) {
                         return Ok(Step::Flush);
                     }
+                } else if self.pending.is_empty() {
+                    // Nothing of this transaction is for us, and nothing waits.
+                    self.health.queued(None);
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => return Ok(Step::Position(wal_end.0)),
@@ -172,6 +186,7 @@ impl<'a> Stream<'a> {
             repl.update_applied_lsn(Lsn(end));
             self.confirmed = self.confirmed.max(end);
             self.last_advance = Instant::now();
+            self.health.queued(self.open_commit);
         }
         Ok(())
     }
@@ -191,6 +206,7 @@ impl<'a> Stream<'a> {
         }
         batch::advance(qc, &self.cfg.source.slot, lsn).await?;
         repl.update_applied_lsn(Lsn(lsn));
+        self.health.queued(None);
         self.confirmed = lsn;
         self.last_advance = Instant::now();
         metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(lsn as f64);
