@@ -18,6 +18,12 @@ fn info(since: i64, status: Status, errors: &[&str]) -> StatusInfo {
         events_since_start: since,
         topic_url: "http://example.org/topic/encounter".into(),
         errors: errors.iter().map(|s| s.to_string()).collect(),
+        // A status with errors also carries a capture gap (a text-only error).
+        gaps: if errors.is_empty() {
+            vec![]
+        } else {
+            vec!["events may be missing: capture resumed from now".into()]
+        },
     }
 }
 

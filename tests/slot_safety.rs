@@ -115,7 +115,7 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         .await
         .unwrap();
     let mut d = env.start().await;
-    subscribe_active(
+    let sub = subscribe_active(
         api,
         "http://fhir-cdc.test/topic/encounter",
         &rx.url("r"),
@@ -226,6 +226,41 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         "the change made while the slot was lost is the logged gap"
     );
     validate(&rx.bodies("r"), "r5", &["--sequence", "strict"]);
+
+    // $status of the subscription that existed then names the gap; a newer one does not.
+    let newer = subscribe_active(
+        api,
+        "http://fhir-cdc.test/topic/encounter",
+        &rx.url("newer"),
+        "id-only",
+        json!({}),
+    )
+    .await;
+    let searchset = status_bundle(api, &sub).await;
+    let errors = searchset["entry"][0]["resource"]["error"].clone();
+    let text = errors[0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with("events may be missing") && text.contains("was invalidated"),
+        "{errors}"
+    );
+    // The same status in a query-event notification ($events), checked by the validator.
+    let events = get_json(api, &format!("Subscription/{sub}/$events")).await;
+    assert_eq!(status_of(&events)["error"], errors);
+    validate(&[events], "r5", &[]);
+    assert!(status(api, &newer).await.get("error").is_none());
+}
+
+async fn status_bundle(api: u16, id: &str) -> serde_json::Value {
+    get_json(api, &format!("Subscription/{id}/$status")).await
+}
+
+async fn get_json(api: u16, path: &str) -> serde_json::Value {
+    reqwest::get(format!("http://127.0.0.1:{api}/{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn readyz(api: u16) -> (u16, String) {

@@ -14,6 +14,7 @@ use super::response::{bad_request, fhir_id, internal, json_body, not_found, Fhir
 use super::{ApiState, Shared};
 use crate::fhir::notification::{bundle, status_resource, Kind, StatusInfo};
 use crate::fhir::subscription::Content;
+use crate::queue::gaps::{self, Gap};
 use crate::queue::subscriptions::{self, SubscriptionRow};
 
 /// Most events one `$events` answer carries.
@@ -22,18 +23,21 @@ const STATUS_CODES: &[&str] = &["requested", "active", "error", "off"];
 const CONTENT_CODES: &[&str] = &["empty", "id-only", "full-resource"];
 const EVENTS_PARAMS: &[&str] = &["eventsSinceNumber", "eventsUntilNumber", "content"];
 
-fn status_info(row: &SubscriptionRow) -> StatusInfo {
+/// The status of `row`: its last delivery error, then every capture gap (a slot lost and
+/// resynced from now) that happened while it existed.
+fn status_info(row: &SubscriptionRow, gaps: &[Gap]) -> StatusInfo {
     StatusInfo {
         subscription_id: row.id.clone(),
         status: row.status,
         events_since_start: row.events_since_start,
         topic_url: row.topic.clone(),
         errors: row.last_error.iter().cloned().collect(),
+        gaps: gaps::affecting(gaps, row.created_at),
     }
 }
 
 /// A searchset of status resources (what `$status` answers).
-fn status_searchset(s: &ApiState, rows: &[SubscriptionRow]) -> Value {
+fn status_searchset(s: &ApiState, rows: &[SubscriptionRow], gaps: &[Gap]) -> Value {
     let base = s.cfg.api.base_url();
     let entry: Vec<Value> = rows
         .iter()
@@ -41,7 +45,7 @@ fn status_searchset(s: &ApiState, rows: &[SubscriptionRow]) -> Value {
             let st = status_resource(
                 s.cfg.source.fhir_version.into(),
                 Kind::QueryStatus,
-                &status_info(row),
+                &status_info(row, gaps),
                 &[],
                 row.content,
                 &base,
@@ -75,7 +79,9 @@ pub async fn status_one(
 ) -> Result<Fhir, Fhir> {
     Params::parse(q.as_deref(), &[])?;
     let row = load(&s, &id).await?;
-    Ok(Fhir(StatusCode::OK, status_searchset(&s, &[row])))
+    let c = s.pool.get().await.map_err(internal)?;
+    let gaps = gaps::recent(&**c).await.map_err(internal)?;
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &[row], &gaps)))
 }
 
 pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
@@ -95,7 +101,8 @@ pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resul
                 .is_none_or(|st| st.iter().any(|x| x == r.status.as_str()))
         })
         .collect();
-    Ok(Fhir(StatusCode::OK, status_searchset(&s, &rows)))
+    let gaps = gaps::recent(&**c).await.map_err(internal)?;
+    Ok(Fhir(StatusCode::OK, status_searchset(&s, &rows, &gaps)))
 }
 
 pub async fn events_get(
@@ -188,6 +195,7 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
     let rows = subscriptions::events_between(&**c, &row.id, since, until, EVENTS_LIMIT)
         .await
         .map_err(internal)?;
+    let gaps = gaps::recent(&**c).await.map_err(internal)?;
     drop(c);
     let shapes = s.topics.shapes(&row.topic).await;
     let mut events = Vec::with_capacity(rows.len());
@@ -199,7 +207,7 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
     let b = bundle(
         format,
         Kind::QueryEvent,
-        &status_info(&row),
+        &status_info(&row, &gaps),
         &events,
         content,
         &base,

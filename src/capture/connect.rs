@@ -45,13 +45,13 @@ fn url_decode(s: &str) -> String {
 }
 
 /// wal_level, publication and slot, as the profile needs them. `checkpoint` > 0 means capture
-/// used the slot before; `resync_from_now` allows replacing a lost slot.
+/// used the slot before; `resync_from_now` allows replacing a lost slot (then `Some`).
 pub async fn prepare_store(
     src: &SourceConfig,
     profile: &dyn StoreProfile,
     checkpoint: u64,
     resync_from_now: bool,
-) -> Result<()> {
+) -> Result<Option<setup::Resync>> {
     let mut store = queue::connect(&src.url).await?;
     setup::check_wal_level(&store).await?;
     setup::sync_publication(&mut store, profile, &src.publication, src.create_missing).await?;
@@ -60,8 +60,7 @@ pub async fn prepare_store(
         streamed_before: checkpoint > 0,
         resync_from_now,
     };
-    setup::ensure_slot(&store, &src.slot, policy).await?;
-    Ok(())
+    Ok(setup::ensure_slot(&store, &src.slot, policy).await?)
 }
 
 /// Waits until this instance holds the slot's lock: one active capture per slot; a second

@@ -147,7 +147,10 @@ async fn run_once(
     }
     let checkpoint = batch::checkpoint(&qc, &src.slot).await?.unwrap_or(0);
     let resync_now = resync.load(Ordering::SeqCst);
-    connect::prepare_store(src, profile.as_ref(), checkpoint, resync_now).await?;
+    if let Some(gap) = connect::prepare_store(src, profile.as_ref(), checkpoint, resync_now).await?
+    {
+        queue::gaps::record(&qc, &src.slot, checkpoint, &gap).await?;
+    }
     // `--resync-from-now` applies to the slot found at start, not to a later loss.
     resync.store(false, Ordering::SeqCst);
     let repl = connect::start_replication(src, checkpoint).await?;

@@ -155,6 +155,7 @@ fn status_info(sub: &SubscriptionRow, status: Status, events_since_start: i64) -
         events_since_start,
         topic_url: sub.topic.clone(),
         errors: sub.last_error.iter().cloned().collect(),
+        gaps: Vec::new(),
     }
 }
 
@@ -356,6 +357,7 @@ mod tests {
             handshake_done: true,
             failures: 0,
             last_error: None,
+            created_at: Utc::now(),
         }
     }
 

@@ -57,7 +57,10 @@ pub struct StatusInfo {
     pub status: Status,
     pub events_since_start: i64,
     pub topic_url: String,
+    /// Delivery errors (coded `delivery-failure`).
     pub errors: Vec<String>,
+    /// Capture gaps the subscription lived through (text only: no code fits).
+    pub gaps: Vec<String>,
 }
 
 /// One event as a notification carries it.
@@ -78,8 +81,12 @@ pub fn fhir_instant(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn error_concept(m: &str) -> Value {
-    json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "delivery-failure"}], "text": m})
+fn error_concepts(info: &StatusInfo) -> Vec<Value> {
+    let delivery = info.errors.iter().map(|m| {
+        json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/subscription-error", "code": "delivery-failure"}], "text": m})
+    });
+    let gaps = info.gaps.iter().map(|m| json!({"text": m}));
+    delivery.chain(gaps).collect()
 }
 
 /// Whether the status names the topic: an empty event payload SHALL NOT reveal it.
@@ -120,8 +127,8 @@ pub fn status_resource(
             }
             p.push(json!({"name": "notification-event", "part": part}));
         }
-        for m in &info.errors {
-            p.push(json!({"name": "error", "valueCodeableConcept": error_concept(m)}));
+        for e in error_concepts(info) {
+            p.push(json!({"name": "error", "valueCodeableConcept": e}));
         }
         return json!({
             "resourceType": "Parameters",
@@ -163,8 +170,9 @@ pub fn status_resource(
             })
             .collect();
     }
-    if !info.errors.is_empty() {
-        st["error"] = info.errors.iter().map(|m| error_concept(m)).collect();
+    let errors = error_concepts(info);
+    if !errors.is_empty() {
+        st["error"] = Value::Array(errors);
     }
     st
 }
@@ -289,6 +297,7 @@ mod tests {
             events_since_start: 3,
             topic_url: "http://t".into(),
             errors: vec![],
+            gaps: vec![],
         }
     }
 

@@ -8,6 +8,7 @@ use super::Result;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/001_init.sql")),
     (2, include_str!("../../sql/002_channel.sql")),
+    (3, include_str!("../../sql/003_capture_gap.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

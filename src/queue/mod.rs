@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod dispatch;
+pub mod gaps;
 pub mod migrate;
 pub mod subscriptions;
 pub mod topics;

@@ -31,12 +31,13 @@ pub struct SubscriptionRow {
     pub handshake_done: bool,
     pub failures: i32,
     pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str =
     "id, origin, topic, status, channel, endpoint, content, content_type, headers, timeout,
     max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, events_since_start,
-    handshake_done, failures, last_error";
+    handshake_done, failures, last_error, created_at";
 
 impl SubscriptionRow {
     fn from_row(r: &Row) -> Self {
@@ -74,6 +75,7 @@ impl SubscriptionRow {
             handshake_done: r.get("handshake_done"),
             failures: r.get("failures"),
             last_error: r.get("last_error"),
+            created_at: r.get("created_at"),
         }
     }
 

@@ -235,9 +235,19 @@ pub struct SlotPolicy {
     pub resync_from_now: bool,
 }
 
+/// A slot replaced on request (`--resync-from-now`): what was lost, and the WAL position
+/// capture resumes from. Changes committed before it and after the last checkpoint were
+/// never read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resync {
+    pub reason: String,
+    pub resumed_at: String,
+}
+
 /// Creates the slot on a first start, checks its plugin and health, and refuses to go on
-/// silently when it was lost: changes would be missing without anyone knowing.
-pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<()> {
+/// silently when it was lost: changes would be missing without anyone knowing. `Some` when
+/// a lost slot was replaced on request.
+pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<Option<Resync>> {
     let state = slot_state(c, slot).await?;
     let lost = state
         .as_ref()
@@ -250,7 +260,7 @@ pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<(
             if s.wal_status.as_deref() == Some("unreserved") {
                 tracing::warn!(slot = %slot, "replication slot is about to lose WAL it needs (wal_status unreserved, max_slot_wal_keep_size); capture is too far behind");
             }
-            Ok(())
+            Ok(None)
         }
         Some(s) => Err(StoreError::Config(format!(
             "replication slot {slot} uses plugin {}; fhir-cdc needs pgoutput. Drop it or set source.slot",
@@ -260,7 +270,7 @@ pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<(
             "replication slot {slot} is missing; create it with: {}",
             slot_sql(slot)
         ))),
-        None => create_slot(c, slot).await,
+        None => create_slot(c, slot).await.map(|_| None),
     }
 }
 
@@ -270,7 +280,12 @@ async fn create_slot(c: &Client, slot: &str) -> Result<()> {
     Ok(())
 }
 
-async fn resync_or_stop(c: &Client, slot: &str, lost: bool, policy: SlotPolicy) -> Result<()> {
+async fn resync_or_stop(
+    c: &Client,
+    slot: &str,
+    lost: bool,
+    policy: SlotPolicy,
+) -> Result<Option<Resync>> {
     let what = if lost {
         format!("replication slot {slot} was invalidated (wal_status lost: the WAL it needed was removed, see max_slot_wal_keep_size)")
     } else {
@@ -292,7 +307,10 @@ async fn resync_or_stop(c: &Client, slot: &str, lost: bool, policy: SlotPolicy) 
         .await?
         .get(0);
     tracing::error!(slot = %slot, resumed_at = %now, "{what}; resynced from now on request (--resync-from-now): store changes between the last checkpoint and {now} were NOT captured");
-    Ok(())
+    Ok(Some(Resync {
+        reason: what,
+        resumed_at: now,
+    }))
 }
 
 /// Writes a non-transactional logical message of ours into the store database's WAL, so the
