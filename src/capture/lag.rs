@@ -155,19 +155,25 @@ async fn read_slot(c: &tokio_postgres::Client, slot: &str) -> queue::Result<Opti
 /// level, and the level `/readyz` reports. A failed read is retried on the next tick.
 pub async fn monitor(cfg: Arc<Config>, health: Arc<Health>, mut shutdown: watch::Receiver<bool>) {
     let every = Duration::from_secs(cfg.source.lag.check_secs.max(1));
-    let mut tick = tokio::time::interval(every);
     let mut conn: Option<tokio_postgres::Client> = None;
+    // Every second until the slot is first read (capture creates it at start), then every
+    // `check_secs`: the gauges exist from the first scrape after capture streams.
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
+        wait = every.min(Duration::from_secs(1));
         if conn.as_ref().is_none_or(|c| c.is_closed()) {
             conn = queue::connect(&cfg.source.url).await.ok();
         }
         let Some(c) = &conn else { continue };
         match read_slot(c, &cfg.source.slot).await {
-            Ok(Some(slot)) => record(&cfg, &health, &slot),
+            Ok(Some(slot)) => {
+                record(&cfg, &health, &slot);
+                wait = every;
+            }
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "slot lag not read"),
         }
