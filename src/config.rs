@@ -34,6 +34,8 @@ pub enum ConfigError {
 #[serde(rename_all = "lowercase")]
 pub enum ProfileKind {
     Aidbox,
+    Helios,
+    Medplum,
     Generic,
 }
 

@@ -132,7 +132,7 @@ impl<'a> Stream<'a> {
                     return Ok(Step::Nothing);
                 };
                 if let Some(change) = self.assembler.row(row)? {
-                    self.change(change).await;
+                    self.change(change).await?;
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -164,8 +164,21 @@ impl<'a> Stream<'a> {
         Ok(Step::Nothing)
     }
 
-    /// One resource change: control rows update the topics; resource changes are matched.
-    async fn change(&mut self, change: assemble::ResourceChange) {
+    /// One resource change: completed from the store when the profile needs it, then control
+    /// rows update the topics and resource changes are matched.
+    async fn change(&mut self, mut change: assemble::ResourceChange) -> Result<()> {
+        if self.profile.completes() {
+            let (current, previous) = (&mut change.current, &mut change.previous);
+            match self.profile.complete(current, previous).await {
+                Ok(()) => crate::store::settle(current, previous),
+                // Retrying reads the stream again from the checkpoint: nothing is lost.
+                Err(e) if e.kind() == crate::error::ErrorKind::Retryable => return Err(e.into()),
+                Err(e) => {
+                    metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
+                    tracing::error!(resource = %current.reference(), error = %e, "previous version not read; the change is matched without it");
+                }
+            }
+        }
         match self.topics.classify(&change, self.cfg) {
             Role::Control(item) => self.txn_items.extend(item),
             Role::Resource(item) => {
@@ -174,6 +187,7 @@ impl<'a> Stream<'a> {
                 self.txn_items.extend(events.into_iter().map(Item::Event));
             }
         }
+        Ok(())
     }
 
     async fn flush(

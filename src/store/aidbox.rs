@@ -129,6 +129,7 @@ impl Layout {
                 .map(|s| pg_timestamptz_to_fhir(&s)),
             interaction,
             body,
+            tenant: None,
         })
     }
 
@@ -194,6 +195,7 @@ fn as_resource(resource_type: &str, row: &tokio_postgres::Row) -> Option<Value> 
             .map(|s| pg_timestamptz_to_fhir(&s)),
         interaction: Interaction::Update,
         body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
+        tenant: None,
     };
     match change.resource() {
         Ok(r) => r,

@@ -88,6 +88,7 @@ impl Layout {
             last_updated: None,
             interaction,
             body,
+            tenant: None,
         })
     }
 }
@@ -210,6 +211,7 @@ impl Generic {
                         .get::<_, Option<String>>(0)
                         .map(|b| Body::Text(b.into()))
                         .unwrap_or(Body::Absent),
+                    tenant: None,
                 };
                 return Ok(change.resource()?);
             }

@@ -67,6 +67,7 @@ impl Layout {
             last_updated: None,
             interaction: op,
             body: body_for(op, row.get_column(self.resource)),
+            tenant: None,
         })
     }
 }

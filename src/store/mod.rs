@@ -6,6 +6,8 @@
 
 pub mod aidbox;
 pub mod generic;
+pub mod helios;
+pub mod medplum;
 pub mod memory;
 mod row;
 pub mod setup;
@@ -131,6 +133,23 @@ pub trait StoreProfile: Send + Sync {
     /// The current version of a resource, as FHIR JSON; `None` when absent or deleted.
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Value>, StoreError>;
 
+    /// Whether [`StoreProfile::complete`] has work to do for this store.
+    fn completes(&self) -> bool {
+        false
+    }
+
+    /// Fills in, by key from the store, what the WAL row of a change lacks: the version it
+    /// replaced when the store does not write that in the same transaction (HFS, Medplum,
+    /// HAPI keep every version in a history that only grows, so reading it later is exact).
+    /// Capture then applies [`settle`]. Called only when [`StoreProfile::completes`].
+    async fn complete(
+        &self,
+        _change: &mut RowChange,
+        _previous: &mut Option<RowChange>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// A given version of a resource, when the store keeps it.
     async fn read_version(
         &self,
@@ -155,11 +174,25 @@ pub trait StoreProfile: Send + Sync {
 pub fn from_config(source: &SourceConfig, pool: deadpool_postgres::Pool) -> Arc<dyn StoreProfile> {
     match source.profile {
         ProfileKind::Aidbox => Arc::new(aidbox::Aidbox::new(&source.schema, Some(pool))),
+        ProfileKind::Helios => Arc::new(helios::Helios::new(&source.schema, Some(pool))),
+        ProfileKind::Medplum => Arc::new(medplum::Medplum::new(&source.schema, Some(pool))),
         ProfileKind::Generic => Arc::new(generic::Generic::new(
             &source.schema,
             source.tables.clone(),
             Some(pool),
         )),
+    }
+}
+
+/// A write whose previous version is a deletion is a create (re-create after delete), with
+/// no previous version: FHIR's view, whatever the store did to its rows.
+pub fn settle(change: &mut RowChange, previous: &mut Option<RowChange>) {
+    let after_delete = previous
+        .as_ref()
+        .is_some_and(|p| p.interaction == crate::fhir::topic::Interaction::Delete);
+    if after_delete && change.interaction == crate::fhir::topic::Interaction::Update {
+        change.interaction = crate::fhir::topic::Interaction::Create;
+        *previous = None;
     }
 }
 

@@ -27,6 +27,8 @@ pub struct RowChange {
     pub last_updated: Option<String>,
     pub interaction: Interaction,
     pub body: Body,
+    /// The store's tenant (HFS tenant, Medplum project, HAPI partition), when it has them.
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

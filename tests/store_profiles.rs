@@ -1,0 +1,343 @@
+//! Store profiles against each store's own tables, written the way that store writes them
+//! (the statements of its REST and transaction paths, in their transaction grouping, from
+//! `scripts/stores/<profile>.sql`): every create, update, delete and re-create comes out
+//! once, with id and meta as the store serves them, the previous version read by key from
+//! the store's history, and the store's tables without a primary key stay writable.
+
+mod common;
+
+use common::*;
+use fhir_cdc::config::ProfileKind;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const TOPICS: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/all"
+resourceTrigger = [
+  { resource = "Patient", supportedInteraction = ["create", "update", "delete"] },
+  { resource = "Encounter", supportedInteraction = ["create", "update", "delete"] },
+  { resource = "Observation", supportedInteraction = ["create", "update", "delete"] },
+]
+
+[[topic]]
+url = "http://fhir-cdc.test/topic/deactivated"
+resourceTrigger = [{ resource = "Patient", supportedInteraction = ["update"], fhirPathCriteria = "%previous.active = true and %current.active = false" }]
+"#;
+
+async fn run(c: &tokio_postgres::Client, sql: &str) {
+    c.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// `(type, id, version, interaction)` of the events queued for `topic`, in order.
+async fn queued(c: &tokio_postgres::Client, topic: &str) -> Vec<(String, String, String, String)> {
+    c.query(
+        "SELECT resource_type, resource_id, coalesce(version_id, ''), interaction
+         FROM fhir_cdc.event WHERE topic = $1 ORDER BY id",
+        &[&topic],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+fn ev(t: &str, id: &str, v: &str, i: &str) -> (String, String, String, String) {
+    (t.into(), id.into(), v.into(), i.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hfs_writes_become_exactly_their_fhir_changes() {
+    let env = TestEnv::empty(TOPICS)
+        .config(|c| c.source.profile = ProfileKind::Helios)
+        .build()
+        .await;
+    let store = &env.store;
+    run(
+        store,
+        &std::fs::read_to_string(repo().join("scripts/stores/helios.sql")).unwrap(),
+    )
+    .await;
+    let _d = env.start().await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/all",
+        &env.rx.url("all"),
+        "full-resource",
+        // One event per Bundle: the two tenants' Patient/p1 version 1 would share a fullUrl
+        // in one Bundle (bdl-7); events do not carry the tenant yet.
+        json!({"maxCount": 1}),
+    )
+    .await;
+    let published: Vec<String> = store
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(published, ["resources"], "only HFS's resource table");
+
+    // HFS's REST path: each statement its own transaction.
+    run(
+        store,
+        r#"SELECT hfs_create('t1', 'Patient', 'p1', '{"active": true}')"#,
+    )
+    .await;
+    run(store, "INSERT INTO search_index VALUES ('t1', 'Patient', 'p1', 'active', NULL, NULL, 'true', NULL, NULL)").await;
+    run(
+        store,
+        r#"SELECT hfs_create('t2', 'Patient', 'p1', '{"active": true}')"#,
+    )
+    .await;
+    run(
+        store,
+        r#"SELECT hfs_update('t1', 'Patient', 'p1', '{"active": false}')"#,
+    )
+    .await;
+    // Search index rows replaced: UPDATE and DELETE on a table without a primary key.
+    run(
+        store,
+        "UPDATE search_index SET value_token_code = 'false' WHERE resource_id = 'p1'",
+    )
+    .await;
+    // A byte-identical PUT still writes a version in HFS.
+    run(
+        store,
+        r#"SELECT hfs_update('t1', 'Patient', 'p1', '{"active": false}')"#,
+    )
+    .await;
+    // A body TOASTed out of line; its soft delete leaves `data` unchanged in the WAL.
+    run(store, "SELECT hfs_create('t1', 'Observation', 'o-big', jsonb_build_object('status', 'final', 'code', jsonb_build_object('text', 'big'), 'note', jsonb_build_array(jsonb_build_object('text', (SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 600) g)))))").await;
+    run(store, "SELECT hfs_delete('t1', 'Observation', 'o-big')").await;
+    run(store, "SELECT hfs_delete('t1', 'Patient', 'p1')").await;
+    run(store, "DELETE FROM search_index WHERE resource_id = 'p1'").await;
+    // Re-create after delete: the UPDATE and its history row in two transactions.
+    run(
+        store,
+        r#"SELECT hfs_restore('t1', 'Patient', 'p1', '{"active": true}')"#,
+    )
+    .await;
+    run(store, "SELECT hfs_restore_history('t1', 'Patient', 'p1')").await;
+    // The transaction-bundle path: one transaction.
+    run(
+        store,
+        r#"BEGIN;
+           SELECT hfs_create('t1', 'Encounter', 'e1', '{"status": "planned"}');
+           SELECT hfs_create('t1', 'Encounter', 'e2', '{"status": "planned"}');
+           SELECT hfs_update('t1', 'Encounter', 'e1', '{"status": "in-progress"}');
+           COMMIT;"#,
+    )
+    .await;
+    run(
+        store,
+        r#"BEGIN; SELECT hfs_create('t1', 'Encounter', 'rolled-back', '{"status": "planned"}'); ROLLBACK;"#,
+    )
+    .await;
+
+    let expected = vec![
+        ev("Patient", "p1", "1", "create"),
+        ev("Patient", "p1", "1", "create"),
+        ev("Patient", "p1", "2", "update"),
+        ev("Patient", "p1", "3", "update"),
+        ev("Observation", "o-big", "1", "create"),
+        ev("Observation", "o-big", "2", "delete"),
+        ev("Patient", "p1", "4", "delete"),
+        ev("Patient", "p1", "5", "create"),
+        ev("Encounter", "e1", "1", "create"),
+        ev("Encounter", "e2", "1", "create"),
+        ev("Encounter", "e1", "2", "update"),
+    ];
+    wait_until(
+        "every HFS write queued",
+        Duration::from_secs(30),
+        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
+    )
+    .await;
+    wait_settled(&env).await;
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/all").await,
+        expected
+    );
+    // The previous version came from resource_history, per tenant: only t1's 1 → 2 fires.
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
+        vec![ev("Patient", "p1", "2", "update")]
+    );
+
+    // Notifications carry the resources with id and meta restored from the columns.
+    wait_until("the notifications", Duration::from_secs(30), || async {
+        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
+    })
+    .await;
+    let bodies = env.rx.bodies("all");
+    let resources = notified(&env.rx, "all");
+    let p1v2 = resources
+        .iter()
+        .find(|r| r["id"] == "p1" && r["meta"]["versionId"] == "2")
+        .expect("Patient/p1 version 2 in a notification");
+    assert_eq!(p1v2["active"], false);
+    assert!(p1v2["meta"]["lastUpdated"]
+        .as_str()
+        .is_some_and(|t| t.contains('T')));
+    let big = resources
+        .iter()
+        .find(|r| r["id"] == "o-big")
+        .expect("the TOASTed Observation");
+    assert!(big["note"][0]["text"].as_str().unwrap().len() > 8000);
+    validate(&bodies, "r5", &[]);
+}
+
+/// The subscriber's resources (not the status) from every event notification of `hook`.
+fn notified(rx: &Receiver, hook: &str) -> Vec<Value> {
+    rx.events(hook)
+        .iter()
+        .flat_map(|b| b["entry"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.get("resource").cloned())
+        .filter(|r| r["resourceType"] != "SubscriptionStatus")
+        .collect()
+}
+
+async fn write(c: &tokio_postgres::Client, sql: &str) -> String {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn medplum_writes_become_exactly_their_fhir_changes() {
+    let env = TestEnv::empty(TOPICS)
+        .config(|c| c.source.profile = ProfileKind::Medplum)
+        .build()
+        .await;
+    let store = &env.store;
+    run(
+        store,
+        &std::fs::read_to_string(repo().join("scripts/stores/medplum.sql")).unwrap(),
+    )
+    .await;
+    let _d = env.start().await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/all",
+        &env.rx.url("all"),
+        "full-resource",
+        json!({"maxCount": 50}),
+    )
+    .await;
+    let mut published: Vec<String> = store
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        ["Encounter", "Observation", "Patient", "Subscription"],
+        "only the resource tables, never _History, _Token or lookup tables"
+    );
+
+    let p = "11111111-1111-4111-8111-111111111111";
+    let e1 = "22222222-2222-4222-8222-222222222222";
+    let e2 = "33333333-3333-4333-8333-333333333333";
+    let o = "44444444-4444-4444-8444-444444444444";
+    let w =
+        |ty: &str, id: &str, body: &str| format!("SELECT medplum_write('{ty}', '{id}', '{body}')");
+    let p1 = write(store, &w("Patient", p, r#"{"active": true}"#)).await;
+    let p2 = write(store, &w("Patient", p, r#"{"active": false}"#)).await;
+    // A >8 KB body, TOASTed.
+    let o1 = write(store, &format!("SELECT medplum_write('Observation', '{o}', jsonb_build_object('status', 'final', 'code', jsonb_build_object('text', 'big'), 'note', jsonb_build_array(jsonb_build_object('text', (SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 600) g)))))")).await;
+    let p3 = write(store, &format!("SELECT medplum_delete('Patient', '{p}')")).await;
+    assert_eq!(
+        write(store, &format!("SELECT medplum_delete('Patient', '{p}')")).await,
+        "",
+        "deleting a deleted resource writes nothing"
+    );
+    // Re-create after delete: the upsert brings the row back.
+    let p4 = write(store, &w("Patient", p, r#"{"active": true}"#)).await;
+    // A transaction bundle: one transaction.
+    let tx = store
+        .simple_query(&format!(
+            "BEGIN; {}; {}; {}; COMMIT;",
+            w("Encounter", e1, r#"{"status": "planned"}"#),
+            w("Encounter", e2, r#"{"status": "planned"}"#),
+            w("Encounter", e1, r#"{"status": "in-progress"}"#)
+        ))
+        .await
+        .unwrap();
+    let versions: Vec<String> = tx
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    run(
+        store,
+        &format!(
+            "BEGIN; {}; ROLLBACK;",
+            w(
+                "Encounter",
+                "55555555-5555-4555-8555-555555555555",
+                r#"{"status": "planned"}"#
+            )
+        ),
+    )
+    .await;
+    // Medplum's token table has no primary key; it keeps taking UPDATE and DELETE.
+    run(
+        store,
+        &format!("UPDATE \"Patient_Token\" SET value = 'x' WHERE \"resourceId\" = '{p}'"),
+    )
+    .await;
+
+    let expected = vec![
+        ev("Patient", p, &p1, "create"),
+        ev("Patient", p, &p2, "update"),
+        ev("Observation", o, &o1, "create"),
+        ev("Patient", p, &p3, "delete"),
+        ev("Patient", p, &p4, "create"),
+        ev("Encounter", e1, &versions[0], "create"),
+        ev("Encounter", e2, &versions[1], "create"),
+        ev("Encounter", e1, &versions[2], "update"),
+    ];
+    wait_until(
+        "every Medplum write queued",
+        Duration::from_secs(30),
+        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
+    )
+    .await;
+    wait_settled(&env).await;
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/all").await,
+        expected
+    );
+    // The previous version is the history row before: active true → false fires once.
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
+        vec![ev("Patient", p, &p2, "update")]
+    );
+    wait_until("the notifications", Duration::from_secs(30), || async {
+        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
+    })
+    .await;
+    let resources = notified(&env.rx, "all");
+    let v2 = resources
+        .iter()
+        .find(|r| r["meta"]["versionId"] == p2.as_str())
+        .expect("Patient version 2 in a notification");
+    assert_eq!((v2["id"].as_str(), &v2["active"]), (Some(p), &json!(false)));
+    validate(&env.rx.bodies("all"), "r5", &[]);
+}
