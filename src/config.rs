@@ -34,6 +34,7 @@ pub enum ConfigError {
 #[serde(rename_all = "lowercase")]
 pub enum ProfileKind {
     Aidbox,
+    Hapi,
     Helios,
     Medplum,
     Generic,

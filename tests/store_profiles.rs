@@ -341,3 +341,145 @@ async fn medplum_writes_become_exactly_their_fhir_changes() {
     assert_eq!((v2["id"].as_str(), &v2["active"]), (Some(p), &json!(false)));
     validate(&env.rx.bodies("all"), "r5", &[]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hapi_writes_become_exactly_their_fhir_changes() {
+    let env = TestEnv::empty(TOPICS)
+        .config(|c| c.source.profile = ProfileKind::Hapi)
+        .build()
+        .await;
+    let store = &env.store;
+    run(
+        store,
+        &std::fs::read_to_string(repo().join("scripts/stores/hapi.sql")).unwrap(),
+    )
+    .await;
+    let _d = env.start().await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/all",
+        &env.rx.url("all"),
+        "full-resource",
+        json!({"maxCount": 50}),
+    )
+    .await;
+    let published: Vec<String> = store
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(published, ["hfj_res_ver"], "only the version table");
+
+    // HAPI bodies carry neither id nor meta.
+    run(
+        store,
+        r#"SELECT hapi_create('Patient', 'p1', '{"resourceType": "Patient", "active": true}')"#,
+    )
+    .await;
+    run(
+        store,
+        r#"SELECT hapi_update('Patient', 'p1', '{"resourceType": "Patient", "active": false}')"#,
+    )
+    .await;
+    // An unchanged update writes nothing in HAPI (suppressUpdatesWithNoChange): no SQL.
+    // A conditional update: the index lookup, then the update path, in one transaction.
+    run(
+        store,
+        r#"BEGIN;
+           SELECT res_id FROM hfj_spidx_token WHERE res_type = 'Patient' AND sp_name = '_id' AND sp_value = 'p1';
+           SELECT hapi_update('Patient', 'p1', '{"resourceType": "Patient", "active": false, "gender": "male"}');
+           COMMIT;"#,
+    )
+    .await;
+    run(store, "SELECT hapi_create('Observation', 'o-big', jsonb_build_object('resourceType', 'Observation', 'status', 'final', 'code', jsonb_build_object('text', 'big'), 'note', jsonb_build_array(jsonb_build_object('text', (SELECT string_agg(md5(g::text || random()::text), '') FROM generate_series(1, 600) g)))))").await;
+    run(store, "SELECT hapi_delete('Observation', 'o-big')").await;
+    run(store, "SELECT hapi_delete('Patient', 'p1')").await;
+    // Re-create after delete: the update path.
+    run(
+        store,
+        r#"SELECT hapi_update('Patient', 'p1', '{"resourceType": "Patient", "active": true}')"#,
+    )
+    .await;
+    run(
+        store,
+        r#"BEGIN;
+           SELECT hapi_create('Encounter', 'e1', '{"resourceType": "Encounter", "status": "planned"}');
+           SELECT hapi_create('Encounter', 'e2', '{"resourceType": "Encounter", "status": "planned"}');
+           SELECT hapi_update('Encounter', 'e1', '{"resourceType": "Encounter", "status": "in-progress"}');
+           COMMIT;"#,
+    )
+    .await;
+    run(
+        store,
+        r#"BEGIN; SELECT hapi_create('Encounter', 'rolled-back', '{"resourceType": "Encounter", "status": "planned"}'); ROLLBACK;"#,
+    )
+    .await;
+    // A legacy JSONC row: the body is a gzip large object, which logical decoding never sees.
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(br#"{"resourceType":"Patient","gender":"female"}"#)
+            .unwrap();
+        e.finish().unwrap()
+    };
+    store
+        .execute(
+            "SELECT hapi_create_jsonc('Patient', 'p-legacy', $1)",
+            &[&gz],
+        )
+        .await
+        .unwrap();
+
+    let expected = vec![
+        ev("Patient", "p1", "1", "create"),
+        ev("Patient", "p1", "2", "update"),
+        ev("Patient", "p1", "3", "update"),
+        ev("Observation", "o-big", "1", "create"),
+        ev("Observation", "o-big", "2", "delete"),
+        ev("Patient", "p1", "4", "delete"),
+        ev("Patient", "p1", "5", "create"),
+        ev("Encounter", "e1", "1", "create"),
+        ev("Encounter", "e2", "1", "create"),
+        ev("Encounter", "e1", "2", "update"),
+        ev("Patient", "p-legacy", "1", "create"),
+    ];
+    wait_until(
+        "every HAPI write queued",
+        Duration::from_secs(30),
+        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
+    )
+    .await;
+    wait_settled(&env).await;
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/all").await,
+        expected
+    );
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
+        vec![ev("Patient", "p1", "2", "update")]
+    );
+    wait_until("the notifications", Duration::from_secs(30), || async {
+        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
+    })
+    .await;
+    let resources = notified(&env.rx, "all");
+    let p1v2 = resources
+        .iter()
+        .find(|r| r["id"] == "p1" && r["meta"]["versionId"] == "2")
+        .expect("Patient/p1 version 2 with id and meta restored");
+    assert_eq!(p1v2["active"], false);
+    assert!(p1v2["meta"]["lastUpdated"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    let legacy = resources
+        .iter()
+        .find(|r| r["id"] == "p-legacy")
+        .expect("the JSONC version read from its large object");
+    assert_eq!(legacy["gender"], "female");
+    validate(&env.rx.bodies("all"), "r5", &[]);
+}

@@ -170,6 +170,13 @@ impl<'a> Stream<'a> {
         if self.profile.completes() {
             let (current, previous) = (&mut change.current, &mut change.previous);
             match self.profile.complete(current, previous).await {
+                // A row whose resource the store no longer knows (HAPI: no hfj_resource
+                // row for its res_id) has no logical id to notify about.
+                Ok(()) if current.key.is_some() => {
+                    metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
+                    tracing::error!(resource_type = %current.resource_type, "a version row whose resource is not in the store; skipped");
+                    return Ok(());
+                }
                 Ok(()) => crate::store::settle(current, previous),
                 // Retrying reads the stream again from the checkpoint: nothing is lost.
                 Err(e) if e.kind() == crate::error::ErrorKind::Retryable => return Err(e.into()),

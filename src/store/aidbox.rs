@@ -130,6 +130,7 @@ impl Layout {
             interaction,
             body,
             tenant: None,
+            key: None,
         })
     }
 
@@ -196,6 +197,7 @@ fn as_resource(resource_type: &str, row: &tokio_postgres::Row) -> Option<Value> 
         interaction: Interaction::Update,
         body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
         tenant: None,
+        key: None,
     };
     match change.resource() {
         Ok(r) => r,

@@ -89,6 +89,7 @@ impl Layout {
             interaction,
             body,
             tenant: None,
+            key: None,
         })
     }
 }
@@ -212,6 +213,7 @@ impl Generic {
                         .map(|b| Body::Text(b.into()))
                         .unwrap_or(Body::Absent),
                     tenant: None,
+                    key: None,
                 };
                 return Ok(change.resource()?);
             }

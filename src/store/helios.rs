@@ -92,6 +92,7 @@ impl Resources {
             interaction,
             body: body_for(interaction, row.get_column(self.data)),
             tenant: text(row.get_column(self.tenant)),
+            key: None,
         })
     }
 }
@@ -145,6 +146,7 @@ fn as_change(resource_type: &str, tenant: Option<String>, r: &tokio_postgres::Ro
             _ => Body::Absent,
         },
         tenant,
+        key: None,
     }
 }
 

@@ -90,6 +90,7 @@ impl MainTable {
             interaction,
             body,
             tenant: self.project.and_then(|i| text(row.get_column(i))),
+            key: None,
         })
     }
 }
@@ -153,6 +154,7 @@ fn history_version(resource_type: &str, id: &str, r: &tokio_postgres::Row) -> Ro
             Body::Text(content.into())
         },
         tenant: None,
+        key: None,
     }
 }
 
@@ -168,6 +170,7 @@ fn as_resource(resource_type: &str, id: &str, content: &str) -> Option<Value> {
         interaction: Interaction::Update,
         body: Body::Text(content.to_string().into()),
         tenant: None,
+        key: None,
     };
     match change.resource() {
         Ok(v) => v,

@@ -68,6 +68,7 @@ impl Layout {
             interaction: op,
             body: body_for(op, row.get_column(self.resource)),
             tenant: None,
+            key: None,
         })
     }
 }

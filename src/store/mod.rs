@@ -6,6 +6,7 @@
 
 pub mod aidbox;
 pub mod generic;
+pub mod hapi;
 pub mod helios;
 pub mod medplum;
 pub mod memory;
@@ -174,6 +175,7 @@ pub trait StoreProfile: Send + Sync {
 pub fn from_config(source: &SourceConfig, pool: deadpool_postgres::Pool) -> Arc<dyn StoreProfile> {
     match source.profile {
         ProfileKind::Aidbox => Arc::new(aidbox::Aidbox::new(&source.schema, Some(pool))),
+        ProfileKind::Hapi => Arc::new(hapi::Hapi::new(&source.schema, Some(pool))),
         ProfileKind::Helios => Arc::new(helios::Helios::new(&source.schema, Some(pool))),
         ProfileKind::Medplum => Arc::new(medplum::Medplum::new(&source.schema, Some(pool))),
         ProfileKind::Generic => Arc::new(generic::Generic::new(

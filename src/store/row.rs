@@ -29,6 +29,9 @@ pub struct RowChange {
     pub body: Body,
     /// The store's tenant (HFS tenant, Medplum project, HAPI partition), when it has them.
     pub tenant: Option<String>,
+    /// The store's own key of the resource when the row lacks the logical id (HAPI's
+    /// `res_id`): [`super::StoreProfile::complete`] resolves it into `id` and clears it.
+    pub key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
