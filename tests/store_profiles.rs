@@ -483,3 +483,104 @@ async fn hapi_writes_become_exactly_their_fhir_changes() {
     assert_eq!(legacy["gender"], "female");
     validate(&env.rx.bodies("all"), "r5", &[]);
 }
+
+/// A full-resource payload carries the version of the event, read by key when its body was
+/// not queued (no full-resource subscription existed then), never the store's newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_read_later_carry_the_version_of_the_event() {
+    let env = TestEnv::aidbox(TOPICS).build().await;
+    let store = &env.store;
+    let _d = env.start().await;
+    let id = subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/all",
+        &env.rx.url("late"),
+        "id-only",
+        json!({"maxCount": 10}),
+    )
+    .await;
+    for status in ["planned", "in-progress"] {
+        store
+            .execute(
+                "SELECT aidbox_put('Encounter', 'e-late', $1)",
+                &[&json!({ "status": status })],
+            )
+            .await
+            .unwrap();
+    }
+    wait_settled(&env).await;
+    wait_until("two events queued", Duration::from_secs(30), || async {
+        queued(store, "http://fhir-cdc.test/topic/all").await.len() == 2
+    })
+    .await;
+    // Now full-resource; then the store moves on to a third version.
+    let base = format!("http://127.0.0.1:{}", env.api);
+    let http = reqwest::Client::new();
+    let mut sub: Value = http
+        .get(format!("{base}/Subscription/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    sub["content"] = json!("full-resource");
+    let r = http
+        .put(format!("{base}/Subscription/{id}"))
+        .json(&sub)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'e-late', $1)",
+            &[&json!({"status": "completed"})],
+        )
+        .await
+        .unwrap();
+    wait_until("the third event", Duration::from_secs(30), || async {
+        queued(store, "http://fhir-cdc.test/topic/all").await.len() == 3
+    })
+    .await;
+    let versions: Vec<String> = queued(store, "http://fhir-cdc.test/topic/all")
+        .await
+        .into_iter()
+        .map(|e| e.2)
+        .collect();
+    let bundle: Value = http
+        .get(format!(
+            "{base}/Subscription/{id}/$events?eventsSinceNumber=1&eventsUntilNumber=2&content=full-resource"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("resource"))
+        .filter(|r| r["resourceType"] == "Encounter")
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap_or_default().to_string(),
+                r["meta"]["versionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("planned".to_string(), versions[0].clone()),
+            ("in-progress".to_string(), versions[1].clone())
+        ],
+        "each event with its own version, not the store's current one"
+    );
+    validate(&[bundle], "r5", &[]);
+}

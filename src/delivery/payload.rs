@@ -36,9 +36,8 @@ impl Payloads {
             && p.interaction != Interaction::Delete
         {
             // The body was not queued (no full-resource subscription existed when the event
-            // was): read the store. It may be a later version than the event's; the
-            // reference is exact.
-            resource = self.read_store(&p.resource_type, &p.resource_id).await;
+            // was): the event's own version, read from the store.
+            resource = self.read_event_version(p).await;
         }
         let related = match (&resource, content) {
             (Some(r), Content::FullResource) => self.related(shapes, r).await,
@@ -136,6 +135,28 @@ impl Payloads {
                 Vec::new()
             }
         }
+    }
+
+    /// The version of the event from the store's history; else the current version when it
+    /// is that version. Never another version: a notification says what happened then.
+    async fn read_event_version(&self, p: &Pending) -> Option<Value> {
+        let (ty, id) = (&p.resource_type, &p.resource_id);
+        let Some(version) = &p.version_id else {
+            return self.read_store(ty, id).await;
+        };
+        match self.store.read_version(ty, id, version).await {
+            Ok(Some(r)) => return Some(r),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(reference = %format!("{ty}/{id}"), error = %e, "store read of the event's version failed");
+            }
+        }
+        let current = self.read_store(ty, id).await?;
+        if current["meta"]["versionId"].as_str() == Some(version.as_str()) {
+            return Some(current);
+        }
+        tracing::info!(reference = %format!("{ty}/{id}"), version = %version, "the event's version is no longer in the store; the notification carries the reference only");
+        None
     }
 
     async fn read_store(&self, resource_type: &str, id: &str) -> Option<Value> {

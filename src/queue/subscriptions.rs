@@ -329,6 +329,8 @@ pub struct Pending {
     pub attempts: i32,
     pub resource_type: String,
     pub resource_id: String,
+    /// The store's version id of the change, when the store has one.
+    pub version_id: Option<String>,
     pub interaction: Interaction,
     pub commit_time: DateTime<Utc>,
     pub resource: Option<Value>,
@@ -337,7 +339,7 @@ pub struct Pending {
 
 /// Columns of a delivery joined with its event, as [`pending_from_row`] reads them.
 const DELIVERY_COLUMNS: &str = "d.event_number, d.event_id, d.attempts, e.resource_type,
-    e.resource_id, e.interaction, e.commit_time, e.resource, e.queued_at";
+    e.resource_id, e.interaction, e.commit_time, e.resource, e.queued_at, e.version_id";
 
 pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<Vec<Pending>> {
     // Its own query (not events_between) so the partial index on pending rows serves it.
@@ -387,6 +389,7 @@ fn pending_from_row(r: &Row) -> Pending {
         commit_time: r.get(6),
         resource: r.get(7),
         queued_at: r.get(8),
+        version_id: r.get(9),
     }
 }
 
