@@ -141,6 +141,12 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let searcher = Arc::new(capture::searcher(&cfg).await?);
     // The store profile, shared: capture decodes through it, delivery and the API read.
     let profile = store::from_config(&cfg.source, queue::pool(&cfg.source.url, 4)?);
+    if !with_capture {
+        // Capture prepares it before streaming; a delivery-only process does it here.
+        if let Err(e) = profile.prepare().await {
+            tracing::warn!(error = %e, "store profile not prepared (Aidbox Attributes); extensions stay as the store keeps them");
+        }
+    }
     let health = with_capture.then(|| Arc::new(capture::lag::Health::default()));
     if let Some(h) = &health {
         tasks.spawn(capture::run(

@@ -584,3 +584,126 @@ async fn payloads_read_later_carry_the_version_of_the_event() {
     );
     validate(&[bundle], "r5", &[]);
 }
+
+const AIDBOX_TOPICS: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/high-glucose"
+resourceTrigger = [{ resource = "Observation", supportedInteraction = ["create"], fhirPathCriteria = "(%current.value as Quantity).value > 140" }]
+canFilterBy = [{ resource = "Observation", filterParameter = "patient" }]
+
+[[topic]]
+url = "http://fhir-cdc.test/topic/patients"
+resourceTrigger = [{ resource = "Patient", supportedInteraction = ["create"] }]
+"#;
+
+/// Aidbox stores its own format: references as `{resourceType, id}`, choice types nested,
+/// first-class extensions under Attribute keys. Topics match, filters select and payloads
+/// carry FHIR JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aidbox_native_format_is_matched_filtered_and_delivered_as_fhir() {
+    let env = TestEnv::aidbox(AIDBOX_TOPICS).build().await;
+    let store = &env.store;
+    // Aidbox's Attribute definitions, in its own table (not a resource table: not published).
+    run(
+        store,
+        r#"CREATE TABLE attribute (id text PRIMARY KEY, txid bigint NOT NULL, ts timestamptz NOT NULL DEFAULT now(),
+                                  resource_type text NOT NULL DEFAULT 'Attribute', status text NOT NULL, resource jsonb NOT NULL);
+           INSERT INTO attribute (id, txid, status, resource) VALUES
+             ('Patient.race', 1, 'created', '{"path": ["race"], "resource": {"id": "Patient", "resourceType": "Entity"},
+               "extensionUrl": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"}'),
+             ('Patient.birthsex', 1, 'created', '{"path": ["birthsex"], "resource": {"id": "Patient", "resourceType": "Entity"},
+               "type": {"id": "code", "resourceType": "Entity"},
+               "extensionUrl": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"}');"#,
+    )
+    .await;
+    let _d = env.start().await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/high-glucose",
+        &env.rx.url("glucose"),
+        "full-resource",
+        json!({"filterBy": [{"filterParameter": "patient", "value": "Patient/p1"}]}),
+    )
+    .await;
+    subscribe_active(
+        env.api,
+        "http://fhir-cdc.test/topic/patients",
+        &env.rx.url("patients"),
+        "full-resource",
+        json!({}),
+    )
+    .await;
+    let obs = |subject: &str, value: i64| {
+        json!({"status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+               "subject": {"resourceType": "Patient", "id": subject},
+               "value": {"Quantity": {"value": value, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}},
+               "effective": {"dateTime": "2024-05-01T10:00:00Z"}})
+    };
+    for (id, subject, value) in [("o1", "p1", 180), ("o2", "p1", 100), ("o3", "p2", 200)] {
+        store
+            .execute(
+                "SELECT aidbox_put('Observation', $1, $2)",
+                &[&id, &obs(subject, value)],
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .execute(
+            "SELECT aidbox_put('Patient', 'p1', $1)",
+            &[&json!({"active": true, "birthsex": "F",
+                      "race": {"text": "Asian", "ombCategory": [{"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2028-9", "display": "Asian"}]}})],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the patient notification",
+        Duration::from_secs(30),
+        || async { !env.rx.events("patients").is_empty() },
+    )
+    .await;
+    wait_settled(&env).await;
+    let focus: Vec<String> = env
+        .rx
+        .events("glucose")
+        .iter()
+        .flat_map(|b| {
+            status_of(b)["notificationEvent"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| {
+            e["focus"]["reference"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        focus,
+        ["http://fhir-cdc.test/fhir/Observation/o1"],
+        "the criterion read valueQuantity and the filter read subject.reference"
+    );
+    let o1 = &notified(&env.rx, "glucose")[0];
+    assert_eq!(o1["subject"], json!({"reference": "Patient/p1"}));
+    assert_eq!(o1["valueQuantity"]["value"], 180);
+    assert_eq!(o1["effectiveDateTime"], "2024-05-01T10:00:00Z");
+    assert!(o1.get("value").is_none());
+    let p1 = &notified(&env.rx, "patients")[0];
+    let urls: Vec<&str> = p1["extension"]
+        .as_array()
+        .expect("Attributes mapped to extensions")
+        .iter()
+        .filter_map(|e| e["url"].as_str())
+        .collect();
+    assert!(
+        urls.contains(&"http://hl7.org/fhir/us/core/StructureDefinition/us-core-race")
+            && urls.contains(&"http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"),
+        "{p1}"
+    );
+    assert!(p1.get("race").is_none() && p1.get("birthsex").is_none());
+    let mut bundles = env.rx.bodies("glucose");
+    bundles.extend(env.rx.bodies("patients"));
+    validate(&bundles, "r5", &[]);
+}

@@ -54,6 +54,7 @@ pub async fn prepare_store(
 ) -> Result<Option<setup::Resync>> {
     let mut store = queue::connect(&src.url).await?;
     setup::check_wal_level(&store).await?;
+    profile.prepare().await?;
     setup::sync_publication(&mut store, profile, &src.publication, src.create_missing).await?;
     let policy = setup::SlotPolicy {
         create_missing: src.create_missing,

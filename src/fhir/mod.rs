@@ -1,5 +1,6 @@
 //! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
 
+pub mod aidbox_format;
 pub mod fhirpath;
 pub mod notification;
 pub mod resource_types;

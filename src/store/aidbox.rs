@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, tuple, Body, Decoded,
-    RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, tuple, AidboxFormat, Body,
+    Decoded, Format, RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo,
+    TableName,
 };
+use crate::fhir::aidbox_format::{Attribute, Attributes};
 use crate::fhir::resource_types::{is_resource_type, RESOURCE_TYPES};
 use crate::fhir::topic::Interaction;
 
@@ -21,6 +23,9 @@ pub struct Aidbox {
     schema: String,
     lower_types: HashMap<String, &'static str>,
     pool: Option<deadpool_postgres::Pool>,
+    /// Bodies are Aidbox's format or FHIR JSON; both are read as FHIR. The Attributes come
+    /// from the store at [`StoreProfile::prepare`].
+    format: std::sync::RwLock<Arc<AidboxFormat>>,
 }
 
 impl Aidbox {
@@ -33,6 +38,32 @@ impl Aidbox {
                 .map(|t| (t.to_ascii_lowercase(), *t))
                 .collect(),
             pool,
+            format: std::sync::RwLock::new(Arc::new(AidboxFormat {
+                version: crate::fhir::FhirVersion::R5,
+                attributes: Default::default(),
+            })),
+        }
+    }
+
+    /// The FHIR version whose model converts Aidbox's format.
+    pub fn with_version(self, version: crate::fhir::FhirVersion) -> Self {
+        self.set_format(AidboxFormat {
+            version,
+            attributes: Default::default(),
+        });
+        self
+    }
+
+    fn set_format(&self, f: AidboxFormat) {
+        if let Ok(mut w) = self.format.write() {
+            *w = Arc::new(f);
+        }
+    }
+
+    fn format(&self) -> Format {
+        match self.format.read() {
+            Ok(f) => Format::Aidbox(f.clone()),
+            Err(_) => Format::Fhir,
         }
     }
 
@@ -44,9 +75,13 @@ impl Aidbox {
             Some(b) => (b, true),
             None => (t.name.as_str(), false),
         };
+        // Only FHIR resource types: Aidbox keeps its own entities (attribute, client, …) in
+        // tables of the same layout, and they are no resources to notify about.
+        let table_type = Some(*self.lower_types.get(base)?);
         let layout = Layout {
+            format: self.format(),
             table: t.name.clone(),
-            table_type: self.lower_types.get(base).copied(),
+            table_type,
             id: t.column("id")?,
             txid: t.column("txid")?,
             ts: t.column("ts"),
@@ -79,6 +114,7 @@ impl Aidbox {
 /// Column positions of an Aidbox table, decided once per Relation message.
 #[derive(Debug, Clone)]
 struct Layout {
+    format: Format,
     table: String,
     /// The type the table name stands for (`encounter` → `Encounter`), if it is one.
     table_type: Option<&'static str>,
@@ -131,6 +167,7 @@ impl Layout {
             body,
             tenant: None,
             key: None,
+            format: self.format.clone(),
         })
     }
 
@@ -185,7 +222,7 @@ impl TableDecoder for HistoryTable {
 }
 
 /// An Aidbox row read back with SQL as a FHIR resource (id, type and meta from the columns).
-fn as_resource(resource_type: &str, row: &tokio_postgres::Row) -> Option<Value> {
+fn as_resource(resource_type: &str, row: &tokio_postgres::Row, format: &Format) -> Option<Value> {
     let body: Option<String> = row.get(1);
     let change = RowChange {
         resource_type: resource_type.to_string(),
@@ -198,6 +235,7 @@ fn as_resource(resource_type: &str, row: &tokio_postgres::Row) -> Option<Value> 
         body: body.map(|b| Body::Text(b.into())).unwrap_or(Body::Absent),
         tenant: None,
         key: None,
+        format: format.clone(),
     };
     match change.resource() {
         Ok(r) => r,
@@ -243,6 +281,53 @@ impl StoreProfile for Aidbox {
         })
     }
 
+    /// Aidbox's Attribute definitions (first-class extensions), from its `attribute` table
+    /// when there is one: top-level attributes map back to `extension` entries.
+    async fn prepare(&self) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        let table = format!("{}.attribute", ident(&self.schema));
+        let exists: bool = c
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT resource->'resource'->>'id', resource->'path'->>0, resource->>'extensionUrl',
+                    resource->'type'->>'id'
+             FROM {table}
+             WHERE jsonb_array_length(resource->'path') = 1 AND resource ? 'extensionUrl'"
+        );
+        let list: Vec<Attribute> = c
+            .query(&sql, &[])
+            .await?
+            .iter()
+            .filter_map(|r| {
+                Some(Attribute {
+                    resource_type: r.get::<_, Option<String>>(0)?,
+                    key: r.get::<_, Option<String>>(1)?,
+                    url: r.get::<_, Option<String>>(2)?,
+                    value_type: r.get(3),
+                })
+            })
+            .collect();
+        tracing::info!(
+            attributes = list.len(),
+            "Aidbox Attribute definitions loaded (first-class extensions)"
+        );
+        let version = self
+            .format
+            .read()
+            .map(|f| f.version)
+            .unwrap_or(crate::fhir::FhirVersion::R5);
+        self.set_format(AidboxFormat {
+            version,
+            attributes: Attributes::new(list),
+        });
+        Ok(())
+    }
+
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Value>, StoreError> {
         let Some(table) = self.table_of(resource_type) else {
             return Ok(None);
@@ -250,7 +335,7 @@ impl StoreProfile for Aidbox {
         let c = self.client().await?;
         let sql = format!("SELECT {COLUMNS} FROM {table} WHERE id = $1");
         let row = c.query_opt(&sql, &[&id]).await?;
-        Ok(row.and_then(|r| as_resource(resource_type, &r)))
+        Ok(row.and_then(|r| as_resource(resource_type, &r, &self.format())))
     }
 
     async fn read_version(
@@ -275,7 +360,7 @@ impl StoreProfile for Aidbox {
              LIMIT 1"
         );
         let row = c.query_opt(&sql, &[&id, &version]).await?;
-        Ok(row.and_then(|r| as_resource(resource_type, &r)))
+        Ok(row.and_then(|r| as_resource(resource_type, &r, &self.format())))
     }
 
     async fn referring(
@@ -288,18 +373,27 @@ impl StoreProfile for Aidbox {
         let Some(table) = self.table_of(source_type) else {
             return Ok(Vec::new());
         };
-        // FHIR JSON holds references as {"reference": "Type/id"}, single or repeated.
-        let one = json!({ path: {"reference": reference} });
-        let many = json!({ path: [{"reference": reference}] });
+        // FHIR JSON holds references as {"reference": "Type/id"}, Aidbox's format as
+        // {"resourceType": "Type", "id": "id"}; single or repeated.
+        let (rt, rid) = reference.split_once('/').unwrap_or(("", reference));
+        let shapes = [
+            json!({ path: {"reference": reference} }),
+            json!({ path: [{"reference": reference}] }),
+            json!({ path: {"resourceType": rt, "id": rid} }),
+            json!({ path: [{"resourceType": rt, "id": rid}] }),
+        ];
         let c = self.client().await?;
         let sql = format!(
-            "SELECT {COLUMNS} FROM {table} WHERE resource @> $1 OR resource @> $2
-             ORDER BY ts DESC LIMIT $3"
+            "SELECT {COLUMNS} FROM {table}
+             WHERE resource @> $1 OR resource @> $2 OR resource @> $3 OR resource @> $4
+             ORDER BY ts DESC LIMIT $5"
         );
-        let rows = c.query(&sql, &[&one, &many, &limit]).await?;
+        let [a, b, d, e] = &shapes;
+        let rows = c.query(&sql, &[a, b, d, e, &limit]).await?;
+        let format = self.format();
         Ok(rows
             .iter()
-            .filter_map(|r| as_resource(source_type, r))
+            .filter_map(|r| as_resource(source_type, r, &format))
             .collect())
     }
 }

@@ -90,6 +90,7 @@ impl Layout {
             body,
             tenant: None,
             key: None,
+            format: super::Format::Fhir,
         })
     }
 }
@@ -214,6 +215,7 @@ impl Generic {
                         .unwrap_or(Body::Absent),
                     tenant: None,
                     key: None,
+                    format: super::Format::Fhir,
                 };
                 return Ok(change.resource()?);
             }

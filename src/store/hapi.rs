@@ -182,6 +182,7 @@ impl Versions {
             body,
             tenant: self.partition.and_then(|i| text(row.get_column(i))),
             key: Some(required(VERSIONS, row, self.res_id, "res_id")?),
+            format: super::Format::Fhir,
         })
     }
 }
@@ -279,6 +280,7 @@ impl StoreProfile for Hapi {
                     },
                     body,
                     key: None,
+                    format: super::Format::Fhir,
                     ..change.clone()
                 });
         }
@@ -356,6 +358,7 @@ impl Hapi {
             body,
             tenant: None,
             key: None,
+            format: super::Format::Fhir,
         };
         Ok(change.resource()?)
     }

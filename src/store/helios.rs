@@ -93,6 +93,7 @@ impl Resources {
             body: body_for(interaction, row.get_column(self.data)),
             tenant: text(row.get_column(self.tenant)),
             key: None,
+            format: super::Format::Fhir,
         })
     }
 }
@@ -147,6 +148,7 @@ fn as_change(resource_type: &str, tenant: Option<String>, r: &tokio_postgres::Ro
         },
         tenant,
         key: None,
+        format: super::Format::Fhir,
     }
 }
 

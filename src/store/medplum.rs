@@ -91,6 +91,7 @@ impl MainTable {
             body,
             tenant: self.project.and_then(|i| text(row.get_column(i))),
             key: None,
+            format: super::Format::Fhir,
         })
     }
 }
@@ -155,6 +156,7 @@ fn history_version(resource_type: &str, id: &str, r: &tokio_postgres::Row) -> Ro
         },
         tenant: None,
         key: None,
+        format: super::Format::Fhir,
     }
 }
 
@@ -171,6 +173,7 @@ fn as_resource(resource_type: &str, id: &str, content: &str) -> Option<Value> {
         body: Body::Text(content.to_string().into()),
         tenant: None,
         key: None,
+        format: super::Format::Fhir,
     };
     match change.resource() {
         Ok(v) => v,

@@ -69,6 +69,7 @@ impl Layout {
             body: body_for(op, row.get_column(self.resource)),
             tenant: None,
             key: None,
+            format: super::Format::Fhir,
         })
     }
 }

@@ -20,7 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::config::{ProfileKind, SourceConfig};
-pub use row::{pg_timestamptz_to_fhir, Body, RowChange, RowError};
+pub use row::{pg_timestamptz_to_fhir, AidboxFormat, Body, Format, RowChange, RowError};
 
 /// A table as pgoutput (Relation message) or the catalog describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +134,12 @@ pub trait StoreProfile: Send + Sync {
     /// The current version of a resource, as FHIR JSON; `None` when absent or deleted.
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<Value>, StoreError>;
 
+    /// Reads, once at start, what the profile needs from the store besides rows (Aidbox's
+    /// Attribute definitions). Capture calls it before streaming; readers after connecting.
+    async fn prepare(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Whether [`StoreProfile::complete`] has work to do for this store.
     fn completes(&self) -> bool {
         false
@@ -174,7 +180,9 @@ pub trait StoreProfile: Send + Sync {
 /// and revInclude); it connects lazily.
 pub fn from_config(source: &SourceConfig, pool: deadpool_postgres::Pool) -> Arc<dyn StoreProfile> {
     match source.profile {
-        ProfileKind::Aidbox => Arc::new(aidbox::Aidbox::new(&source.schema, Some(pool))),
+        ProfileKind::Aidbox => Arc::new(
+            aidbox::Aidbox::new(&source.schema, Some(pool)).with_version(source.fhir_version),
+        ),
         ProfileKind::Hapi => Arc::new(hapi::Hapi::new(&source.schema, Some(pool))),
         ProfileKind::Helios => Arc::new(helios::Helios::new(&source.schema, Some(pool))),
         ProfileKind::Medplum => Arc::new(medplum::Medplum::new(&source.schema, Some(pool))),

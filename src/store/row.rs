@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 use crate::fhir::topic::Interaction;
 
@@ -32,6 +33,25 @@ pub struct RowChange {
     /// The store's own key of the resource when the row lacks the logical id (HAPI's
     /// `res_id`): [`super::StoreProfile::complete`] resolves it into `id` and clears it.
     pub key: Option<String>,
+    /// The JSON form of the body.
+    pub format: Format,
+}
+
+/// The JSON form a store writes bodies in.
+#[derive(Debug, Clone, Default)]
+pub enum Format {
+    #[default]
+    Fhir,
+    /// Aidbox's own format (FHIR JSON passes through unchanged), converted when parsed.
+    Aidbox(Arc<AidboxFormat>),
+}
+
+/// What converting Aidbox's format needs: the FHIR version's model and the store's
+/// Attribute definitions (first-class extensions).
+#[derive(Debug, Clone)]
+pub struct AidboxFormat {
+    pub version: crate::fhir::FhirVersion,
+    pub attributes: crate::fhir::aidbox_format::Attributes,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -89,6 +109,9 @@ impl RowChange {
                     m.insert("lastUpdated".into(), t.clone().into());
                 }
             }
+        }
+        if let Format::Aidbox(f) = &self.format {
+            crate::fhir::aidbox_format::to_fhir(&mut obj, f.version, &f.attributes);
         }
         Ok(Some(Value::Object(obj)))
     }
