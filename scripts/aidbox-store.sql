@@ -43,3 +43,11 @@ BEGIN
 END $$;
 
 SELECT aidbox_create_type(t) FROM unnest(ARRAY['Patient', 'Encounter', 'Observation', 'Subscription']) AS t;
+
+-- The entry point every store layout of scripts/stores/ also has (demo, workload replays).
+CREATE OR REPLACE FUNCTION fhir_put(ty text, rid text, body jsonb) RETURNS void AS $$
+  SELECT aidbox_put(ty, rid, body - 'id' - 'meta' - 'resourceType');
+$$ LANGUAGE sql;
+CREATE OR REPLACE FUNCTION fhir_delete(ty text, rid text) RETURNS void AS $$
+  SELECT aidbox_delete(ty, rid);
+$$ LANGUAGE sql;

@@ -120,6 +120,8 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         )),
     }
     out.push(publication_finding(cfg, &store).await);
+    out.extend(reads_finding(cfg, &store).await);
+    out.extend(replica_identity_findings(cfg, &store).await);
     out.push(wal_keep_finding(&store).await);
     match setup::slot_state(&store, &cfg.source.slot).await {
         Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => out.push(bad(
@@ -222,6 +224,62 @@ async fn publication_finding(cfg: &Config, store: &tokio_postgres::Client) -> Fi
     } else {
         bad(what, sql)
     }
+}
+
+/// What the profile reads, and the grants a DBA gives the store user for it.
+async fn reads_finding(cfg: &Config, store: &tokio_postgres::Client) -> Option<Finding> {
+    let pool = queue::pool(&cfg.source.url, 1).ok()?;
+    let profile = store::from_config(&cfg.source, pool);
+    let catalog = setup::catalog(store).await.ok()?;
+    let published = profile.publication_tables(&catalog).unwrap_or_default();
+    let read = profile.read_tables(&catalog);
+    let list = |t: &[store::TableName]| {
+        t.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let user: String = store
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .ok()?
+        .get(0);
+    let grant = format!("GRANT SELECT ON {} TO {}", list(&read), store::ident(&user));
+    Some(ok(format!(
+        "profile {}: changes from {} (published); reads by key {} — grants it needs: {grant}",
+        profile.name(),
+        list(&published),
+        list(&read)
+    )))
+}
+
+/// Published tables without a replica identity: Postgres refuses UPDATE/DELETE on them, so
+/// the store's own writes would fail. Never caused by fhir-cdc's own publication plan; this
+/// catches one made by hand.
+async fn replica_identity_findings(cfg: &Config, store: &tokio_postgres::Client) -> Vec<Finding> {
+    let rows = store
+        .query(
+            "SELECT quote_ident(p.schemaname) || '.' || quote_ident(p.tablename)
+             FROM pg_publication_tables p
+             JOIN pg_class c ON c.relname = p.tablename
+             JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = p.schemaname
+             WHERE p.pubname = $1
+               AND (c.relreplident = 'n'
+                    OR (c.relreplident = 'd' AND NOT EXISTS (
+                        SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))",
+            &[&cfg.source.publication],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            let table: String = r.get(0);
+            bad(
+                format!("published table {table} has no replica identity: Postgres refuses the store's UPDATE and DELETE on it"),
+                format!("ALTER PUBLICATION {} DROP TABLE {table}", store::ident(&cfg.source.publication)),
+            )
+        })
+        .collect()
 }
 
 /// `max_slot_wal_keep_size`: unlimited lets a stopped capture fill the store's disk; a limit

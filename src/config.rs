@@ -73,6 +73,10 @@ pub struct SourceConfig {
     /// When slot lag is worth a warning, and when it makes `/readyz` report degraded.
     #[serde(default)]
     pub lag: LagConfig,
+    /// Only changes of these tenants are captured (HAPI partition id or `default`, HFS
+    /// tenant, Medplum project id); absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<Vec<String>>,
 }
 
 /// `[source.lag]`: thresholds on the slot's lag. Either figure above its limit counts.
@@ -352,6 +356,16 @@ impl Config {
             raw.queue.url = Some(url);
         }
         check_api(&raw.api)?;
+        let tenanted = matches!(
+            raw.source.profile,
+            ProfileKind::Hapi | ProfileKind::Helios | ProfileKind::Medplum
+        );
+        if raw.source.tenants.is_some() && !tenanted {
+            return Err(ConfigError::Invalid(format!(
+                "source.tenants: the {:?} profile has no tenants (hapi, helios and medplum do)",
+                raw.source.profile
+            )));
+        }
         if raw.source.publication_refresh_secs == 0 {
             return Err(ConfigError::Invalid(
                 "source.publication_refresh_secs must be at least 1".into(),

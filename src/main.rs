@@ -26,6 +26,38 @@ enum Command {
     Deliver(Args),
     /// Validate the config file and the database; print what to fix.
     Check(Args),
+    /// Create an empty store of a profile's layout (demo, tests; never on a real store).
+    InitStore(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// aidbox | hapi | helios | medplum
+    #[arg(long, value_enum)]
+    profile: ProfileArg,
+    /// The database to create the tables in.
+    #[arg(long, env = "FHIR_CDC_SOURCE_URL")]
+    url: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProfileArg {
+    Aidbox,
+    Hapi,
+    Helios,
+    Medplum,
+}
+
+impl From<ProfileArg> for fhir_cdc::config::ProfileKind {
+    fn from(p: ProfileArg) -> Self {
+        use fhir_cdc::config::ProfileKind as K;
+        match p {
+            ProfileArg::Aidbox => K::Aidbox,
+            ProfileArg::Hapi => K::Hapi,
+            ProfileArg::Helios => K::Helios,
+            ProfileArg::Medplum => K::Medplum,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -84,6 +116,7 @@ async fn main() -> std::process::ExitCode {
     let args = match &cli.command {
         Command::Run(a) | Command::Capture(a) => &a.args,
         Command::Deliver(a) | Command::Check(a) => a,
+        Command::InitStore(a) => return init_store(a).await,
     };
     let cfg = match Config::load(&args.config) {
         Ok(c) => Arc::new(c),
@@ -97,6 +130,20 @@ async fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "fatal");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn init_store(a: &InitArgs) -> std::process::ExitCode {
+    init_logging(None);
+    match store::init::run(&a.url, a.profile.into()).await {
+        Ok(()) => {
+            println!("created an empty store of the requested layout");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fhir-cdc init-store: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -77,6 +77,32 @@ async fn check_reports_what_to_fix() {
         "{out}"
     );
 
+    // What the profile reads and the grants for it.
+    assert!(
+        out.contains("reads by key") && out.contains("GRANT SELECT ON \"public\".\"encounter\""),
+        "{out}"
+    );
+    // A publication made by hand that names a table without a replica identity is flagged
+    // (the store's own UPDATE/DELETE on it would fail), with the SQL that fixes it.
+    env.store
+        .batch_execute(
+            "CREATE TABLE audit_log (at timestamptz, what text);
+             CREATE PUBLICATION fhir_cdc FOR TABLE encounter, audit_log",
+        )
+        .await
+        .unwrap();
+    let (ok, out) = check(&strict);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FIX   published table public.audit_log has no replica identity")
+            && out.contains("-> ALTER PUBLICATION \"fhir_cdc\" DROP TABLE public.audit_log"),
+        "{out}"
+    );
+    env.store
+        .batch_execute("DROP PUBLICATION fhir_cdc; DROP TABLE audit_log")
+        .await
+        .unwrap();
+
     let gone = env.config_variant("gone.toml", |c| {
         c.source.url = format!("postgresql://postgres@127.0.0.1:{}/{}", free_port(), env.db)
     });

@@ -707,3 +707,46 @@ async fn aidbox_native_format_is_matched_filtered_and_delivered_as_fhir() {
     bundles.extend(env.rx.bodies("patients"));
     validate(&bundles, "r5", &[]);
 }
+
+/// `[source] tenants`: only the listed tenants' changes are captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_configured_tenants_are_captured() {
+    let env = TestEnv::empty(TOPICS)
+        .config(|c| {
+            c.source.profile = ProfileKind::Helios;
+            c.source.tenants = Some(vec!["t1".into()]);
+        })
+        .build()
+        .await;
+    let store = &env.store;
+    run(
+        store,
+        &std::fs::read_to_string(repo().join("scripts/stores/helios.sql")).unwrap(),
+    )
+    .await;
+    let _d = env.start().await;
+    for (tenant, id) in [("t2", "other"), ("t1", "ours"), ("t2", "other-2")] {
+        run(
+            store,
+            &format!("SELECT hfs_create('{tenant}', 'Patient', '{id}', '{{\"active\": true}}')"),
+        )
+        .await;
+    }
+    run(
+        store,
+        "SELECT hfs_create('t1', 'Patient', 'ours-2', '{\"active\": true}')",
+    )
+    .await;
+    wait_until("t1's changes queued", Duration::from_secs(30), || async {
+        queued(store, "http://fhir-cdc.test/topic/all").await.len() >= 2
+    })
+    .await;
+    wait_settled(&env).await;
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/all").await,
+        vec![
+            ev("Patient", "ours", "1", "create"),
+            ev("Patient", "ours-2", "1", "create")
+        ]
+    );
+}

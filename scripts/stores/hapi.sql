@@ -96,3 +96,19 @@ BEGIN
   VALUES (nextval('seq_resource_history_id'), rid, 1, ty, 'R4', 'JSONC', lo_from_bytea(0, gz), at, at);
   RETURN rid;
 END $$ LANGUAGE plpgsql;
+
+-- One entry point for the demo and workload replays: create or update (a re-create is an
+-- update in HAPI); delete. HAPI stores the body without id and meta.
+CREATE FUNCTION fhir_put(ty text, rid text, body jsonb) RETURNS void AS $$
+DECLARE b jsonb := (body - 'id' - 'meta') || jsonb_build_object('resourceType', ty);
+BEGIN
+  IF EXISTS (SELECT 1 FROM hfj_resource WHERE res_type = ty AND fhir_id = rid) THEN
+    PERFORM hapi_update(ty, rid, b);
+  ELSE
+    PERFORM hapi_create(ty, rid, b);
+  END IF;
+END $$ LANGUAGE plpgsql;
+
+CREATE FUNCTION fhir_delete(ty text, rid text) RETURNS void AS $$
+  SELECT hapi_delete(ty, rid);
+$$ LANGUAGE sql;

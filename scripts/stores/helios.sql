@@ -88,3 +88,21 @@ CREATE FUNCTION hfs_restore_history(t text, ty text, rid text) RETURNS void AS $
     SELECT tenant_id, resource_type, id, version_id, data, last_updated, false, fhir_version
     FROM resources WHERE tenant_id = t AND resource_type = ty AND id = rid;
 $$ LANGUAGE sql;
+
+-- One entry point for the demo and workload replays: create, update or re-create as HFS
+-- would (tenant 'default'); delete.
+CREATE FUNCTION fhir_put(ty text, rid text, body jsonb) RETURNS void AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM resources WHERE tenant_id = 'default' AND resource_type = ty AND id = rid AND NOT is_deleted) THEN
+    PERFORM hfs_update('default', ty, rid, body);
+  ELSIF EXISTS (SELECT 1 FROM resources WHERE tenant_id = 'default' AND resource_type = ty AND id = rid) THEN
+    PERFORM hfs_restore('default', ty, rid, body);
+    PERFORM hfs_restore_history('default', ty, rid);
+  ELSE
+    PERFORM hfs_create('default', ty, rid, body);
+  END IF;
+END $$ LANGUAGE plpgsql;
+
+CREATE FUNCTION fhir_delete(ty text, rid text) RETURNS void AS $$
+  SELECT hfs_delete('default', ty, rid);
+$$ LANGUAGE sql;

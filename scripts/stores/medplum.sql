@@ -69,3 +69,18 @@ BEGIN
   EXECUTE format('DELETE FROM %I WHERE "resourceId" = $1', ty || '_Token') USING rid;
   RETURN v::text;
 END $$ LANGUAGE plpgsql;
+
+-- One entry point for the demo and workload replays. Medplum ids are UUIDs: a text id is
+-- mapped to the UUID of its md5, so replays can name resources as the workload does.
+CREATE FUNCTION medplum_id(rid text) RETURNS uuid AS $$
+  SELECT CASE WHEN rid ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN rid::uuid
+              ELSE md5(rid)::uuid END;
+$$ LANGUAGE sql IMMUTABLE;
+
+CREATE FUNCTION fhir_put(ty text, rid text, body jsonb) RETURNS void AS $$
+  SELECT medplum_write(ty, medplum_id(rid), body - 'id' - 'meta');
+$$ LANGUAGE sql;
+
+CREATE FUNCTION fhir_delete(ty text, rid text) RETURNS void AS $$
+  SELECT medplum_delete(ty, medplum_id(rid));
+$$ LANGUAGE sql;

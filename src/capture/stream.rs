@@ -167,6 +167,13 @@ impl<'a> Stream<'a> {
     /// One resource change: completed from the store when the profile needs it, then control
     /// rows update the topics and resource changes are matched.
     async fn change(&mut self, mut change: assemble::ResourceChange) -> Result<()> {
+        // `[source] tenants`: other tenants' changes are not ours to read further.
+        if let Some(tenants) = &self.cfg.source.tenants {
+            let tenant = change.current.tenant.as_deref().unwrap_or_default();
+            if !tenants.iter().any(|t| t == tenant) {
+                return Ok(());
+            }
+        }
         if self.profile.completes() {
             let (current, previous) = (&mut change.current, &mut change.previous);
             match self.profile.complete(current, previous).await {

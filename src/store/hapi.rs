@@ -180,7 +180,12 @@ impl Versions {
             last_updated: text(row.get_column(self.updated)).map(|s| utc_instant(&s)),
             interaction,
             body,
-            tenant: self.partition.and_then(|i| text(row.get_column(i))),
+            // HAPI's default partition has no id.
+            tenant: Some(
+                self.partition
+                    .and_then(|i| text(row.get_column(i)))
+                    .unwrap_or_else(|| "default".into()),
+            ),
             key: Some(required(VERSIONS, row, self.res_id, "res_id")?),
             format: super::Format::Fhir,
         })
@@ -229,6 +234,17 @@ impl StoreProfile for Hapi {
                 self.schema
             ))),
         }
+    }
+
+    fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
+        catalog
+            .iter()
+            .filter(|t| t.schema == self.schema && (t.name == VERSIONS || t.name == RESOURCES))
+            .map(|t| TableName {
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+            })
+            .collect()
     }
 
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>> {

@@ -184,6 +184,17 @@ impl StoreProfile for Helios {
         }
     }
 
+    fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
+        catalog
+            .iter()
+            .filter(|t| t.schema == self.schema && (t.name == MAIN || t.name == HISTORY))
+            .map(|t| TableName {
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+            })
+            .collect()
+    }
+
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>> {
         if table.schema != self.schema || table.name != MAIN {
             return None;

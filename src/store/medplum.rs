@@ -208,6 +208,20 @@ impl StoreProfile for Medplum {
         Ok(tables)
     }
 
+    fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
+        catalog
+            .iter()
+            .filter(|t| {
+                let base = t.name.strip_suffix("_History").unwrap_or(&t.name);
+                t.schema == self.schema && is_resource_type(base) && t.column("content").is_some()
+            })
+            .map(|t| TableName {
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+            })
+            .collect()
+    }
+
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>> {
         if !self.is_main(table) {
             return None;

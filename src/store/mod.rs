@@ -8,6 +8,7 @@ pub mod aidbox;
 pub mod generic;
 pub mod hapi;
 pub mod helios;
+pub mod init;
 pub mod medplum;
 pub mod memory;
 mod row;
@@ -127,6 +128,12 @@ pub trait StoreProfile: Send + Sync {
     /// and history tables: Postgres refuses UPDATE/DELETE on a published table without a
     /// replica identity, so publishing anything else could break the store.
     fn publication_tables(&self, catalog: &[TableInfo]) -> Result<Vec<TableName>, StoreError>;
+
+    /// Every table the profile reads with SQL (payloads, previous versions, ids): what the
+    /// store user needs `SELECT` on. By default the published tables.
+    fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
+        self.publication_tables(catalog).unwrap_or_default()
+    }
 
     /// The decoder for a table, or `None` when the profile does not read it.
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>>;
