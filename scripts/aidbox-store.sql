@@ -42,7 +42,7 @@ BEGIN
   EXECUTE format('DELETE FROM %I WHERE id = $1', t) USING rid;
 END $$;
 
-SELECT aidbox_create_type(t) FROM unnest(ARRAY['Patient', 'Encounter', 'Observation', 'Subscription']) AS t;
+SELECT aidbox_create_type(t) FROM unnest(ARRAY['Patient', 'Encounter', 'Observation', 'DiagnosticReport', 'MedicationRequest', 'Subscription']) AS t;
 
 -- The entry point every store layout of scripts/stores/ also has (demo, workload replays).
 CREATE OR REPLACE FUNCTION fhir_put(ty text, rid text, body jsonb) RETURNS void AS $$

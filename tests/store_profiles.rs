@@ -245,7 +245,14 @@ async fn medplum_writes_become_exactly_their_fhir_changes() {
     published.sort();
     assert_eq!(
         published,
-        ["Encounter", "Observation", "Patient", "Subscription"],
+        [
+            "DiagnosticReport",
+            "Encounter",
+            "MedicationRequest",
+            "Observation",
+            "Patient",
+            "Subscription"
+        ],
         "only the resource tables, never _History, _Token or lookup tables"
     );
 

@@ -4,7 +4,7 @@
 DO $$
 DECLARE ty text;
 BEGIN
-  FOREACH ty IN ARRAY ARRAY['Patient', 'Encounter', 'Observation', 'Subscription'] LOOP
+  FOREACH ty IN ARRAY ARRAY['Patient', 'Encounter', 'Observation', 'DiagnosticReport', 'MedicationRequest', 'Subscription'] LOOP
     EXECUTE format('CREATE TABLE %I (
         id uuid PRIMARY KEY,
         content text NOT NULL,

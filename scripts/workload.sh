@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prints the path of a write workload made by ../shared/workload/gen.py (clinosim 0.6.5 from
+# PyPI): N operations with SEED, one {"seq","op","resourceType","id","resource"} per line.
+# The venv, the simulation and the file are cached under ~/.cache/fhir-cdc (outside the
+# repository), so only the first run on a machine pays for them.
+#   scripts/workload.sh 5000 7
+set -euo pipefail
+n=${1:?usage: workload.sh N SEED}
+seed=${2:?usage: workload.sh N SEED}
+here=$(cd "$(dirname "$0")/.." && pwd)
+gen="$here/../shared/workload/gen.py"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/fhir-cdc"
+out="$cache/writes-$n-$seed.jsonl"
+if [ -s "$out" ]; then echo "$out"; exit 0; fi
+mkdir -p "$cache"
+venv="$cache/workload-venv"
+if [ ! -x "$venv/bin/clinosim" ]; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install -q clinosim==0.6.5 >&2
+fi
+"$venv/bin/python" "$gen" -n "$n" --seed "$seed" --mode writes --cache "$cache/sim" --out "$out.tmp" >&2
+mv "$out.tmp" "$out"
+echo "$out"
