@@ -35,7 +35,8 @@ psql -d postgres -c "CREATE DATABASE fhir"
 export FHIR_CDC_SOURCE_URL="postgresql://postgres@127.0.0.1:$PGPORT/fhir"
 target/release/fhir-cdc init-store --profile "$profile" >/dev/null
 echo "demo: store ready on port $PGPORT (database fhir, $profile layout)"
-config=$(mktemp /tmp/fhir-cdc-demo.XXXXXX.toml)
+# Beside example.toml, whose topic files are relative to it.
+config=$(mktemp config/.demo-XXXXXX)
 sed "s/^profile = \"aidbox\"/profile = \"$profile\"/" config/example.toml >"$config"
 
 hook_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -245,11 +245,15 @@ async fn reads_finding(cfg: &Config, store: &tokio_postgres::Client) -> Option<F
         .ok()?
         .get(0);
     let grant = format!("GRANT SELECT ON {} TO {}", list(&read), store::ident(&user));
+    let reads = if read == published {
+        "reads the same tables by key".to_string()
+    } else {
+        format!("reads by key {}", list(&read))
+    };
     Some(ok(format!(
-        "profile {}: changes from {} (published); reads by key {} — grants it needs: {grant}",
+        "profile {}: changes from {} (published); {reads}; never writes them. Grants it needs: {grant}",
         profile.name(),
         list(&published),
-        list(&read)
     )))
 }
 

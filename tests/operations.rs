@@ -68,7 +68,8 @@ async fn check_reports_what_to_fix() {
     // The publication names the store's resource and history tables, never a whole schema
     // (Postgres would refuse the store's UPDATE/DELETE on tables without a replica identity).
     assert!(
-        out.contains("-> CREATE PUBLICATION \"fhir_cdc\" FOR TABLE \"public\".\"encounter\", \"public\".\"encounter_history\", "),
+        out.contains("-> CREATE PUBLICATION \"fhir_cdc\" FOR TABLE \"public\".")
+            && out.contains("\"public\".\"encounter\", \"public\".\"encounter_history\", "),
         "{out}"
     );
     assert!(!out.contains("TABLES IN SCHEMA"), "{out}");
@@ -79,7 +80,10 @@ async fn check_reports_what_to_fix() {
 
     // What the profile reads and the grants for it.
     assert!(
-        out.contains("reads by key") && out.contains("GRANT SELECT ON \"public\".\"encounter\""),
+        out.contains("reads the same tables by key")
+            && out.contains("GRANT SELECT ON \"public\".")
+            && out.contains("\"public\".\"encounter\", \"public\".\"encounter_history\"")
+            && out.contains("TO \"postgres\""),
         "{out}"
     );
     // A publication made by hand that names a table without a replica identity is flagged
