@@ -282,10 +282,11 @@ pub struct ChangeEval<'a> {
     pub searcher: &'a Searcher,
     pub previous: Option<Arc<Value>>,
     pub current: Option<Arc<Value>>,
-    /// Focus: the current version (the previous one for a delete); `%previous`/`%current` bound.
-    main: Prepared,
+    /// Focus: the current version (the previous one for a delete); `%previous`/`%current`
+    /// bound. Made on first use: parameters with a plain-path plan never need the engine.
+    main: std::sync::OnceLock<Prepared>,
     /// Focus: the previous version, when there is also a current one.
-    prev: Option<Prepared>,
+    prev: std::sync::OnceLock<Prepared>,
     cache: [Mutex<HashMap<String, Values>>; 2],
 }
 
@@ -301,33 +302,43 @@ impl<'a> ChangeEval<'a> {
         previous: Option<Arc<Value>>,
         current: Option<Arc<Value>>,
     ) -> Self {
-        let main = searcher
-            .fp
-            .prepare_arcs(None, previous.as_ref(), current.as_ref());
-        let prev = match (&previous, &current) {
-            (Some(p), Some(_)) => Some(searcher.fp.prepare_arcs(
-                Some(p),
-                previous.as_ref(),
-                current.as_ref(),
-            )),
-            _ => None,
-        };
         ChangeEval {
             searcher,
             previous,
             current,
-            main,
-            prev,
+            main: std::sync::OnceLock::new(),
+            prev: std::sync::OnceLock::new(),
             cache: Default::default(),
         }
     }
 
+    /// Whether the previous side has a focus of its own (both versions exist).
+    fn has_prev_focus(&self) -> bool {
+        self.previous.is_some() && self.current.is_some()
+    }
+
     fn ctx(&self, previous_side: bool) -> &Prepared {
-        if previous_side {
-            self.prev.as_ref().unwrap_or(&self.main)
-        } else {
-            &self.main
+        let fp = &self.searcher.fp;
+        if previous_side && self.has_prev_focus() {
+            return self.prev.get_or_init(|| {
+                fp.prepare_arcs(
+                    self.previous.as_ref(),
+                    self.previous.as_ref(),
+                    self.current.as_ref(),
+                )
+            });
         }
+        self.main
+            .get_or_init(|| fp.prepare_arcs(None, self.previous.as_ref(), self.current.as_ref()))
+    }
+
+    /// The JSON a side's focus is: the previous version on the previous side (when both
+    /// exist), else the current one, else the previous one (a delete).
+    fn focus(&self, previous_side: bool) -> Option<&Value> {
+        if previous_side && self.has_prev_focus() {
+            return self.previous.as_deref();
+        }
+        self.current.as_deref().or(self.previous.as_deref())
     }
 
     /// Values of `param` on the previous or the current version, computed once.
@@ -340,7 +351,12 @@ impl<'a> ChangeEval<'a> {
         {
             return Ok(v);
         }
-        let v = self.searcher.values(self.ctx(previous_side), param).await?;
+        let v = match (&param.plan, self.focus(previous_side)) {
+            (Some(plan), Some(focus)) => {
+                super::search::value::extract(param.kind, &plan.eval(focus))
+            }
+            _ => self.searcher.values(self.ctx(previous_side), param).await?,
+        };
         if let Ok(mut m) = slot.lock() {
             m.insert(param.expression.clone(), v.clone());
         }

@@ -2,6 +2,7 @@
 //! a resource has for a parameter, and matching a search value against them. Used for
 //! canFilterBy extraction, filterBy matching and queryCriteria.
 
+pub mod path;
 pub mod registry;
 pub mod value;
 

@@ -49,10 +49,13 @@ pub struct SearchParam {
     /// FHIRPath for this resource type only, `resolve()` rewritten.
     pub expression: String,
     pub target: Vec<String>,
+    /// The expression as a JSON walk, when it is a plain path (see [`super::path`]).
+    pub plan: Option<super::path::Plan>,
 }
 
 #[derive(Debug)]
 pub struct Registry {
+    version: FhirVersion,
     by_key: HashMap<(String, String), Arc<SearchParam>>,
     /// Canonical URL → code, for `canFilterBy.filterDefinition`.
     by_url: HashMap<String, String>,
@@ -93,11 +96,25 @@ impl Registry {
                         kind: r.kind,
                         expression: rewrite_resolve(&own),
                         target: r.target.clone(),
+                        plan: super::path::compile(&own, base, version),
                     }),
                 );
             }
         }
-        Registry { by_key, by_url }
+        Registry {
+            version,
+            by_key,
+            by_url,
+        }
+    }
+
+    /// Every parameter of `resource_type` defined on it directly.
+    pub fn of_type(&self, resource_type: &str) -> Vec<Arc<SearchParam>> {
+        self.by_key
+            .iter()
+            .filter(|((t, _), _)| t == resource_type)
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     /// The parameter `code` of `resource_type`, including those defined on Resource and
@@ -133,6 +150,7 @@ impl Registry {
                 kind,
                 expression: rewrite_resolve(expression),
                 target: vec![],
+                plan: super::path::compile(expression, resource_type, self.version),
             }));
         }
         if let Some(url) = &c.filter_definition {
