@@ -59,6 +59,8 @@ impl Matcher {
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
             .then(|| ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone()));
         let mut out = Vec::new();
+        // Serialised once, for the first topic that needs it.
+        let mut body: Option<Option<Arc<str>>> = None;
         for a in wanted {
             if !fires(&mut self.logged_errors, a, eval.as_ref(), row).await {
                 continue;
@@ -70,7 +72,12 @@ impl Matcher {
                 }
                 _ => None,
             };
-            out.push(event(a, change, v.current.clone(), filters));
+            // Every event keeps the text (a subscription may turn full-resource before the
+            // batch is written); the batch stores it only for topics that need it.
+            let resource = body
+                .get_or_insert_with(|| v.current.as_ref().map(|c| Arc::from(c.to_string())))
+                .clone();
+            out.push(event(a, change, resource, filters));
         }
         out
     }
@@ -150,7 +157,7 @@ async fn fires(
 fn event(
     a: &Active,
     change: &ResourceChange,
-    resource: Option<Arc<Value>>,
+    resource: Option<Arc<str>>,
     filters: Option<Value>,
 ) -> QueuedEvent {
     let row = &change.current;

@@ -20,7 +20,9 @@ pub struct QueuedEvent {
     pub resource_id: String,
     pub version_id: Option<String>,
     pub interaction: Interaction,
-    pub resource: Option<Arc<Value>>,
+    /// The resource as JSON text (a parsed value is several times bigger, and a 30,000-row
+    /// transaction holds them all); stored only for topics a full-resource subscription reads.
+    pub resource: Option<Arc<str>>,
     /// The topic's canFilterBy values of this resource (`{param: Values}`), when it has any.
     pub filters: Option<Value>,
     pub commit_lsn: u64,
@@ -59,21 +61,25 @@ pub enum Item {
     },
 }
 
+/// Topics that a full-resource subscription reads: only their events carry bodies.
+pub async fn full_topics<C: tokio_postgres::GenericClient>(c: &C) -> Result<HashSet<String>> {
+    Ok(c.query(
+        "SELECT DISTINCT topic FROM fhir_cdc.subscription
+         WHERE content = 'full-resource' AND status <> 'off'",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
 /// Writes `items` and moves the checkpoint of `slot` to `end_lsn`, atomically.
 /// Returns the number of events written.
 pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64) -> Result<usize> {
     let tx = client.transaction().await?;
     // Bodies stay out of the queue unless a full-resource subscription needs them.
-    let full: HashSet<String> = tx
-        .query(
-            "SELECT DISTINCT topic FROM fhir_cdc.subscription
-             WHERE content = 'full-resource' AND status <> 'off'",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let full = full_topics(&tx).await?;
     let mut topics = BTreeSet::new();
     let mut run: Vec<&QueuedEvent> = Vec::new();
     let mut written = 0;
@@ -154,7 +160,7 @@ async fn insert_events(
     let mut lsn = Vec::with_capacity(n);
     let mut xid = Vec::with_capacity(n);
     let mut time = Vec::with_capacity(n);
-    let mut body: Vec<Option<&Value>> = Vec::with_capacity(n);
+    let mut body: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut filters: Vec<Option<&Value>> = Vec::with_capacity(n);
     for e in run {
         topic.push(e.topic.as_ref());
@@ -177,9 +183,9 @@ async fn insert_events(
         .execute(
             "INSERT INTO fhir_cdc.event
                  (topic, resource_type, resource_id, version_id, interaction, commit_lsn, xid, commit_time, resource, filters)
-             SELECT t, rt, ri, v, i, l::pg_lsn, x, ct, b, f
+             SELECT t, rt, ri, v, i, l::pg_lsn, x, ct, b::jsonb, f
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::int8[], $8::timestamptz[], $9::jsonb[], $10::jsonb[])
+                         $7::int8[], $8::timestamptz[], $9::text[], $10::jsonb[])
                   WITH ORDINALITY AS u(t, rt, ri, v, i, l, x, ct, b, f, ord)
              ORDER BY ord",
             &[&topic, &rtype, &rid, &ver, &inter, &lsn, &xid, &time, &body, &filters],
