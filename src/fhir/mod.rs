@@ -1,6 +1,7 @@
 //! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
 
 pub mod aidbox_format;
+pub mod criterion;
 pub mod fhirpath;
 pub mod notification;
 pub mod resource_types;

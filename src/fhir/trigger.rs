@@ -18,6 +18,8 @@ pub struct Trigger {
     pub interactions: Interactions,
     pub query: Option<Query>,
     pub fhirpath: Option<String>,
+    /// The fhirPathCriteria decided on the JSON when it has the common shape.
+    pub fast: Option<super::criterion::Fast>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +126,9 @@ pub fn compile(
             resource_type: t.resource_type.clone(),
             interactions: t.interactions,
             query,
+            fast: t.fhirpath_criteria.as_deref().and_then(|e| {
+                super::criterion::Fast::compile(e, &t.resource_type, registry.version())
+            }),
             fhirpath: t.fhirpath_criteria.clone(),
         });
     }
@@ -392,12 +397,21 @@ async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, 
     let Some(expr) = &t.fhirpath else {
         return Ok(true);
     };
-    match change
-        .searcher
-        .fp
-        .eval_criterion(change.ctx(false), expr)
-        .await
-    {
+    let fast = t.fast.as_ref().and_then(|f| {
+        f.eval(change.previous.as_deref(), change.current.as_deref())
+            .map(|d| d.ok_or(CriterionError::Empty))
+    });
+    let decided = match fast {
+        Some(d) => d,
+        None => {
+            change
+                .searcher
+                .fp
+                .eval_criterion(change.ctx(false), expr)
+                .await
+        }
+    };
+    match decided {
         Ok(b) => Ok(b),
         // Empty is false, as engines commonly read it, unless the queryCriteria passed: then
         // the two forms disagree (the R5 example topic's `|` makes `and` empty here, where

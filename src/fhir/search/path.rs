@@ -24,6 +24,8 @@ struct Branch {
     /// The resource type the branch applies to; `None`: any (Resource / DomainResource).
     root: Option<String>,
     steps: Vec<Step>,
+    /// The FHIR type of what the branch selects, when the model says one.
+    ty: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +43,14 @@ enum Step {
 pub struct Plan(Vec<Branch>);
 
 impl Plan {
+    /// The FHIR type of what a single-branch plan selects (`code`, `decimal`, `Quantity`, …).
+    pub fn single_type(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [b] => b.ty.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The values the expression selects on `resource`, as the engine would return them.
     pub fn eval(&self, resource: &Value) -> Vec<Value> {
         let ty = resource.get("resourceType").and_then(Value::as_str);
@@ -152,6 +162,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
         _ => return None,
     };
     let mut scope = Scope::Type(root_ty.to_string());
+    let mut ty: Option<String> = Some(root_ty.to_string());
     let mut steps = Vec::new();
     let mut pending: Option<(&'static FhirSchemaElement, String)> = None;
     let segs: Vec<&str> = rest.iter().map(|s| s.trim()).collect();
@@ -160,6 +171,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
             let (el, name) = pending.take()?;
             steps.push(Step::Field(choice_key(el, &name, t)?));
             scope = Scope::Type(t.to_string());
+            ty = Some(t.to_string());
             continue;
         }
         if let Some(t) = seg
@@ -170,6 +182,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
                 return None;
             }
             steps.push(Step::RefersTo(t.trim().to_string()));
+            ty = Some("Reference".into());
             continue;
         }
         if !is_ident(seg) || pending.is_some() {
@@ -184,10 +197,12 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
                 let keys = el.choices.clone()?;
                 pending = None;
                 steps.push(Step::Choice(keys));
+                ty = None;
             }
             continue;
         }
         steps.push(Step::Field(seg.to_string()));
+        ty = el.type_name.clone();
         scope = match (&el.elements, &el.type_name) {
             (Some(m), _) => Scope::Backbone(m),
             (None, Some(t)) => Scope::Type(t.clone()),
@@ -197,6 +212,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
     if let Some(t) = cast {
         let (el, name) = pending.take()?;
         steps.push(Step::Field(choice_key(el, &name, t)?));
+        ty = Some(t.to_string());
     }
     if pending.is_some() {
         return None;
@@ -204,6 +220,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
     Some(Branch {
         root: (!any).then(|| resource_type.to_string()),
         steps,
+        ty,
     })
 }
 

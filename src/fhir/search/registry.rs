@@ -108,6 +108,11 @@ impl Registry {
         }
     }
 
+    /// The FHIR version of these definitions.
+    pub fn version(&self) -> FhirVersion {
+        self.version
+    }
+
     /// Every parameter of `resource_type` defined on it directly.
     pub fn of_type(&self, resource_type: &str) -> Vec<Arc<SearchParam>> {
         self.by_key
