@@ -108,7 +108,7 @@ config cbig sbig qbig "$topics1"
 prime() { # config
   "$bin" capture --config "$work/$1.toml" 2>"$work/$1.prime.log" &
   local p=$!
-  for _ in $(seq 1 300); do grep -q "capture streaming" "$work/$1.prime.log" && break; sleep 0.1; done
+  for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/$1.prime.log" && break; sleep 0.1; done
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 prime c1; prime c20; prime cbig
@@ -165,7 +165,7 @@ ROWS=$ROWS_SAVED
 # Lag under load: 4 writers at full rate for LAG_SECS while capture (1 topic) runs.
 "$bin" capture --config "$work/c1.toml" 2>"$work/c1.lag.log" &
 cap=$!; pids+=("$cap")
-for _ in $(seq 1 300); do grep -q "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
+for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
 until [ "$(psql -d q1 -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -gt 1 ]; do sleep 0.2; done
 writers=()
 for w in 1 2 3 4; do
