@@ -37,25 +37,62 @@ impl Pending {
             .map(|t| tokio::time::Instant::from_std(t + flush_after))
     }
 
-    /// Writes the batch and the checkpoint; returns the LSN to confirm, if anything was
-    /// waiting. The caller confirms it only after this returned.
-    pub async fn flush(
-        &mut self,
-        qc: &mut tokio_postgres::Client,
-        slot: &str,
-    ) -> Result<Option<u64>> {
-        let Some(end) = self.end else {
-            return Ok(None);
-        };
-        let t = Instant::now();
-        let n = batch::write(qc, slot, &self.items, end).await?;
-        metrics::counter!(crate::metrics::EVENTS_QUEUED).increment(n as u64);
-        metrics::histogram!(crate::metrics::BATCH_WRITE_SECONDS).record(t.elapsed().as_secs_f64());
-        metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(end as f64);
-        tracing::debug!(events = n, lsn = %queue::lsn_text(end), "queued batch");
+    /// The waiting batch as a job for the writer; `None` when nothing waits.
+    pub fn take(&mut self) -> Option<Job> {
+        let end = self.end?;
+        let items = std::mem::take(&mut self.items);
         *self = Pending::default();
-        Ok(Some(end))
+        Some(Job::Batch { items, end })
     }
+}
+
+/// What the queue writer does, in the order the stream sends it.
+pub enum Job {
+    /// Events of whole store transactions and the checkpoint at the last one's end.
+    Batch { items: Vec<Item>, end: u64 },
+    /// Nothing of ours is waiting up to this position: move the checkpoint there.
+    Advance(u64),
+}
+
+/// The queue writer, run beside the stream so decoding and matching go on while a batch is
+/// written (Postgres does that work in its own process). Jobs are written one at a time, in
+/// order; each one's LSN is acknowledged only after its commit, and the stream confirms it
+/// to the server only then (invariant 2). The first error ends the writer after it has been
+/// acknowledged; the stream then stops and restarts from the checkpoint.
+pub async fn writer(
+    qc: &mut tokio_postgres::Client,
+    slot: &str,
+    mut jobs: tokio::sync::mpsc::Receiver<Job>,
+    acks: tokio::sync::mpsc::Sender<Result<u64>>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let r = match job {
+            Job::Batch { items, end } => write(qc, slot, &items, end).await,
+            Job::Advance(lsn) => batch::advance(qc, slot, lsn)
+                .await
+                .map(|()| lsn)
+                .map_err(Into::into),
+        };
+        let failed = r.is_err();
+        if acks.send(r).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn write(
+    qc: &mut tokio_postgres::Client,
+    slot: &str,
+    items: &[Item],
+    end: u64,
+) -> Result<u64> {
+    let t = Instant::now();
+    let n = batch::write(qc, slot, items, end).await?;
+    metrics::counter!(crate::metrics::EVENTS_QUEUED).increment(n as u64);
+    metrics::histogram!(crate::metrics::BATCH_WRITE_SECONDS).record(t.elapsed().as_secs_f64());
+    metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(end as f64);
+    tracing::debug!(events = n, lsn = %queue::lsn_text(end), "queued batch");
+    Ok(end)
 }
 
 #[cfg(test)]

@@ -6,14 +6,14 @@
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::control::{Role, Topics};
 use super::error::{CaptureError, Result};
 use super::{assemble, decode, flush, lag, matcher};
 use crate::config::Config;
 use crate::fhir::search::Searcher;
-use crate::queue::{self, batch, batch::Item};
+use crate::queue::{self, batch::Item};
 use crate::store::{setup, StoreProfile};
 
 /// Prefix of our WAL heartbeat messages (`pg_logical_emit_message`).
@@ -42,6 +42,8 @@ pub struct Stream<'a> {
     pending: flush::Pending,
     /// The highest LSN confirmed to the server (and checkpointed).
     confirmed: u64,
+    /// Jobs sent to the queue writer and not yet acknowledged.
+    in_flight: usize,
     last_advance: Instant,
     /// The store connection the WAL heartbeat is written on; `None` when off.
     heartbeat: Option<tokio_postgres::Client>,
@@ -69,6 +71,7 @@ impl<'a> Stream<'a> {
             txn_items: Vec::new(),
             pending: flush::Pending::default(),
             confirmed: checkpoint,
+            in_flight: 0,
             last_advance: Instant::now(),
             heartbeat: None,
             open_commit: None,
@@ -76,11 +79,28 @@ impl<'a> Stream<'a> {
         }
     }
 
+    /// Streams until shutdown or an error, with the queue writer beside it on `qc`.
     pub async fn run(
         &mut self,
         qc: &mut tokio_postgres::Client,
+        repl: ReplicationClient,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        // One batch written while the next is matched; the writer acknowledges at most a few.
+        let (jobs, job_rx) = mpsc::channel(1);
+        let (ack_tx, acks) = mpsc::channel(8);
+        let slot = self.cfg.source.slot.clone();
+        let writer = flush::writer(qc, &slot, job_rx, ack_tx);
+        let (r, ()) = tokio::join!(self.stream(repl, shutdown, jobs, acks), writer);
+        r
+    }
+
+    async fn stream(
+        &mut self,
         mut repl: ReplicationClient,
         shutdown: &mut watch::Receiver<bool>,
+        jobs: mpsc::Sender<flush::Job>,
+        mut acks: mpsc::Receiver<Result<u64>>,
     ) -> Result<()> {
         let src = &self.cfg.source;
         let flush_after = Duration::from_millis(self.cfg.queue.flush_ms);
@@ -97,17 +117,23 @@ impl<'a> Stream<'a> {
                         .ok_or_else(|| CaptureError::Replication("replication stream ended".into()))?;
                     match self.handle(ev).await? {
                         Step::Nothing => {}
-                        Step::Flush => self.flush(qc, &repl).await?,
-                        Step::Position(lsn) => self.advance(qc, &repl, lsn).await?,
+                        Step::Flush => self.flush(&jobs, &mut acks).await?,
+                        Step::Position(lsn) => self.advance(&jobs, &mut acks, lsn).await?,
                     }
                 }
+                ack = acks.recv() => {
+                    let lsn = ack.ok_or_else(|| CaptureError::Replication("queue writer stopped".into()))??;
+                    self.acked(&repl, lsn);
+                }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
-                    self.flush(qc, &repl).await?;
+                    self.flush(&jobs, &mut acks).await?;
                 }
                 _ = sync.tick() => sync_publication(self.cfg, self.profile.as_ref()).await,
                 _ = beat.tick(), if self.heartbeat.is_some() => self.beat().await,
                 _ = shutdown.changed() => {
-                    self.flush(qc, &repl).await?;
+                    // The writer finishes what it was sent; what it commits is checkpointed,
+                    // and a restart skips it.
+                    self.flush(&jobs, &mut acks).await?;
                     repl.shutdown().await.ok();
                     return Ok(());
                 }
@@ -204,19 +230,45 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
+    /// Hands the waiting batch to the writer (waiting while it is busy: the slot is then
+    /// read no faster than the queue is written).
     async fn flush(
         &mut self,
-        qc: &mut tokio_postgres::Client,
-        repl: &ReplicationClient,
+        jobs: &mpsc::Sender<flush::Job>,
+        acks: &mut mpsc::Receiver<Result<u64>>,
     ) -> Result<()> {
-        if let Some(end) = self.pending.flush(qc, &self.cfg.source.slot).await? {
-            // Only now, with the events committed, may the server forget this WAL.
-            repl.update_applied_lsn(Lsn(end));
-            self.confirmed = self.confirmed.max(end);
-            self.last_advance = Instant::now();
+        match self.pending.take() {
+            Some(job) => self.send(job, jobs, acks).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        job: flush::Job,
+        jobs: &mpsc::Sender<flush::Job>,
+        acks: &mut mpsc::Receiver<Result<u64>>,
+    ) -> Result<()> {
+        if jobs.send(job).await.is_err() {
+            // The writer stopped: its error is in the acknowledgements.
+            return match acks.try_recv() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(CaptureError::Replication("queue writer stopped".into())),
+            };
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// A job is committed: only now may the server forget the WAL up to `lsn`.
+    fn acked(&mut self, repl: &ReplicationClient, lsn: u64) {
+        repl.update_applied_lsn(Lsn(lsn));
+        self.confirmed = self.confirmed.max(lsn);
+        self.last_advance = Instant::now();
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0 && self.pending.is_empty() {
             self.health.queued(self.open_commit);
         }
-        Ok(())
     }
 
     /// Confirms `lsn` when nothing of ours before it is open or waiting: every store commit
@@ -224,21 +276,20 @@ impl<'a> Stream<'a> {
     /// never confirmed past it (invariant 2).
     async fn advance(
         &mut self,
-        qc: &tokio_postgres::Client,
-        repl: &ReplicationClient,
+        jobs: &mpsc::Sender<flush::Job>,
+        acks: &mut mpsc::Receiver<Result<u64>>,
         lsn: u64,
     ) -> Result<()> {
-        let idle = self.assembler.is_idle() && self.pending.is_empty() && self.txn_items.is_empty();
+        let idle = self.assembler.is_idle()
+            && self.pending.is_empty()
+            && self.txn_items.is_empty()
+            && self.in_flight == 0;
         if !idle || lsn <= self.confirmed || self.last_advance.elapsed() < ADVANCE_EVERY {
             return Ok(());
         }
-        batch::advance(qc, &self.cfg.source.slot, lsn).await?;
-        repl.update_applied_lsn(Lsn(lsn));
-        self.health.queued(None);
-        self.confirmed = lsn;
-        self.last_advance = Instant::now();
+        self.send(flush::Job::Advance(lsn), jobs, acks).await?;
         metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(lsn as f64);
-        tracing::trace!(lsn = %queue::lsn_text(lsn), "idle position confirmed");
+        tracing::trace!(lsn = %queue::lsn_text(lsn), "idle position sent to be confirmed");
         Ok(())
     }
 
