@@ -72,16 +72,7 @@ async fn hfs_writes_become_exactly_their_fhir_changes() {
         json!({"maxCount": 1}),
     )
     .await;
-    let published: Vec<String> = store
-        .query(
-            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let published = published_tables(store).await;
     assert_eq!(published, ["resources"], "only HFS's resource table");
 
     // HFS's REST path: each statement its own transaction.
@@ -232,17 +223,7 @@ async fn medplum_writes_become_exactly_their_fhir_changes() {
         json!({"maxCount": 50}),
     )
     .await;
-    let mut published: Vec<String> = store
-        .query(
-            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    published.sort();
+    let published = published_tables(store).await;
     assert_eq!(
         published,
         [
@@ -370,16 +351,7 @@ async fn hapi_writes_become_exactly_their_fhir_changes() {
         json!({"maxCount": 50}),
     )
     .await;
-    let published: Vec<String> = store
-        .query(
-            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let published = published_tables(store).await;
     assert_eq!(published, ["hfj_res_ver"], "only the version table");
 
     // HAPI bodies carry neither id nor meta.

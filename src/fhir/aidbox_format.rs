@@ -20,15 +20,6 @@ use super::FhirVersion;
 
 type Elements = HashMap<String, FhirSchemaElement>;
 
-fn schema_version(v: FhirVersion) -> SchemaVersion {
-    match v {
-        FhirVersion::R4 => SchemaVersion::R4,
-        FhirVersion::R4B => SchemaVersion::R4B,
-        FhirVersion::R5 => SchemaVersion::R5,
-        FhirVersion::R6 => SchemaVersion::R6,
-    }
-}
-
 /// An Attribute: a first-class extension stored under `key` of `resource_type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attribute {
@@ -74,7 +65,7 @@ struct Converter<'a> {
 /// Converts `resource` in place. A resource without a known `resourceType` is left alone.
 pub fn to_fhir(resource: &mut Map<String, Value>, version: FhirVersion, attributes: &Attributes) {
     let c = Converter {
-        version: schema_version(version),
+        version: version.schema(),
         attributes,
     };
     let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {

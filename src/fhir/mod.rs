@@ -19,3 +19,16 @@ pub enum FhirVersion {
     R5,
     R6,
 }
+
+impl FhirVersion {
+    /// The embedded FHIR model of this release (octofhir-fhirschema).
+    pub fn schema(self) -> octofhir_fhirschema::embedded::FhirVersion {
+        use octofhir_fhirschema::embedded::FhirVersion as S;
+        match self {
+            FhirVersion::R4 => S::R4,
+            FhirVersion::R4B => S::R4B,
+            FhirVersion::R5 => S::R5,
+            FhirVersion::R6 => S::R6,
+        }
+    }
+}

@@ -93,11 +93,7 @@ impl Aidbox {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or_else(|| StoreError::Config("this profile has no store connection".into()))?;
-        Ok(pool.get().await?)
+        super::pooled(self.pool.as_ref()).await
     }
 
     fn table_of(&self, resource_type: &str) -> Option<String> {

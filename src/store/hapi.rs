@@ -52,11 +52,7 @@ impl Hapi {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or_else(|| StoreError::Config("this profile has no store connection".into()))?;
-        Ok(pool.get().await?)
+        super::pooled(self.pool.as_ref()).await
     }
 
     /// `fhir_id` of a `res_id`, from the cache or the store.
@@ -237,14 +233,7 @@ impl StoreProfile for Hapi {
     }
 
     fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
-        catalog
-            .iter()
-            .filter(|t| t.schema == self.schema && (t.name == VERSIONS || t.name == RESOURCES))
-            .map(|t| TableName {
-                schema: t.schema.clone(),
-                name: t.name.clone(),
-            })
-            .collect()
+        super::tables_named(catalog, &self.schema, &[VERSIONS, RESOURCES])
     }
 
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>> {

@@ -46,11 +46,7 @@ impl Helios {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        let pool = self
-            .pool
-            .as_ref()
-            .ok_or_else(|| StoreError::Config("this profile has no store connection".into()))?;
-        Ok(pool.get().await?)
+        super::pooled(self.pool.as_ref()).await
     }
 }
 
@@ -185,14 +181,7 @@ impl StoreProfile for Helios {
     }
 
     fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {
-        catalog
-            .iter()
-            .filter(|t| t.schema == self.schema && (t.name == MAIN || t.name == HISTORY))
-            .map(|t| TableName {
-                schema: t.schema.clone(),
-                name: t.name.clone(),
-            })
-            .collect()
+        super::tables_named(catalog, &self.schema, &[MAIN, HISTORY])
     }
 
     fn table(&self, table: &TableInfo) -> Option<Arc<dyn TableDecoder>> {

@@ -201,6 +201,28 @@ pub fn from_config(source: &SourceConfig, pool: deadpool_postgres::Pool) -> Arc<
     }
 }
 
+/// A connection from a profile's read pool; a profile made without one (decoding only, in
+/// tests) says so.
+pub(crate) async fn pooled(
+    pool: Option<&deadpool_postgres::Pool>,
+) -> Result<deadpool_postgres::Object, StoreError> {
+    let pool =
+        pool.ok_or_else(|| StoreError::Config("this profile has no store connection".into()))?;
+    Ok(pool.get().await?)
+}
+
+/// The catalog's tables of `schema` named `names`, for [`StoreProfile::read_tables`].
+pub(crate) fn tables_named(catalog: &[TableInfo], schema: &str, names: &[&str]) -> Vec<TableName> {
+    catalog
+        .iter()
+        .filter(|t| t.schema == schema && names.contains(&t.name.as_str()))
+        .map(|t| TableName {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+        })
+        .collect()
+}
+
 /// A write whose previous version is a deletion is a create (re-create after delete), with
 /// no previous version: FHIR's view, whatever the store did to its rows.
 pub fn settle(change: &mut RowChange, previous: &mut Option<RowChange>) {

@@ -743,3 +743,19 @@ pub async fn subscribe_active(
     .await;
     id
 }
+
+/// The tables publication `fhir_cdc` names (table names, sorted).
+pub async fn published_tables(store: &Client) -> Vec<String> {
+    let mut t: Vec<String> = store
+        .query(
+            "SELECT tablename::text FROM pg_publication_tables WHERE pubname = 'fhir_cdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    t.sort();
+    t
+}

@@ -103,15 +103,6 @@ fn step<'a>(items: Vec<&'a Value>, s: &Step) -> Vec<&'a Value> {
     out
 }
 
-fn schema_version(v: FhirVersion) -> SchemaVersion {
-    match v {
-        FhirVersion::R4 => SchemaVersion::R4,
-        FhirVersion::R4B => SchemaVersion::R4B,
-        FhirVersion::R5 => SchemaVersion::R5,
-        FhirVersion::R6 => SchemaVersion::R6,
-    }
-}
-
 /// Where a step's name is looked up: a type (with its bases) or a backbone's members.
 enum Scope {
     Type(String),
@@ -138,7 +129,7 @@ fn lookup(v: SchemaVersion, scope: &Scope, name: &str) -> Option<&'static FhirSc
 /// The plan of `expr` for `resource_type`, when every part of it is a plain path the model
 /// confirms; `None` sends the parameter to the FHIRPath engine.
 pub fn compile(expr: &str, resource_type: &str, version: FhirVersion) -> Option<Plan> {
-    let v = schema_version(version);
+    let v = version.schema();
     let branches = split_top(expr, '|')
         .into_iter()
         .map(|p| branch(p.trim(), resource_type, v))
