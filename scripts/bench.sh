@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks: figures, not tests. One `name=value` line per figure, each beside the physical
 # limit measured in the same run on the same machine; removes everything it started.
-#   scripts/bench.sh                 # about 5 minutes on 2 cores
+#   scripts/bench.sh                 # about 10 minutes on 2 cores with the defaults
 #   BENCH_ROWS=20000 scripts/bench.sh
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
