@@ -39,6 +39,34 @@ fn txn_sql(k: usize) -> String {
     )
 }
 
+/// A subscription to the Encounter topic on hook `hook`, batches of up to 100 (every Bundle is
+/// validated, at about 40 ms each), waited for until its handshake arrived.
+async fn subscribe_batched(env: &TestEnv, hook: &str) -> String {
+    let sub = subscribe_with(
+        env.api,
+        "http://fhir-cdc.test/topic/encounter",
+        &env.rx.url(hook),
+        "id-only",
+        serde_json::json!({"maxCount": 100}),
+    )
+    .await;
+    wait_until("handshake", Duration::from_secs(30), || async {
+        !env.rx.bodies(hook).is_empty()
+    })
+    .await;
+    sub
+}
+
+/// Seeded kill points: the seed is printed, `CRASH_SEED` repeats a run.
+fn seeded(test: &str) -> StdRng {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("{test}: seed {seed} (CRASH_SEED={seed} repeats these kill points)");
+    StdRng::seed_from_u64(seed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let env = TestEnv::aidbox(TOPIC)
@@ -53,19 +81,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     // The writer task owns its connection.
     let store = env.client().await;
     let mut d = env.start().await;
-    // Batches of up to 100 events: every Bundle is validated below, at about 40 ms each.
-    let sub = subscribe_with(
-        api,
-        "http://fhir-cdc.test/topic/encounter",
-        &rx.url("crash"),
-        "id-only",
-        serde_json::json!({"maxCount": 100}),
-    )
-    .await;
-    wait_until("handshake", Duration::from_secs(30), || async {
-        !rx.bodies("crash").is_empty()
-    })
-    .await;
+    let sub = subscribe_batched(&env, "crash").await;
 
     let writer = tokio::spawn(async move {
         for k in 0..TXNS {
@@ -74,13 +90,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         }
     });
 
-    // Seeded kill points: the seed is printed, CRASH_SEED repeats a run.
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("crash test: seed {seed} (CRASH_SEED={seed} repeats these kill points)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = seeded("crash test");
     let q = env.client().await;
     let mut kills = 0;
     let mut checkpoints = BTreeSet::new();
@@ -210,24 +220,8 @@ async fn sigkill_inside_a_30000_row_transaction_queues_it_once() {
     let (rx, api) = (&env.rx, env.api);
     let store = env.client().await;
     let mut d = env.start().await;
-    let sub = subscribe_with(
-        api,
-        "http://fhir-cdc.test/topic/encounter",
-        &rx.url("big"),
-        "id-only",
-        serde_json::json!({"maxCount": 100}),
-    )
-    .await;
-    wait_until("handshake", Duration::from_secs(30), || async {
-        !rx.bodies("big").is_empty()
-    })
-    .await;
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("big transaction crash test: seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let sub = subscribe_batched(&env, "big").await;
+    let mut rng = seeded("big transaction crash test");
     store
         .batch_execute(&format!(
             "BEGIN;
@@ -361,24 +355,8 @@ async fn postgres_immediate_restarts_mid_stream_lose_and_duplicate_nothing() {
         .await;
     let (rx, api) = (&env.rx, env.api);
     let _d = env.start().await;
-    let sub = subscribe_with(
-        api,
-        "http://fhir-cdc.test/topic/encounter",
-        &rx.url("pg"),
-        "id-only",
-        serde_json::json!({"maxCount": 100}),
-    )
-    .await;
-    wait_until("handshake", Duration::from_secs(30), || async {
-        !rx.bodies("pg").is_empty()
-    })
-    .await;
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("postgres restart test: seed {seed}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let sub = subscribe_batched(&env, "pg").await;
+    let mut rng = seeded("postgres restart test");
     let writer = tokio::spawn(write_through_restarts(env.url(), TXNS));
 
     let mut last = String::new();

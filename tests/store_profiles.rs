@@ -49,29 +49,60 @@ fn ev(t: &str, id: &str, v: &str, i: &str) -> (String, String, String, String) {
     (t.into(), id.into(), v.into(), i.into())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hfs_writes_become_exactly_their_fhir_changes() {
+/// A store of `profile`'s layout (`init-store`'s SQL), the daemon running, and a full-resource
+/// subscriber `all` on the all-types topic with `max_count`.
+async fn profile_store(profile: ProfileKind, max_count: i64) -> (TestEnv, Daemon) {
     let env = TestEnv::empty(TOPICS)
-        .config(|c| c.source.profile = ProfileKind::Helios)
+        .config(move |c| c.source.profile = profile)
         .build()
         .await;
-    let store = &env.store;
-    run(
-        store,
-        &std::fs::read_to_string(repo().join("scripts/stores/helios.sql")).unwrap(),
-    )
-    .await;
-    let _d = env.start().await;
+    let layout = fhir_cdc::store::init::layout_sql(profile).unwrap();
+    run(&env.store, layout).await;
+    let d = env.start().await;
     subscribe_active(
         env.api,
         "http://fhir-cdc.test/topic/all",
         &env.rx.url("all"),
         "full-resource",
-        // One event per Bundle: the two tenants' Patient/p1 version 1 would share a fullUrl
-        // in one Bundle (bdl-7); events do not carry the tenant yet.
-        json!({"maxCount": 1}),
+        json!({ "maxCount": max_count }),
     )
     .await;
+    (env, d)
+}
+
+/// Exactly `expected` queued for the all-types topic and `deactivated` for the `%previous`
+/// topic (the previous version read by key), then every event notified to `all`.
+async fn changes_are(
+    env: &TestEnv,
+    expected: &[(String, String, String, String)],
+    deactivated: Vec<(String, String, String, String)>,
+) {
+    let store = &env.store;
+    wait_until("every write queued", Duration::from_secs(30), || async {
+        queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len()
+    })
+    .await;
+    wait_settled(env).await;
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/all").await,
+        expected
+    );
+    assert_eq!(
+        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
+        deactivated
+    );
+    wait_until("the notifications", Duration::from_secs(30), || async {
+        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hfs_writes_become_exactly_their_fhir_changes() {
+    // One event per Bundle: the two tenants' Patient/p1 version 1 would share a fullUrl
+    // in one Bundle (bdl-7); events do not carry the tenant yet.
+    let (env, _d) = profile_store(ProfileKind::Helios, 1).await;
+    let store = &env.store;
     let published = published_tables(store).await;
     assert_eq!(published, ["resources"], "only HFS's resource table");
 
@@ -145,28 +176,8 @@ async fn hfs_writes_become_exactly_their_fhir_changes() {
         ev("Encounter", "e2", "1", "create"),
         ev("Encounter", "e1", "2", "update"),
     ];
-    wait_until(
-        "every HFS write queued",
-        Duration::from_secs(30),
-        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
-    )
-    .await;
-    wait_settled(&env).await;
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/all").await,
-        expected
-    );
     // The previous version came from resource_history, per tenant: only t1's 1 → 2 fires.
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
-        vec![ev("Patient", "p1", "2", "update")]
-    );
-
-    // Notifications carry the resources with id and meta restored from the columns.
-    wait_until("the notifications", Duration::from_secs(30), || async {
-        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
-    })
-    .await;
+    changes_are(&env, &expected, vec![ev("Patient", "p1", "2", "update")]).await;
     let bodies = env.rx.bodies("all");
     let resources = notified(&env.rx, "all");
     let p1v2 = resources
@@ -204,25 +215,8 @@ async fn write(c: &tokio_postgres::Client, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn medplum_writes_become_exactly_their_fhir_changes() {
-    let env = TestEnv::empty(TOPICS)
-        .config(|c| c.source.profile = ProfileKind::Medplum)
-        .build()
-        .await;
+    let (env, _d) = profile_store(ProfileKind::Medplum, 50).await;
     let store = &env.store;
-    run(
-        store,
-        &std::fs::read_to_string(repo().join("scripts/stores/medplum.sql")).unwrap(),
-    )
-    .await;
-    let _d = env.start().await;
-    subscribe_active(
-        env.api,
-        "http://fhir-cdc.test/topic/all",
-        &env.rx.url("all"),
-        "full-resource",
-        json!({"maxCount": 50}),
-    )
-    .await;
     let published = published_tables(store).await;
     assert_eq!(
         published,
@@ -301,26 +295,8 @@ async fn medplum_writes_become_exactly_their_fhir_changes() {
         ev("Encounter", e2, &versions[1], "create"),
         ev("Encounter", e1, &versions[2], "update"),
     ];
-    wait_until(
-        "every Medplum write queued",
-        Duration::from_secs(30),
-        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
-    )
-    .await;
-    wait_settled(&env).await;
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/all").await,
-        expected
-    );
     // The previous version is the history row before: active true → false fires once.
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
-        vec![ev("Patient", p, &p2, "update")]
-    );
-    wait_until("the notifications", Duration::from_secs(30), || async {
-        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
-    })
-    .await;
+    changes_are(&env, &expected, vec![ev("Patient", p, &p2, "update")]).await;
     let resources = notified(&env.rx, "all");
     let v2 = resources
         .iter()
@@ -332,25 +308,8 @@ async fn medplum_writes_become_exactly_their_fhir_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hapi_writes_become_exactly_their_fhir_changes() {
-    let env = TestEnv::empty(TOPICS)
-        .config(|c| c.source.profile = ProfileKind::Hapi)
-        .build()
-        .await;
+    let (env, _d) = profile_store(ProfileKind::Hapi, 50).await;
     let store = &env.store;
-    run(
-        store,
-        &std::fs::read_to_string(repo().join("scripts/stores/hapi.sql")).unwrap(),
-    )
-    .await;
-    let _d = env.start().await;
-    subscribe_active(
-        env.api,
-        "http://fhir-cdc.test/topic/all",
-        &env.rx.url("all"),
-        "full-resource",
-        json!({"maxCount": 50}),
-    )
-    .await;
     let published = published_tables(store).await;
     assert_eq!(published, ["hfj_res_ver"], "only the version table");
 
@@ -427,25 +386,7 @@ async fn hapi_writes_become_exactly_their_fhir_changes() {
         ev("Encounter", "e1", "2", "update"),
         ev("Patient", "p-legacy", "1", "create"),
     ];
-    wait_until(
-        "every HAPI write queued",
-        Duration::from_secs(30),
-        || async { queued(store, "http://fhir-cdc.test/topic/all").await.len() >= expected.len() },
-    )
-    .await;
-    wait_settled(&env).await;
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/all").await,
-        expected
-    );
-    assert_eq!(
-        queued(store, "http://fhir-cdc.test/topic/deactivated").await,
-        vec![ev("Patient", "p1", "2", "update")]
-    );
-    wait_until("the notifications", Duration::from_secs(30), || async {
-        env.rx.events("all").iter().flat_map(event_numbers).count() >= expected.len()
-    })
-    .await;
+    changes_are(&env, &expected, vec![ev("Patient", "p1", "2", "update")]).await;
     let resources = notified(&env.rx, "all");
     let p1v2 = resources
         .iter()

@@ -217,19 +217,13 @@ impl StoreProfile for Hapi {
     }
 
     fn publication_tables(&self, catalog: &[TableInfo]) -> Result<Vec<TableName>, StoreError> {
-        match catalog
-            .iter()
-            .find(|t| t.schema == self.schema && t.name == VERSIONS && Versions::of(t).is_some())
-        {
-            Some(t) => Ok(vec![TableName {
-                schema: t.schema.clone(),
-                name: t.name.clone(),
-            }]),
-            None => Err(StoreError::Config(format!(
+        super::the_table(catalog, &self.schema, VERSIONS, |t| Versions::of(t).is_some())
+            .ok_or_else(|| {
+                StoreError::Config(format!(
                 "no HAPI table {}.{VERSIONS} (res_id, res_ver, res_type, res_encoding, res_text_vc, res_updated)",
                 self.schema
-            ))),
-        }
+            ))
+            })
     }
 
     fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {

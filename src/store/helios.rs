@@ -165,19 +165,14 @@ impl StoreProfile for Helios {
     }
 
     fn publication_tables(&self, catalog: &[TableInfo]) -> Result<Vec<TableName>, StoreError> {
-        let main = catalog
-            .iter()
-            .find(|t| t.schema == self.schema && t.name == MAIN && Resources::of(t).is_some());
-        match main {
-            Some(t) => Ok(vec![TableName {
-                schema: t.schema.clone(),
-                name: t.name.clone(),
-            }]),
-            None => Err(StoreError::Config(format!(
+        super::the_table(catalog, &self.schema, MAIN, |t| Resources::of(t).is_some()).ok_or_else(
+            || {
+                StoreError::Config(format!(
                 "no HFS table {}.{MAIN} (tenant_id, resource_type, id, version_id, data, last_updated, is_deleted)",
                 self.schema
-            ))),
-        }
+            ))
+            },
+        )
     }
 
     fn read_tables(&self, catalog: &[TableInfo]) -> Vec<TableName> {

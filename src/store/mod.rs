@@ -211,6 +211,23 @@ pub(crate) async fn pooled(
     Ok(pool.get().await?)
 }
 
+/// The one table a profile publishes, as a publication list, when the catalog has it with
+/// the columns `fits` checks.
+pub(crate) fn the_table(
+    catalog: &[TableInfo],
+    schema: &str,
+    name: &str,
+    fits: impl Fn(&TableInfo) -> bool,
+) -> Option<Vec<TableName>> {
+    let t = catalog
+        .iter()
+        .find(|t| t.schema == schema && t.name == name && fits(t))?;
+    Some(vec![TableName {
+        schema: t.schema.clone(),
+        name: t.name.clone(),
+    }])
+}
+
 /// The catalog's tables of `schema` named `names`, for [`StoreProfile::read_tables`].
 pub(crate) fn tables_named(catalog: &[TableInfo], schema: &str, names: &[&str]) -> Vec<TableName> {
     catalog
