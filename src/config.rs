@@ -242,9 +242,17 @@ pub struct DeliveryConfig {
     /// Consecutive failures that turn it `off` (pending events go to `dead_letter`).
     #[serde(default = "default_off_after")]
     pub off_after_failures: i32,
-    /// Send workers per topic when a topic does not say.
+    /// Subscriptions of one topic sent at once when the topic does not say (default 16).
+    /// Each send holds no database connection, so a hanging endpoint costs one slot.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Queue connections shared by the sends of every topic (default 8).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// On SIGTERM, how long sends under way may take to finish before the process exits;
+    /// unfinished ones stay pending and go out again (default 10).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
     /// How long a notification may wait for more events to fill `maxCount`, milliseconds.
     /// 0 (default): send what is ready.
     #[serde(default)]
@@ -566,7 +574,15 @@ fn default_off_after() -> i32 {
     50
 }
 fn default_workers() -> usize {
-    2
+    16
+}
+
+fn default_pool_size() -> usize {
+    8
+}
+
+fn default_grace() -> u64 {
+    10
 }
 
 #[cfg(test)]
@@ -592,7 +608,7 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }
         assert!(c.delivery.require_https_for_full_resource);
         assert_eq!(c.topics.len(), 1);
         assert_eq!(c.topics[0].topic.url, "http://example.org/topic/enc");
-        assert_eq!(c.topics[0].workers, 2);
+        assert_eq!(c.topics[0].workers, 16);
         assert_eq!(c.api.base_url(), "http://127.0.0.1:8090");
     }
 

@@ -45,6 +45,10 @@ pub enum SendError {
     Encode(String),
     #[error("channel {0} is not available in this process")]
     Unavailable(String),
+    /// A websocket subscription whose sockets all closed: not a failure, the events wait
+    /// for the next bind.
+    #[error("no client is bound")]
+    NoListener,
     #[error("{0}")]
     Other(String),
 }
@@ -55,6 +59,12 @@ pub trait Channel: Send + Sync {
 
     /// Sends one notification; `Ok` means the receiver accepted it.
     async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError>;
+
+    /// Subscriptions this channel can reach from this process only (websocket: the ones
+    /// with a socket bound here). Empty for channels that reach anywhere.
+    fn bound_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The channels of this process, by type.
@@ -72,6 +82,11 @@ impl Channels {
     pub fn with(mut self, c: Arc<dyn Channel>) -> Self {
         self.by_type.insert(c.channel_type(), c);
         self
+    }
+
+    /// Every subscription bound to this process by any channel.
+    pub fn bound_ids(&self) -> Vec<String> {
+        self.by_type.values().flat_map(|c| c.bound_ids()).collect()
     }
 
     pub fn get(&self, t: Option<ChannelType>) -> Result<&Arc<dyn Channel>, SendError> {

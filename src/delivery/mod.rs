@@ -121,6 +121,7 @@ pub async fn run(
         topics: registry.clone(),
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),
+        pool: queue::pool(cfg.queue_url(), cfg.delivery.pool_size)?,
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(listen::run(
@@ -163,28 +164,19 @@ fn start_topic(
     if !new {
         return;
     }
-    let workers = cfg
-        .topics
-        .iter()
-        .find(|c| c.topic.url == url)
-        .map(|c| c.workers)
-        .unwrap_or(cfg.delivery.workers)
-        .max(1);
-    tracing::info!(topic = %url, workers, "delivering topic");
+    tracing::info!(topic = %url, "delivering topic");
     tasks.spawn(dispatcher(
         cfg.clone(),
         url.to_string(),
         w.events.clone(),
         shutdown.clone(),
     ));
-    for _ in 0..workers {
-        tasks.spawn(send::worker(
-            ctx.clone(),
-            url.to_string(),
-            w.deliveries.clone(),
-            shutdown.clone(),
-        ));
-    }
+    tasks.spawn(send::worker(
+        ctx.clone(),
+        url.to_string(),
+        w.deliveries.clone(),
+        shutdown.clone(),
+    ));
     // Catch up on whatever was queued while no delivery ran.
     w.events.notify_one();
     w.deliveries.notify_one();

@@ -4,10 +4,14 @@
 //! The decisions are in [`super::policy`]; this module does the I/O around them.
 
 use chrono::Utc;
+use deadpool_postgres::Pool;
 use rand::Rng;
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use super::payload::Payloads;
@@ -33,9 +37,11 @@ pub struct Ctx {
     pub topics: Arc<crate::topics::Registry>,
     pub base_url: String,
     pub format: Format,
+    /// Queue connections for the sends' reads and writes; none is held across a send.
+    pub pool: Pool,
 }
 
-/// Runs one send worker of `topic` until shutdown, reconnecting when the queue goes away.
+/// Runs the sends of `topic` until shutdown, reconnecting when the queue goes away.
 pub async fn worker(
     ctx: Arc<Ctx>,
     topic: String,
@@ -47,35 +53,126 @@ pub async fn worker(
         ..Backoff::default()
     };
     supervise("send", backoff, shutdown.clone(), || {
-        run_worker(&ctx, &topic, &wake, shutdown.clone())
+        run_worker(ctx.clone(), &topic, &wake, shutdown.clone())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("send worker of {topic}: {e}"))
+    .map_err(|e| anyhow::anyhow!("sends of {topic}: {e}"))
 }
 
+/// The leases of one topic in this process: advisory locks on one connection of its own,
+/// and the set of ids held, because session locks nest and would let two of our own sends
+/// take one subscription.
+struct Leases {
+    conn: Client,
+    held: Mutex<HashSet<String>>,
+}
+
+impl Leases {
+    fn held(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn take(&self, id: &str) -> Result<bool> {
+        let got = subscriptions::try_lease(&self.conn, id).await?;
+        if got {
+            self.held.lock().map(|mut h| h.insert(id.to_string())).ok();
+        }
+        Ok(got)
+    }
+
+    async fn give_back(&self, id: &str) -> Result<()> {
+        let r = subscriptions::release(&self.conn, id).await;
+        self.held.lock().map(|mut h| h.remove(id)).ok();
+        Ok(r?)
+    }
+}
+
+/// Leases subscriptions with work and sends each in a task of its own, at most `workers` at
+/// once per topic, so a hanging endpoint holds up only its own subscription. A dropped
+/// lease connection ends every send of the topic (their leases are gone).
 async fn run_worker(
-    ctx: &Ctx,
+    ctx: Arc<Ctx>,
     topic: &str,
     wake: &Notify,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    // A connection of the worker's own: its session advisory locks are the leases, so a
-    // dropped connection (error, crash) frees them at once.
-    let mut c = queue::connect(ctx.cfg.queue_url()).await?;
-    loop {
-        if *shutdown.borrow() {
-            return Ok(());
+    let leases = Arc::new(Leases {
+        conn: queue::connect(ctx.cfg.queue_url()).await?,
+        held: Mutex::default(),
+    });
+    let workers = topic_workers(&ctx.cfg, topic);
+    let mut running: JoinSet<Result<()>> = JoinSet::new();
+    while !*shutdown.borrow() {
+        let free = workers.saturating_sub(running.len()) as i64;
+        if free > 0 {
+            let bound = ctx.channels.bound_ids();
+            let ids =
+                subscriptions::with_work(&leases.conn, topic, &leases.held(), &bound, free).await?;
+            for id in ids {
+                if leases.take(&id).await? {
+                    running.spawn(send_one(ctx.clone(), leases.clone(), topic.to_string(), id));
+                }
+            }
         }
-        if work_one(ctx, &mut c, topic, wake).await? {
-            continue;
-        }
-        let idle = next_wait(&c, topic).await;
+        let idle = next_wait(&leases.conn, topic).await;
         tokio::select! {
+            Some(done) = running.join_next(), if !running.is_empty() => finished(done)?,
             _ = wake.notified() => {}
             _ = tokio::time::sleep(idle) => {}
-            _ = shutdown.changed() => return Ok(()),
+            _ = shutdown.changed() => {}
         }
     }
+    drain_on_shutdown(&ctx.cfg, running).await;
+    Ok(())
+}
+
+/// Sends per topic at once: the topic's `workers`, else `[delivery] workers`.
+fn topic_workers(cfg: &Config, topic: &str) -> usize {
+    cfg.topics
+        .iter()
+        .find(|c| c.topic.url == topic)
+        .map(|c| c.workers)
+        .unwrap_or(cfg.delivery.workers)
+        .max(1)
+}
+
+/// A send task ended: its error is logged; only a lost lease connection stops the topic.
+fn finished(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match done {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "send failed on the queue; the subscription is retried");
+            Ok(())
+        }
+        Err(e) => Err(DeliveryError::Queue(queue::QueueError::Other(format!(
+            "send task: {e}"
+        )))),
+    }
+}
+
+/// On SIGTERM: sends under way get `[delivery] shutdown_grace_secs` to finish; what is left
+/// is dropped unmarked, so its events stay pending and go out again (same eventNumbers) from
+/// whichever instance leases the subscription next.
+async fn drain_on_shutdown(cfg: &Config, mut running: JoinSet<Result<()>>) {
+    let grace = Duration::from_secs(cfg.delivery.shutdown_grace_secs);
+    let all_done = async { while running.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, all_done).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "sends still running at the end of the shutdown grace; their events stay pending"
+        );
+    }
+}
+
+/// One leased subscription: its handshake, pending events or heartbeat; then the lease goes
+/// back, whatever happened.
+async fn send_one(ctx: Arc<Ctx>, leases: Arc<Leases>, topic: String, id: String) -> Result<()> {
+    let r = work_one(&ctx, &topic, &id).await;
+    leases.give_back(&id).await?;
+    r
 }
 
 /// How long to sleep when there is nothing to do: until the next retry is due, at most 1 s.
@@ -87,43 +184,40 @@ async fn next_wait(c: &Client, topic: &str) -> Duration {
     }
 }
 
+/// A queue connection for one step of a send.
+async fn conn(ctx: &Ctx) -> Result<deadpool_postgres::Object> {
+    Ok(ctx.pool.get().await.map_err(queue::QueueError::from)?)
+}
+
 /// Notifications one worker sends for one subscription before giving others a turn.
 const BACKLOG_ROUNDS: usize = 100;
 
-/// Does one unit of work. Returns false when no subscription of the topic had any.
-async fn work_one(ctx: &Ctx, c: &mut Client, topic: &str, wake: &Notify) -> Result<bool> {
-    let Some(mut sub) = subscriptions::lease(c, topic).await? else {
-        return Ok(false);
+/// Does the work of one leased subscription.
+async fn work_one(ctx: &Ctx, topic: &str, id: &str) -> Result<()> {
+    // Re-read under the lease: another process may have finished it meanwhile.
+    let Some(mut sub) = subscriptions::sendable(&**conn(ctx).await?, id).await? else {
+        return Ok(());
     };
-    // Another worker may find more work meanwhile.
-    wake.notify_one();
     let t = ctx.policy.timeout(sub.timeout);
     if sub.status == Status::Requested {
-        handshake(ctx, c, &sub, t).await?;
+        handshake(ctx, &sub, t).await?;
     } else {
         let now = Utc::now();
-        let went_out = sub.next_attempt_at <= now && drain(ctx, c, topic, &mut sub, t).await?;
+        let went_out = sub.next_attempt_at <= now && drain(ctx, topic, &mut sub, t).await?;
         if !went_out && heartbeat_due(sub.heartbeat_period, sub.last_sent_at, now) {
-            heartbeat(ctx, c, &sub, t).await?;
+            heartbeat(ctx, &sub, t).await?;
         }
     }
-    subscriptions::release(c, &sub.id).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Keeps the lease while the backlog drains, up to a bound so other subscriptions of the
 /// topic get their turn; stops at the first failure (its retry is scheduled). Returns
 /// whether anything went out.
-async fn drain(
-    ctx: &Ctx,
-    c: &mut Client,
-    topic: &str,
-    sub: &mut SubscriptionRow,
-    t: Duration,
-) -> Result<bool> {
+async fn drain(ctx: &Ctx, topic: &str, sub: &mut SubscriptionRow, t: Duration) -> Result<bool> {
     let mut went_out = false;
     for _ in 0..BACKLOG_ROUNDS {
-        match send_events(ctx, c, topic, sub, t).await? {
+        match send_events(ctx, topic, sub, t).await? {
             Sent::Delivered => {
                 went_out = true;
                 // What `delivered` just wrote; later notifications report it.
@@ -161,12 +255,13 @@ fn status_info(sub: &SubscriptionRow, status: Status, events_since_start: i64) -
 
 /// A heartbeat: nothing else went out for `heartbeatPeriod`. It carries the subscription's
 /// status (and error) and never moves the event count.
-async fn heartbeat(ctx: &Ctx, c: &mut Client, sub: &SubscriptionRow, t: Duration) -> Result<()> {
-    let settled = subscriptions::last_settled_number(&*c, &sub.id).await?;
+async fn heartbeat(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+    let settled = subscriptions::last_settled_number(&**conn(ctx).await?, &sub.id).await?;
     let info = status_info(sub, sub.status, settled);
     match notify(ctx, sub, Kind::Heartbeat, &info, &[], t).await {
-        Ok(()) => subscriptions::touched(&*c, &sub.id).await?,
-        Err(e) => record_failure(ctx, c, sub, &[], &e.to_string()).await?,
+        Ok(()) => subscriptions::touched(&**conn(ctx).await?, &sub.id).await?,
+        Err(SendError::NoListener) => {}
+        Err(e) => record_failure(ctx, sub, &[], &e).await?,
     }
     Ok(())
 }
@@ -174,11 +269,11 @@ async fn heartbeat(ctx: &Ctx, c: &mut Client, sub: &SubscriptionRow, t: Duration
 /// Counts a failed send and schedules the retry; logs one line.
 async fn record_failure(
     ctx: &Ctx,
-    c: &mut Client,
     sub: &SubscriptionRow,
     numbers: &[i64],
-    error: &str,
+    e: &SendError,
 ) -> Result<()> {
+    let error = &e.to_string();
     let p = &ctx.policy;
     let retry_in = p.backoff(sub.failures, rand::rng().random_range(0.5..=1.0));
     let new_status = p.status_after_failure(sub.failures, sub.status);
@@ -189,6 +284,7 @@ async fn record_failure(
         new_status,
         off_after: p.off_after,
     };
+    let mut c = conn(ctx).await?;
     let tx = c.transaction().await?;
     subscriptions::send_failed(&tx, &sub.id, numbers, &failure).await?;
     tx.commit().await?;
@@ -204,15 +300,9 @@ async fn record_failure(
     Ok(())
 }
 
-async fn send_events(
-    ctx: &Ctx,
-    c: &mut Client,
-    topic: &str,
-    sub: &SubscriptionRow,
-    t: Duration,
-) -> Result<Sent> {
+async fn send_events(ctx: &Ctx, topic: &str, sub: &SubscriptionRow, t: Duration) -> Result<Sent> {
     let max = SendPolicy::max_count(sub.max_count);
-    let batch = subscriptions::pending(&*c, &sub.id, max).await?;
+    let batch = subscriptions::pending(&**conn(ctx).await?, &sub.id, max).await?;
     let Some(oldest) = batch.first() else {
         return Ok(Sent::Nothing);
     };
@@ -220,7 +310,7 @@ async fn send_events(
         .policy
         .batch(batch.len(), max, oldest.queued_at, Utc::now())
     {
-        subscriptions::defer(&*c, &sub.id, at).await?;
+        subscriptions::defer(&**conn(ctx).await?, &sub.id, at).await?;
         return Ok(Sent::Deferred);
     }
     let events = build_events(ctx, topic, sub.content, &batch).await;
@@ -229,7 +319,7 @@ async fn send_events(
     let numbers: Vec<i64> = batch.iter().map(|p| p.event_number).collect();
     match notify(ctx, sub, Kind::EventNotification, &info, &events, t).await {
         Ok(()) => {
-            subscriptions::delivered(&*c, &sub.id, &numbers).await?;
+            subscriptions::delivered(&**conn(ctx).await?, &sub.id, &numbers).await?;
             metrics::counter!(crate::metrics::NOTIFICATIONS_SENT, "topic" => topic.to_string())
                 .increment(1);
             for p in &batch {
@@ -238,8 +328,10 @@ async fn send_events(
             }
             Ok(Sent::Delivered)
         }
+        // No socket of a websocket subscription is bound here any more: the events wait.
+        Err(SendError::NoListener) => Ok(Sent::Nothing),
         Err(e) => {
-            record_failure(ctx, c, sub, &numbers, &e.to_string()).await?;
+            record_failure(ctx, sub, &numbers, &e).await?;
             Ok(Sent::Failed)
         }
     }
@@ -264,10 +356,13 @@ async fn build_events(
     events
 }
 
-async fn handshake(ctx: &Ctx, c: &Client, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
     let mut info = status_info(sub, Status::Requested, sub.events_since_start);
     info.errors.clear();
-    match notify(ctx, sub, Kind::Handshake, &info, &[], t).await {
+    let sent = notify(ctx, sub, Kind::Handshake, &info, &[], t).await;
+    let c = &**conn(ctx).await?;
+    match sent {
+        Err(SendError::NoListener) => {}
         Ok(()) => {
             subscriptions::handshake_ok(c, &sub.id).await?;
             tracing::info!(subscription = %sub.id, "handshake accepted; subscription active");

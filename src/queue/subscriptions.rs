@@ -199,50 +199,55 @@ pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
     )
 }
 
-/// Takes one subscription of `topic` that has work (a handshake, or pending events whose
-/// retry time has come). The lease is a session advisory lock on `c`: many workers share a
-/// topic while each subscription is sent by one worker at a time (which keeps its order),
-/// and a worker that dies loses its lease with its connection, at once.
-/// `c` must be a connection of the caller's own, released with [`release`].
-pub async fn lease(c: &Client, topic: &str) -> Result<Option<SubscriptionRow>> {
-    let candidates = c
-        .query(
-            "SELECT s.id FROM fhir_cdc.subscription s
-             WHERE s.topic = $1 AND NOT s.refused AND (s.end_at IS NULL OR s.end_at > now())
-               AND ((s.status = 'requested' AND s.next_attempt_at <= now())
-                    OR (s.status IN ('active', 'error') AND s.handshake_done AND (
-                        (s.next_attempt_at <= now() AND EXISTS (
-                            SELECT 1 FROM fhir_cdc.delivery d
-                            WHERE d.subscription_id = s.id AND d.state = 'pending'))
-                        OR (s.heartbeat_period > 0 AND coalesce(s.last_sent_at, s.updated_at)
-                            + make_interval(secs => s.heartbeat_period) <= now()))))
-             ORDER BY s.next_attempt_at
-             LIMIT 16",
-            &[&topic],
-        )
-        .await?;
-    for r in candidates {
-        let id: String = r.get(0);
-        let got: bool = c
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(&id)])
+/// Subscriptions of `topic` that have work (a handshake, pending events whose retry time has
+/// come, or a heartbeat due), oldest first, at most `limit`. `skip` are the ones this process
+/// is already sending. A websocket subscription has work only where one of its sockets is
+/// bound, so only ids in `bound` are taken for that channel.
+pub async fn with_work<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    skip: &[String],
+    bound: &[String],
+    limit: i64,
+) -> Result<Vec<String>> {
+    Ok(c.query(
+        "SELECT s.id FROM fhir_cdc.subscription s
+         WHERE s.topic = $1 AND NOT s.refused AND (s.end_at IS NULL OR s.end_at > now())
+           AND s.id <> ALL($2) AND (s.channel <> 'websocket' OR s.id = ANY($3))
+           AND ((s.status = 'requested' AND s.next_attempt_at <= now())
+                OR (s.status IN ('active', 'error') AND s.handshake_done AND (
+                    (s.next_attempt_at <= now() AND EXISTS (
+                        SELECT 1 FROM fhir_cdc.delivery d
+                        WHERE d.subscription_id = s.id AND d.state = 'pending'))
+                    OR (s.heartbeat_period > 0 AND coalesce(s.last_sent_at, s.updated_at)
+                        + make_interval(secs => s.heartbeat_period) <= now()))))
+         ORDER BY s.next_attempt_at
+         LIMIT $4",
+        &[&topic, &skip, &bound, &limit],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// Takes the lease of subscription `id`: a session advisory lock on `c`, so each
+/// subscription is sent by one process at a time (which keeps its order), and a process
+/// that dies loses its leases with its connection, at once. Session locks nest within one
+/// session, so the caller keeps its own set of what it holds. Give it back with [`release`].
+pub async fn try_lease(c: &Client, id: &str) -> Result<bool> {
+    Ok(
+        c.query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(id)])
             .await?
-            .get(0);
-        if !got {
-            continue;
-        }
-        // Re-read under the lock: another worker may have finished it meanwhile.
-        match get(c, &id).await? {
-            Some(s)
-                if s.status == Status::Requested
-                    || s.status == Status::Active
-                    || s.status == Status::Error =>
-            {
-                return Ok(Some(s))
-            }
-            _ => release(c, &id).await?,
-        }
-    }
-    Ok(None)
+            .get(0),
+    )
+}
+
+/// The subscription as a send may use it: leased, and still requested, active or in error.
+pub async fn sendable<C: GenericClient>(c: &C, id: &str) -> Result<Option<SubscriptionRow>> {
+    Ok(get(c, id)
+        .await?
+        .filter(|s| matches!(s.status, Status::Requested | Status::Active | Status::Error)))
 }
 
 fn lock_key(id: &str) -> i64 {
