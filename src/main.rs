@@ -219,7 +219,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
         tasks.spawn(delivery::run(
             cfg.clone(),
             payloads.clone(),
-            fhir_cdc::channel::Channels::standard(),
+            fhir_cdc::channel::Channels::standard(&cfg),
             topics.clone(),
             shutdown.clone(),
         ));

@@ -164,6 +164,7 @@ fn policy_refuses_what_it_cannot_honour() {
         format: Format::R4B,
         allow_private_endpoints: false,
         require_https_for_full_resource: true,
+        email: Default::default(),
     };
     let e = subscription::parse(&sub, &rules).unwrap_err();
     // The element the filter came from: the backport filter-criteria extension.
@@ -227,6 +228,7 @@ fn every_topic_based_example_subscription_is_accepted_when_its_topic_allows_its_
                 format: format_of(dir),
                 allow_private_endpoints: false,
                 require_https_for_full_resource: true,
+                email: Default::default(),
             };
             let spec = subscription::parse(&v, &rules);
             assert!(spec.is_ok(), "{dir}/{name}: {:?}", spec.err());

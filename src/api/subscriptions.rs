@@ -38,6 +38,7 @@ async fn validate(s: &ApiState, v: &Value) -> Result<SubscriptionSpec, Fhir> {
         topics: &topics,
         allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
         require_https_for_full_resource: s.cfg.delivery.require_https_for_full_resource,
+        email: s.cfg.channels.email_rules(),
     };
     subscription::check(read, &rules).map_err(|e| {
         outcome(

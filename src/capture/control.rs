@@ -91,6 +91,7 @@ impl Topics {
             topics: &topics,
             allow_private_endpoints: cfg.delivery.allow_private_endpoints,
             require_https_for_full_resource: cfg.delivery.require_https_for_full_resource,
+            email: cfg.channels.email_rules(),
         };
         match subscription::parse(&resource, &rules) {
             Ok(spec) => Some(Item::UpsertSubscription {

@@ -47,7 +47,7 @@ impl Channel for MemoryChannel {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
             .is_ok();
         if failing {
-            return Err(SendError::Status(503));
+            return Err(SendError::Status(503, None));
         }
         self.sent
             .lock()

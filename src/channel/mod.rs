@@ -3,6 +3,7 @@
 //! subscription uses and a new channel is one new file here.
 
 pub mod memory;
+pub mod message;
 pub mod rest_hook;
 
 use async_trait::async_trait;
@@ -31,14 +32,20 @@ pub struct Destination {
     pub timeout: Duration,
 }
 
-/// Why a send failed. Texts name the endpoint's answer, never the payload. Every kind is
-/// retried by the send policy (backoff, then `error`/`off`); none stops the daemon.
+/// Why a send failed. Texts name the endpoint's answer, never the payload. None stops the
+/// daemon. Transient kinds are retried with backoff (a `Retry-After` is honoured); a
+/// permanent refusal ([`SendError::is_permanent`]) dead-letters its events at once and
+/// turns the subscription to `error` without waiting for more failures.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The answer's status and its `Retry-After`, if any.
     #[error("endpoint answered HTTP {0}")]
-    Status(u16),
+    Status(u16, Option<Duration>),
+    /// This server will not send there (a private address when they are not allowed).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("notification could not be encoded: {0}")]
@@ -51,6 +58,27 @@ pub enum SendError {
     NoListener,
     #[error("{0}")]
     Other(String),
+}
+
+impl SendError {
+    /// Retrying the same notification cannot succeed: the endpoint refused it as a client
+    /// error (4xx other than 408 Request Timeout and 429 Too Many Requests), or this server
+    /// refuses the destination.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SendError::Status(c, _) => (400..500).contains(c) && *c != 408 && *c != 429,
+            SendError::Refused(_) | SendError::Encode(_) => true,
+            _ => false,
+        }
+    }
+
+    /// How long the endpoint asked us to wait (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SendError::Status(_, r) => *r,
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -75,8 +103,16 @@ pub struct Channels {
 
 impl Channels {
     /// Every channel the daemon delivers over, with its production implementation.
-    pub fn standard() -> Self {
-        Channels::default().with(Arc::new(rest_hook::RestHook::new()))
+    pub fn standard(cfg: &crate::config::Config) -> Self {
+        let http = rest_hook::RestHook::new(cfg.delivery.allow_private_endpoints);
+        let format = cfg.source.fhir_version.into();
+        Channels::default()
+            .with(Arc::new(http.clone()))
+            .with(Arc::new(message::Message::new(
+                http,
+                format,
+                cfg.api.base_url(),
+            )))
     }
 
     pub fn with(mut self, c: Arc<dyn Channel>) -> Self {

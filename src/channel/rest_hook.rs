@@ -1,42 +1,49 @@
 //! rest-hook: an HTTP POST of the notification Bundle to the subscriber's endpoint.
+//!
+//! The private-network rule is enforced here, at send time, on the addresses a connection
+//! actually goes to: a name checked when the subscription was created may resolve to a
+//! private address later (DNS rebinding), and the literal forms of such addresses are many
+//! (IPv4-mapped IPv6, link-local).
 
 use async_trait::async_trait;
+use chrono::Utc;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::{Channel, Destination, Notification, SendError};
-use crate::fhir::subscription::ChannelType;
+use crate::fhir::subscription::{is_private_ip, ChannelType};
 
 #[derive(Clone)]
 pub struct RestHook {
     client: reqwest::Client,
+    allow_private: bool,
 }
 
 impl RestHook {
-    pub fn new() -> Self {
-        let client = reqwest::Client::builder()
+    /// `allow_private`: `[delivery] allow_private_endpoints`.
+    pub fn new(allow_private: bool) -> Self {
+        let mut b = reqwest::Client::builder()
             .user_agent(concat!("fhir-cdc/", env!("CARGO_PKG_VERSION")))
             // Redirects could lead a notification somewhere the subscription did not name.
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(8)
-            .build()
-            .expect("static HTTP client configuration");
-        RestHook { client }
-    }
-}
-
-impl Default for RestHook {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-#[async_trait]
-impl Channel for RestHook {
-    fn channel_type(&self) -> ChannelType {
-        ChannelType::RestHook
+            .pool_max_idle_per_host(8);
+        if !allow_private {
+            b = b.dns_resolver(Arc::new(PublicOnly));
+        }
+        let client = b.build().expect("static HTTP client configuration");
+        RestHook {
+            client,
+            allow_private,
+        }
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
-        let body = serde_json::to_vec(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
+    /// POSTs `body` to `to`; shared with the message channel.
+    pub async fn post(&self, body: Vec<u8>, to: &Destination) -> Result<(), SendError> {
+        if !self.allow_private {
+            refuse_private_literal(&to.endpoint)?;
+        }
         let mut req = self
             .client
             .post(&to.endpoint)
@@ -48,20 +55,187 @@ impl Channel for RestHook {
         }
         match req.send().await {
             Ok(resp) if resp.status().is_success() => Ok(()),
-            Ok(resp) => Err(SendError::Status(resp.status().as_u16())),
+            Ok(resp) => Err(SendError::Status(
+                resp.status().as_u16(),
+                retry_after(resp.headers()),
+            )),
             Err(e) if e.is_timeout() => Err(SendError::Timeout(to.timeout)),
-            Err(e) if e.is_connect() => Err(SendError::Connect(root_cause(&e))),
-            Err(e) => Err(SendError::Other(e.without_url().to_string())),
+            Err(e) => Err(connect_error(e)),
         }
     }
 }
 
-/// The innermost error text ("Connection refused (os error 111)"), which says more than
-/// the wrappers around it.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
+#[async_trait]
+impl Channel for RestHook {
+    fn channel_type(&self) -> ChannelType {
+        ChannelType::RestHook
     }
-    cur.to_string()
+
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+        let body = serde_json::to_vec(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
+        self.post(body, to).await
+    }
+}
+
+/// Resolves names as the system does and keeps only public addresses; a name with none
+/// fails the connection.
+struct PublicOnly;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves only to loopback, private or link-local addresses (delivery.allow_private_endpoints is false)")]
+struct PrivateAddress(String);
+
+impl Resolve for PublicOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> =
+                all.into_iter().filter(|a| !is_private_ip(a.ip())).collect();
+            if public.is_empty() {
+                return Err(
+                    Box::new(PrivateAddress(host)) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
+            Ok(Box::new(public.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// A literal IP host bypasses the resolver, so it is checked here.
+fn refuse_private_literal(endpoint: &str) -> Result<(), SendError> {
+    let url = url::Url::parse(endpoint).map_err(|e| SendError::Refused(e.to_string()))?;
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        _ => return Ok(()),
+    };
+    if is_private_ip(ip) {
+        return Err(SendError::Refused(
+            PrivateAddress(ip.to_string()).to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// A connection error; the private-address refusal is told apart because retrying it is
+/// pointless.
+fn connect_error(e: reqwest::Error) -> SendError {
+    let mut cur: &(dyn std::error::Error + 'static) = &e;
+    loop {
+        if let Some(p) = cur.downcast_ref::<PrivateAddress>() {
+            return SendError::Refused(p.to_string());
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    if e.is_connect() {
+        SendError::Connect(cur.to_string())
+    } else {
+        SendError::Other(e.without_url().to_string())
+    }
+}
+
+/// `Retry-After` as a delay: delta-seconds or an HTTP date.
+fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some(
+        (at.with_timezone(&Utc) - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
+        let later = (Utc::now() + chrono::Duration::seconds(60)).to_rfc2822();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(55) && d <= Duration::from_secs(60),
+            "{d:?}"
+        );
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a past date: now");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn literal_private_addresses_in_every_form_are_refused() {
+        for u in [
+            "http://127.0.0.1:9/x",
+            "http://10.1.2.3/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://[::ffff:10.0.0.1]/x",
+            "http://[fe80::1]/x",
+            "http://[fd00::1]/x",
+            "http://0.0.0.0/x",
+        ] {
+            assert!(
+                matches!(refuse_private_literal(u), Err(SendError::Refused(_))),
+                "{u}"
+            );
+        }
+        assert!(refuse_private_literal("https://93.184.216.34/x").is_ok());
+        assert!(refuse_private_literal("https://example.org/x").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_loopback_is_not_connected_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(2), listener.accept())
+                .await
+                .is_ok()
+        });
+        let to = Destination {
+            endpoint: format!("http://localhost:{port}/hook"),
+            headers: vec![],
+            content_type: "application/fhir+json".into(),
+            timeout: Duration::from_secs(2),
+        };
+        let e = RestHook::new(false)
+            .post(b"{}".to_vec(), &to)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("resolves only to loopback"), "{e}");
+        assert!(
+            !accepted.await.unwrap(),
+            "no connection reached the listener"
+        );
+        // The same endpoint with private endpoints allowed does connect.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.is_ok() });
+        let to = Destination {
+            timeout: Duration::from_millis(300),
+            ..to
+        };
+        let _ = RestHook::new(true).post(b"{}".to_vec(), &to).await;
+        assert!(accepted.await.unwrap());
+    }
 }

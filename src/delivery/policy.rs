@@ -84,13 +84,27 @@ impl SendPolicy {
         Duration::from_millis((ms as f64 * jitter.clamp(0.5, 1.0)) as u64)
     }
 
-    /// The status after one more consecutive failure: `error` from `error_after`, `off`
-    /// from `off_after`, else unchanged.
-    pub fn status_after_failure(&self, failures_before: i32, status: Status) -> Status {
+    /// The delay before a retry: the backoff, or longer when the endpoint's `Retry-After`
+    /// asks for it (at most an hour, so a bad header cannot park a subscription for days).
+    pub fn retry_delay(&self, backoff: Duration, retry_after: Option<Duration>) -> Duration {
+        match retry_after {
+            Some(r) => backoff.max(r.min(Duration::from_secs(3600))),
+            None => backoff,
+        }
+    }
+
+    /// The status after one more consecutive failure: `error` from `error_after` (at once
+    /// for a permanent refusal), `off` from `off_after`, else unchanged.
+    pub fn status_after_failure(
+        &self,
+        failures_before: i32,
+        status: Status,
+        permanent: bool,
+    ) -> Status {
         let failures = failures_before.saturating_add(1);
         if failures >= self.off_after {
             Status::Off
-        } else if failures >= self.error_after {
+        } else if permanent || failures >= self.error_after {
             Status::Error
         } else {
             status
@@ -123,11 +137,48 @@ mod tests {
     fn failures_turn_error_then_off() {
         let p = policy();
         assert_eq!((p.error_after, p.off_after), (3, 50));
-        assert_eq!(p.status_after_failure(0, Status::Active), Status::Active);
-        assert_eq!(p.status_after_failure(1, Status::Active), Status::Active);
-        assert_eq!(p.status_after_failure(2, Status::Active), Status::Error);
-        assert_eq!(p.status_after_failure(48, Status::Error), Status::Error);
-        assert_eq!(p.status_after_failure(49, Status::Error), Status::Off);
+        assert_eq!(
+            p.status_after_failure(0, Status::Active, false),
+            Status::Active
+        );
+        assert_eq!(
+            p.status_after_failure(1, Status::Active, false),
+            Status::Active
+        );
+        assert_eq!(
+            p.status_after_failure(2, Status::Active, false),
+            Status::Error
+        );
+        assert_eq!(
+            p.status_after_failure(48, Status::Error, false),
+            Status::Error
+        );
+        assert_eq!(
+            p.status_after_failure(49, Status::Error, false),
+            Status::Off
+        );
+        // A 4xx refusal: error at the first failure, off still at off_after.
+        assert_eq!(
+            p.status_after_failure(0, Status::Active, true),
+            Status::Error
+        );
+        assert_eq!(p.status_after_failure(49, Status::Error, true), Status::Off);
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_backoff_never_shortens_it() {
+        let p = policy();
+        let b = Duration::from_millis(500);
+        assert_eq!(p.retry_delay(b, None), b);
+        assert_eq!(
+            p.retry_delay(b, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(p.retry_delay(b, Some(Duration::ZERO)), b);
+        assert_eq!(
+            p.retry_delay(b, Some(Duration::from_secs(86_400))),
+            Duration::from_secs(3600)
+        );
     }
 
     #[test]

@@ -275,14 +275,16 @@ async fn record_failure(
 ) -> Result<()> {
     let error = &e.to_string();
     let p = &ctx.policy;
-    let retry_in = p.backoff(sub.failures, rand::rng().random_range(0.5..=1.0));
-    let new_status = p.status_after_failure(sub.failures, sub.status);
+    let backoff = p.backoff(sub.failures, rand::rng().random_range(0.5..=1.0));
+    let retry_in = p.retry_delay(backoff, e.retry_after());
+    let new_status = p.status_after_failure(sub.failures, sub.status, e.is_permanent());
     let failure = Failure {
         error,
         retry_in,
         max_attempts: p.max_attempts,
         new_status,
         off_after: p.off_after,
+        dead_now: e.is_permanent(),
     };
     let mut c = conn(ctx).await?;
     let tx = c.transaction().await?;
@@ -532,8 +534,8 @@ mod tests {
                 .send(&n, &to)
                 .await
                 .unwrap_err();
-            assert!(matches!(e, SendError::Status(503)));
-            s.status = policy.status_after_failure(s.failures, s.status);
+            assert!(matches!(e, SendError::Status(503, _)));
+            s.status = policy.status_after_failure(s.failures, s.status, false);
             s.failures += 1;
             statuses.push(s.status);
         }

@@ -9,6 +9,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/001_init.sql")),
     (2, include_str!("../../sql/002_channel.sql")),
     (3, include_str!("../../sql/003_capture_gap.sql")),
+    (4, include_str!("../../sql/004_channels.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

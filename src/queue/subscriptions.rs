@@ -453,6 +453,8 @@ pub struct Failure<'a> {
     pub new_status: Status,
     /// The consecutive failures that turned it off, for the dead-letter reason.
     pub off_after: i32,
+    /// The endpoint refused these events for good (a 4xx): they are dead letters now.
+    pub dead_now: bool,
 }
 
 /// A send failed. Counts the attempt, moves exhausted events and the events of a
@@ -469,6 +471,20 @@ pub async fn send_failed(
         &[&id, &numbers, &f.error],
     )
     .await?;
+    if f.dead_now {
+        let reason = format!("refused by the endpoint, not retried: {}", f.error);
+        tx.execute(
+            "WITH dead AS (
+                 UPDATE fhir_cdc.delivery SET state = 'dead'
+                 WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'
+                 RETURNING subscription_id, event_number, event_id)
+             INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
+             SELECT subscription_id, event_number, event_id, $3 FROM dead
+             ON CONFLICT DO NOTHING",
+            &[&id, &numbers, &reason],
+        )
+        .await?;
+    }
     let exhausted = format!("gave up after {} attempts: {}", f.max_attempts, f.error);
     tx.execute(
         "WITH dead AS (

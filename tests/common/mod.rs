@@ -162,6 +162,8 @@ pub struct Receiver {
     pub port: u16,
     pub got: Arc<Mutex<Vec<Received>>>,
     pub answers: Arc<Mutex<HashMap<String, u16>>>,
+    /// `Retry-After` seconds sent with non-2xx answers, by name.
+    pub retry_after: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Receiver {
@@ -170,6 +172,7 @@ impl Receiver {
             port: 0,
             got: Arc::default(),
             answers: Arc::default(),
+            retry_after: Arc::default(),
         };
         let app = Router::new()
             .route("/hook/{name}", post(hook))
@@ -232,13 +235,15 @@ async fn hook(
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
     body: String,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let status = r.answers.lock().unwrap().get(&name).copied().unwrap_or(200);
     if status == 0 {
         // "Hang": answer long after any sensible timeout.
         tokio::time::sleep(Duration::from_secs(30)).await;
-        return StatusCode::OK;
+        return StatusCode::OK.into_response();
     }
+    let retry_after = r.retry_after.lock().unwrap().get(&name).copied();
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
     let headers = headers
         .iter()
@@ -250,7 +255,13 @@ async fn hook(
         body,
         headers,
     });
-    StatusCode::from_u16(status).unwrap()
+    let status = StatusCode::from_u16(status).unwrap();
+    match retry_after {
+        Some(secs) if !status.is_success() => {
+            (status, [("retry-after", secs.to_string())]).into_response()
+        }
+        _ => status.into_response(),
+    }
 }
 
 /// The SubscriptionStatus of a notification Bundle.

@@ -108,14 +108,25 @@ impl Filter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelType {
     RestHook,
+    Websocket,
+    Email,
+    Message,
 }
 
 impl ChannelType {
-    pub const ALL: &'static [ChannelType] = &[ChannelType::RestHook];
+    pub const ALL: &'static [ChannelType] = &[
+        ChannelType::RestHook,
+        ChannelType::Websocket,
+        ChannelType::Email,
+        ChannelType::Message,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ChannelType::RestHook => "rest-hook",
+            ChannelType::Websocket => "websocket",
+            ChannelType::Email => "email",
+            ChannelType::Message => "message",
         }
     }
 
@@ -150,6 +161,16 @@ pub struct Rules<'a> {
     pub registry: Option<&'a crate::fhir::search::registry::Registry>,
     pub allow_private_endpoints: bool,
     pub require_https_for_full_resource: bool,
+    pub email: EmailRules,
+}
+
+/// What the email channel accepts, from `[channels.email]`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmailRules {
+    /// `[channels.email]` is present.
+    pub configured: bool,
+    /// TLS to the SMTP server, or full-resource without it allowed.
+    pub full_resource_ok: bool,
 }
 
 /// Why a Subscription is refused; `code` is the OperationOutcome issue code. From [`read`]
@@ -212,19 +233,12 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
             ),
         ));
     };
-    let endpoint = r.endpoint.ok_or_else(|| {
-        invalid(
-            "required",
-            r.paths.endpoint,
-            format!("{} is required for rest-hook", r.paths.endpoint),
-        )
-    })?;
     // The topic's maxContent caps what a subscription gets.
     let content = match topic.max_content {
         Some(max) if r.content > max => max,
         _ => r.content,
     };
-    check_endpoint(&endpoint, r.paths.endpoint, content, rules)?;
+    let endpoint = channel_endpoint(channel, r.endpoint, r.paths.endpoint, content, rules)?;
     if !r.content_type.starts_with("application/fhir+json") && r.content_type != "application/json"
     {
         return Err(invalid(
@@ -348,6 +362,80 @@ fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, I
     })
 }
 
+/// The endpoint as the channel needs it: an http(s) URL for rest-hook and message, `mailto:`
+/// addresses for email, nothing for websocket (the client connects to us).
+fn channel_endpoint(
+    channel: ChannelType,
+    endpoint: Option<String>,
+    path: &str,
+    content: Content,
+    rules: &Rules<'_>,
+) -> Result<String, Invalid> {
+    if channel == ChannelType::Websocket {
+        return Ok(String::new());
+    }
+    if channel == ChannelType::Email && !rules.email.configured {
+        return Err(invalid(
+            "not-supported",
+            path,
+            "the email channel is not configured on this server ([channels.email])",
+        ));
+    }
+    let endpoint = endpoint.ok_or_else(|| {
+        invalid(
+            "required",
+            path,
+            format!("{path} is required for {}", channel.as_str()),
+        )
+    })?;
+    if channel == ChannelType::Email {
+        check_mailto(&endpoint, path, content, rules)?;
+    } else {
+        check_endpoint(&endpoint, path, content, rules)?;
+    }
+    Ok(endpoint)
+}
+
+/// The addresses of a `mailto:` endpoint (comma-separated), without query parameters.
+pub fn mailto_addresses(endpoint: &str) -> Option<Vec<String>> {
+    let rest = endpoint.strip_prefix("mailto:")?;
+    let rest = rest.split('?').next().unwrap_or_default();
+    let addrs: Vec<String> = rest
+        .split(',')
+        .map(|a| a.trim().replace("%40", "@"))
+        .filter(|a| !a.is_empty())
+        .collect();
+    let valid = |a: &String| {
+        let mut parts = a.splitn(2, '@');
+        matches!((parts.next(), parts.next()), (Some(l), Some(d)) if !l.is_empty() && !d.is_empty())
+            && !a.chars().any(|c| c.is_whitespace() || c == '<' || c == '>')
+    };
+    (!addrs.is_empty() && addrs.iter().all(valid)).then_some(addrs)
+}
+
+fn check_mailto(
+    endpoint: &str,
+    path: &str,
+    content: Content,
+    rules: &Rules<'_>,
+) -> Result<(), Invalid> {
+    if mailto_addresses(endpoint).is_none() {
+        return Err(invalid(
+            "value",
+            path,
+            "an email endpoint is mailto: followed by one or more comma-separated addresses",
+        ));
+    }
+    if content == Content::FullResource && !rules.email.full_resource_ok {
+        return Err(invalid(
+            "security",
+            path,
+            "full-resource by email needs an SMTP connection with TLS (channels.email.smtp is plain smtp://; set allow_full_resource_without_tls to accept)",
+        ));
+    }
+    Ok(())
+}
+
 fn check_endpoint(
     endpoint: &str,
     path: &str,
@@ -392,13 +480,19 @@ fn check_endpoint(
 
 fn is_private_host(url: &url::Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.');
+            d == "localhost" || d.ends_with(".localhost")
+        }
         Some(url::Host::Ipv4(ip)) => is_private_ip(IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => is_private_ip(IpAddr::V6(ip)),
         None => true,
     }
 }
 
+/// Loopback, private, link-local, unspecified, broadcast or multicast: addresses a
+/// notification must not reach unless private endpoints are allowed. IPv4-mapped and
+/// IPv4-compatible IPv6 addresses are judged as the IPv4 address they carry.
 pub fn is_private_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v) => {
@@ -407,9 +501,22 @@ pub fn is_private_ip(ip: IpAddr) -> bool {
                 || v.is_link_local()
                 || v.is_unspecified()
                 || v.is_broadcast()
+                || v.is_multicast()
+                // 100.64.0.0/10, carrier-grade NAT: inside someone's network.
+                || (v.octets()[0] == 100 && (v.octets()[1] & 0xc0) == 64)
         }
         IpAddr::V6(v) => {
-            v.is_loopback() || v.is_unspecified() || (v.segments()[0] & 0xfe00) == 0xfc00
+            if let Some(v4) = v.to_ipv4() {
+                if !v.is_loopback() && !v.is_unspecified() {
+                    return is_private_ip(IpAddr::V4(v4));
+                }
+            }
+            let first = v.segments()[0];
+            v.is_loopback()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
         }
     }
 }
@@ -464,6 +571,7 @@ mod tests {
                 format: Format::R5,
                 allow_private_endpoints: private,
                 require_https_for_full_resource: https,
+                email: EmailRules::default(),
             },
         )
     }
@@ -556,6 +664,7 @@ mod tests {
             topics: &t,
             format: Format::R5,
             allow_private_endpoints: false,
+            email: EmailRules::default(),
             require_https_for_full_resource: true,
         };
         let s = parse(
