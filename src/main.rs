@@ -216,18 +216,42 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             &cfg,
             queue::pool(cfg.queue_url(), 2)?,
         ));
+        let hub = Arc::new(fhir_cdc::channel::websocket::Hub::new(cfg.queue_url()));
         tasks.spawn(delivery::run(
             cfg.clone(),
             payloads.clone(),
-            fhir_cdc::channel::Channels::standard(&cfg),
+            fhir_cdc::channel::Channels::standard(&cfg, hub.clone()),
             topics.clone(),
             shutdown.clone(),
         ));
-        let state = api::state(cfg.clone(), Some(prom), health, searcher, payloads, topics).await?;
+        tasks.spawn(sweep_sockets(hub.clone(), shutdown.clone()));
+        let state = api::state(
+            cfg.clone(),
+            Some(prom),
+            health,
+            searcher,
+            payloads,
+            topics,
+            hub,
+        )
+        .await?;
         tasks.spawn(api::serve(state, shutdown.clone()));
     }
     while let Some(r) = tasks.join_next().await {
         r.context("task panicked")??;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Closes websockets of subscriptions deleted or turned off anywhere, every 2 s.
+async fn sweep_sockets(
+    hub: Arc<fhir_cdc::channel::websocket::Hub>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => hub.sweep().await,
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
 }

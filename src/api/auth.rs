@@ -272,13 +272,20 @@ impl Jwt {
 
 /// What a request needs: `None` for the open endpoints (metadata, health, metrics).
 pub fn required(method: &Method, path: &str) -> Option<(&'static str, Action)> {
-    if matches!(path, "/metadata" | "/healthz" | "/readyz" | "/metrics") {
+    // `/ws`: the binding token is the credential (browsers cannot send headers there).
+    if matches!(
+        path,
+        "/metadata" | "/healthz" | "/readyz" | "/metrics" | "/ws"
+    ) {
         return None;
     }
     if path.starts_with("/SubscriptionTopic") {
         return Some(("SubscriptionTopic", Action::Read));
     }
-    if path.ends_with("/$status") || path.ends_with("/$events") {
+    if path.ends_with("/$status")
+        || path.ends_with("/$events")
+        || path.ends_with("/$get-ws-binding-token")
+    {
         return Some(("Subscription", Action::Read));
     }
     let one = path.trim_start_matches("/Subscription").len() > 1;

@@ -9,6 +9,7 @@ mod operations;
 mod params;
 mod response;
 mod subscriptions;
+mod websocket;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
@@ -39,6 +40,8 @@ pub struct ApiState {
     pub topics: Arc<crate::topics::Registry>,
     /// `[api.auth]`; `None`: the API listens on loopback only (or was told otherwise).
     pub auth: Option<Arc<auth::Auth>>,
+    /// The websocket sockets of this process (delivery sends through the same hub).
+    pub hub: Arc<crate::channel::websocket::Hub>,
 }
 
 type Shared = Arc<ApiState>;
@@ -67,6 +70,15 @@ pub fn router(state: Shared) -> Router {
                 .delete(subscriptions::delete),
         )
         .route("/Subscription/$status", get(status_all).post(status_all))
+        .route(
+            "/Subscription/$get-ws-binding-token",
+            get(websocket::token_type).post(websocket::token_type),
+        )
+        .route(
+            "/Subscription/{id}/$get-ws-binding-token",
+            get(websocket::token_one).post(websocket::token_one),
+        )
+        .route("/ws", get(websocket::socket))
         .route(
             "/Subscription/{id}/$status",
             get(status_one).post(status_one),
@@ -125,6 +137,7 @@ pub async fn state(
     searcher: Arc<crate::fhir::search::Searcher>,
     payloads: Payloads,
     topics: Arc<crate::topics::Registry>,
+    hub: Arc<crate::channel::websocket::Hub>,
 ) -> anyhow::Result<Shared> {
     let auth = match &cfg.api.auth {
         Some(a) => Some(Arc::new(auth::Auth::from_config(a).await?)),
@@ -132,6 +145,7 @@ pub async fn state(
     };
     Ok(Arc::new(ApiState {
         auth,
+        hub,
         topics,
         pool: queue::pool(cfg.queue_url(), 8)?,
         registry: searcher.registry.clone(),

@@ -131,6 +131,7 @@ pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<R
     let c = s.pool.get().await.map_err(internal)?;
     if subscriptions::delete(&**c, id).await.map_err(internal)? {
         tracing::info!(subscription = %id, "subscription deleted");
+        s.hub.close(id, "subscription deleted");
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(not_found(&format!("Subscription/{id}")))

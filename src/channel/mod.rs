@@ -5,6 +5,7 @@
 pub mod memory;
 pub mod message;
 pub mod rest_hook;
+pub mod websocket;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -103,7 +104,8 @@ pub struct Channels {
 
 impl Channels {
     /// Every channel the daemon delivers over, with its production implementation.
-    pub fn standard(cfg: &crate::config::Config) -> Self {
+    /// `hub`: the websocket sockets of this process, shared with the API that accepts them.
+    pub fn standard(cfg: &crate::config::Config, hub: Arc<websocket::Hub>) -> Self {
         let http = rest_hook::RestHook::new(cfg.delivery.allow_private_endpoints);
         let format = cfg.source.fhir_version.into();
         Channels::default()
@@ -113,6 +115,7 @@ impl Channels {
                 format,
                 cfg.api.base_url(),
             )))
+            .with(hub)
     }
 
     pub fn with(mut self, c: Arc<dyn Channel>) -> Self {
