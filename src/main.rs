@@ -220,7 +220,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
         tasks.spawn(delivery::run(
             cfg.clone(),
             payloads.clone(),
-            fhir_cdc::channel::Channels::standard(&cfg, hub.clone()),
+            fhir_cdc::channel::Channels::standard(&cfg, hub.clone())?,
             topics.clone(),
             shutdown.clone(),
         ));

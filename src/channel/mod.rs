@@ -2,6 +2,7 @@
 //! subscription by its `channel` column, so send workers do not care which channel a
 //! subscription uses and a new channel is one new file here.
 
+pub mod email;
 pub mod memory;
 pub mod message;
 pub mod rest_hook;
@@ -21,6 +22,10 @@ use crate::fhir::subscription::ChannelType;
 pub struct Notification {
     pub kind: Kind,
     pub subscription_id: String,
+    pub topic: String,
+    /// The eventNumbers it carries (none for a handshake or heartbeat).
+    pub event_numbers: Vec<i64>,
+    pub content: crate::fhir::subscription::Content,
     pub bundle: Value,
 }
 
@@ -105,17 +110,25 @@ pub struct Channels {
 impl Channels {
     /// Every channel the daemon delivers over, with its production implementation.
     /// `hub`: the websocket sockets of this process, shared with the API that accepts them.
-    pub fn standard(cfg: &crate::config::Config, hub: Arc<websocket::Hub>) -> Self {
+    /// Fails on an unusable `[channels.email]`.
+    pub fn standard(
+        cfg: &crate::config::Config,
+        hub: Arc<websocket::Hub>,
+    ) -> Result<Self, email::EmailConfigError> {
         let http = rest_hook::RestHook::new(cfg.delivery.allow_private_endpoints);
         let format = cfg.source.fhir_version.into();
-        Channels::default()
+        let mut channels = Channels::default()
             .with(Arc::new(http.clone()))
             .with(Arc::new(message::Message::new(
                 http,
                 format,
                 cfg.api.base_url(),
             )))
-            .with(hub)
+            .with(hub);
+        if let Some(e) = &cfg.channels.email {
+            channels = channels.with(Arc::new(email::Email::from_config(e)?));
+        }
+        Ok(channels)
     }
 
     pub fn with(mut self, c: Arc<dyn Channel>) -> Self {

@@ -413,6 +413,9 @@ fn notification(
     let n = Notification {
         kind,
         subscription_id: sub.id.clone(),
+        topic: sub.topic.clone(),
+        event_numbers: events.iter().map(|e| e.event_number).collect(),
+        content: sub.content,
         bundle,
     };
     let to = Destination {
