@@ -28,6 +28,33 @@ enum Command {
     Check(Args),
     /// Create an empty store of a profile's layout (demo, tests; never on a real store).
     InitStore(InitArgs),
+    /// List or requeue events that could not be delivered.
+    DeadLetters(DeadArgs),
+}
+
+#[derive(clap::Args)]
+struct DeadArgs {
+    #[command(flatten)]
+    args: Args,
+    #[command(subcommand)]
+    action: DeadAction,
+}
+
+#[derive(Subcommand)]
+enum DeadAction {
+    /// Print the dead letters (subscription, eventNumber, resource, when, why).
+    List {
+        #[arg(long)]
+        subscription: Option<String>,
+    },
+    /// Send dead letters again, with their original eventNumbers.
+    Requeue {
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        subscription: Option<String>,
+        /// Every dead letter of every subscription.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,6 +143,7 @@ async fn main() -> std::process::ExitCode {
     let args = match &cli.command {
         Command::Run(a) | Command::Capture(a) => &a.args,
         Command::Deliver(a) | Command::Check(a) => a,
+        Command::DeadLetters(a) => &a.args,
         Command::InitStore(a) => return init_store(a).await,
     };
     let cfg = match Config::load(&args.config) {
@@ -150,6 +178,9 @@ async fn init_store(a: &InitArgs) -> std::process::ExitCode {
 }
 
 async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::ExitCode> {
+    if let Command::DeadLetters(a) = &cmd {
+        return dead_letters(&cfg, &a.action).await;
+    }
     if let Command::Check(_) = cmd {
         let findings = check::run(&cfg).await;
         let mut failed = false;
@@ -254,4 +285,43 @@ async fn sweep_sockets(
             _ = shutdown.changed() => return Ok(()),
         }
     }
+}
+
+/// `dead-letters list|requeue`: one line per dead letter (references only, never content).
+async fn dead_letters(cfg: &Config, action: &DeadAction) -> anyhow::Result<std::process::ExitCode> {
+    let mut c = queue::connect(cfg.queue_url()).await?;
+    queue::migrate::run(&mut c).await?;
+    match action {
+        DeadAction::List { subscription } => {
+            let rows = queue::dead::list(&c, subscription.as_deref()).await?;
+            println!("subscription\tevent_number\tresource\tinteraction\tdead_at\treason");
+            for d in &rows {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    d.subscription_id,
+                    d.event_number,
+                    d.resource,
+                    d.interaction,
+                    d.dead_at.to_rfc3339(),
+                    d.reason
+                );
+            }
+            eprintln!("{} dead letter(s)", rows.len());
+        }
+        DeadAction::Requeue { subscription, .. } => {
+            let done = queue::dead::requeue(&mut c, subscription.as_deref()).await?;
+            for (sub, n) in &done {
+                println!("{sub}\t{n} event(s) requeued");
+                let row = queue::subscriptions::get(&c, sub).await?;
+                if row.is_some_and(|r| r.status == fhir_cdc::fhir::subscription::Status::Off) {
+                    eprintln!("subscription {sub} is off: its requeued events go out once it is turned back on (PUT with status requested)");
+                }
+            }
+            eprintln!(
+                "{} event(s) requeued",
+                done.iter().map(|(_, n)| n).sum::<i64>()
+            );
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

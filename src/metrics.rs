@@ -36,6 +36,10 @@ pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
 /// Failed sends, per topic.
 pub const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
 /// Seconds from the store commit to the notification being delivered.
+/// Dead letters of a topic's subscriptions (label `topic`).
+pub const DEAD_LETTERS: &str = "fhir_cdc_dead_letters";
+/// Websocket subscriptions bound in this process.
+pub const WEBSOCKET_BOUND: &str = "fhir_cdc_websocket_bound_subscriptions";
 pub const END_TO_END_SECONDS: &str = "fhir_cdc_end_to_end_seconds";
 
 /// Registers the descriptions with the installed recorder (shown as `# HELP`).
@@ -57,6 +61,14 @@ pub fn describe() {
         BATCH_WRITE_SECONDS,
         Unit::Seconds,
         "Capture batch write time"
+    );
+    describe_gauge!(
+        DEAD_LETTERS,
+        "Events of a topic's subscriptions that could not be delivered (fhir-cdc dead-letters)"
+    );
+    describe_gauge!(
+        WEBSOCKET_BOUND,
+        "Websocket subscriptions with a socket bound to this process"
     );
     describe_gauge!(CHECKPOINT_LSN, "End LSN of the last queued store commit");
     describe_gauge!(SLOT_LAG_BYTES, Unit::Bytes, "WAL bytes the slot holds back");

@@ -24,6 +24,22 @@ async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
         .unwrap();
 }
 
+/// `fhir-cdc dead-letters ARGS` against the test's config; its stdout.
+fn cli(env: &TestEnv, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["dead-letters", "--config"])
+        .arg(&env.config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The notification inside a message Bundle.
 fn inner(message: &Value) -> &Value {
     &message["entry"][1]["resource"]
@@ -95,6 +111,29 @@ async fn a_4xx_refusal_is_not_retried_and_retry_after_is_honoured() {
         .unwrap()
         .get(0);
     assert_eq!(dead, 1, "the refused event is a dead letter at once");
+    let st = status(api, &refused).await;
+    assert!(
+        st["error"]
+            .to_string()
+            .contains("1 event(s) of this subscription could not be delivered"),
+        "$status reports the dead letter: {st}"
+    );
+    let listed = cli(&env, &["list", "--subscription", &refused]);
+    assert!(
+        listed.contains(&format!("{refused}\t1\tEncounter/r1\tcreate")),
+        "{listed}"
+    );
+    wait_until("the dead-letter gauge", Duration::from_secs(30), || async {
+        let m = reqwest::get(format!("http://127.0.0.1:{api}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.lines()
+            .any(|l| l.starts_with("fhir_cdc_dead_letters{") && l.ends_with(" 1"))
+    })
+    .await;
 
     wait_until(
         "the busy endpoint asked twice",

@@ -14,8 +14,10 @@ use super::response::{bad_request, fhir_id, internal, json_body, not_found, Fhir
 use super::{ApiState, Shared};
 use crate::fhir::notification::{bundle, status_resource, Kind, StatusInfo};
 use crate::fhir::subscription::Content;
+use crate::queue::dead;
 use crate::queue::gaps::{self, Gap};
 use crate::queue::subscriptions::{self, SubscriptionRow};
+use std::collections::HashMap;
 
 /// Most events one `$events` answer carries.
 const EVENTS_LIMIT: i64 = 1000;
@@ -25,19 +27,33 @@ const EVENTS_PARAMS: &[&str] = &["eventsSinceNumber", "eventsUntilNumber", "cont
 
 /// The status of `row`: its last delivery error, then every capture gap (a slot lost and
 /// resynced from now) that happened while it existed.
-fn status_info(row: &SubscriptionRow, gaps: &[Gap]) -> StatusInfo {
+/// Dead letters are reported as an error entry, so a subscriber learns that events it will
+/// not get by waiting exist (and an operator where to look).
+fn status_info(row: &SubscriptionRow, gaps: &[Gap], dead: i64) -> StatusInfo {
+    let mut errors: Vec<String> = row.last_error.iter().cloned().collect();
+    if dead > 0 {
+        errors.push(format!(
+            "{dead} event(s) of this subscription could not be delivered and are dead letters (fhir-cdc dead-letters list --subscription {})",
+            row.id
+        ));
+    }
     StatusInfo {
         subscription_id: row.id.clone(),
         status: row.status,
         events_since_start: row.events_since_start,
         topic_url: row.topic.clone(),
-        errors: row.last_error.iter().cloned().collect(),
+        errors,
         gaps: gaps::affecting(gaps, row.created_at),
     }
 }
 
 /// A searchset of status resources (what `$status` answers).
-fn status_searchset(s: &ApiState, rows: &[SubscriptionRow], gaps: &[Gap]) -> Value {
+fn status_searchset(
+    s: &ApiState,
+    rows: &[SubscriptionRow],
+    gaps: &[Gap],
+    dead: &HashMap<String, i64>,
+) -> Value {
     let base = s.cfg.api.base_url();
     let entry: Vec<Value> = rows
         .iter()
@@ -45,7 +61,7 @@ fn status_searchset(s: &ApiState, rows: &[SubscriptionRow], gaps: &[Gap]) -> Val
             let st = status_resource(
                 s.cfg.source.fhir_version.into(),
                 Kind::QueryStatus,
-                &status_info(row, gaps),
+                &status_info(row, gaps, dead.get(&row.id).copied().unwrap_or(0)),
                 &[],
                 row.content,
                 &base,
@@ -81,7 +97,13 @@ pub async fn status_one(
     let row = load(&s, &id).await?;
     let c = s.pool.get().await.map_err(internal)?;
     let gaps = gaps::recent(&**c).await.map_err(internal)?;
-    Ok(Fhir(StatusCode::OK, status_searchset(&s, &[row], &gaps)))
+    let dead = dead::counts(&**c, std::slice::from_ref(&row.id))
+        .await
+        .map_err(internal)?;
+    Ok(Fhir(
+        StatusCode::OK,
+        status_searchset(&s, &[row], &gaps, &dead),
+    ))
 }
 
 pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
@@ -102,7 +124,12 @@ pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resul
         })
         .collect();
     let gaps = gaps::recent(&**c).await.map_err(internal)?;
-    Ok(Fhir(StatusCode::OK, status_searchset(&s, &rows, &gaps)))
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let dead = dead::counts(&**c, &ids).await.map_err(internal)?;
+    Ok(Fhir(
+        StatusCode::OK,
+        status_searchset(&s, &rows, &gaps, &dead),
+    ))
 }
 
 pub async fn events_get(
@@ -196,6 +223,9 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
         .await
         .map_err(internal)?;
     let gaps = gaps::recent(&**c).await.map_err(internal)?;
+    let dead = dead::counts(&**c, std::slice::from_ref(&row.id))
+        .await
+        .map_err(internal)?;
     drop(c);
     let shapes = s.topics.shapes(&row.topic).await;
     let mut events = Vec::with_capacity(rows.len());
@@ -207,7 +237,7 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
     let b = bundle(
         format,
         Kind::QueryEvent,
-        &status_info(&row, &gaps),
+        &status_info(&row, &gaps, dead.get(&row.id).copied().unwrap_or(0)),
         &events,
         content,
         &base,

@@ -223,7 +223,9 @@ impl Hub {
     }
 
     fn ids(&self) -> Vec<String> {
-        self.subs().keys().cloned().collect()
+        let subs = self.subs();
+        metrics::gauge!(crate::metrics::WEBSOCKET_BOUND).set(subs.len() as f64);
+        subs.keys().cloned().collect()
     }
 }
 

@@ -207,12 +207,19 @@ async fn run_dispatcher(
 ) -> Result<(), DeliveryError> {
     let mut c = queue::connect(cfg.queue_url()).await?;
     let mut last_retention = Instant::now() - Duration::from_secs(3600);
+    let mut last_gauge = Instant::now() - Duration::from_secs(3600);
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         for id in queue::subscriptions::expire(&c).await? {
             tracing::info!(subscription = %id, "subscription end reached; turned off");
+        }
+        if last_gauge.elapsed() > Duration::from_secs(10) {
+            last_gauge = Instant::now();
+            let dead = crate::queue::dead::count_by_topic(&c, topic).await?;
+            metrics::gauge!(crate::metrics::DEAD_LETTERS, "topic" => topic.to_string())
+                .set(dead as f64);
         }
         // Retention runs at most once a minute per topic.
         if last_retention.elapsed() > Duration::from_secs(60) {

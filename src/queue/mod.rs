@@ -3,6 +3,7 @@
 //! lives under this module.
 
 pub mod batch;
+pub mod dead;
 pub mod dispatch;
 pub mod gaps;
 pub mod migrate;
