@@ -59,6 +59,9 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         }
         Err(e) => out.push(bad(format!("FHIRPath engine: {e}"), "report this as a bug")),
     }
+    if let Some(e) = &cfg.channels.email {
+        out.push(email(e).await);
+    }
     if cfg.topics.is_empty() {
         out.push(bad(
             "no [[topic]] configured: nothing will ever match",
@@ -293,5 +296,30 @@ async fn wal_keep_finding(store: &tokio_postgres::Client) -> Finding {
         Ok(v) if v == "-1" => ok("max_slot_wal_keep_size = -1: a slot may retain WAL without limit while capture is stopped; consider a limit sized for your longest outage"),
         Ok(v) => ok(format!("max_slot_wal_keep_size = {v}: a slot further behind is invalidated (capture then stops with a clear error)")),
         Err(e) => bad(format!("cannot read max_slot_wal_keep_size: {e}"), "check the user"),
+    }
+}
+
+/// Connects to the SMTP server of `[channels.email]` (TLS and login included).
+async fn email(e: &crate::config::EmailConfig) -> Finding {
+    match crate::channel::email::Email::from_config(e) {
+        Err(err) => bad(
+            err.to_string(),
+            "fix [channels.email] (see config/example.toml)",
+        ),
+        Ok(m) => match m.test_connection().await {
+            Ok(()) => ok(format!(
+                "SMTP server {} answers ({})",
+                e.smtp,
+                if e.uses_tls() {
+                    "TLS"
+                } else {
+                    "no TLS: full-resource email subscriptions are refused"
+                }
+            )),
+            Err(err) => bad(
+                format!("SMTP server {}: {err}", e.smtp),
+                "check channels.email.smtp, ca_file, username and the password variable",
+            ),
+        },
     }
 }

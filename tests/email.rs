@@ -158,6 +158,19 @@ async fn mails_carry_a_summary_and_the_bundle_and_plain_smtp_refuses_full_resour
     let api = env.api;
     let _d = env.start().await;
 
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.contains(&format!(
+            "ok    SMTP server smtp://127.0.0.1:{port} answers (no TLS"
+        )),
+        "{check}"
+    );
+
     let r = email_subscription(api, "mailto:ward@example.org", "full-resource").await;
     assert_eq!(r.status(), 422);
     assert!(

@@ -47,13 +47,23 @@ pub async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
             "http://hl7.org/fhir/OperationDefinition/Subscription-events".to_string(),
         ),
     };
+    let op_ws = if instantiates.is_some() {
+        format!("{bp}/OperationDefinition/backport-subscription-get-ws-binding-token")
+    } else {
+        "http://hl7.org/fhir/OperationDefinition/Subscription-get-ws-binding-token".to_string()
+    };
+    let channels = if s.cfg.channels.email.is_some() {
+        "rest-hook, websocket, email, message"
+    } else {
+        "rest-hook, websocket, message (email is not configured)"
+    };
     let mut subscription = json!({
         "type": "Subscription",
         "extension": topics,
-        "documentation": "Channels: rest-hook. Payloads: empty, id-only, full-resource. Notifications: handshake, heartbeat, event-notification; query-status ($status), query-event ($events).",
+        "documentation": format!("Channels: {channels}. Payloads: empty, id-only, full-resource. Notifications: handshake, heartbeat, event-notification; query-status ($status), query-event ($events)."),
         "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}, {"code": "delete"}, {"code": "search-type"}],
         "searchParam": [{"name": "status", "type": "token"}, {"name": "url", "type": "uri"}],
-        "operation": [{"name": "status", "definition": op_status}, {"name": "events", "definition": op_events}]
+        "operation": [{"name": "status", "definition": op_status}, {"name": "events", "definition": op_events}, {"name": "get-ws-binding-token", "definition": op_ws}]
     });
     if instantiates.is_some() {
         subscription["supportedProfile"] =

@@ -89,6 +89,15 @@ impl Email {
         })
     }
 
+    /// Connects (with TLS and login as configured) and says whether the server answers.
+    pub async fn test_connection(&self) -> Result<(), String> {
+        match self.transport.test_connection().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the server did not answer NOOP".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     fn message(&self, n: &Notification, to: &Destination) -> Result<Message, SendError> {
         let enc = |e: &dyn std::fmt::Display| SendError::Encode(e.to_string());
         let addrs = mailto_addresses(&to.endpoint).ok_or_else(|| {
