@@ -15,6 +15,11 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/fhir-cdc"
 out="$cache/$mode-$n-$seed.jsonl"
 if [ -s "$out" ]; then echo "$out"; exit 0; fi
 mkdir -p "$cache"
+# Tests call this in parallel: one makes the venv and the file while the others wait, then
+# find the file made.
+exec 9>"$cache/workload.lock"
+flock 9
+if [ -s "$out" ]; then echo "$out"; exit 0; fi
 venv="$cache/workload-venv"
 if [ ! -x "$venv/bin/clinosim" ]; then
   python3 -m venv "$venv" >&2
