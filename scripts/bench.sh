@@ -13,13 +13,24 @@
 #   lag_*                        4 writers at full rate for LAG_SECS while capture runs
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
+#   e2e_<rate>_*                 `fhir-cdc run` with 100 subscriptions (one patient each): single-row
+#                                writes at 500 and 2,000/s for E2E_SECS; store commit → webhook
+#                                arrival p50/p95/p99/max (ms), and the slot lag at the end
+#   fanout_<n>_*                 notifications/s with 1, 100 and 10,000 subscriptions that all
+#                                match, and the longest commit → arrival wait (max_ms)
+#   http_plain_requests_per_s    wrk POSTing a notification-sized body to the same receiver
 #   evaluate_*                   trigger + canFilterBy evaluation per core (cargo bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${BENCH_ROWS:-100000}
 LAG_SECS=${BENCH_LAG_SECS:-60}
 
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench.sh: installing wrk with apt" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
 cargo build --release --quiet
+cargo build --release --quiet --example bench_receiver
 bin=target/release/fhir-cdc
 eval "$(scripts/pg-cluster.sh start)"
 work=$(mktemp -d /tmp/fhir-cdc-bench.XXXXXX)
@@ -207,6 +218,106 @@ else
 fi
 echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
 kill "$cap"; wait "$cap" 2>/dev/null || true
+
+# End to end and fan-out: `fhir-cdc run` (R5) delivering to the bench receiver.
+E2E_SECS=${BENCH_E2E_SECS:-20}
+rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/examples/bench_receiver "127.0.0.1:$rport" & pids+=($!)
+psql -d postgres -c "CREATE DATABASE qe"
+cat >"$work/ce.toml" <<TOML
+[source]
+url = "$url/fhir"
+profile = "aidbox"
+fhir_version = "R5"
+slot = "se"
+publication = "fhir_cdc"
+
+[queue]
+url = "$url/qe"
+
+[api]
+listen = "127.0.0.1:$aport"
+
+[delivery]
+allow_private_endpoints = true
+require_https_for_full_resource = false
+$topics1
+TOML
+"$bin" run --config "$work/ce.toml" 2>"$work/ce.log" & run=$!; pids+=("$run")
+until curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.2; done
+rstat() { curl -fs "http://127.0.0.1:$rport/stats"; }
+rget() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$(rstat)" "$1"; }
+# subscribe N FILTERED: N id-only subscriptions; FILTERED=yes gives each its own patient.
+subscribe() {
+  python3 - "$aport" "$rport" "$1" "$2" <<'PY'
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+api, rport, n, filtered = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "yes"
+def one(i):
+    s = {"resourceType": "Subscription", "status": "requested", "topic": "http://bench/topic/obs",
+         "channelType": {"system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type", "code": "rest-hook"},
+         "endpoint": f"http://127.0.0.1:{rport}/hook/s{i}", "content": "id-only", "contentType": "application/fhir+json"}
+    if filtered:
+        s["filterBy"] = [{"resourceType": "Observation", "filterParameter": "patient", "value": f"Patient/p{i}"}]
+    req = urllib.request.Request(f"http://127.0.0.1:{api}/Subscription", json.dumps(s).encode(),
+                                 {"Content-Type": "application/fhir+json"})
+    urllib.request.urlopen(req).read()
+with ThreadPoolExecutor(8) as ex:
+    list(ex.map(one, range(n)))
+PY
+  until [ "$(psql -d qe -c "SELECT count(*) FROM fhir_cdc.subscription WHERE status = 'active'")" -ge "$1" ]; do sleep 0.2; done
+}
+unsubscribe() { psql -d qe -c "DELETE FROM fhir_cdc.subscription" >/dev/null; }
+# writes RATE SECS PREFIX: single-row transactions at RATE/s, patients p0…p99 in turn.
+writes() {
+  python3 - "$1" "$2" "$3" "$src_n" <<'PY' | psql -d fhir >/dev/null
+import sys, time
+rate, secs, prefix, n = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+t0 = time.time(); k = 0
+while k < rate * secs:
+    due = t0 + k / rate
+    d = due - time.time()
+    if d > 0:
+        time.sleep(d)
+    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) SELECT '{prefix}{k}', txid_current(), "
+          f"'Observation', 'created', body || '{{\"subject\": {{\"reference\": \"Patient/p{k % 100}\"}}}}' FROM bench_src WHERE n = {k % n + 1};",
+          flush=True)
+    k += 1
+PY
+}
+subscribe 100 yes
+for r in 500 2000; do
+  curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
+  writes "$r" "$E2E_SECS" "e$r-"
+  want=$((r * E2E_SECS)); waited=0
+  while [ "$(rget events)" -lt "$want" ] && [ "$waited" -lt 600 ]; do sleep 0.1; waited=$((waited + 1)); done
+  echo "e2e_${r}_per_s_delivered=$(rget events)/$want"
+  for k in p50_ms p95_ms p99_ms max_ms; do echo "e2e_${r}_$k=$(rget $k)"; done
+  echo "e2e_${r}_lag_end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 'se'")"
+done
+unsubscribe
+# Fan-out: every subscription matches every event; EVENTS chosen so each case sends ~20,000.
+for n in 1 100 10000; do
+  subscribe "$n" no
+  events=$(( 20000 / n )); [ "$events" -lt 5 ] && events=5
+  want=$((events * n))
+  curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
+  t0=$(now)
+  writes 100000 "$(python3 -c "print($events / 100000)")" "f$n-"
+  waited=0
+  while [ "$(rget requests)" -lt "$want" ] && [ "$waited" -lt 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
+  t1=$(now)
+  echo "fanout_${n}_notifications_per_s=$(rate "$(rget requests)" "$t0" "$t1") ($(rget requests)/$want)"
+  echo "fanout_${n}_max_ms=$(rget max_ms)"
+  unsubscribe
+done
+echo "fanout_peak_rss_mb=$(peak_rss_mb "$run")"
+kill "$run"; wait "$run" 2>/dev/null || true
+body=$(python3 -c "import json; print(json.dumps({'resourceType':'Bundle','type':'subscription-notification','entry':[{'resource':{'resourceType':'SubscriptionStatus','status':'active','type':'event-notification','notificationEvent':[{'eventNumber':'1','timestamp':'2026-01-01T00:00:00.000Z','focus':{'reference':'Observation/1'}}],'topic':'http://bench/topic/obs'}}]}))")
+printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/fhir+json"\nwrk.body = [[%s]]\n' "$body" >"$work/post.lua"
+plain=$(wrk -t2 -c64 -d10s -s "$work/post.lua" "http://127.0.0.1:$rport/hook/plain" | awk '/Requests\/sec/ {print int($2)}')
+echo "http_plain_requests_per_s=$plain"
 
 # Evaluation per core, beside the JSON parse rate of the same resources.
 cargo bench --quiet --bench evaluate -- "$res" 2>/dev/null | sed "s/^/evaluate: /"

@@ -6,7 +6,7 @@
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use rand::Rng;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -76,6 +76,9 @@ impl Leases {
     }
 
     async fn take(&self, id: &str) -> Result<bool> {
+        if self.held.lock().map(|h| h.contains(id)).unwrap_or(true) {
+            return Ok(false);
+        }
         let got = subscriptions::try_lease(&self.conn, id).await?;
         if got {
             self.held.lock().map(|mut h| h.insert(id.to_string())).ok();
@@ -105,19 +108,30 @@ async fn run_worker(
     });
     let workers = topic_workers(&ctx.cfg, topic);
     let mut running: JoinSet<Result<()>> = JoinSet::new();
+    // Subscriptions with work, fetched CANDIDATES at a time: with thousands of
+    // subscriptions the query is the cost, so it is not repeated for every send.
+    let mut queue: VecDeque<String> = VecDeque::new();
     while !*shutdown.borrow() {
-        let free = workers.saturating_sub(running.len()) as i64;
-        if free > 0 {
+        let mut free = workers.saturating_sub(running.len());
+        if free > 0 && queue.is_empty() {
             let bound = ctx.channels.bound_ids();
-            let ids =
-                subscriptions::with_work(&leases.conn, topic, &leases.held(), &bound, free).await?;
-            for id in ids {
-                if leases.take(&id).await? {
-                    running.spawn(send_one(ctx.clone(), leases.clone(), topic.to_string(), id));
-                }
+            let limit = CANDIDATES.max(free) as i64;
+            let held = leases.held();
+            queue
+                .extend(subscriptions::with_work(&leases.conn, topic, &held, &bound, limit).await?);
+        }
+        while free > 0 {
+            let Some(id) = queue.pop_front() else { break };
+            if leases.take(&id).await? {
+                running.spawn(send_one(ctx.clone(), leases.clone(), topic.to_string(), id));
+                free -= 1;
             }
         }
-        let idle = next_wait(&leases.conn, topic).await;
+        let idle = if running.is_empty() && queue.is_empty() {
+            next_wait(&leases.conn, topic).await
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             Some(done) = running.join_next(), if !running.is_empty() => finished(done)?,
             _ = wake.notified() => {}
@@ -128,6 +142,9 @@ async fn run_worker(
     drain_on_shutdown(&ctx.cfg, running).await;
     Ok(())
 }
+
+/// Candidates one query fetches.
+const CANDIDATES: usize = 256;
 
 /// Sends per topic at once: the topic's `workers`, else `[delivery] workers`.
 fn topic_workers(cfg: &Config, topic: &str) -> usize {

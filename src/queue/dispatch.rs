@@ -91,36 +91,39 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
             &[&topic],
         )
         .await?;
-    let mut matched = 0u64;
+    // Every (subscription, event) match, numbered in one statement: with thousands of
+    // subscriptions one INSERT per subscription would make dispatch the bottleneck.
+    let mut sub_ids: Vec<&str> = Vec::new();
+    let mut event_ids: Vec<i64> = Vec::new();
     for s in &subs {
         let id: &str = s.get(0);
         let start: i64 = s.get(1);
         let filters: Vec<Filter> = serde_json::from_value(s.get(2)).unwrap_or_default();
         // AND across filters; each filter applies to the resource type it names.
-        let ids: Vec<i64> = events
-            .iter()
-            .filter(|(eid, ty, values)| {
-                *eid > start && filters.iter().all(|f| f.matches(ty, values))
-            })
-            .map(|(eid, _, _)| *eid)
-            .collect();
-        if ids.is_empty() {
-            continue;
+        for (eid, ty, values) in &events {
+            if *eid > start && filters.iter().all(|f| f.matches(ty, values)) {
+                sub_ids.push(id);
+                event_ids.push(*eid);
+            }
         }
-        let n = tx
-            .execute(
-                "WITH ev AS (
-                     SELECT e, row_number() OVER (ORDER BY e) AS rn FROM unnest($2::int8[]) AS e),
-                 sub AS (
-                     UPDATE fhir_cdc.subscription SET events_since_start = events_since_start + (SELECT count(*) FROM ev)
-                     WHERE id = $1 RETURNING events_since_start - (SELECT count(*) FROM ev) AS base)
-                 INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
-                 SELECT $1, sub.base + ev.rn, ev.e FROM ev, sub",
-                &[&id, &ids],
-            )
-            .await?;
-        matched += n;
     }
+    let matched = if sub_ids.is_empty() {
+        0
+    } else {
+        tx.execute(
+            "WITH m AS (SELECT sub, ev FROM unnest($1::text[], $2::int8[]) AS u(sub, ev)),
+             counts AS (SELECT sub, count(*) AS n FROM m GROUP BY sub),
+             upd AS (
+                 UPDATE fhir_cdc.subscription s SET events_since_start = s.events_since_start + c.n
+                 FROM counts c WHERE s.id = c.sub
+                 RETURNING s.id, s.events_since_start - c.n AS base)
+             INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
+             SELECT m.sub, upd.base + row_number() OVER (PARTITION BY m.sub ORDER BY m.ev), m.ev
+             FROM m JOIN upd ON upd.id = m.sub",
+            &[&sub_ids, &event_ids],
+        )
+        .await?
+    };
     tx.execute(
         "UPDATE fhir_cdc.dispatch_cursor SET last_event_id = $2 WHERE topic = $1",
         &[&topic, &last],
