@@ -216,7 +216,14 @@ async fn mails_carry_a_summary_and_the_bundle_and_plain_smtp_refuses_full_resour
     validate(
         &bundles,
         "r5",
-        &["--expect-subscription", &sub, "--content", "id-only"],
+        &[
+            "--expect-subscription",
+            &sub,
+            "--content",
+            "id-only",
+            "--sequence",
+            "strict",
+        ],
     );
 }
 

@@ -259,3 +259,65 @@ async fn an_expired_token_is_refused_and_a_rest_hook_subscription_gets_none() {
         .unwrap()
         .contains("does not use the websocket channel"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriptions_sockets_live_in_one_instance_until_they_close() {
+    let env = TestEnv::aidbox(TOPICS).build().await;
+    let api_a = env.api;
+    let _a = env.start().await;
+    let api_b = free_port();
+    let config_b = env.config_variant("b.toml", |c| {
+        c.api.listen = format!("127.0.0.1:{api_b}").parse().unwrap()
+    });
+    let _b = Daemon::start_args(&["deliver"], &config_b, &env.dir.path().join("b.log"));
+    wait_api(api_b).await;
+    let id = ws_subscription(api_a).await;
+
+    let (tok, _) = token(api_a, &id, false).await;
+    let mut on_a = connect(api_a).await;
+    on_a.send(Message::text(format!("bind-with-token {tok}")))
+        .await
+        .unwrap();
+    until(&mut on_a, "handshake", &mut vec![]).await;
+
+    // A token from either instance is good anywhere, but the sockets stay with A.
+    let (tok, _) = token(api_b, &id, false).await;
+    let mut on_b = connect(api_b).await;
+    on_b.send(Message::text(format!("bind-with-token {tok}")))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut on_b, 10).await.unwrap()["resourceType"],
+        "OperationOutcome"
+    );
+    let reason = next(&mut on_b, 10).await.unwrap_err();
+    assert!(reason.contains("another instance"), "{reason}");
+
+    // Once A's last socket closes, B may hold the subscription and delivers it.
+    on_a.close(None).await.unwrap();
+    let mut got = vec![];
+    let mut tries = 0;
+    let mut on_b = loop {
+        tries += 1;
+        let (tok, _) = token(api_b, &id, true).await;
+        let mut ws = connect(api_b).await;
+        ws.send(Message::text(format!("bind-with-token {tok}")))
+            .await
+            .unwrap();
+        let first = next(&mut ws, 10).await;
+        match first {
+            Ok(b) if b["resourceType"] == "Bundle" => {
+                got.push(b);
+                break ws;
+            }
+            other => {
+                assert!(tries < 20, "B never got the subscription: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    put_encounter(&env.store, "moved").await;
+    let e = until(&mut on_b, "event-notification", &mut got).await;
+    assert_eq!(event_numbers(&e), vec![1]);
+    validate(&got, "r5", &["--sequence", "strict"]);
+}

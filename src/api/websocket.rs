@@ -202,8 +202,10 @@ async fn serve(s: Shared, socket: WebSocket) {
                 Some(Ok(_)) => {}
             },
             Some(f) = handle.frames.recv() => {
-                if let Frame::Text(t) = f {
-                    if tx.send(Message::Text(Utf8Bytes::from(t))).await.is_err() {
+                if let Frame::Text(t, done) = f {
+                    let ok = tx.send(Message::Text(Utf8Bytes::from(t))).await.is_ok();
+                    let _ = done.send(ok);
+                    if !ok {
                         break None;
                     }
                 }

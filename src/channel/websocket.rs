@@ -22,7 +22,8 @@ pub const SOCKET_QUEUE: usize = 1024;
 /// What the hub asks a socket task to do.
 #[derive(Debug)]
 pub enum Frame {
-    Text(String),
+    /// Write this text; say on the sender whether it was written to the socket.
+    Text(String, tokio::sync::oneshot::Sender<bool>),
     /// Close with this code and reason.
     Close(u16, String),
 }
@@ -235,9 +236,11 @@ impl Channel for Hub {
         ChannelType::Websocket
     }
 
-    /// Queues the Bundle on every ready socket of the subscription. A socket whose queue is
-    /// full is too slow: it is closed (its client binds again and gets what is pending).
-    async fn send(&self, n: &Notification, _to: &Destination) -> Result<(), SendError> {
+    /// Writes the Bundle to every ready socket of the subscription; delivered once at least
+    /// one socket wrote it (so a socket that dies with frames queued does not count them as
+    /// sent). A socket whose queue is full is too slow: it is closed (its client binds again
+    /// and gets what is pending).
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
         let text =
             serde_json::to_string(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
         let sockets: Vec<Socket> = self
@@ -245,10 +248,11 @@ impl Channel for Hub {
             .get(&n.subscription_id)
             .map(|v| v.iter().filter(|s| s.ready).cloned().collect())
             .unwrap_or_default();
-        let mut reached = 0;
+        let mut written = Vec::new();
         for s in sockets {
-            match s.frames.try_send(Frame::Text(text.clone())) {
-                Ok(()) => reached += 1,
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match s.frames.try_send(Frame::Text(text.clone(), tx)) {
+                Ok(()) => written.push(rx),
                 Err(_) => {
                     let _ = s
                         .control
@@ -256,10 +260,18 @@ impl Channel for Hub {
                 }
             }
         }
-        if reached == 0 {
-            return Err(SendError::NoListener);
+        let any = async {
+            let mut ok = false;
+            for rx in written {
+                ok |= rx.await.unwrap_or(false);
+            }
+            ok
+        };
+        match tokio::time::timeout(to.timeout, any).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SendError::NoListener),
+            Err(_) => Err(SendError::Timeout(to.timeout)),
         }
-        Ok(())
     }
 
     fn bound_ids(&self) -> Vec<String> {
