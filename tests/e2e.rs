@@ -221,3 +221,83 @@ async fn a_transaction_of_5000_rows_gives_5000_events() {
     let first = &rx.events("big")[0]["entry"][1]["fullUrl"];
     assert_eq!(first, "http://fhir-cdc.test/fhir/Encounter/big-1");
 }
+
+const TWO_TOPICS: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/enc-a"
+status = "active"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update"] }]
+canFilterBy = [{ resource = "Encounter", filterParameter = "patient" }]
+
+[[topic]]
+url = "http://fhir-cdc.test/topic/enc-b"
+status = "active"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }]
+canFilterBy = [{ resource = "Encounter", filterParameter = "patient" }, { resource = "Encounter", filterParameter = "status" }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_for_two_topics_is_one_queue_row_and_each_topic_filters_it() {
+    let env = TestEnv::aidbox(TWO_TOPICS).build().await;
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let _d = env.start().await;
+    let filter = |p: &str| json!({"filterBy": [{"resourceType": "Encounter", "filterParameter": "patient", "value": p}]});
+    subscribe_active(
+        api,
+        "http://fhir-cdc.test/topic/enc-a",
+        &rx.url("a1"),
+        "id-only",
+        filter("Patient/1"),
+    )
+    .await;
+    subscribe_active(
+        api,
+        "http://fhir-cdc.test/topic/enc-b",
+        &rx.url("b1"),
+        "id-only",
+        filter("Patient/1"),
+    )
+    .await;
+    subscribe_active(
+        api,
+        "http://fhir-cdc.test/topic/enc-b",
+        &rx.url("b2"),
+        "id-only",
+        filter("Patient/2"),
+    )
+    .await;
+    for (id, patient) in [("x1", "Patient/1"), ("x2", "Patient/2")] {
+        let body = json!({"resourceType": "Encounter", "status": "planned", "subject": {"reference": patient}});
+        store
+            .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
+            .await
+            .unwrap();
+    }
+    wait_until("the notifications", Duration::from_secs(30), || async {
+        rx.events("a1").len() == 1 && rx.events("b1").len() == 1 && rx.events("b2").len() == 1
+    })
+    .await;
+    let rows = store
+        .query(
+            "SELECT resource_id, topics FROM fhir_cdc.event ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, Vec<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let both = vec![
+        "http://fhir-cdc.test/topic/enc-a".to_string(),
+        "http://fhir-cdc.test/topic/enc-b".to_string(),
+    ];
+    assert_eq!(rows, vec![("x1".into(), both.clone()), ("x2".into(), both)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.events("a1").len(), 1, "x2 is Patient/2's");
+    for (hook, id) in [("a1", "x1"), ("b1", "x1"), ("b2", "x2")] {
+        let b = &rx.events(hook)[0];
+        assert!(
+            b.to_string().contains(&format!("Encounter/{id}")),
+            "{hook}: {b}"
+        );
+        validate(&rx.bodies(hook), "r5", &["--sequence", "strict"]);
+    }
+}

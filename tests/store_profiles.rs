@@ -35,7 +35,7 @@ async fn run(c: &tokio_postgres::Client, sql: &str) {
 async fn queued(c: &tokio_postgres::Client, topic: &str) -> Vec<(String, String, String, String)> {
     c.query(
         "SELECT resource_type, resource_id, coalesce(version_id, ''), interaction
-         FROM fhir_cdc.event WHERE topic = $1 ORDER BY id",
+         FROM fhir_cdc.event WHERE $1 = ANY(topics) ORDER BY id",
         &[&topic],
     )
     .await

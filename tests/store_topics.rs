@@ -24,7 +24,7 @@ fn topic(extra: Value) -> Value {
 
 async fn event_ids(q: &tokio_postgres::Client) -> Vec<String> {
     q.query(
-        "SELECT resource_id FROM fhir_cdc.event WHERE topic = $1 ORDER BY id",
+        "SELECT resource_id FROM fhir_cdc.event WHERE $1 = ANY(topics) ORDER BY id",
         &[&X],
     )
     .await

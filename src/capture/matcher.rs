@@ -12,7 +12,7 @@ use super::control::Active;
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
 use crate::fhir::trigger::{ChangeEval, Outcome};
-use crate::queue::batch::QueuedEvent;
+use crate::queue::batch::{QueuedEvent, OWN_FILTERS};
 use crate::store::RowChange;
 
 pub struct Matcher {
@@ -21,6 +21,44 @@ pub struct Matcher {
     warned_no_previous: HashSet<u32>,
     /// `(topic, kind)` of criteria errors already logged: once each, the counter counts all.
     logged_errors: HashSet<(Arc<str>, &'static str)>,
+}
+
+/// The canFilterBy values of one change for all the topics it fired: one map by parameter
+/// name, as topics naming the same parameter of a resource type get the same values. A
+/// topic whose values differ under a name another topic used (its own filterDefinition)
+/// keeps its map under `@topic`, keyed by its url.
+#[derive(Default)]
+struct Filters {
+    shared: serde_json::Map<String, Value>,
+    own: serde_json::Map<String, Value>,
+}
+
+impl Filters {
+    fn add(
+        &mut self,
+        topic: &str,
+        values: std::collections::BTreeMap<String, crate::fhir::search::value::Values>,
+    ) {
+        let Ok(Value::Object(map)) = serde_json::to_value(values) else {
+            return;
+        };
+        let clash = map
+            .iter()
+            .any(|(k, v)| self.shared.get(k).is_some_and(|old| old != v));
+        if clash {
+            self.own.insert(topic.to_string(), Value::Object(map));
+        } else {
+            self.shared.extend(map);
+        }
+    }
+
+    fn into_json(mut self) -> Option<Value> {
+        if !self.own.is_empty() {
+            self.shared
+                .insert(OWN_FILTERS.to_string(), Value::Object(self.own));
+        }
+        (!self.shared.is_empty()).then_some(Value::Object(self.shared))
+    }
 }
 
 /// The two versions of a change as JSON.
@@ -38,48 +76,48 @@ impl Matcher {
         }
     }
 
-    /// The events `change` makes, one per topic that fires.
-    pub async fn events(&mut self, topics: &[Active], change: &ResourceChange) -> Vec<QueuedEvent> {
+    /// The event `change` makes: one whatever the number of topics that fire (their urls
+    /// in `topics`), so the queue write does not grow with the number of topics.
+    pub async fn event(
+        &mut self,
+        topics: &[Active],
+        change: &ResourceChange,
+    ) -> Option<QueuedEvent> {
         let row = &change.current;
         let wanted: Vec<&Active> = topics
             .iter()
             .filter(|a| a.topic.matches(&row.resource_type, row.interaction))
             .collect();
         if wanted.is_empty() {
-            return Vec::new();
+            return None;
         }
         self.warn_without_previous(&wanted, change);
-        let Some(v) = parse(change) else {
-            return Vec::new();
-        };
+        let v = parse(change)?;
         let searcher = self.searcher.clone();
         // Built once for every topic that evaluates something on this change.
         let eval = wanted
             .iter()
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
             .then(|| ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone()));
-        let mut out = Vec::new();
-        // Serialised once, for the first topic that needs it.
-        let mut body: Option<Option<Arc<str>>> = None;
+        let mut fired = Vec::new();
+        let mut filters = Filters::default();
         for a in wanted {
             if !fires(&mut self.logged_errors, a, eval.as_ref(), row).await {
                 continue;
             }
-            let filters = match (&eval, a.compiled.filters.is_empty()) {
-                (Some(ev), false) => {
-                    let values = a.compiled.filter_values(ev, &row.resource_type).await;
-                    serde_json::to_value(values).ok()
-                }
-                _ => None,
-            };
-            // Every event keeps the text (a subscription may turn full-resource before the
-            // batch is written); the batch stores it only for topics that need it.
-            let resource = body
-                .get_or_insert_with(|| v.current.as_ref().map(|c| Arc::from(c.to_string())))
-                .clone();
-            out.push(event(a, change, resource, filters));
+            if let (Some(ev), false) = (&eval, a.compiled.filters.is_empty()) {
+                let values = a.compiled.filter_values(ev, &row.resource_type).await;
+                filters.add(&a.url, values);
+            }
+            fired.push(a.url.clone());
         }
-        out
+        if fired.is_empty() {
+            return None;
+        }
+        // Every event keeps the text (a subscription may turn full-resource before the
+        // batch is written); the batch stores it only when one of its topics needs it.
+        let resource = v.current.as_ref().map(|c| Arc::from(c.to_string()));
+        Some(event(fired, change, resource, filters.into_json()))
     }
 
     fn warn_without_previous(&mut self, wanted: &[&Active], change: &ResourceChange) {
@@ -155,14 +193,14 @@ async fn fires(
 }
 
 fn event(
-    a: &Active,
+    topics: Vec<Arc<str>>,
     change: &ResourceChange,
     resource: Option<Arc<str>>,
     filters: Option<Value>,
 ) -> QueuedEvent {
     let row = &change.current;
     QueuedEvent {
-        topic: a.url.clone(),
+        topics,
         resource_type: row.resource_type.clone(),
         resource_id: row.id.clone(),
         version_id: row.version_id.clone(),

@@ -223,8 +223,8 @@ impl<'a> Stream<'a> {
             Role::Control(item) => self.txn_items.extend(item),
             Role::Resource(item) => {
                 self.txn_items.extend(item);
-                let events = self.matcher.events(&self.topics.active, &change).await;
-                self.txn_items.extend(events.into_iter().map(Item::Event));
+                let event = self.matcher.event(&self.topics.active, &change).await;
+                self.txn_items.extend(event.map(Item::Event));
             }
         }
         Ok(())

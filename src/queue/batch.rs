@@ -12,10 +12,11 @@ use super::{lsn_text, subscriptions, Result, EVENT_CHANNEL};
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::fhir::topic::Interaction;
 
-/// A matched change for one topic.
+/// A matched change: one row in the queue whatever the number of topics it fired.
 #[derive(Debug, Clone)]
 pub struct QueuedEvent {
-    pub topic: Arc<str>,
+    /// The topics it fired, in configuration order; never empty.
+    pub topics: Vec<Arc<str>>,
     pub resource_type: String,
     pub resource_id: String,
     pub version_id: Option<String>,
@@ -23,12 +24,16 @@ pub struct QueuedEvent {
     /// The resource as JSON text (a parsed value is several times bigger, and a 30,000-row
     /// transaction holds them all); stored only for topics a full-resource subscription reads.
     pub resource: Option<Arc<str>>,
-    /// The topic's canFilterBy values of this resource (`{param: Values}`), when it has any.
+    /// The canFilterBy values of this resource for its topics (`{param: Values}`, and
+    /// `@topic: {url: {param: Values}}` for a topic whose parameter of that name differs).
     pub filters: Option<Value>,
     pub commit_lsn: u64,
     pub xid: u32,
     pub commit_time: DateTime<Utc>,
 }
+
+/// The key of topic-specific filter values in an event's `filters`.
+pub const OWN_FILTERS: &str = "@topic";
 
 /// What a store transaction contributes to the queue, in stream order.
 #[derive(Debug, Clone)]
@@ -86,7 +91,7 @@ pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64
     for item in items {
         match item {
             Item::Event(e) => {
-                topics.insert(e.topic.clone());
+                topics.extend(e.topics.iter().cloned());
                 run.push(e);
             }
             Item::UpsertSubscription { id, spec, resource } => {
@@ -143,6 +148,10 @@ pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64
     Ok(written)
 }
 
+/// Joins an event's topics into one text for the multi-row insert (Postgres arrays of
+/// arrays must be rectangular); topic urls never hold a control character.
+const TOPIC_SEPARATOR: &str = "\u{1f}";
+
 async fn insert_events(
     tx: &tokio_postgres::Transaction<'_>,
     run: &[&QueuedEvent],
@@ -152,7 +161,7 @@ async fn insert_events(
         return Ok(0);
     }
     let n = run.len();
-    let mut topic = Vec::with_capacity(n);
+    let mut topics = Vec::with_capacity(n);
     let mut rtype = Vec::with_capacity(n);
     let mut rid = Vec::with_capacity(n);
     let mut ver = Vec::with_capacity(n);
@@ -163,7 +172,7 @@ async fn insert_events(
     let mut body: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut filters: Vec<Option<&Value>> = Vec::with_capacity(n);
     for e in run {
-        topic.push(e.topic.as_ref());
+        topics.push(e.topics.join(TOPIC_SEPARATOR));
         rtype.push(e.resource_type.as_str());
         rid.push(e.resource_id.as_str());
         ver.push(e.version_id.as_deref());
@@ -172,7 +181,7 @@ async fn insert_events(
         xid.push(i64::from(e.xid));
         time.push(e.commit_time);
         filters.push(e.filters.as_ref());
-        body.push(if full.contains(e.topic.as_ref()) {
+        body.push(if e.topics.iter().any(|t| full.contains(t.as_ref())) {
             e.resource.as_deref()
         } else {
             None
@@ -182,13 +191,13 @@ async fn insert_events(
     let rows = tx
         .execute(
             "INSERT INTO fhir_cdc.event
-                 (topic, resource_type, resource_id, version_id, interaction, commit_lsn, xid, commit_time, resource, filters)
-             SELECT t, rt, ri, v, i, l::pg_lsn, x, ct, b::jsonb, f
+                 (topics, resource_type, resource_id, version_id, interaction, commit_lsn, xid, commit_time, resource, filters)
+             SELECT string_to_array(t, E'\\x1f'), rt, ri, v, i, l::pg_lsn, x, ct, b::jsonb, f
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::int8[], $8::timestamptz[], $9::text[], $10::jsonb[])
                   WITH ORDINALITY AS u(t, rt, ri, v, i, l, x, ct, b, f, ord)
              ORDER BY ord",
-            &[&topic, &rtype, &rid, &ver, &inter, &lsn, &xid, &time, &body, &filters],
+            &[&topics, &rtype, &rid, &ver, &inter, &lsn, &xid, &time, &body, &filters],
         )
         .await?;
     Ok(rows as usize)

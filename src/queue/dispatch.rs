@@ -23,19 +23,25 @@ pub async fn retain(client: &Client, topic: &str, hours: u64) -> Result<u64> {
             &[&topic, &hours],
         )
         .await?;
+    // An event goes once every topic it fired has dispatched past it and no delivery
+    // needs it.
     Ok(client
         .execute(
             "DELETE FROM fhir_cdc.event e
-             WHERE e.topic = $1 AND e.queued_at < now() - make_interval(hours => $2::float8::int)
-               AND e.id <= coalesce((SELECT last_event_id FROM fhir_cdc.dispatch_cursor WHERE topic = $1), 0)
+             WHERE e.id <= coalesce((SELECT last_event_id FROM fhir_cdc.dispatch_cursor WHERE topic = $1), 0)
+               AND $1 = ANY(e.topics) AND e.queued_at < now() - make_interval(hours => $2::float8::int)
+               AND NOT EXISTS (
+                   SELECT 1 FROM unnest(e.topics) AS t(url)
+                   LEFT JOIN fhir_cdc.dispatch_cursor c ON c.topic = t.url
+                   WHERE coalesce(c.last_event_id, 0) < e.id)
                AND NOT EXISTS (SELECT 1 FROM fhir_cdc.delivery d WHERE d.event_id = e.id)",
             &[&topic, &hours],
         )
         .await?)
 }
 
-/// Dispatches up to `limit` new events of `topic`. Returns how many events it consumed
-/// (0 when there were none or another instance holds the topic).
+/// Dispatches the events of `topic` among the next `limit` events. Returns how many events
+/// it looked at (0 when there were none or another instance holds the topic).
 pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize> {
     let tx = client.transaction().await?;
     let locked: bool = tx
@@ -61,25 +67,26 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
         )
         .await?
         .get(0);
-    let events = tx
+    // Events are one row per change for all its topics: the cursor walks every event and
+    // stops at the last one looked at, whether it was this topic's or not.
+    let rows = tx
         .query(
-            "SELECT id, resource_type, filters FROM fhir_cdc.event
-             WHERE topic = $1 AND id > $2 ORDER BY id LIMIT $3",
+            "SELECT id, $1 = ANY(topics), resource_type,
+                    CASE WHEN $1 = ANY(topics) THEN filters END
+             FROM fhir_cdc.event WHERE id > $2 ORDER BY id LIMIT $3",
             &[&topic, &cursor, &limit],
         )
         .await?;
-    let Some(last) = events.last().map(|r| r.get::<_, i64>(0)) else {
+    let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
         return Ok(0);
     };
-    // Each event's canFilterBy values, parsed once for all subscriptions.
-    let events: Vec<(i64, String, HashMap<String, Values>)> = events
+    // This topic's events with their canFilterBy values, parsed once for all subscriptions.
+    let events: Vec<(i64, String, HashMap<String, Values>)> = rows
         .iter()
+        .filter(|r| r.get::<_, bool>(1))
         .map(|r| {
-            let filters: Option<serde_json::Value> = r.get(2);
-            let values = filters
-                .and_then(|f| serde_json::from_value(f).ok())
-                .unwrap_or_default();
-            (r.get(0), r.get(1), values)
+            let filters: Option<serde_json::Value> = r.get(3);
+            (r.get(0), r.get(2), filter_values(filters, topic))
         })
         .collect();
     // Every subscription that is not off counts the events, delivered or not.
@@ -135,5 +142,40 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
     }
     tx.commit().await?;
     metrics::counter!(crate::metrics::DISPATCHED, "topic" => topic.to_string()).increment(matched);
-    Ok(events.len())
+    Ok(rows.len())
+}
+
+/// The canFilterBy values an event holds for `topic`: its own map under `@topic` when it has
+/// one, else the shared map.
+fn filter_values(filters: Option<serde_json::Value>, topic: &str) -> HashMap<String, Values> {
+    let Some(serde_json::Value::Object(mut map)) = filters else {
+        return HashMap::new();
+    };
+    let own = map
+        .remove(super::batch::OWN_FILTERS)
+        .and_then(|mut o| o.get_mut(topic).map(serde_json::Value::take));
+    let chosen = own.unwrap_or(serde_json::Value::Object(map));
+    serde_json::from_value(chosen).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_topic_reads_its_own_filter_values_when_it_has_them() {
+        let f = json!({
+            "patient": {"t": "reference", "v": ["Patient/1"]},
+            "@topic": {"http://b": {"patient": {"t": "reference", "v": ["Patient/2"]}}}
+        });
+        let a = filter_values(Some(f.clone()), "http://a");
+        let b = filter_values(Some(f), "http://b");
+        assert_eq!(a.len(), 1, "the shared map, without @topic");
+        assert_ne!(
+            serde_json::to_value(&a["patient"]).unwrap(),
+            serde_json::to_value(&b["patient"]).unwrap()
+        );
+        assert!(filter_values(None, "http://a").is_empty());
+    }
 }

@@ -10,6 +10,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../sql/002_channel.sql")),
     (3, include_str!("../../sql/003_capture_gap.sql")),
     (4, include_str!("../../sql/004_channels.sql")),
+    (5, include_str!("../../sql/005_event_topics.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.
