@@ -424,19 +424,17 @@ pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) ->
 
 /// Events up to `last_number` reached the endpoint.
 pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Result<()> {
+    // One statement, one round trip: this runs once per notification.
     c.execute(
-        "UPDATE fhir_cdc.delivery SET state = 'delivered', delivered_at = now(),
-             attempts = attempts + 1
-         WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'",
-        &[&id, &numbers],
-    )
-    .await?;
-    c.execute(
-        "UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, last_sent_at = now(),
+        "WITH d AS (
+             UPDATE fhir_cdc.delivery SET state = 'delivered', delivered_at = now(),
+                 attempts = attempts + 1
+             WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending')
+         UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, last_sent_at = now(),
              status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
              next_attempt_at = now(), updated_at = now()
          WHERE id = $1",
-        &[&id],
+        &[&id, &numbers],
     )
     .await?;
     Ok(())
