@@ -124,9 +124,6 @@ impl<'a> Stream<'a> {
                 ack = acks.recv() => {
                     let lsn = ack.ok_or_else(|| CaptureError::Replication("queue writer stopped".into()))??;
                     self.acked(&repl, lsn);
-                    if self.in_flight == 0 {
-                        self.flush(&jobs, &mut acks).await?;
-                    }
                 }
                 _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
                     self.flush(&jobs, &mut acks).await?;
@@ -169,9 +166,7 @@ impl<'a> Stream<'a> {
                 self.open_commit = None;
                 if self.assembler.commit()?.is_some() {
                     let batch = self.cfg.queue.batch_events;
-                    // An idle writer takes the commit at once (latency); a busy one lets
-                    // commits gather into the next batch until it acknowledges.
-                    if self.pending.commit(items, end_lsn.0, batch) || self.in_flight == 0 {
+                    if self.pending.commit(items, end_lsn.0, batch) {
                         return Ok(Step::Flush);
                     }
                 } else if self.pending.is_empty() {
