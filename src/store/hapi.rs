@@ -68,7 +68,18 @@ impl Hapi {
             "SELECT fhir_id FROM {} WHERE res_id = $1",
             self.qualified(RESOURCES)
         );
-        let id: Option<String> = c.query_opt(&sql, &[&res_id]).await?.map(|r| r.get(0));
+        // The WAL can deliver a commit before other sessions see it (Postgres writes the
+        // commit record before it ends the transaction in the ProcArray), so a row of the
+        // same transaction may not be visible yet: look again for a moment before deciding
+        // that the resource is gone.
+        let mut id: Option<String> = None;
+        for wait_ms in [0u64, 5, 10, 20, 40, 80, 160, 320] {
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+            id = c.query_opt(&sql, &[&res_id]).await?.map(|r| r.get(0));
+            if id.is_some() {
+                break;
+            }
+        }
         if let (Some(id), Ok(mut m)) = (&id, self.ids.lock()) {
             if m.len() >= ID_CACHE {
                 m.clear();
