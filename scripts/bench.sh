@@ -3,6 +3,9 @@
 # limit measured in the same run on the same machine; removes everything it started.
 #   scripts/bench.sh                 # about 10 minutes on 2 cores with the defaults
 #   BENCH_ROWS=20000 scripts/bench.sh
+#   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
+#   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
+#                                    # also records a perf profile of the 1-topic drain
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
 #   recvlogical_rows_per_s       pg_recvlogical draining a twin pgoutput slot of the same WAL
@@ -47,6 +50,10 @@ now() { date +%s.%N; }
 rate() { python3 -c "import sys; print(round(float(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2]))))" "$@"; }
 ratio() { python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.argv[2]), 2))" "$@"; }
 peak_rss_mb() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
+# CPU seconds a process used so far (user + system), and the machine's busy/total jiffies.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+machine_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+busy_pct() { python3 -c "import sys; b0, t0, b1, t1 = map(float, sys.argv[1:]); print(round(100 * (b1 - b0) / (t1 - t0)))" $1 $2; }
 
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "machine=$(nproc) cores, $(awk '/MemTotal/ {print int($2/1048576)}' /proc/meminfo) GiB, $(uname -sr), $("$PG_BIN/postgres" --version)"
@@ -154,15 +161,27 @@ drain() { # config queue-db label [markers]
   "$bin" capture --config "$work/$1.toml" 2>"$work/$1.log" &
   local p=$!; pids+=("$p")
   local t0; t0=$(now)
+  local j0; j0=$(machine_jiffies)
+  local perf=
+  if [ -n "${BENCH_PERF:-}" ] && [ "$3" = capture_1topic ]; then
+    perf record -q -F 999 -g -p "$p" -o "$BENCH_PERF" 2>/dev/null & perf=$!
+  fi
   until [ "$(psql -d "$2" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "${4:-1}" ]; do sleep 0.05; done
   local t1; t1=$(now)
+  local j1; j1=$(machine_jiffies)
+  if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo "$3_rows_per_s=$(rate "$ROWS" "$t0" "$t1")"
   echo "$3_ratio=$(ratio "$(rate "$ROWS" "$t0" "$t1")" "$recv_rate")"
   echo "$3_peak_rss_mb=$(peak_rss_mb "$p")"
+  # Where the time went: the daemon's CPU, and how busy both cores were (Postgres's
+  # walsender and queue backend use the rest).
+  echo "$3_daemon_cpu_s=$(cpu_s "$p")"
+  echo "$3_machine_busy_pct=$(busy_pct "$j0" "$j1")"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 drain c1 q1 capture_1topic
 drain c20 q20 capture_20topics
+[ "${BENCH_ONLY:-}" = capture ] && exit 0
 
 # One 30,000-resource transaction (~50 MB), drained by capture alone.
 psql -d fhir -c "BEGIN; INSERT INTO observation (id, txid, resource_type, status, resource)

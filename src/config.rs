@@ -131,7 +131,9 @@ pub struct GenericTable {
 pub struct QueueConfig {
     /// Database holding schema `fhir_cdc`; defaults to the source database.
     pub url: Option<String>,
-    /// Largest number of events written in one capture transaction.
+    /// Events per queue write: committed store transactions are flushed together once
+    /// they hold this many, and a larger store transaction is written in chunks of this
+    /// many into one queue transaction that commits with it (memory stays flat).
     #[serde(default = "default_batch")]
     pub batch_events: usize,
     /// Longest time a committed store transaction waits before it is queued.

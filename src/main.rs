@@ -137,6 +137,11 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// mimalloc: capture allocates and frees many small JSON values per row; with glibc's
+/// allocator that was about a fifth of its CPU (`BENCH_PERF` in scripts/bench.sh).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

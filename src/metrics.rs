@@ -13,6 +13,9 @@ pub const CRITERIA_ERRORS: &str = "fhir_cdc_criteria_errors_total";
 pub const EVENTS_QUEUED: &str = "fhir_cdc_events_queued_total";
 /// Store transactions skipped after a restart because they were queued before it.
 pub const SKIPPED_TRANSACTIONS: &str = "fhir_cdc_skipped_transactions_total";
+/// Chunks of large store transactions written into a queue transaction left open until
+/// the store commit (a store transaction with more than `[queue] batch_events` events).
+pub const CHUNKS: &str = "fhir_cdc_large_transaction_chunks_total";
 /// Seconds one capture batch took to write (events + checkpoint in one transaction).
 pub const BATCH_WRITE_SECONDS: &str = "fhir_cdc_batch_write_seconds";
 /// The end LSN of the last queued store commit.
@@ -53,6 +56,10 @@ pub fn describe() {
         "Topic criteria that gave no decision, per topic"
     );
     describe_counter!(EVENTS_QUEUED, "Events written to the queue");
+    describe_counter!(
+        CHUNKS,
+        "Chunks of large store transactions written before their commit"
+    );
     describe_counter!(
         SKIPPED_TRANSACTIONS,
         "Store transactions already queued before a restart"

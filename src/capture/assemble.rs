@@ -5,7 +5,9 @@
 //! tuple under REPLICA IDENTITY FULL. Never guessed.
 
 use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::decode::RowEvent;
 use super::error::{CaptureError, Result};
@@ -36,14 +38,27 @@ pub struct ResourceChange {
     pub current: RowChange,
     pub previous: Option<RowChange>,
     pub commit: Commit,
+    /// `current` and `previous` as JSON, where the reader parsed them ahead.
+    pub parsed: Parsed,
 }
+
+/// Resources parsed ahead of matching (see [`super::read`]).
+#[derive(Debug, Clone, Default)]
+pub struct Parsed {
+    pub current: Option<Arc<Value>>,
+    pub previous: Option<Arc<Value>>,
+}
+
+/// A prior version and its JSON when the reader parsed it ahead.
+type Prior = (RowChange, Option<Arc<Value>>);
 
 struct Open {
     commit: Commit,
     /// Queued before the crash: its end LSN is at or below the checkpoint.
     skip: bool,
-    /// Prior versions seen in this transaction, by `(type, id)`.
-    prior: HashMap<(String, String), RowChange>,
+    /// Prior versions seen in this transaction (and their JSON when parsed ahead), by
+    /// `(type, id)`.
+    prior: HashMap<(String, String), Prior>,
 }
 
 pub struct Assembler {
@@ -74,7 +89,7 @@ impl Assembler {
 
     /// The resource change a row makes, if any. Rows that are not resources are counted and
     /// logged by reference, never stopping the stream (invariant 5).
-    pub fn row(&mut self, ev: RowEvent) -> Result<Option<ResourceChange>> {
+    pub fn row(&mut self, mut ev: RowEvent) -> Result<Option<ResourceChange>> {
         let Some(open) = self.open.as_mut() else {
             return Err(CaptureError::Protocol(
                 "row change outside a transaction".into(),
@@ -83,11 +98,12 @@ impl Assembler {
         if open.skip {
             return Ok(None);
         }
-        let current = match ev.table.decode(ev.op, ev.old.as_ref(), ev.new.as_ref()) {
+        let decoded = std::mem::replace(&mut ev.decoded, Ok(Decoded::Skip));
+        let current = match decoded {
             Ok(Decoded::Change(c)) => c,
             Ok(Decoded::PriorVersion(v)) => {
                 open.prior
-                    .insert((v.resource_type.clone(), v.id.clone()), v);
+                    .insert((v.resource_type.clone(), v.id.clone()), (v, ev.parsed));
                 return Ok(None);
             }
             Ok(Decoded::Skip) => return Ok(None),
@@ -97,18 +113,25 @@ impl Assembler {
                 return Ok(None);
             }
         };
-        let previous = match current.interaction {
-            Interaction::Create => None,
-            _ => open
+        let (previous, parsed_previous) = match current.interaction {
+            Interaction::Create => (None, None),
+            _ => match open
                 .prior
                 .remove(&(current.resource_type.clone(), current.id.clone()))
-                .or_else(|| full_old_tuple(&ev)),
+            {
+                Some((v, parsed)) => (Some(v), parsed),
+                None => (full_old_tuple(&ev), None),
+            },
         };
         Ok(Some(ResourceChange {
             relation_id: ev.relation_id,
             current,
             previous,
             commit: open.commit,
+            parsed: Parsed {
+                current: ev.parsed,
+                previous: parsed_previous,
+            },
         }))
     }
 

@@ -52,6 +52,14 @@ impl Topics {
         Topics { active, searcher }
     }
 
+    /// The resource types some topic triggers on.
+    pub fn resource_types(&self) -> std::collections::HashSet<String> {
+        self.active
+            .iter()
+            .flat_map(|a| a.topic.triggers.iter().map(|t| t.resource_type.clone()))
+            .collect()
+    }
+
     /// Sorts a change into control or resource, applying what a control row says.
     pub fn classify(&mut self, change: &ResourceChange, cfg: &Config) -> Role {
         let row = &change.current;

@@ -4,13 +4,14 @@
 
 use bytes::Bytes;
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::error::{CaptureError, Result};
-use crate::store::{RowOp, StoreProfile, TableDecoder, TableInfo};
+use crate::store::{Decoded, RowError, RowOp, StoreProfile, TableDecoder, TableInfo};
 
-/// One row operation of a table the profile reads.
+/// One row operation of a table the profile reads, decoded by the profile.
 #[derive(Debug)]
 pub struct RowEvent {
     pub relation_id: u32,
@@ -18,6 +19,33 @@ pub struct RowEvent {
     pub op: RowOp,
     pub old: Option<TupleData>,
     pub new: Option<TupleData>,
+    /// What the profile makes of the row.
+    pub decoded: std::result::Result<Decoded, RowError>,
+    /// The resource of `decoded` as JSON, when the reader parsed it ahead (see
+    /// [`super::read`]); otherwise the matcher parses it if a topic wants it.
+    pub parsed: Option<Arc<Value>>,
+}
+
+impl RowEvent {
+    /// Parses the decoded version's resource ahead of matching. A body that is not a JSON
+    /// object is left for the matcher, which counts and logs it.
+    pub fn parse_ahead(&mut self) {
+        let row = match &self.decoded {
+            Ok(Decoded::Change(c) | Decoded::PriorVersion(c)) => c,
+            _ => return,
+        };
+        if let Ok(Some(v)) = row.resource() {
+            self.parsed = Some(Arc::new(v));
+        }
+    }
+
+    /// The decoded version's resource type, if any.
+    pub fn resource_type(&self) -> Option<&str> {
+        match &self.decoded {
+            Ok(Decoded::Change(c) | Decoded::PriorVersion(c)) => Some(&c.resource_type),
+            _ => None,
+        }
+    }
 }
 
 pub struct Decoder {
@@ -91,12 +119,15 @@ impl Decoder {
                 )))
             }
         };
+        let decoded = table.decode(op, old.as_ref(), new.as_ref());
         Ok(Some(RowEvent {
             relation_id,
             table,
             op,
             old,
             new,
+            decoded,
+            parsed: None,
         }))
     }
 }

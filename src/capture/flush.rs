@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::error::Result;
+use super::error::{CaptureError, Result};
 use crate::queue::{self, batch, batch::Item};
 
 #[derive(Default)]
@@ -44,12 +44,25 @@ impl Pending {
         *self = Pending::default();
         Some(Job::Batch { items, end })
     }
+
+    /// The waiting items without their checkpoint: they go first into the queue
+    /// transaction a large store transaction opens, and commit with it.
+    pub fn take_items(&mut self) -> Vec<Item> {
+        let items = std::mem::take(&mut self.items);
+        *self = Pending::default();
+        items
+    }
 }
 
 /// What the queue writer does, in the order the stream sends it.
 pub enum Job {
     /// Events of whole store transactions and the checkpoint at the last one's end.
     Batch { items: Vec<Item>, end: u64 },
+    /// Part of a large store transaction that is still being read: written into a queue
+    /// transaction left open until the `Batch` that ends it, which holds the rest and the
+    /// checkpoint at the store commit (so memory stays flat whatever the transaction size,
+    /// and a crash before that commit rolls the part back: queued once).
+    Chunk(Vec<Item>),
     /// Nothing of ours is waiting up to this position: move the checkpoint there.
     Advance(u64),
 }
@@ -68,6 +81,7 @@ pub async fn writer(
     while let Some(job) = jobs.recv().await {
         let r = match job {
             Job::Batch { items, end } => write(qc, slot, &items, end).await,
+            Job::Chunk(items) => chunked(qc, slot, items, &mut jobs).await,
             Job::Advance(lsn) => batch::advance(qc, slot, lsn)
                 .await
                 .map(|()| lsn)
@@ -88,11 +102,52 @@ async fn write(
 ) -> Result<u64> {
     let t = Instant::now();
     let n = batch::write(qc, slot, items, end).await?;
+    queued(t, n, end);
+    Ok(end)
+}
+
+/// One queue transaction for a large store transaction: this chunk, the next ones, then
+/// the `Batch` that commits it with the checkpoint. When the stream stops before that, the
+/// transaction is rolled back (dropped) and a restart reads the store transaction again.
+async fn chunked(
+    qc: &mut tokio_postgres::Client,
+    slot: &str,
+    first: Vec<Item>,
+    jobs: &mut tokio::sync::mpsc::Receiver<Job>,
+) -> Result<u64> {
+    let t = Instant::now();
+    let mut open = batch::Open::begin(qc).await?;
+    open.items(&first).await?;
+    drop(first);
+    loop {
+        match jobs.recv().await {
+            Some(Job::Chunk(items)) => open.items(&items).await?,
+            Some(Job::Batch { items, end }) => {
+                open.items(&items).await?;
+                let n = open.commit(slot, end).await?;
+                queued(t, n, end);
+                return Ok(end);
+            }
+            // The stream sends no idle position while a store transaction is open.
+            Some(Job::Advance(_)) => {
+                return Err(CaptureError::Replication(
+                    "idle position inside a chunked store transaction".into(),
+                ))
+            }
+            None => {
+                return Err(CaptureError::Replication(
+                    "stream stopped inside a chunked store transaction; rolled back".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn queued(t: Instant, n: usize, end: u64) {
     metrics::counter!(crate::metrics::EVENTS_QUEUED).increment(n as u64);
     metrics::histogram!(crate::metrics::BATCH_WRITE_SECONDS).record(t.elapsed().as_secs_f64());
     metrics::gauge!(crate::metrics::CHECKPOINT_LSN).set(end as f64);
     tracing::debug!(events = n, lsn = %queue::lsn_text(end), "queued batch");
-    Ok(end)
 }
 
 #[cfg(test)]

@@ -114,9 +114,12 @@ impl Matcher {
         if fired.is_empty() {
             return None;
         }
-        // Every event keeps the text (a subscription may turn full-resource before the
-        // batch is written); the batch stores it only when one of its topics needs it.
-        let resource = v.current.as_ref().map(|c| Arc::from(c.to_string()));
+        // Every event keeps the row (a subscription may turn full-resource before the batch
+        // is written); the batch renders and stores it only when one of its topics needs it.
+        let resource = v
+            .current
+            .is_some()
+            .then(|| Box::new(change.current.clone()));
         Some(event(fired, change, resource, filters.into_json()))
     }
 
@@ -135,28 +138,33 @@ impl Matcher {
     }
 }
 
-/// Parses both versions; `None` (with a log line) when the current one is not a resource.
+/// Parses both versions (or takes them as the reader parsed them); `None` (with a log line)
+/// when the current one is not a resource.
 fn parse(change: &ResourceChange) -> Option<Versions> {
-    let current = match change.current.resource() {
-        Ok(r) => r,
-        Err(e) => {
-            metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
-            tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
-            return None;
-        }
+    let ahead = &change.parsed;
+    let current = match &ahead.current {
+        Some(v) => Some(v.clone()),
+        None => match change.current.resource() {
+            Ok(r) => r.map(Arc::new),
+            Err(e) => {
+                metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
+                tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
+                return None;
+            }
+        },
     };
-    let previous = match change.previous.as_ref().map(RowChange::resource) {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
-            None
-        }
-        None => None,
+    let previous = match (&ahead.previous, change.previous.as_ref()) {
+        (Some(v), _) => Some(v.clone()),
+        (None, None) => None,
+        (None, Some(p)) => match p.resource() {
+            Ok(r) => r.map(Arc::new),
+            Err(e) => {
+                tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
+                None
+            }
+        },
     };
-    Some(Versions {
-        current: current.map(Arc::new),
-        previous: previous.map(Arc::new),
-    })
+    Some(Versions { current, previous })
 }
 
 /// Whether the topic's trigger fires. Criteria that give no decision are counted per topic,
@@ -195,7 +203,7 @@ async fn fires(
 fn event(
     topics: Vec<Arc<str>>,
     change: &ResourceChange,
-    resource: Option<Arc<str>>,
+    resource: Option<Box<RowChange>>,
     filters: Option<Value>,
 ) -> QueuedEvent {
     let row = &change.current;

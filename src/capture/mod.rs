@@ -1,7 +1,8 @@
 //! Capture, the CDC stage: one logical replication slot in, `fhir_cdc.event` out.
 //!
 //! The data path, one stage per module, in the order a change flows:
-//! 1. [`decode`]: pgoutput messages → row events of the tables the store profile reads;
+//! 1. [`decode`]: pgoutput messages → row events of the tables the store profile reads,
+//!    on a task of its own ([`read`]) that also parses the JSON topics will need;
 //! 2. [`assemble`]: row events → resource changes of store transactions, each paired with
 //!    the version it replaces; transactions already queued before a restart are skipped;
 //! 3. [`control`]: Subscription / SubscriptionTopic rows change what is subscribed;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod flush;
 pub mod lag;
 pub mod matcher;
+pub mod read;
 mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,5 +167,5 @@ async fn run_once(
         checkpoint,
         health.clone(),
     );
-    s.run(&mut qc, repl, shutdown).await
+    s.run(qc, repl, shutdown).await
 }

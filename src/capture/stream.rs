@@ -3,13 +3,14 @@
 //! the position of a keepalive or of our own WAL heartbeat message is confirmed too, so WAL
 //! the cluster writes elsewhere never piles up behind the slot.
 
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use pgwire_replication::ReplicationClient;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::control::{Role, Topics};
 use super::error::{CaptureError, Result};
+use super::read::{self, Event, Reader};
 use super::{assemble, decode, flush, lag, matcher};
 use crate::config::Config;
 use crate::fhir::search::Searcher;
@@ -26,6 +27,9 @@ const ADVANCE_EVERY: Duration = Duration::from_secs(1);
 enum Step {
     Nothing,
     Flush,
+    /// The open store transaction holds a batch worth of items: write them now, into a
+    /// queue transaction that its commit will close.
+    Chunk,
     /// A position with nothing of ours before it that is not handled.
     Position(u64),
 }
@@ -33,7 +37,8 @@ enum Step {
 pub struct Stream<'a> {
     cfg: &'a Config,
     profile: Arc<dyn StoreProfile>,
-    decoder: decode::Decoder,
+    /// The resource types topics trigger on, for the reader's parse ahead.
+    wanted: read::Wanted,
     assembler: assemble::Assembler,
     topics: Topics,
     matcher: matcher::Matcher,
@@ -44,6 +49,9 @@ pub struct Stream<'a> {
     confirmed: u64,
     /// Jobs sent to the queue writer and not yet acknowledged.
     in_flight: usize,
+    /// Part of the open store transaction went to the writer as chunks: its commit flushes
+    /// at once, closing the queue transaction they are in.
+    chunked: bool,
     last_advance: Instant,
     /// The store connection the WAL heartbeat is written on; `None` when off.
     heartbeat: Option<tokio_postgres::Client>,
@@ -64,7 +72,7 @@ impl<'a> Stream<'a> {
         Stream {
             cfg,
             profile: profile.clone(),
-            decoder: decode::Decoder::new(profile.clone()),
+            wanted: read::Wanted::default(),
             assembler: assemble::Assembler::new(checkpoint),
             topics,
             matcher: matcher::Matcher::new(searcher.clone()),
@@ -72,6 +80,7 @@ impl<'a> Stream<'a> {
             pending: flush::Pending::default(),
             confirmed: checkpoint,
             in_flight: 0,
+            chunked: false,
             last_advance: Instant::now(),
             heartbeat: None,
             open_commit: None,
@@ -79,10 +88,11 @@ impl<'a> Stream<'a> {
         }
     }
 
-    /// Streams until shutdown or an error, with the queue writer beside it on `qc`.
+    /// Streams until shutdown or an error, with the queue writer beside it on `qc`: a task
+    /// of its own, so encoding a batch runs on the other core while the next is matched.
     pub async fn run(
         &mut self,
-        qc: &mut tokio_postgres::Client,
+        mut qc: tokio_postgres::Client,
         repl: ReplicationClient,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<()> {
@@ -90,14 +100,30 @@ impl<'a> Stream<'a> {
         let (jobs, job_rx) = mpsc::channel(1);
         let (ack_tx, acks) = mpsc::channel(8);
         let slot = self.cfg.source.slot.clone();
-        let writer = flush::writer(qc, &slot, job_rx, ack_tx);
-        let (r, ()) = tokio::join!(self.stream(repl, shutdown, jobs, acks), writer);
+        let writer =
+            tokio::spawn(async move { flush::writer(&mut qc, &slot, job_rx, ack_tx).await });
+        // `jobs` is dropped when the stream returns: the writer finishes what it was sent
+        // (what it commits is checkpointed and a restart skips it), then ends.
+        self.wanted.set(self.topics.resource_types());
+        let reader = Reader::spawn(
+            repl,
+            read::Setup {
+                decoder: decode::Decoder::new(self.profile.clone()),
+                wanted: self.wanted.clone(),
+                checkpoint: self.confirmed,
+                parse_ahead: !self.profile.completes(),
+            },
+        );
+        let r = self.stream(reader, shutdown, jobs, acks).await;
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "queue writer task failed");
+        }
         r
     }
 
     async fn stream(
         &mut self,
-        mut repl: ReplicationClient,
+        mut repl: Reader,
         shutdown: &mut watch::Receiver<bool>,
         jobs: mpsc::Sender<flush::Job>,
         mut acks: mpsc::Receiver<Result<u64>>,
@@ -109,15 +135,25 @@ impl<'a> Stream<'a> {
         if src.wal_heartbeat_secs > 0 {
             self.heartbeat = queue::connect(&src.url).await.ok();
         }
+        // One timer, moved only when the deadline changes: a new one per message costs a
+        // timer-wheel registration for every row.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed = None;
         loop {
             let deadline = self.pending.deadline(flush_after);
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    timer.as_mut().reset(d);
+                }
+                armed = deadline;
+            }
             tokio::select! {
                 ev = repl.recv() => {
-                    let ev = ev.map_err(|e| CaptureError::Replication(e.to_string()))?
-                        .ok_or_else(|| CaptureError::Replication("replication stream ended".into()))?;
-                    match self.handle(ev).await? {
+                    match self.handle(ev?).await? {
                         Step::Nothing => {}
                         Step::Flush => self.flush(&jobs, &mut acks).await?,
+                        Step::Chunk => self.chunk(&jobs, &mut acks).await?,
                         Step::Position(lsn) => self.advance(&jobs, &mut acks, lsn).await?,
                     }
                 }
@@ -125,7 +161,7 @@ impl<'a> Stream<'a> {
                     let lsn = ack.ok_or_else(|| CaptureError::Replication("queue writer stopped".into()))??;
                     self.acked(&repl, lsn);
                 }
-                _ = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if deadline.is_some() => {
+                _ = &mut timer, if deadline.is_some() => {
                     self.flush(&jobs, &mut acks).await?;
                 }
                 _ = sync.tick() => sync_publication(self.cfg, self.profile.as_ref()).await,
@@ -134,7 +170,7 @@ impl<'a> Stream<'a> {
                     // The writer finishes what it was sent; what it commits is checkpointed,
                     // and a restart skips it.
                     self.flush(&jobs, &mut acks).await?;
-                    repl.shutdown().await.ok();
+                    repl.shutdown().await;
                     return Ok(());
                 }
             }
@@ -142,31 +178,32 @@ impl<'a> Stream<'a> {
     }
 
     /// Handles one replication event.
-    async fn handle(&mut self, ev: ReplicationEvent) -> Result<Step> {
+    async fn handle(&mut self, ev: Event) -> Result<Step> {
         match ev {
-            ReplicationEvent::Begin {
+            Event::Begin {
                 final_lsn,
                 xid,
                 commit_time_micros,
             } => {
                 self.open_commit = Some(commit_time_micros);
                 self.health.received(commit_time_micros);
-                self.assembler.begin(final_lsn.0, xid, commit_time_micros)
+                self.assembler.begin(final_lsn, xid, commit_time_micros)
             }
-            ReplicationEvent::XLogData { data, .. } => {
-                let Some(row) = self.decoder.decode(data)? else {
-                    return Ok(Step::Nothing);
-                };
-                if let Some(change) = self.assembler.row(row)? {
+            Event::Row(row) => {
+                if let Some(change) = self.assembler.row(*row)? {
                     self.change(change).await?;
+                    if self.txn_items.len() >= self.cfg.queue.batch_events {
+                        return Ok(Step::Chunk);
+                    }
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            Event::Commit { end_lsn } => {
                 let items = std::mem::take(&mut self.txn_items);
                 self.open_commit = None;
                 if self.assembler.commit()?.is_some() {
                     let batch = self.cfg.queue.batch_events;
-                    if self.pending.commit(items, end_lsn.0, batch) {
+                    let full = self.pending.commit(items, end_lsn, batch);
+                    if full || std::mem::take(&mut self.chunked) {
                         return Ok(Step::Flush);
                     }
                 } else if self.pending.is_empty() {
@@ -174,18 +211,7 @@ impl<'a> Stream<'a> {
                     self.health.queued(None);
                 }
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } => return Ok(Step::Position(wal_end.0)),
-            ReplicationEvent::Message {
-                transactional: false,
-                lsn,
-                ..
-            } => return Ok(Step::Position(lsn.0)),
-            ReplicationEvent::Message { .. } => {}
-            ReplicationEvent::StoppedAt { .. } => {
-                return Err(CaptureError::Replication(
-                    "replication stopped at a stop LSN".into(),
-                ))
-            }
+            Event::Position(lsn) => return Ok(Step::Position(lsn)),
         }
         Ok(Step::Nothing)
     }
@@ -219,7 +245,15 @@ impl<'a> Stream<'a> {
                 }
             }
         }
-        match self.topics.classify(&change, self.cfg) {
+        let role = self.topics.classify(&change, self.cfg);
+        if matches!(
+            change.current.resource_type.as_str(),
+            "Subscription" | "SubscriptionTopic" | "Basic"
+        ) {
+            // Topics may have changed: the reader parses ahead what they now want.
+            self.wanted.set(self.topics.resource_types());
+        }
+        match role {
             Role::Control(item) => self.txn_items.extend(item),
             Role::Resource(item) => {
                 self.txn_items.extend(item);
@@ -243,26 +277,35 @@ impl<'a> Stream<'a> {
         }
     }
 
+    /// Hands what waits and the open transaction's items so far to the writer, which keeps
+    /// them in an open queue transaction (waiting while it is busy, so at most a few chunks
+    /// are in memory whatever the store transaction's size).
+    async fn chunk(
+        &mut self,
+        jobs: &mpsc::Sender<flush::Job>,
+        acks: &mut mpsc::Receiver<Result<u64>>,
+    ) -> Result<()> {
+        let mut items = self.pending.take_items();
+        items.append(&mut std::mem::take(&mut self.txn_items));
+        self.chunked = true;
+        metrics::counter!(crate::metrics::CHUNKS).increment(1);
+        hand_over(flush::Job::Chunk(items), jobs, acks).await
+    }
+
     async fn send(
         &mut self,
         job: flush::Job,
         jobs: &mpsc::Sender<flush::Job>,
         acks: &mut mpsc::Receiver<Result<u64>>,
     ) -> Result<()> {
-        if jobs.send(job).await.is_err() {
-            // The writer stopped: its error is in the acknowledgements.
-            return match acks.try_recv() {
-                Ok(Err(e)) => Err(e),
-                _ => Err(CaptureError::Replication("queue writer stopped".into())),
-            };
-        }
+        hand_over(job, jobs, acks).await?;
         self.in_flight += 1;
         Ok(())
     }
 
     /// A job is committed: only now may the server forget the WAL up to `lsn`.
-    fn acked(&mut self, repl: &ReplicationClient, lsn: u64) {
-        repl.update_applied_lsn(Lsn(lsn));
+    fn acked(&mut self, repl: &Reader, lsn: u64) {
+        repl.applied(lsn);
         self.confirmed = self.confirmed.max(lsn);
         self.last_advance = Instant::now();
         self.in_flight = self.in_flight.saturating_sub(1);
@@ -301,6 +344,21 @@ impl<'a> Stream<'a> {
             self.heartbeat = None;
         }
     }
+}
+
+async fn hand_over(
+    job: flush::Job,
+    jobs: &mpsc::Sender<flush::Job>,
+    acks: &mut mpsc::Receiver<Result<u64>>,
+) -> Result<()> {
+    if jobs.send(job).await.is_err() {
+        // The writer stopped: its error is in the acknowledgements.
+        return match acks.try_recv() {
+            Ok(Err(e)) => Err(e),
+            _ => Err(CaptureError::Replication("queue writer stopped".into())),
+        };
+    }
+    Ok(())
 }
 
 fn interval(secs: u64) -> tokio::time::Interval {

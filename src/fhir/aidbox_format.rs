@@ -32,21 +32,25 @@ pub struct Attribute {
     pub value_type: Option<String>,
 }
 
-/// The store's Attribute definitions, by `(resource type, key)`.
+/// The store's Attribute definitions, by resource type, then key (looked up by `&str`: this
+/// runs for every key of every captured resource).
 #[derive(Debug, Clone, Default)]
-pub struct Attributes(HashMap<(String, String), Attribute>);
+pub struct Attributes(HashMap<String, HashMap<String, Attribute>>);
 
 impl Attributes {
     pub fn new(list: Vec<Attribute>) -> Self {
-        Attributes(
-            list.into_iter()
-                .map(|a| ((a.resource_type.clone(), a.key.clone()), a))
-                .collect(),
-        )
+        let mut by_type: HashMap<String, HashMap<String, Attribute>> = HashMap::new();
+        for a in list {
+            by_type
+                .entry(a.resource_type.clone())
+                .or_default()
+                .insert(a.key.clone(), a);
+        }
+        Attributes(by_type)
     }
 
-    fn get(&self, resource_type: &str, key: &str) -> Option<&Attribute> {
-        self.0.get(&(resource_type.to_string(), key.to_string()))
+    fn of_type(&self, resource_type: &str) -> Option<&HashMap<String, Attribute>> {
+        self.0.get(resource_type)
     }
 }
 
@@ -71,11 +75,12 @@ pub fn to_fhir(resource: &mut Map<String, Value>, version: FhirVersion, attribut
     let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
         return;
     };
-    let ty = ty.to_string();
-    let Some(schema) = get_schema(c.version, &ty) else {
+    let Some(schema) = get_schema(c.version, ty) else {
         return;
     };
-    c.extensions(&ty, resource);
+    if let Some(attrs) = c.attributes.of_type(ty) {
+        extensions(attrs, resource);
+    }
     c.object(resource, Scope::Type(schema));
 }
 
@@ -101,16 +106,20 @@ impl<'a> Converter<'a> {
     }
 
     fn object(&self, obj: &mut Map<String, Value>, scope: Scope<'a>) {
-        let keys: Vec<String> = obj.keys().cloned().collect();
-        for key in keys {
-            let Some(el) = self.element(scope, &key) else {
+        // Values convert in place; only choice elements change keys, after the walk.
+        let mut choices = Vec::new();
+        for (key, v) in obj.iter_mut() {
+            let Some(el) = self.element(scope, key) else {
                 continue;
             };
             if el.choices.is_some() {
-                self.choice(obj, scope, &key);
-            } else if let Some(v) = obj.get_mut(&key) {
+                choices.push(key.clone());
+            } else {
                 self.value(v, el);
             }
+        }
+        for key in choices {
+            self.choice(obj, scope, &key);
         }
     }
 
@@ -155,39 +164,36 @@ impl<'a> Converter<'a> {
         if ty == "Reference" {
             reference(obj);
         }
-        let ty = if ty == "Resource" {
+        let schema = if ty == "Resource" {
             // A contained resource: its own type decides.
-            match obj.get("resourceType").and_then(Value::as_str) {
-                Some(t) => t.to_string(),
-                None => return,
-            }
+            obj.get("resourceType")
+                .and_then(Value::as_str)
+                .and_then(|t| get_schema(self.version, t))
         } else {
-            ty.to_string()
+            get_schema(self.version, ty)
         };
-        if let Some(schema) = get_schema(self.version, &ty) {
+        if let Some(schema) = schema {
             self.object(obj, Scope::Type(schema));
         }
     }
+}
 
-    /// Top-level keys that are the store's Attributes (and not elements) → `extension`.
-    fn extensions(&self, resource_type: &str, obj: &mut Map<String, Value>) {
-        let keys: Vec<String> = obj
-            .keys()
-            .filter(|k| self.attributes.get(resource_type, k).is_some())
-            .cloned()
-            .collect();
-        for key in keys {
-            let (Some(attr), Some(v)) =
-                (self.attributes.get(resource_type, &key), obj.remove(&key))
-            else {
-                continue;
-            };
-            let ext = extension(&attr.url, attr.value_type.as_deref(), v);
-            match obj.get_mut("extension") {
-                Some(Value::Array(list)) => list.push(ext),
-                _ => {
-                    obj.insert("extension".into(), Value::Array(vec![ext]));
-                }
+/// Top-level keys that are the store's Attributes (and not elements) → `extension`.
+fn extensions(attrs: &HashMap<String, Attribute>, obj: &mut Map<String, Value>) {
+    let keys: Vec<String> = obj
+        .keys()
+        .filter(|k| attrs.contains_key(k.as_str()))
+        .cloned()
+        .collect();
+    for key in keys {
+        let (Some(attr), Some(v)) = (attrs.get(&key), obj.remove(&key)) else {
+            continue;
+        };
+        let ext = extension(&attr.url, attr.value_type.as_deref(), v);
+        match obj.get_mut("extension") {
+            Some(Value::Array(list)) => list.push(ext),
+            _ => {
+                obj.insert("extension".into(), Value::Array(vec![ext]));
             }
         }
     }

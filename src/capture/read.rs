@@ -1,0 +1,186 @@
+//! Stage 1, on a task of its own: reads the slot, decodes pgoutput and the profile's rows
+//! ([`super::decode`]) and parses the JSON of resources some topic wants, so that work runs
+//! on the other core while the stream matches and queues the changes before them. Parsing
+//! was about half of capture's CPU (`BENCH_PERF` in scripts/bench.sh).
+//!
+//! Order is kept: one task, one FIFO channel. A parse ahead is only a cache: where the
+//! reader did not parse (a type no topic wanted when it passed, a profile that completes
+//! rows from the store, a body that is not JSON), the matcher parses as before.
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::decode::{Decoder, RowEvent};
+use super::error::{CaptureError, Result};
+
+/// Events the reader hands on, in stream order.
+const AHEAD: usize = 512;
+
+/// A replication event as the stream needs it.
+pub enum Event {
+    Begin {
+        final_lsn: u64,
+        xid: u32,
+        commit_time_micros: i64,
+    },
+    Row(Box<RowEvent>),
+    Commit {
+        end_lsn: u64,
+    },
+    /// A keepalive's or a non-transactional message's position: nothing of a store
+    /// transaction is before it that the stream has not seen.
+    Position(u64),
+}
+
+/// The resource types some active topic triggers on, shared with the stream, which
+/// changes it when topics do.
+#[derive(Clone, Default)]
+pub struct Wanted(Arc<RwLock<HashSet<String>>>);
+
+impl Wanted {
+    pub fn set(&self, types: HashSet<String>) {
+        if let Ok(mut w) = self.0.write() {
+            *w = types;
+        }
+    }
+
+    fn contains(&self, resource_type: &str) -> bool {
+        self.0.read().is_ok_and(|w| w.contains(resource_type))
+    }
+}
+
+/// What the reader task needs besides the replication client.
+pub struct Setup {
+    pub decoder: Decoder,
+    pub wanted: Wanted,
+    /// The checkpoint the stream started at: transactions ending before it are skipped by
+    /// the assembler, so they are not parsed.
+    pub checkpoint: u64,
+    /// False for profiles that complete rows from the store (the id or body may change).
+    pub parse_ahead: bool,
+}
+
+/// The stream's handle on the reader task.
+pub struct Reader {
+    events: mpsc::Receiver<Result<Event>>,
+    applied: watch::Sender<u64>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Reader {
+    pub fn spawn(repl: ReplicationClient, setup: Setup) -> Reader {
+        let (tx, events) = mpsc::channel(AHEAD);
+        let (applied, applied_rx) = watch::channel(0);
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(repl, setup, tx, applied_rx, stop_rx));
+        Reader {
+            events,
+            applied,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The next event; an error when the stream failed or ended.
+    pub async fn recv(&mut self) -> Result<Event> {
+        self.events
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(CaptureError::Replication("replication stream ended".into())))
+    }
+
+    /// Everything up to `lsn` is queued: the server may forget it.
+    pub fn applied(&self, lsn: u64) {
+        self.applied.send_replace(lsn);
+    }
+
+    /// Stops reading and closes the replication connection.
+    pub async fn shutdown(mut self) {
+        self.events.close();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    mut repl: ReplicationClient,
+    mut setup: Setup,
+    tx: mpsc::Sender<Result<Event>>,
+    mut applied: watch::Receiver<u64>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut skip = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            changed = applied.changed() => {
+                if changed.is_ok() {
+                    repl.update_applied_lsn(Lsn(*applied.borrow_and_update()));
+                }
+            }
+            ev = repl.recv() => {
+                let out = match ev {
+                    Ok(Some(ev)) => convert(ev, &mut setup, &mut skip).transpose(),
+                    Ok(None) => Some(Err(CaptureError::Replication("replication stream ended".into()))),
+                    Err(e) => Some(Err(CaptureError::Replication(e.to_string()))),
+                };
+                let Some(out) = out else { continue };
+                let failed = out.is_err();
+                if tx.send(out).await.is_err() || failed {
+                    break;
+                }
+            }
+        }
+    }
+    repl.shutdown().await.ok();
+}
+
+/// One replication event; `None` for what the stream does not need.
+fn convert(ev: ReplicationEvent, setup: &mut Setup, skip: &mut bool) -> Result<Option<Event>> {
+    Ok(Some(match ev {
+        ReplicationEvent::Begin {
+            final_lsn,
+            xid,
+            commit_time_micros,
+        } => {
+            *skip = final_lsn.0 < setup.checkpoint;
+            Event::Begin {
+                final_lsn: final_lsn.0,
+                xid,
+                commit_time_micros,
+            }
+        }
+        ReplicationEvent::XLogData { data, .. } => {
+            let Some(mut row) = setup.decoder.decode(data)? else {
+                return Ok(None);
+            };
+            let wanted = row
+                .resource_type()
+                .is_some_and(|t| setup.wanted.contains(t));
+            if setup.parse_ahead && !*skip && wanted {
+                row.parse_ahead();
+            }
+            Event::Row(Box::new(row))
+        }
+        ReplicationEvent::Commit { end_lsn, .. } => Event::Commit { end_lsn: end_lsn.0 },
+        ReplicationEvent::KeepAlive { wal_end, .. } => Event::Position(wal_end.0),
+        ReplicationEvent::Message {
+            transactional: false,
+            lsn,
+            ..
+        } => Event::Position(lsn.0),
+        ReplicationEvent::Message { .. } => return Ok(None),
+        ReplicationEvent::StoppedAt { .. } => {
+            return Err(CaptureError::Replication(
+                "replication stopped at a stop LSN".into(),
+            ))
+        }
+    }))
+}
