@@ -6,6 +6,7 @@
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
+#                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one)
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
 #   recvlogical_rows_per_s       pg_recvlogical draining a twin pgoutput slot of the same WAL
@@ -163,7 +164,7 @@ drain() { # config queue-db label [markers]
   local t0; t0=$(now)
   local j0; j0=$(machine_jiffies)
   local perf=
-  if [ -n "${BENCH_PERF:-}" ] && [ "$3" = capture_1topic ]; then
+  if [ -n "${BENCH_PERF:-}" ] && [ "$3" = "${BENCH_PERF_CASE:-capture_1topic}" ]; then
     perf record -q -F 999 -g -p "$p" -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
   until [ "$(psql -d "$2" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "${4:-1}" ]; do sleep 0.05; done

@@ -4,14 +4,15 @@
 //! changes some topic wants.
 
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::assemble::ResourceChange;
 use super::control::Active;
+use crate::fhir::search::registry::SearchParam;
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
-use crate::fhir::trigger::{ChangeEval, Outcome};
+use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
 use crate::queue::batch::{QueuedEvent, OWN_FILTERS};
 use crate::store::RowChange;
 
@@ -31,9 +32,39 @@ pub struct Matcher {
 struct Filters {
     shared: serde_json::Map<String, Value>,
     own: serde_json::Map<String, Value>,
+    /// The search parameter each name in `shared` was computed from.
+    sources: HashMap<String, Arc<SearchParam>>,
 }
 
 impl Filters {
+    /// Whether every canFilterBy parameter of `filters` for `resource_type` is already in
+    /// `shared`, computed from the same definition: its values would be the same, so they
+    /// need not be extracted again (topics commonly share patient, code, …).
+    fn covers(&self, filters: &[FilterParam], resource_type: &str) -> bool {
+        filters
+            .iter()
+            .filter(|f| f.resource_type.as_deref() == Some(resource_type))
+            .all(|f| {
+                self.sources.get(&f.name).is_some_and(|p| {
+                    Arc::ptr_eq(p, &f.param)
+                        || (p.expression == f.param.expression && p.kind == f.param.kind)
+                })
+            })
+    }
+
+    /// Notes where the names of `filters` came from, once they are in `shared`.
+    fn note_sources(&mut self, filters: &[FilterParam], resource_type: &str) {
+        for f in filters {
+            if f.resource_type.as_deref() == Some(resource_type)
+                && self.shared.contains_key(&f.name)
+            {
+                self.sources
+                    .entry(f.name.clone())
+                    .or_insert_with(|| f.param.clone());
+            }
+        }
+    }
+
     fn add(
         &mut self,
         topic: &str,
@@ -49,6 +80,20 @@ impl Filters {
             self.own.insert(topic.to_string(), Value::Object(map));
         } else {
             self.shared.extend(map);
+        }
+    }
+
+    /// Adds a topic's values unless `shared` already holds them.
+    async fn add_topic(&mut self, a: &Active, ev: &ChangeEval<'_>, resource_type: &str) {
+        let filters = &a.compiled.filters;
+        if filters.is_empty() || self.covers(filters, resource_type) {
+            return;
+        }
+        let values = a.compiled.filter_values(ev, resource_type).await;
+        let before = self.own.len();
+        self.add(&a.url, values);
+        if self.own.len() == before {
+            self.note_sources(filters, resource_type);
         }
     }
 
@@ -105,9 +150,8 @@ impl Matcher {
             if !fires(&mut self.logged_errors, a, eval.as_ref(), row).await {
                 continue;
             }
-            if let (Some(ev), false) = (&eval, a.compiled.filters.is_empty()) {
-                let values = a.compiled.filter_values(ev, &row.resource_type).await;
-                filters.add(&a.url, values);
+            if let Some(ev) = &eval {
+                filters.add_topic(a, ev, &row.resource_type).await;
             }
             fired.push(a.url.clone());
         }
