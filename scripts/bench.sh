@@ -4,6 +4,7 @@
 #   scripts/bench.sh                 # about 10 minutes on 2 cores with the defaults
 #   BENCH_ROWS=20000 scripts/bench.sh
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
+#   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one)
@@ -133,6 +134,7 @@ prime() { # config
 prime c1; prime c20; prime cbig
 psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
 
+if [ "${BENCH_ONLY:-}" != e2e ]; then
 # The backlog: ROWS Observations in 100-row transactions, one client.
 python3 - "$ROWS" "$src_n" >"$work/write.sql" <<'PY'
 import sys
@@ -239,6 +241,8 @@ fi
 echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
 kill "$cap"; wait "$cap" 2>/dev/null || true
 
+fi
+
 # End to end and fan-out: `fhir-cdc run` (R5) delivering to the bench receiver.
 E2E_SECS=${BENCH_E2E_SECS:-20}
 rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -314,6 +318,9 @@ for r in 500 2000; do
   while [ "$(rget events)" -lt "$want" ] && [ "$waited" -lt 600 ]; do sleep 0.1; waited=$((waited + 1)); done
   echo "e2e_${r}_per_s_delivered=$(rget events)/$want"
   for k in p50_ms p95_ms p99_ms max_ms; do echo "e2e_${r}_$k=$(rget $k)"; done
+  # Where the median event spent its time: store commit -> its queue transaction began
+  # (capture), and -> marked delivered after the webhook answered (dispatch and send).
+  echo "e2e_${r}_p50_stages_ms=$(psql -d qe -F ' ' -c "SELECT 'capture=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM e.queued_at - e.commit_time))::numeric, 1), 'delivery=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM d.delivered_at - e.queued_at))::numeric, 1) FROM fhir_cdc.event e JOIN fhir_cdc.delivery d ON d.event_id = e.id WHERE e.resource_id LIKE 'e$r-%'")"
   echo "e2e_${r}_lag_end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 'se'")"
 done
 unsubscribe

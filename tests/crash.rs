@@ -208,13 +208,18 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     drop(d);
 }
 
-/// A SIGKILL while capture works through one 30,000-row store transaction: nothing of it is
-/// queued at the kill, and after the restart all of it is, exactly once.
+/// A SIGKILL while capture works through one 30,000-row store transaction, after it has
+/// written part of it in chunks into the open queue transaction: nothing of it is queued at
+/// the kill (the chunks roll back), and after the restart all of it is, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_inside_a_30000_row_transaction_queues_it_once() {
     const ROWS: i64 = 30_000;
     let env = TestEnv::aidbox(TOPIC)
-        .config(|c| c.delivery.batch_window_ms = 100)
+        .config(|c| {
+            c.delivery.batch_window_ms = 100;
+            // Chunks of 1,000 events: 30 of them in one queue transaction.
+            c.queue.batch_events = 1_000;
+        })
         .build()
         .await;
     let (rx, api) = (&env.rx, env.api);
@@ -231,10 +236,18 @@ async fn sigkill_inside_a_30000_row_transaction_queues_it_once() {
         ))
         .await
         .unwrap();
-    // The daemon streams; kill it while it is still inside that transaction.
-    tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
-    d.kill9();
+    // Capture has written a chunk when a session holds a write lock on the event table
+    // while no event is visible: only the open queue transaction of this store transaction
+    // writes events before its commit. Kill it at a seeded point after that.
     let q = env.client().await;
+    wait_until(
+        "a chunk of the transaction written into an open queue transaction",
+        Duration::from_secs(60),
+        || async { open_event_writes(&q).await > 0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+    d.kill9();
     let queued: i64 = q
         .query_one("SELECT count(*) FROM fhir_cdc.event", &[])
         .await
@@ -286,6 +299,22 @@ async fn sigkill_inside_a_30000_row_transaction_queues_it_once() {
     );
     validate(&rx.bodies("big"), "r5", &["-q"]);
     drop(d);
+}
+
+/// Capture's sessions that have copied events into `fhir_cdc.event` in a transaction that
+/// has not committed (0 when the event table has visible rows).
+async fn open_event_writes(q: &tokio_postgres::Client) -> i64 {
+    q.query_one(
+        "SELECT CASE WHEN EXISTS (SELECT FROM fhir_cdc.event) THEN 0 ELSE count(*) END
+         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE c.relname = 'event' AND c.relnamespace = 'fhir_cdc'::regnamespace
+           AND l.mode = 'RowExclusiveLock' AND a.query LIKE 'COPY fhir_cdc.event%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// Writes transactions `0..txns` of [`txn_sql`], reconnecting after Postgres goes away; a
