@@ -231,16 +231,22 @@ pub async fn with_work<C: GenericClient>(
     .collect())
 }
 
-/// Takes the lease of subscription `id`: a session advisory lock on `c`, so each
-/// subscription is sent by one process at a time (which keeps its order), and a process
-/// that dies loses its leases with its connection, at once. Session locks nest within one
-/// session, so the caller keeps its own set of what it holds. Give it back with [`release`].
-pub async fn try_lease(c: &Client, id: &str) -> Result<bool> {
-    Ok(
-        c.query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(id)])
-            .await?
-            .get(0),
+/// Takes the leases of those of `ids` that are free, in one round trip; returns those
+/// taken. A lease is a session advisory lock on `c`, so each subscription is sent by one
+/// process at a time (which keeps its order), and a process that dies loses its leases with
+/// its connection, at once. Session locks nest within one session, so the caller keeps its
+/// own set of what it holds. Give each back with [`release`].
+pub async fn try_lease_many(c: &Client, ids: &[String]) -> Result<Vec<String>> {
+    let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
+    Ok(c.query(
+        "SELECT id FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, k, n)
+             WHERE pg_try_advisory_lock(k) ORDER BY n",
+        &[&ids, &keys],
     )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }
 
 /// The subscription as a send may use it: leased, and still requested, active or in error.
