@@ -242,30 +242,14 @@ async fn a_change_for_two_topics_is_one_queue_row_and_each_topic_filters_it() {
     let (store, rx, api) = (&env.store, &env.rx, env.api);
     let _d = env.start().await;
     let filter = |p: &str| json!({"filterBy": [{"resourceType": "Encounter", "filterParameter": "patient", "value": p}]});
-    subscribe_active(
-        api,
-        "http://fhir-cdc.test/topic/enc-a",
-        &rx.url("a1"),
-        "id-only",
-        filter("Patient/1"),
-    )
-    .await;
-    subscribe_active(
-        api,
-        "http://fhir-cdc.test/topic/enc-b",
-        &rx.url("b1"),
-        "id-only",
-        filter("Patient/1"),
-    )
-    .await;
-    subscribe_active(
-        api,
-        "http://fhir-cdc.test/topic/enc-b",
-        &rx.url("b2"),
-        "id-only",
-        filter("Patient/2"),
-    )
-    .await;
+    for (topic, hook, patient) in [
+        ("enc-a", "a1", "Patient/1"),
+        ("enc-b", "b1", "Patient/1"),
+        ("enc-b", "b2", "Patient/2"),
+    ] {
+        let topic = format!("http://fhir-cdc.test/topic/{topic}");
+        subscribe_active(api, &topic, &rx.url(hook), "id-only", filter(patient)).await;
+    }
     for (id, patient) in [("x1", "Patient/1"), ("x2", "Patient/2")] {
         let body = json!({"resourceType": "Encounter", "status": "planned", "subject": {"reference": patient}});
         store

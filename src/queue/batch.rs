@@ -138,14 +138,7 @@ impl<'a> Open<'a> {
     /// Moves the checkpoint of `slot` to `end_lsn` and commits. Returns the number of
     /// events written.
     pub async fn commit(self, slot: &str, end_lsn: u64) -> Result<usize> {
-        self.tx
-            .execute(
-                "INSERT INTO fhir_cdc.checkpoint (slot, lsn) VALUES ($1, $2::text::pg_lsn)
-                 ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()
-                 WHERE fhir_cdc.checkpoint.lsn < EXCLUDED.lsn",
-                &[&slot, &lsn_text(end_lsn)],
-            )
-            .await?;
+        advance(&self.tx, slot, end_lsn).await?;
         for t in &self.topics {
             self.tx
                 .execute("SELECT pg_notify($1, $2)", &[&EVENT_CHANNEL, &t.as_ref()])
@@ -279,8 +272,13 @@ fn render(row: Option<&RowChange>) -> Option<String> {
 }
 
 /// Moves the checkpoint of `slot` to `lsn` when nothing is waiting to be queued: every store
-/// commit up to `lsn` is queued or has nothing for us. Never moves it back.
-pub async fn advance(client: &Client, slot: &str, lsn: u64) -> Result<()> {
+/// commit up to `lsn` is queued or has nothing for us (or, inside a batch's transaction,
+/// with the events it covers). Never moves it back.
+pub async fn advance<C: tokio_postgres::GenericClient>(
+    client: &C,
+    slot: &str,
+    lsn: u64,
+) -> Result<()> {
     client
         .execute(
             "INSERT INTO fhir_cdc.checkpoint (slot, lsn) VALUES ($1, $2::text::pg_lsn)
