@@ -38,12 +38,14 @@ pub const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
 pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
 /// Failed sends, per topic.
 pub const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
-/// Seconds from the store commit to the notification being delivered.
 /// Dead letters of a topic's subscriptions (label `topic`).
 pub const DEAD_LETTERS: &str = "fhir_cdc_dead_letters";
 /// Websocket subscriptions bound in this process.
 pub const WEBSOCKET_BOUND: &str = "fhir_cdc_websocket_bound_subscriptions";
+/// Seconds from the store commit to the notification being delivered.
 pub const END_TO_END_SECONDS: &str = "fhir_cdc_end_to_end_seconds";
+/// Delivered marks written per queue statement (send tasks' marks are grouped).
+pub const DELIVERED_MARKS_PER_WRITE: &str = "fhir_cdc_delivered_marks_per_write";
 
 /// Registers the descriptions with the installed recorder (shown as `# HELP`).
 pub fn describe() {
@@ -99,5 +101,9 @@ pub fn describe() {
         END_TO_END_SECONDS,
         Unit::Seconds,
         "Store commit to delivery"
+    );
+    describe_histogram!(
+        DELIVERED_MARKS_PER_WRITE,
+        "Delivered notifications' events marked per queue statement"
     );
 }

@@ -4,6 +4,7 @@
 //! notification.
 
 mod listen;
+mod marks;
 pub mod payload;
 pub mod policy;
 mod send;
@@ -168,7 +169,7 @@ fn start_topic(
     tasks.spawn(dispatcher(
         cfg.clone(),
         url.to_string(),
-        w.events.clone(),
+        w.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(send::worker(
@@ -185,7 +186,7 @@ fn start_topic(
 async fn dispatcher(
     cfg: Arc<Config>,
     topic: String,
-    wake: Arc<Notify>,
+    wake: TopicWakers,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let backoff = Backoff {
@@ -199,10 +200,13 @@ async fn dispatcher(
     .map_err(|e| anyhow::anyhow!("dispatch of {topic}: {e}"))
 }
 
+/// Dispatch rounds of `topic` whenever capture queued events (`wake.events`). New
+/// deliveries wake this process's send loop directly; the NOTIFY a round sends is for the
+/// send loops of other instances.
 async fn run_dispatcher(
     cfg: &Config,
     topic: &str,
-    wake: &Notify,
+    wake: &TopicWakers,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliveryError> {
     let mut c = queue::connect(cfg.queue_url()).await?;
@@ -229,9 +233,17 @@ async fn run_dispatcher(
                 tracing::info!(topic = %topic, events = n, "retention removed delivered events");
             }
         }
-        while dispatch::round(&mut c, topic, 1000).await? > 0 {}
+        loop {
+            let round = dispatch::round(&mut c, topic, 1000).await?;
+            if round.matched > 0 {
+                wake.deliveries.notify_one();
+            }
+            if round.looked == 0 {
+                break;
+            }
+        }
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = wake.events.notified() => {}
             // Covers a NOTIFY lost while the LISTEN connection was down.
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.changed() => return Ok(()),

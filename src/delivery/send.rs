@@ -14,6 +14,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
+use super::marks::{self, Marks};
 use super::payload::Payloads;
 use super::policy::{heartbeat_due, Batch, SendPolicy};
 use super::DeliveryError;
@@ -93,15 +94,26 @@ impl Leases {
         Ok(got)
     }
 
-    async fn give_back(&self, id: &str) -> Result<()> {
-        let r = subscriptions::release(&self.conn, id).await;
-        self.held.lock().map(|mut h| h.remove(id)).ok();
+    /// Gives the leases of `ids` back in one round trip.
+    async fn give_back(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let r = subscriptions::release_many(&self.conn, ids).await;
+        if let Ok(mut h) = self.held.lock() {
+            for id in ids {
+                h.remove(id);
+            }
+        }
         Ok(r?)
     }
 }
 
 /// Leases subscriptions with work and sends each in a task of its own, at most `workers` at
-/// once per topic, so a hanging endpoint holds up only its own subscription. A dropped
+/// once per topic, so a hanging endpoint holds up only its own subscription. The queue
+/// work around the sends is done for many subscriptions at once: one query finds those
+/// with work, one leases them, two read them and their pending events, one statement marks
+/// a group of notifications delivered ([`Marks`]) and one gives the leases back. A dropped
 /// lease connection ends every send of the topic (their leases are gone).
 async fn run_worker(
     ctx: Arc<Ctx>,
@@ -109,12 +121,13 @@ async fn run_worker(
     wake: &Notify,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let leases = Arc::new(Leases {
+    let leases = Leases {
         conn: queue::connect(ctx.cfg.queue_url()).await?,
         held: Mutex::default(),
-    });
+    };
+    let marks = Marks::start(ctx.pool.clone());
     let workers = topic_workers(&ctx.cfg, topic);
-    let mut running: JoinSet<Result<()>> = JoinSet::new();
+    let mut running: JoinSet<(String, Result<()>)> = JoinSet::new();
     // Subscriptions with work, fetched CANDIDATES at a time: with thousands of
     // subscriptions the query is the cost, so it is not repeated for every send.
     let mut queue: VecDeque<String> = VecDeque::new();
@@ -129,8 +142,16 @@ async fn run_worker(
         }
         while free > 0 && !queue.is_empty() {
             let next: Vec<String> = queue.drain(..free.min(queue.len())).collect();
-            for id in leases.take(next).await? {
-                running.spawn(send_one(ctx.clone(), leases.clone(), topic.to_string(), id));
+            let got = leases.take(next).await?;
+            let (work, gone) = read_leased(&ctx, got).await?;
+            leases.give_back(&gone).await?;
+            for (sub, backlog) in work {
+                let job = Job {
+                    sub,
+                    backlog,
+                    marks: marks.clone(),
+                };
+                running.spawn(send_one(ctx.clone(), topic.to_string(), job));
                 free -= 1;
             }
         }
@@ -140,7 +161,10 @@ async fn run_worker(
             Duration::from_secs(1)
         };
         tokio::select! {
-            Some(done) = running.join_next(), if !running.is_empty() => finished(done)?,
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let ended = finished(done, &mut running)?;
+                leases.give_back(&ended).await?;
+            }
             _ = wake.notified() => {}
             _ = tokio::time::sleep(idle) => {}
             _ = shutdown.changed() => {}
@@ -148,6 +172,48 @@ async fn run_worker(
     }
     drain_on_shutdown(&ctx.cfg, running).await;
     Ok(())
+}
+
+/// One leased subscription's send: its row as read under the lease, its pending events
+/// read ahead, and the writer of its delivered marks.
+struct Job {
+    sub: SubscriptionRow,
+    backlog: Backlog,
+    marks: Marks,
+}
+
+/// Reads the just-leased `ids` and their pending events (two round trips for all of them).
+/// Returns the sendable ones with their backlogs, and the ids with nothing to send any
+/// more (deleted or turned off meanwhile by another process), whose leases go back.
+async fn read_leased(
+    ctx: &Ctx,
+    ids: Vec<String>,
+) -> Result<(Vec<(SubscriptionRow, Backlog)>, Vec<String>)> {
+    if ids.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let c = conn(ctx).await?;
+    let subs = subscriptions::sendable_many(&**c, &ids).await?;
+    let limits: Vec<(String, i64)> = subs
+        .iter()
+        .filter(|s| s.status != Status::Requested)
+        .map(|s| (s.id.clone(), read_ahead(SendPolicy::max_count(s.max_count))))
+        .collect();
+    let mut events = subscriptions::pending_many(&**c, &limits).await?;
+    drop(c);
+    let gone: Vec<String> = ids
+        .into_iter()
+        .filter(|id| !subs.iter().any(|s| &s.id == id))
+        .collect();
+    let work = subs
+        .into_iter()
+        .map(|s| {
+            let limit = read_ahead(SendPolicy::max_count(s.max_count));
+            let backlog = Backlog::read(events.remove(&s.id).unwrap_or_default(), limit);
+            (s, backlog)
+        })
+        .collect();
+    Ok((work, gone))
 }
 
 /// Candidates one query fetches.
@@ -163,24 +229,31 @@ fn topic_workers(cfg: &Config, topic: &str) -> usize {
         .max(1)
 }
 
-/// A send task ended: its error is logged; only a lost lease connection stops the topic.
-fn finished(done: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    match done {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "send failed on the queue; the subscription is retried");
-            Ok(())
+type Done = std::result::Result<(String, Result<()>), tokio::task::JoinError>;
+
+/// Send tasks ended: `done` and any others already finished. Returns their subscriptions,
+/// whose leases go back together; errors are logged. A task that panicked ends the topic's
+/// worker, and with its lease connection every lease it held.
+fn finished(done: Done, running: &mut JoinSet<(String, Result<()>)>) -> Result<Vec<String>> {
+    let mut ended = Vec::new();
+    let mut next = Some(done);
+    while let Some(d) = next {
+        let (id, r) = d.map_err(|e| {
+            DeliveryError::Queue(queue::QueueError::Other(format!("send task: {e}")))
+        })?;
+        if let Err(e) = r {
+            tracing::warn!(subscription = %id, error = %e, "send failed on the queue; the subscription is retried");
         }
-        Err(e) => Err(DeliveryError::Queue(queue::QueueError::Other(format!(
-            "send task: {e}"
-        )))),
+        ended.push(id);
+        next = running.try_join_next();
     }
+    Ok(ended)
 }
 
 /// On SIGTERM: sends under way get `[delivery] shutdown_grace_secs` to finish; what is left
 /// is dropped unmarked, so its events stay pending and go out again (same eventNumbers) from
 /// whichever instance leases the subscription next.
-async fn drain_on_shutdown(cfg: &Config, mut running: JoinSet<Result<()>>) {
+async fn drain_on_shutdown(cfg: &Config, mut running: JoinSet<(String, Result<()>)>) {
     let grace = Duration::from_secs(cfg.delivery.shutdown_grace_secs);
     let all_done = async { while running.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, all_done).await.is_err() {
@@ -191,12 +264,11 @@ async fn drain_on_shutdown(cfg: &Config, mut running: JoinSet<Result<()>>) {
     }
 }
 
-/// One leased subscription: its handshake, pending events or heartbeat; then the lease goes
-/// back, whatever happened.
-async fn send_one(ctx: Arc<Ctx>, leases: Arc<Leases>, topic: String, id: String) -> Result<()> {
-    let r = work_one(&ctx, &topic, &id).await;
-    leases.give_back(&id).await?;
-    r
+/// One leased subscription: its handshake, pending events or heartbeat. Returns its id so
+/// the loop gives the lease back, whatever happened.
+async fn send_one(ctx: Arc<Ctx>, topic: String, job: Job) -> (String, Result<()>) {
+    let id = job.sub.id.clone();
+    (id, work_one(&ctx, &topic, job).await)
 }
 
 /// How long to sleep when there is nothing to do: until the next retry is due, at most 1 s.
@@ -216,18 +288,26 @@ async fn conn(ctx: &Ctx) -> Result<deadpool_postgres::Object> {
 /// Notifications one worker sends for one subscription before giving others a turn.
 const BACKLOG_ROUNDS: usize = 100;
 
-/// Does the work of one leased subscription.
-async fn work_one(ctx: &Ctx, topic: &str, id: &str) -> Result<()> {
-    // Re-read under the lease: another process may have finished it meanwhile.
-    let Some(mut sub) = subscriptions::sendable(&**conn(ctx).await?, id).await? else {
-        return Ok(());
-    };
+/// Does the work of one leased subscription (its row was read under the lease: another
+/// process may have finished it before).
+async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<()> {
+    let Job {
+        mut sub,
+        mut backlog,
+        marks,
+    } = job;
     let t = ctx.policy.timeout(sub.timeout);
     if sub.status == Status::Requested {
         handshake(ctx, &sub, t).await?;
     } else {
         let now = Utc::now();
-        let went_out = sub.next_attempt_at <= now && drain(ctx, topic, &mut sub, t).await?;
+        let mut out = Outgoing {
+            backlog: &mut backlog,
+            marks: &marks,
+            marked: Vec::new(),
+        };
+        let went_out =
+            sub.next_attempt_at <= now && drain(ctx, topic, &mut sub, &mut out, t).await?;
         if !went_out && heartbeat_due(sub.heartbeat_period, sub.last_sent_at, now) {
             heartbeat(ctx, &sub, t).await?;
         }
@@ -235,13 +315,86 @@ async fn work_one(ctx: &Ctx, topic: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Events read ahead beyond a subscription's first notification: enough for the
+/// notifications one lease sends, at most READ_AHEAD_MAX (whatever maxCount asks).
+fn read_ahead(max: i64) -> i64 {
+    max.saturating_mul(BACKLOG_ROUNDS as i64)
+        .min(READ_AHEAD_MAX)
+        .max(max)
+}
+
+const READ_AHEAD_MAX: i64 = 500;
+
+/// Pending events of one leased subscription, read ahead in eventNumber order.
+struct Backlog {
+    events: VecDeque<subscriptions::Pending>,
+    /// Fewer than asked were pending when they were read: there were no more then.
+    complete: bool,
+}
+
+impl Backlog {
+    fn read(events: Vec<subscriptions::Pending>, limit: i64) -> Self {
+        Backlog {
+            complete: (events.len() as i64) < limit,
+            events: events.into(),
+        }
+    }
+
+    /// The next notification's events: `max`, or fewer when fewer are pending.
+    async fn next(
+        &mut self,
+        ctx: &Ctx,
+        sub: &str,
+        max: i64,
+    ) -> Result<Vec<subscriptions::Pending>> {
+        if (self.events.len() as i64) < max && !self.complete {
+            let limit = read_ahead(max);
+            *self = Backlog::read(
+                subscriptions::pending(&**conn(ctx).await?, sub, limit).await?,
+                limit,
+            );
+        }
+        let n = self.events.len().min(max as usize);
+        Ok(self.events.drain(..n).collect())
+    }
+}
+
+/// What one lease's sends work through: the backlog read ahead, and the delivered marks
+/// handed to the topic's writer and not yet awaited.
+struct Outgoing<'a> {
+    backlog: &'a mut Backlog,
+    marks: &'a Marks,
+    marked: Vec<marks::Pending>,
+}
+
 /// Keeps the lease while the backlog drains, up to a bound so other subscriptions of the
 /// topic get their turn; stops at the first failure (its retry is scheduled). Returns
-/// whether anything went out.
-async fn drain(ctx: &Ctx, topic: &str, sub: &mut SubscriptionRow, t: Duration) -> Result<bool> {
+/// whether anything went out. Every delivered mark is committed before it returns, so the
+/// lease never goes back with a sent notification unmarked.
+async fn drain(
+    ctx: &Ctx,
+    topic: &str,
+    sub: &mut SubscriptionRow,
+    out: &mut Outgoing<'_>,
+    t: Duration,
+) -> Result<bool> {
+    let r = drain_rounds(ctx, topic, sub, out, t).await;
+    let marked = marks::wait_all(&mut out.marked).await;
+    let went_out = r?;
+    marked?;
+    Ok(went_out)
+}
+
+async fn drain_rounds(
+    ctx: &Ctx,
+    topic: &str,
+    sub: &mut SubscriptionRow,
+    out: &mut Outgoing<'_>,
+    t: Duration,
+) -> Result<bool> {
     let mut went_out = false;
     for _ in 0..BACKLOG_ROUNDS {
-        match send_events(ctx, topic, sub, t).await? {
+        match send_events(ctx, topic, sub, out, t).await? {
             Sent::Delivered => {
                 went_out = true;
                 // What `delivered` just wrote; later notifications report it.
@@ -326,9 +479,22 @@ async fn record_failure(
     Ok(())
 }
 
-async fn send_events(ctx: &Ctx, topic: &str, sub: &SubscriptionRow, t: Duration) -> Result<Sent> {
+/// Sends the subscription's next notification. Its delivered mark is handed to the
+/// topic's writer; the marks before it are awaited before any other write about the
+/// subscription (a failure or a deferral), so they land in order.
+async fn send_events(
+    ctx: &Ctx,
+    topic: &str,
+    sub: &SubscriptionRow,
+    out: &mut Outgoing<'_>,
+    t: Duration,
+) -> Result<Sent> {
     let max = SendPolicy::max_count(sub.max_count);
-    let batch = subscriptions::pending(&**conn(ctx).await?, &sub.id, max).await?;
+    if (out.backlog.events.len() as i64) < max && !out.backlog.complete {
+        // A fresh read must not see sent events whose marks are still in flight.
+        marks::wait_all(&mut out.marked).await?;
+    }
+    let batch = out.backlog.next(ctx, &sub.id, max).await?;
     let Some(oldest) = batch.first() else {
         return Ok(Sent::Nothing);
     };
@@ -336,6 +502,7 @@ async fn send_events(ctx: &Ctx, topic: &str, sub: &SubscriptionRow, t: Duration)
         .policy
         .batch(batch.len(), max, oldest.queued_at, Utc::now())
     {
+        marks::wait_all(&mut out.marked).await?;
         subscriptions::defer(&**conn(ctx).await?, &sub.id, at).await?;
         return Ok(Sent::Deferred);
     }
@@ -345,7 +512,7 @@ async fn send_events(ctx: &Ctx, topic: &str, sub: &SubscriptionRow, t: Duration)
     let numbers: Vec<i64> = batch.iter().map(|p| p.event_number).collect();
     match notify(ctx, sub, Kind::EventNotification, &info, &events, t).await {
         Ok(()) => {
-            subscriptions::delivered(&**conn(ctx).await?, &sub.id, &numbers).await?;
+            out.marked.push(out.marks.mark(&sub.id, numbers));
             metrics::counter!(crate::metrics::NOTIFICATIONS_SENT, "topic" => topic.to_string())
                 .increment(1);
             for p in &batch {
@@ -357,6 +524,7 @@ async fn send_events(ctx: &Ctx, topic: &str, sub: &SubscriptionRow, t: Duration)
         // No socket of a websocket subscription is bound here any more: the events wait.
         Err(SendError::NoListener) => Ok(Sent::Nothing),
         Err(e) => {
+            marks::wait_all(&mut out.marked).await?;
             record_failure(ctx, sub, &numbers, &e).await?;
             Ok(Sent::Failed)
         }

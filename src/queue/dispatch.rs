@@ -40,9 +40,17 @@ pub async fn retain(client: &Client, topic: &str, hours: u64) -> Result<u64> {
         .await?)
 }
 
-/// Dispatches the events of `topic` among the next `limit` events. Returns how many events
-/// it looked at (0 when there were none or another instance holds the topic).
-pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize> {
+/// What one dispatch round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Events looked at (0 when there were none or another instance holds the topic).
+    pub looked: usize,
+    /// Deliveries recorded: subscriptions have new work.
+    pub matched: u64,
+}
+
+/// Dispatches the events of `topic` among the next `limit` events.
+pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<Round> {
     let tx = client.transaction().await?;
     let locked: bool = tx
         .query_one(
@@ -52,7 +60,7 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
         .await?
         .get(0);
     if !locked {
-        return Ok(0);
+        return Ok(Round::default());
     }
     tx.execute(
         "INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id) VALUES ($1, 0)
@@ -78,7 +86,7 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
         )
         .await?;
     let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
-        return Ok(0);
+        return Ok(Round::default());
     };
     // This topic's events with their canFilterBy values, parsed once for all subscriptions.
     let events: Vec<(i64, String, HashMap<String, Values>)> = rows
@@ -89,12 +97,14 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
             (r.get(0), r.get(2), filter_values(filters, topic))
         })
         .collect();
-    // Every subscription that is not off counts the events, delivered or not.
+    // Every subscription that is not off counts the events, delivered or not. No row lock
+    // here: the topic's advisory lock serialises numbering, and the statement below locks
+    // only the subscriptions that matched (in id order, as delivered marks do), for the rest
+    // of the round. Locking all of them from here made every mark of the topic wait.
     let subs = tx
         .query(
             "SELECT id, start_event_id, filters FROM fhir_cdc.subscription
-             WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused
-             ORDER BY id FOR UPDATE",
+             WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused",
             &[&topic],
         )
         .await?;
@@ -120,9 +130,12 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
         tx.execute(
             "WITH m AS (SELECT sub, ev FROM unnest($1::text[], $2::int8[]) AS u(sub, ev)),
              counts AS (SELECT sub, count(*) AS n FROM m GROUP BY sub),
+             locked AS MATERIALIZED (
+                 SELECT id FROM fhir_cdc.subscription WHERE id IN (SELECT sub FROM counts)
+                 ORDER BY id FOR NO KEY UPDATE),
              upd AS (
                  UPDATE fhir_cdc.subscription s SET events_since_start = s.events_since_start + c.n
-                 FROM counts c WHERE s.id = c.sub
+                 FROM counts c, locked l WHERE s.id = c.sub AND l.id = c.sub
                  RETURNING s.id, s.events_since_start - c.n AS base)
              INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
              SELECT m.sub, upd.base + row_number() OVER (PARTITION BY m.sub ORDER BY m.ev), m.ev
@@ -142,7 +155,10 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<usize
     }
     tx.commit().await?;
     metrics::counter!(crate::metrics::DISPATCHED, "topic" => topic.to_string()).increment(matched);
-    Ok(rows.len())
+    Ok(Round {
+        looked: rows.len(),
+        matched,
+    })
 }
 
 /// The canFilterBy values an event holds for `topic`: its own map under `@topic` when it has

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::collections::HashMap;
 use tokio_postgres::{Client, GenericClient, Row};
 
 use super::Result;
@@ -235,7 +236,7 @@ pub async fn with_work<C: GenericClient>(
 /// taken. A lease is a session advisory lock on `c`, so each subscription is sent by one
 /// process at a time (which keeps its order), and a process that dies loses its leases with
 /// its connection, at once. Session locks nest within one session, so the caller keeps its
-/// own set of what it holds. Give each back with [`release`].
+/// own set of what it holds. Give them back with [`release_many`].
 pub async fn try_lease_many(c: &Client, ids: &[String]) -> Result<Vec<String>> {
     let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
     Ok(c.query(
@@ -249,11 +250,21 @@ pub async fn try_lease_many(c: &Client, ids: &[String]) -> Result<Vec<String>> {
     .collect())
 }
 
-/// The subscription as a send may use it: leased, and still requested, active or in error.
-pub async fn sendable<C: GenericClient>(c: &C, id: &str) -> Result<Option<SubscriptionRow>> {
-    Ok(get(c, id)
+/// The subscriptions of `ids` as a send may use them: read under their leases, and still
+/// requested, active or in error. One round trip for all of them.
+pub async fn sendable_many<C: GenericClient>(
+    c: &C,
+    ids: &[String],
+) -> Result<Vec<SubscriptionRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM fhir_cdc.subscription
+         WHERE id = ANY($1) AND status IN ('requested', 'active', 'error')"
+    );
+    Ok(c.query(&sql, &[&ids])
         .await?
-        .filter(|s| matches!(s.status, Status::Requested | Status::Active | Status::Error)))
+        .iter()
+        .map(SubscriptionRow::from_row)
+        .collect())
 }
 
 fn lock_key(id: &str) -> i64 {
@@ -367,6 +378,32 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
         .collect())
 }
 
+/// The pending deliveries of several leased subscriptions in one round trip: for each
+/// `(id, limit)`, its first `limit` pending events in eventNumber order (each served by the
+/// partial index on pending rows). A send loop takes this for the subscriptions it just
+/// leased, so a notification costs no query of its own.
+pub async fn pending_many<C: GenericClient>(
+    c: &C,
+    subs: &[(String, i64)],
+) -> Result<HashMap<String, Vec<Pending>>> {
+    let ids: Vec<&str> = subs.iter().map(|(id, _)| id.as_str()).collect();
+    let limits: Vec<i64> = subs.iter().map(|(_, l)| *l).collect();
+    let sql = format!(
+        "SELECT m.sub, x.* FROM unnest($1::text[], $2::int8[]) AS m(sub, lim)
+         CROSS JOIN LATERAL (
+             SELECT {DELIVERY_COLUMNS}
+             FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
+             WHERE d.subscription_id = m.sub AND d.state = 'pending'
+             ORDER BY d.event_number LIMIT m.lim) x"
+    );
+    let mut out: HashMap<String, Vec<Pending>> = HashMap::new();
+    for r in c.query(&sql, &[&ids, &limits]).await? {
+        let sub: String = r.get(0);
+        out.entry(sub).or_default().push(pending_from_row_at(&r, 1));
+    }
+    Ok(out)
+}
+
 /// Events of a subscription with eventNumbers in `since..=until`, whatever their delivery
 /// state, for `$events`. At most `limit`.
 pub async fn events_between<C: GenericClient>(
@@ -390,17 +427,22 @@ pub async fn events_between<C: GenericClient>(
 }
 
 fn pending_from_row(r: &Row) -> Pending {
+    pending_from_row_at(r, 0)
+}
+
+/// [`DELIVERY_COLUMNS`] read from column `at` on.
+fn pending_from_row_at(r: &Row, at: usize) -> Pending {
     Pending {
-        event_number: r.get(0),
-        event_id: r.get(1),
-        attempts: r.get(2),
-        resource_type: r.get(3),
-        resource_id: r.get(4),
-        interaction: Interaction::parse(r.get(5)).unwrap_or(Interaction::Update),
-        commit_time: r.get(6),
-        resource: r.get(7),
-        queued_at: r.get(8),
-        version_id: r.get(9),
+        event_number: r.get(at),
+        event_id: r.get(at + 1),
+        attempts: r.get(at + 2),
+        resource_type: r.get(at + 3),
+        resource_id: r.get(at + 4),
+        interaction: Interaction::parse(r.get(at + 5)).unwrap_or(Interaction::Update),
+        commit_time: r.get(at + 6),
+        resource: r.get(at + 7),
+        queued_at: r.get(at + 8),
+        version_id: r.get(at + 9),
     }
 }
 
@@ -428,19 +470,38 @@ pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) ->
     Ok(())
 }
 
-/// Events up to `last_number` reached the endpoint.
-pub async fn delivered<C: GenericClient>(c: &C, id: &str, numbers: &[i64]) -> Result<()> {
-    // One statement, one round trip: this runs once per notification.
+/// Notifications of several subscriptions reached their endpoints, in one statement: each
+/// `(subscription, eventNumbers)` reached its endpoint. Send tasks hand their marks to one
+/// writer per topic (in delivery), which groups whatever is waiting.
+pub async fn delivered_many<C: GenericClient>(c: &C, marks: &[(&str, &[i64])]) -> Result<()> {
+    let mut subs: Vec<&str> = Vec::new();
+    let mut numbers: Vec<i64> = Vec::new();
+    for (sub, ns) in marks {
+        for n in ns.iter() {
+            subs.push(sub);
+            numbers.push(*n);
+        }
+    }
+    let mut ids: Vec<&str> = marks.iter().map(|(s, _)| *s).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    // Subscription rows are locked in id order, as dispatch locks them, so a mark and a
+    // dispatch round of the same topic cannot deadlock.
     c.execute(
-        "WITH d AS (
-             UPDATE fhir_cdc.delivery SET state = 'delivered', delivered_at = now(),
-                 attempts = attempts + 1
-             WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending')
-         UPDATE fhir_cdc.subscription SET failures = 0, last_error = NULL, last_sent_at = now(),
-             status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
+        "WITH l AS MATERIALIZED (
+             SELECT id FROM fhir_cdc.subscription WHERE id = ANY($3)
+             ORDER BY id FOR NO KEY UPDATE),
+         d AS (
+             UPDATE fhir_cdc.delivery d SET state = 'delivered', delivered_at = now(),
+                 attempts = d.attempts + 1
+             FROM unnest($1::text[], $2::int8[]) AS m(sub, n)
+             WHERE d.subscription_id = m.sub AND d.event_number = m.n AND d.state = 'pending')
+         UPDATE fhir_cdc.subscription s SET failures = 0, last_error = NULL,
+             last_sent_at = now(),
+             status = CASE WHEN s.status = 'error' THEN 'active' ELSE s.status END,
              next_attempt_at = now(), updated_at = now()
-         WHERE id = $1",
-        &[&id, &numbers],
+         FROM l WHERE s.id = l.id",
+        &[&subs, &numbers, &ids],
     )
     .await?;
     Ok(())
@@ -534,9 +595,13 @@ pub async fn send_failed(
     Ok(())
 }
 
-/// Gives a lease back.
-pub async fn release(c: &Client, id: &str) -> Result<()> {
-    c.execute("SELECT pg_advisory_unlock($1)", &[&lock_key(id)])
-        .await?;
+/// Gives the leases of `ids` back, in one round trip.
+pub async fn release_many(c: &Client, ids: &[String]) -> Result<()> {
+    let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
+    c.execute(
+        "SELECT count(pg_advisory_unlock(k)) FROM unnest($1::int8[]) AS u(k)",
+        &[&keys],
+    )
+    .await?;
     Ok(())
 }
