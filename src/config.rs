@@ -136,7 +136,8 @@ pub struct QueueConfig {
     /// many into one queue transaction that commits with it (memory stays flat).
     #[serde(default = "default_batch")]
     pub batch_events: usize,
-    /// Longest time a committed store transaction waits before it is queued.
+    /// Longest time a committed store transaction waits before it is queued while the
+    /// queue writer is busy with the last batch (an idle writer takes it at once).
     #[serde(default = "default_flush_ms")]
     pub flush_ms: u64,
     /// How long delivered events stay in the queue for `$events`, hours (default 168 = 7

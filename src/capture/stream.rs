@@ -160,6 +160,9 @@ impl<'a> Stream<'a> {
                 ack = acks.recv() => {
                     let lsn = ack.ok_or_else(|| CaptureError::Replication("queue writer stopped".into()))??;
                     self.acked(&repl, lsn);
+                    if self.in_flight == 0 {
+                        self.flush(&jobs, &mut acks).await?;
+                    }
                 }
                 _ = &mut timer, if deadline.is_some() => {
                     self.flush(&jobs, &mut acks).await?;
@@ -203,7 +206,9 @@ impl<'a> Stream<'a> {
                 if self.assembler.commit()?.is_some() {
                     let batch = self.cfg.queue.batch_events;
                     let full = self.pending.commit(items, end_lsn, batch);
-                    if full || std::mem::take(&mut self.chunked) {
+                    // An idle writer takes the commit at once (latency); while it is busy,
+                    // commits gather until it acknowledges or `flush_ms` passes (batching).
+                    if full || std::mem::take(&mut self.chunked) || self.in_flight == 0 {
                         return Ok(Step::Flush);
                     }
                 } else if self.pending.is_empty() {

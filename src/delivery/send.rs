@@ -131,31 +131,36 @@ async fn run_worker(
     // Subscriptions with work, fetched CANDIDATES at a time: with thousands of
     // subscriptions the query is the cost, so it is not repeated for every send.
     let mut queue: VecDeque<String> = VecDeque::new();
+    // Leased and read, waiting for a free send slot: leasing and reading `workers` at a time
+    // keeps this loop's round trips off the path of every single send, and holding at most
+    // twice `workers` leases leaves the rest to other instances with free slots.
+    let mut ready: VecDeque<Job> = VecDeque::new();
     while !*shutdown.borrow() {
         let mut free = workers.saturating_sub(running.len());
-        if free > 0 && queue.is_empty() {
+        if ready.len() < free && queue.is_empty() {
             let bound = ctx.channels.bound_ids();
             let limit = CANDIDATES.max(free) as i64;
             let held = leases.held();
             queue
                 .extend(subscriptions::with_work(&leases.conn, topic, &held, &bound, limit).await?);
         }
-        while free > 0 && !queue.is_empty() {
-            let next: Vec<String> = queue.drain(..free.min(queue.len())).collect();
+        while ready.len() < free && !queue.is_empty() {
+            let next: Vec<String> = queue.drain(..workers.min(queue.len())).collect();
             let got = leases.take(next).await?;
             let (work, gone) = read_leased(&ctx, got).await?;
             leases.give_back(&gone).await?;
-            for (sub, backlog) in work {
-                let job = Job {
-                    sub,
-                    backlog,
-                    marks: marks.clone(),
-                };
-                running.spawn(send_one(ctx.clone(), topic.to_string(), job));
-                free -= 1;
-            }
+            ready.extend(work.into_iter().map(|(sub, backlog)| Job {
+                sub,
+                backlog,
+                marks: marks.clone(),
+            }));
         }
-        let idle = if running.is_empty() && queue.is_empty() {
+        while free > 0 {
+            let Some(job) = ready.pop_front() else { break };
+            running.spawn(send_one(ctx.clone(), topic.to_string(), job));
+            free -= 1;
+        }
+        let idle = if running.is_empty() && queue.is_empty() && ready.is_empty() {
             next_wait(&leases.conn, topic).await
         } else {
             Duration::from_secs(1)
@@ -340,6 +345,12 @@ impl Backlog {
         }
     }
 
+    /// The next notification needs a fresh read: fewer than `max` are held and more may be
+    /// pending.
+    fn needs_read(&self, max: i64) -> bool {
+        (self.events.len() as i64) < max && !self.complete
+    }
+
     /// The next notification's events: `max`, or fewer when fewer are pending.
     async fn next(
         &mut self,
@@ -347,7 +358,7 @@ impl Backlog {
         sub: &str,
         max: i64,
     ) -> Result<Vec<subscriptions::Pending>> {
-        if (self.events.len() as i64) < max && !self.complete {
+        if self.needs_read(max) {
             let limit = read_ahead(max);
             *self = Backlog::read(
                 subscriptions::pending(&**conn(ctx).await?, sub, limit).await?,
@@ -490,7 +501,7 @@ async fn send_events(
     t: Duration,
 ) -> Result<Sent> {
     let max = SendPolicy::max_count(sub.max_count);
-    if (out.backlog.events.len() as i64) < max && !out.backlog.complete {
+    if out.backlog.needs_read(max) {
         // A fresh read must not see sent events whose marks are still in flight.
         marks::wait_all(&mut out.marked).await?;
     }
@@ -738,6 +749,47 @@ mod tests {
         assert_eq!(statuses[1], Status::Active);
         assert_eq!(statuses[2], Status::Error);
         assert!(ch.sent().is_empty());
+    }
+
+    fn pending(n: i64) -> subscriptions::Pending {
+        subscriptions::Pending {
+            event_number: n,
+            event_id: n,
+            attempts: 0,
+            resource_type: "Encounter".into(),
+            resource_id: format!("e{n}"),
+            version_id: None,
+            interaction: Interaction::Create,
+            commit_time: Utc::now(),
+            resource: None,
+            queued_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn read_ahead_covers_a_lease_of_notifications_but_never_less_than_one() {
+        assert_eq!(read_ahead(1), BACKLOG_ROUNDS as i64);
+        assert_eq!(read_ahead(10), READ_AHEAD_MAX);
+        assert_eq!(
+            read_ahead(2_000),
+            2_000,
+            "a whole maxCount batch, however large"
+        );
+    }
+
+    #[test]
+    fn a_backlog_read_short_knows_nothing_else_was_pending() {
+        let short = Backlog::read((1..=3).map(pending).collect(), 5);
+        assert!(short.complete);
+        let full = Backlog::read((1..=5).map(pending).collect(), 5);
+        assert!(!full.complete, "as many as asked: more may be pending");
+        assert_eq!(
+            full.events
+                .iter()
+                .map(|p| p.event_number)
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
     }
 
     #[test]

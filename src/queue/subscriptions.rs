@@ -164,6 +164,12 @@ pub async fn upsert<C: GenericClient>(
         ],
     )
     .await?;
+    // Send loops (of every instance) wake for the handshake now, not at their next poll.
+    c.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&super::DELIVERY_CHANNEL, &spec.topic_url],
+    )
+    .await?;
     Ok(())
 }
 
