@@ -7,7 +7,9 @@
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
-#                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one)
+#                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
+#                                    # fanout_1|fanout_100|fanout_10000 with BENCH_ONLY=e2e: of
+#                                    # the daemon during that fan-out case)
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
 #   recvlogical_rows_per_s       pg_recvlogical draining a twin pgoutput slot of the same WAL
@@ -330,13 +332,22 @@ for n in 1 100 10000; do
   events=$(( 20000 / n )); [ "$events" -lt 5 ] && events=5
   want=$((events * n))
   curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
-  t0=$(now)
+  t0=$(now); c0=$(cpu_s "$run"); j0=$(machine_jiffies)
+  perf=
+  if [ -n "${BENCH_PERF:-}" ] && [ "fanout_$n" = "${BENCH_PERF_CASE:-}" ]; then
+    perf record -q -F 999 -g -p "$run" -o "$BENCH_PERF" 2>/dev/null & perf=$!
+  fi
   writes 100000 "$(python3 -c "print($events / 100000)")" "f$n-"
   waited=0
   while [ "$(rget requests)" -lt "$want" ] && [ "$waited" -lt 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
-  t1=$(now)
+  t1=$(now); c1=$(cpu_s "$run"); j1=$(machine_jiffies)
+  if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo "fanout_${n}_notifications_per_s=$(rate "$(rget requests)" "$t0" "$t1") ($(rget requests)/$want)"
   echo "fanout_${n}_max_ms=$(rget max_ms)"
+  # The daemon's CPU per notification (capture, dispatch and sends), and how busy both
+  # cores were (the receiver and Postgres use the rest).
+  echo "fanout_${n}_daemon_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$want")"
+  echo "fanout_${n}_machine_busy_pct=$(busy_pct "$j0" "$j1")"
   unsubscribe
 done
 echo "fanout_peak_rss_mb=$(peak_rss_mb "$run")"

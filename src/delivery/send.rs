@@ -187,7 +187,8 @@ struct Job {
     marks: Marks,
 }
 
-/// Reads the just-leased `ids` and their pending events (two round trips for all of them).
+/// Reads the just-leased `ids` and their pending events (one round trip for all of them;
+/// a subscription whose maxCount is larger than the events read ahead reads again).
 /// Returns the sendable ones with their backlogs, and the ids with nothing to send any
 /// more (deleted or turned off meanwhile by another process), whose leases go back.
 async fn read_leased(
@@ -197,14 +198,13 @@ async fn read_leased(
     if ids.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
+    let limit = read_ahead(1);
+    let limits: Vec<(String, i64)> = ids.iter().map(|id| (id.clone(), limit)).collect();
     let c = conn(ctx).await?;
-    let subs = subscriptions::sendable_many(&**c, &ids).await?;
-    let limits: Vec<(String, i64)> = subs
-        .iter()
-        .filter(|s| s.status != Status::Requested)
-        .map(|s| (s.id.clone(), read_ahead(SendPolicy::max_count(s.max_count))))
-        .collect();
-    let mut events = subscriptions::pending_many(&**c, &limits).await?;
+    let (subs, mut events) = tokio::try_join!(
+        subscriptions::sendable_many(&**c, &ids),
+        subscriptions::pending_many(&**c, &limits),
+    )?;
     drop(c);
     let gone: Vec<String> = ids
         .into_iter()
@@ -213,7 +213,6 @@ async fn read_leased(
     let work = subs
         .into_iter()
         .map(|s| {
-            let limit = read_ahead(SendPolicy::max_count(s.max_count));
             let backlog = Backlog::read(events.remove(&s.id).unwrap_or_default(), limit);
             (s, backlog)
         })

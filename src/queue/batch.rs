@@ -73,7 +73,7 @@ pub enum Item {
 
 /// Topics that a full-resource subscription reads: only their events carry bodies.
 pub async fn full_topics<C: tokio_postgres::GenericClient>(c: &C) -> Result<HashSet<String>> {
-    Ok(c.query(
+    Ok(c.query_typed(
         "SELECT DISTINCT topic FROM fhir_cdc.subscription
          WHERE content = 'full-resource' AND status <> 'off'",
         &[],
@@ -138,12 +138,20 @@ impl<'a> Open<'a> {
     /// Moves the checkpoint of `slot` to `end_lsn` and commits. Returns the number of
     /// events written.
     pub async fn commit(self, slot: &str, end_lsn: u64) -> Result<usize> {
-        advance(&self.tx, slot, end_lsn).await?;
-        for t in &self.topics {
-            self.tx
-                .execute("SELECT pg_notify($1, $2)", &[&EVENT_CHANNEL, &t.as_ref()])
-                .await?;
-        }
+        // The checkpoint and the wake-ups in one round trip.
+        let tx = &self.tx;
+        let notify = self.topics.iter().map(|t| async move {
+            tx.execute_typed(
+                "SELECT pg_notify($1, $2)",
+                &[(&EVENT_CHANNEL, Type::TEXT), (&t.as_ref(), Type::TEXT)],
+            )
+            .await
+        });
+        tokio::try_join!(advance(&self.tx, slot, end_lsn), async {
+            futures::future::try_join_all(notify)
+                .await
+                .map_err(Into::into)
+        },)?;
         self.tx.commit().await?;
         Ok(self.written)
     }
@@ -280,11 +288,11 @@ pub async fn advance<C: tokio_postgres::GenericClient>(
     lsn: u64,
 ) -> Result<()> {
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO fhir_cdc.checkpoint (slot, lsn) VALUES ($1, $2::text::pg_lsn)
              ON CONFLICT (slot) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()
              WHERE fhir_cdc.checkpoint.lsn < EXCLUDED.lsn",
-            &[&slot, &lsn_text(lsn)],
+            &[(&slot, Type::TEXT), (&lsn_text(lsn), Type::TEXT)],
         )
         .await?;
     Ok(())

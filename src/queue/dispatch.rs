@@ -3,6 +3,7 @@
 //! whatever crashes and however many delivery instances run.
 
 use std::collections::HashMap;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::fhir::search::value::Values;
@@ -52,41 +53,55 @@ pub struct Round {
 /// Dispatches the events of `topic` among the next `limit` events.
 pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<Round> {
     let tx = client.transaction().await?;
-    let locked: bool = tx
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended('fhir_cdc.dispatch.' || $1, 0))",
-            &[&topic],
-        )
-        .await?
-        .get(0);
-    if !locked {
-        return Ok(Round::default());
-    }
-    tx.execute(
-        "INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id) VALUES ($1, 0)
-         ON CONFLICT DO NOTHING",
-        &[&topic],
-    )
-    .await?;
-    let cursor: i64 = tx
-        .query_one(
-            "SELECT last_event_id FROM fhir_cdc.dispatch_cursor WHERE topic = $1 FOR UPDATE",
-            &[&topic],
-        )
-        .await?
-        .get(0);
-    // Events are one row per change for all its topics: the cursor walks every event and
-    // stops at the last one looked at, whether it was this topic's or not.
-    let rows = tx
-        .query(
+    // Three statements in one round trip (a round per capture commit must stay cheap): the
+    // topic's lock with its cursor row (no row when another instance holds the topic), the
+    // events after the cursor, and the subscriptions. Events are one row per change for all
+    // its topics: the cursor walks every event and stops at the last one looked at, whether
+    // it was this topic's or not. The subscriptions get no row lock here: the topic's
+    // advisory lock serialises numbering, and the INSERT below locks only those that
+    // matched (in id order, as delivered marks do). Locking all of them from here made every
+    // mark of the topic wait.
+    let by_topic: [(&(dyn ToSql + Sync), Type); 1] = [(&topic, Type::TEXT)];
+    let after_cursor: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&topic, Type::TEXT), (&limit, Type::INT8)];
+    let (cursor, rows, subs) = tokio::try_join!(
+        tx.query_typed(
+            "WITH l AS (SELECT pg_try_advisory_xact_lock(
+                             hashtextextended('fhir_cdc.dispatch.' || $1, 0)) AS ok)
+             INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id)
+             SELECT $1, 0 FROM l WHERE l.ok
+             ON CONFLICT (topic) DO UPDATE SET topic = EXCLUDED.topic
+             RETURNING last_event_id",
+            &by_topic,
+        ),
+        tx.query_typed(
             "SELECT id, $1 = ANY(topics), resource_type,
                     CASE WHEN $1 = ANY(topics) THEN filters END
-             FROM fhir_cdc.event WHERE id > $2 ORDER BY id LIMIT $3",
-            &[&topic, &cursor, &limit],
-        )
-        .await?;
-    let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
+             FROM fhir_cdc.event
+             WHERE id > coalesce((SELECT last_event_id FROM fhir_cdc.dispatch_cursor
+                                  WHERE topic = $1), 0)
+             ORDER BY id LIMIT $2",
+            &after_cursor,
+        ),
+        // Every subscription that is not off counts the events, delivered or not.
+        tx.query_typed(
+            "SELECT id, start_event_id, filters FROM fhir_cdc.subscription
+             WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused",
+            &by_topic,
+        ),
+    )?;
+    let Some(cursor) = cursor.first().map(|r| r.get::<_, i64>(0)) else {
         return Ok(Round::default());
+    };
+    // The statements run in the order sent, so the events were read after the lock; a
+    // cursor read before it could only be older, and what it let through is dropped here.
+    let looked = rows.len();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| r.get::<_, i64>(0) > cursor)
+        .collect();
+    let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
+        return Ok(Round { looked, matched: 0 });
     };
     // This topic's events with their canFilterBy values, parsed once for all subscriptions.
     let events: Vec<(i64, String, HashMap<String, Values>)> = rows
@@ -97,17 +112,6 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<Round
             (r.get(0), r.get(2), filter_values(filters, topic))
         })
         .collect();
-    // Every subscription that is not off counts the events, delivered or not. No row lock
-    // here: the topic's advisory lock serialises numbering, and the statement below locks
-    // only the subscriptions that matched (in id order, as delivered marks do), for the rest
-    // of the round. Locking all of them from here made every mark of the topic wait.
-    let subs = tx
-        .query(
-            "SELECT id, start_event_id, filters FROM fhir_cdc.subscription
-             WHERE topic = $1 AND status IN ('requested', 'active', 'error') AND NOT refused",
-            &[&topic],
-        )
-        .await?;
     // Every (subscription, event) match, numbered in one statement: with thousands of
     // subscriptions one INSERT per subscription would make dispatch the bottleneck.
     let mut sub_ids: Vec<&str> = Vec::new();
@@ -124,10 +128,12 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<Round
             }
         }
     }
-    let matched = if sub_ids.is_empty() {
-        0
-    } else {
-        tx.execute(
+    // The deliveries, the cursor and the wake-up for other instances in one round trip.
+    let insert = async {
+        if sub_ids.is_empty() {
+            return Ok(0);
+        }
+        tx.execute_typed(
             "WITH m AS (SELECT sub, ev FROM unnest($1::text[], $2::int8[]) AS u(sub, ev)),
              counts AS (SELECT sub, count(*) AS n FROM m GROUP BY sub),
              locked AS MATERIALIZED (
@@ -140,25 +146,29 @@ pub async fn round(client: &mut Client, topic: &str, limit: i64) -> Result<Round
              INSERT INTO fhir_cdc.delivery (subscription_id, event_number, event_id)
              SELECT m.sub, upd.base + row_number() OVER (PARTITION BY m.sub ORDER BY m.ev), m.ev
              FROM m JOIN upd ON upd.id = m.sub",
-            &[&sub_ids, &event_ids],
+            &[(&sub_ids, Type::TEXT_ARRAY), (&event_ids, Type::INT8_ARRAY)],
         )
-        .await?
+        .await
     };
-    tx.execute(
+    let cursor_to: [(&(dyn ToSql + Sync), Type); 2] = [(&topic, Type::TEXT), (&last, Type::INT8)];
+    let advance = tx.execute_typed(
         "UPDATE fhir_cdc.dispatch_cursor SET last_event_id = $2 WHERE topic = $1",
-        &[&topic, &last],
-    )
-    .await?;
-    if matched > 0 {
-        tx.execute("SELECT pg_notify($1, $2)", &[&DELIVERY_CHANNEL, &topic])
-            .await?;
-    }
+        &cursor_to,
+    );
+    let notify = async {
+        if sub_ids.is_empty() {
+            return Ok(0);
+        }
+        tx.execute_typed(
+            "SELECT pg_notify($1, $2)",
+            &[(&DELIVERY_CHANNEL, Type::TEXT), (&topic, Type::TEXT)],
+        )
+        .await
+    };
+    let (matched, _, _) = tokio::try_join!(insert, advance, notify)?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::DISPATCHED, "topic" => topic.to_string()).increment(matched);
-    Ok(Round {
-        looked: rows.len(),
-        matched,
-    })
+    Ok(Round { looked, matched })
 }
 
 /// The canFilterBy values an event holds for `topic`: its own map under `@topic` when it has

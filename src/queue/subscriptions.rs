@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient, Row};
 
 use super::Result;
@@ -217,7 +218,7 @@ pub async fn with_work<C: GenericClient>(
     bound: &[String],
     limit: i64,
 ) -> Result<Vec<String>> {
-    Ok(c.query(
+    Ok(c.query_typed(
         "SELECT s.id FROM fhir_cdc.subscription s
          WHERE s.topic = $1 AND NOT s.refused AND (s.end_at IS NULL OR s.end_at > now())
            AND s.id <> ALL($2) AND (s.channel <> 'websocket' OR s.id = ANY($3))
@@ -230,7 +231,12 @@ pub async fn with_work<C: GenericClient>(
                         + make_interval(secs => s.heartbeat_period) <= now()))))
          ORDER BY s.next_attempt_at
          LIMIT $4",
-        &[&topic, &skip, &bound, &limit],
+        &[
+            (&topic, Type::TEXT),
+            (&skip, Type::TEXT_ARRAY),
+            (&bound, Type::TEXT_ARRAY),
+            (&limit, Type::INT8),
+        ],
     )
     .await?
     .iter()
@@ -245,10 +251,10 @@ pub async fn with_work<C: GenericClient>(
 /// own set of what it holds. Give them back with [`release_many`].
 pub async fn try_lease_many(c: &Client, ids: &[String]) -> Result<Vec<String>> {
     let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
-    Ok(c.query(
+    Ok(c.query_typed(
         "SELECT id FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, k, n)
              WHERE pg_try_advisory_lock(k) ORDER BY n",
-        &[&ids, &keys],
+        &[(&ids, Type::TEXT_ARRAY), (&keys, Type::INT8_ARRAY)],
     )
     .await?
     .iter()
@@ -266,7 +272,7 @@ pub async fn sendable_many<C: GenericClient>(
         "SELECT {COLUMNS} FROM fhir_cdc.subscription
          WHERE id = ANY($1) AND status IN ('requested', 'active', 'error')"
     );
-    Ok(c.query(&sql, &[&ids])
+    Ok(c.query_typed(&sql, &[(&ids, Type::TEXT_ARRAY)])
         .await?
         .iter()
         .map(SubscriptionRow::from_row)
@@ -377,11 +383,13 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
          WHERE d.subscription_id = $1 AND d.state = 'pending'
          ORDER BY d.event_number LIMIT $2"
     );
-    Ok(c.query(&sql, &[&sub, &limit])
-        .await?
-        .iter()
-        .map(pending_from_row)
-        .collect())
+    Ok(
+        c.query_typed(&sql, &[(&sub, Type::TEXT), (&limit, Type::INT8)])
+            .await?
+            .iter()
+            .map(pending_from_row)
+            .collect(),
+    )
 }
 
 /// The pending deliveries of several leased subscriptions in one round trip: for each
@@ -403,7 +411,9 @@ pub async fn pending_many<C: GenericClient>(
              ORDER BY d.event_number LIMIT m.lim) x"
     );
     let mut out: HashMap<String, Vec<Pending>> = HashMap::new();
-    for r in c.query(&sql, &[&ids, &limits]).await? {
+    let params: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&ids, Type::TEXT_ARRAY), (&limits, Type::INT8_ARRAY)];
+    for r in c.query_typed(&sql, &params).await? {
         let sub: String = r.get(0);
         out.entry(sub).or_default().push(pending_from_row_at(&r, 1));
     }
@@ -493,7 +503,7 @@ pub async fn delivered_many<C: GenericClient>(c: &C, marks: &[(&str, &[i64])]) -
     ids.dedup();
     // Subscription rows are locked in id order, as dispatch locks them, so a mark and a
     // dispatch round of the same topic cannot deadlock.
-    c.execute(
+    c.execute_typed(
         "WITH l AS MATERIALIZED (
              SELECT id FROM fhir_cdc.subscription WHERE id = ANY($3)
              ORDER BY id FOR NO KEY UPDATE),
@@ -507,7 +517,11 @@ pub async fn delivered_many<C: GenericClient>(c: &C, marks: &[(&str, &[i64])]) -
              status = CASE WHEN s.status = 'error' THEN 'active' ELSE s.status END,
              next_attempt_at = now(), updated_at = now()
          FROM l WHERE s.id = l.id",
-        &[&subs, &numbers, &ids],
+        &[
+            (&subs, Type::TEXT_ARRAY),
+            (&numbers, Type::INT8_ARRAY),
+            (&ids, Type::TEXT_ARRAY),
+        ],
     )
     .await?;
     Ok(())
@@ -604,9 +618,9 @@ pub async fn send_failed(
 /// Gives the leases of `ids` back, in one round trip.
 pub async fn release_many(c: &Client, ids: &[String]) -> Result<()> {
     let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
-    c.execute(
+    c.execute_typed(
         "SELECT count(pg_advisory_unlock(k)) FROM unnest($1::int8[]) AS u(k)",
-        &[&keys],
+        &[(&keys, Type::INT8_ARRAY)],
     )
     .await?;
     Ok(())
