@@ -31,10 +31,23 @@ impl Pending {
         self.end.is_none()
     }
 
-    /// When the oldest waiting commit must be flushed at the latest.
-    pub fn deadline(&self, flush_after: Duration) -> Option<tokio::time::Instant> {
-        self.since
-            .map(|t| tokio::time::Instant::from_std(t + flush_after))
+    /// When the waiting commits go to the writer: at once when it is idle (latency), but no
+    /// sooner than `flush_after / 4` after the last batch, so under a stream of small
+    /// commits each queue write (and the dispatch round it wakes) carries several of them;
+    /// and at the latest `flush_after` after the oldest one. `idle_since_flush` is the
+    /// time of the last batch when the writer is idle, `None` while it is busy.
+    pub fn deadline(
+        &self,
+        flush_after: Duration,
+        idle_since_flush: Option<Instant>,
+    ) -> Option<tokio::time::Instant> {
+        let since = self.since?;
+        let latest = since + flush_after;
+        let at = match idle_since_flush {
+            Some(last) => latest.min(since.max(last + flush_after / 4)),
+            None => latest,
+        };
+        Some(tokio::time::Instant::from_std(at))
     }
 
     /// The waiting batch as a job for the writer; `None` when nothing waits.
@@ -157,19 +170,40 @@ mod tests {
     #[test]
     fn flush_is_due_by_event_count_and_deadline_starts_at_first_commit() {
         let mut p = Pending::default();
-        assert!(p.deadline(Duration::from_millis(20)).is_none());
+        assert!(p.deadline(Duration::from_millis(20), None).is_none());
         let del = || Item::DeleteTopic {
             store_id: "t".into(),
         };
         // Control items do not count towards the batch size.
         assert!(!p.commit(vec![del(), del()], 10, 1));
-        assert!(p.deadline(Duration::from_millis(20)).is_some());
+        assert!(p.deadline(Duration::from_millis(20), None).is_some());
         assert_eq!(p.end, Some(10));
         assert!(!p.commit(vec![], 20, 1));
         assert_eq!(
             p.end,
             Some(20),
             "the checkpoint is the last commit's end LSN"
+        );
+    }
+
+    #[test]
+    fn an_idle_writer_takes_a_commit_at_once_but_at_most_every_quarter_window() {
+        let window = Duration::from_millis(20);
+        let mut p = Pending::default();
+        let before = Instant::now();
+        assert!(!p.commit(vec![], 10, 100));
+        let since = p.since.unwrap();
+        let at = |d: Option<tokio::time::Instant>| d.unwrap().into_std();
+        // Busy writer: the whole window.
+        assert_eq!(at(p.deadline(window, None)), since + window);
+        // Idle writer, last batch long ago: now (the first commit's time).
+        let long_ago = before - Duration::from_secs(1);
+        assert_eq!(at(p.deadline(window, Some(long_ago))), since);
+        // Idle writer, last batch just now: a quarter window after it.
+        let just_now = since;
+        assert_eq!(
+            at(p.deadline(window, Some(just_now))),
+            just_now + window / 4
         );
     }
 }

@@ -53,6 +53,8 @@ pub struct Stream<'a> {
     /// at once, closing the queue transaction they are in.
     chunked: bool,
     last_advance: Instant,
+    /// When the last batch went to the writer (paces flushes to an idle writer).
+    last_flush: Instant,
     /// The store connection the WAL heartbeat is written on; `None` when off.
     heartbeat: Option<tokio_postgres::Client>,
     /// Commit time of the store transaction being read (Postgres-epoch µs).
@@ -82,6 +84,7 @@ impl<'a> Stream<'a> {
             in_flight: 0,
             chunked: false,
             last_advance: Instant::now(),
+            last_flush: Instant::now(),
             heartbeat: None,
             open_commit: None,
             health,
@@ -141,7 +144,8 @@ impl<'a> Stream<'a> {
         tokio::pin!(timer);
         let mut armed = None;
         loop {
-            let deadline = self.pending.deadline(flush_after);
+            let idle = (self.in_flight == 0).then_some(self.last_flush);
+            let deadline = self.pending.deadline(flush_after, idle);
             if deadline != armed {
                 if let Some(d) = deadline {
                     timer.as_mut().reset(d);
@@ -160,9 +164,6 @@ impl<'a> Stream<'a> {
                 ack = acks.recv() => {
                     let lsn = ack.ok_or_else(|| CaptureError::Replication("queue writer stopped".into()))??;
                     self.acked(&repl, lsn);
-                    if self.in_flight == 0 {
-                        self.flush(&jobs, &mut acks).await?;
-                    }
                 }
                 _ = &mut timer, if deadline.is_some() => {
                     self.flush(&jobs, &mut acks).await?;
@@ -206,9 +207,8 @@ impl<'a> Stream<'a> {
                 if self.assembler.commit()?.is_some() {
                     let batch = self.cfg.queue.batch_events;
                     let full = self.pending.commit(items, end_lsn, batch);
-                    // An idle writer takes the commit at once (latency); while it is busy,
-                    // commits gather until it acknowledges or `flush_ms` passes (batching).
-                    if full || std::mem::take(&mut self.chunked) || self.in_flight == 0 {
+                    // Otherwise the flush deadline decides (see `Pending::deadline`).
+                    if full || std::mem::take(&mut self.chunked) {
                         return Ok(Step::Flush);
                     }
                 } else if self.pending.is_empty() {
@@ -277,7 +277,10 @@ impl<'a> Stream<'a> {
         acks: &mut mpsc::Receiver<Result<u64>>,
     ) -> Result<()> {
         match self.pending.take() {
-            Some(job) => self.send(job, jobs, acks).await,
+            Some(job) => {
+                self.last_flush = Instant::now();
+                self.send(job, jobs, acks).await
+            }
             None => Ok(()),
         }
     }
