@@ -245,7 +245,7 @@ pub struct DeliveryConfig {
     /// Consecutive failures that turn it `off` (pending events go to `dead_letter`).
     #[serde(default = "default_off_after")]
     pub off_after_failures: i32,
-    /// Subscriptions of one topic sent at once when the topic does not say (default 16).
+    /// Subscriptions of one topic sent at once when the topic does not say (default 64).
     /// Each send holds no database connection, so a hanging endpoint costs one slot.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -660,7 +660,7 @@ fn default_off_after() -> i32 {
     50
 }
 fn default_workers() -> usize {
-    16
+    64
 }
 
 fn default_pool_size() -> usize {
@@ -694,7 +694,7 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }
         assert!(c.delivery.require_https_for_full_resource);
         assert_eq!(c.topics.len(), 1);
         assert_eq!(c.topics[0].topic.url, "http://example.org/topic/enc");
-        assert_eq!(c.topics[0].workers, 16);
+        assert_eq!(c.topics[0].workers, 64);
         assert_eq!(c.api.base_url(), "http://127.0.0.1:8090");
     }
 
