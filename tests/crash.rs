@@ -317,13 +317,19 @@ async fn open_event_writes(q: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
-/// Writes transactions `0..txns` of [`txn_sql`], reconnecting after Postgres goes away; a
-/// transaction cut off by the crash is written again (if it had committed, it adds versions:
-/// the checks below count what the store holds, not what was sent).
-async fn write_through_restarts(url: String, txns: usize) {
+/// Writes transactions of [`txn_sql`], at least `txns` of them and until `stop` is set,
+/// reconnecting after Postgres goes away; a transaction cut off by the crash is written
+/// again (if it had committed, it adds versions: the checks below count what the store
+/// holds, not what was sent). Writing until told keeps every restart inside the writes
+/// whatever the seeded pauses add up to; a fixed count could end before the last restart.
+async fn write_through_restarts(
+    url: String,
+    txns: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut k = 0;
-    while k < txns {
+    while k < txns || !stop.load(std::sync::atomic::Ordering::SeqCst) {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
                 Ok((c, conn)) => {
@@ -386,7 +392,8 @@ async fn postgres_immediate_restarts_mid_stream_lose_and_duplicate_nothing() {
     let _d = env.start().await;
     let sub = subscribe_batched(&env, "pg").await;
     let mut rng = seeded("postgres restart test");
-    let writer = tokio::spawn(write_through_restarts(env.url(), TXNS));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_through_restarts(env.url(), TXNS, stop.clone()));
 
     let mut last = String::new();
     for restart in 1..=3 {
@@ -417,6 +424,7 @@ async fn postgres_immediate_restarts_mid_stream_lose_and_duplicate_nothing() {
         env.pg.restart(Duration::from_secs(1));
         last = checkpoint_covers_slot(&env.client().await, &env.slot).await;
     }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
     wait_api(api).await;
 
