@@ -199,11 +199,10 @@ async fn read_leased(
         return Ok((Vec::new(), Vec::new()));
     }
     let limit = read_ahead(1);
-    let limits: Vec<(String, i64)> = ids.iter().map(|id| (id.clone(), limit)).collect();
     let c = conn(ctx).await?;
     let (subs, mut events) = tokio::try_join!(
         subscriptions::sendable_many(&**c, &ids),
-        subscriptions::pending_many(&**c, &limits),
+        subscriptions::pending_many(&**c, &ids, limit),
     )?;
     drop(c);
     let gone: Vec<String> = ids

@@ -392,27 +392,25 @@ pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<V
     )
 }
 
-/// The pending deliveries of several leased subscriptions in one round trip: for each
-/// `(id, limit)`, its first `limit` pending events in eventNumber order (each served by the
-/// partial index on pending rows). A send loop takes this for the subscriptions it just
-/// leased, so a notification costs no query of its own.
+/// The pending deliveries of several leased subscriptions in one round trip: for each of
+/// `ids`, its first `limit` pending events in eventNumber order (each served by the partial
+/// index on pending rows). A send loop takes this for the subscriptions it just leased, so
+/// a notification costs no query of its own.
 pub async fn pending_many<C: GenericClient>(
     c: &C,
-    subs: &[(String, i64)],
+    ids: &[String],
+    limit: i64,
 ) -> Result<HashMap<String, Vec<Pending>>> {
-    let ids: Vec<&str> = subs.iter().map(|(id, _)| id.as_str()).collect();
-    let limits: Vec<i64> = subs.iter().map(|(_, l)| *l).collect();
     let sql = format!(
-        "SELECT m.sub, x.* FROM unnest($1::text[], $2::int8[]) AS m(sub, lim)
+        "SELECT m.sub, x.* FROM unnest($1::text[]) AS m(sub)
          CROSS JOIN LATERAL (
              SELECT {DELIVERY_COLUMNS}
              FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
              WHERE d.subscription_id = m.sub AND d.state = 'pending'
-             ORDER BY d.event_number LIMIT m.lim) x"
+             ORDER BY d.event_number LIMIT $2) x"
     );
     let mut out: HashMap<String, Vec<Pending>> = HashMap::new();
-    let params: [(&(dyn ToSql + Sync), Type); 2] =
-        [(&ids, Type::TEXT_ARRAY), (&limits, Type::INT8_ARRAY)];
+    let params: [(&(dyn ToSql + Sync), Type); 2] = [(&ids, Type::TEXT_ARRAY), (&limit, Type::INT8)];
     for r in c.query_typed(&sql, &params).await? {
         let sub: String = r.get(0);
         out.entry(sub).or_default().push(pending_from_row_at(&r, 1));
