@@ -28,12 +28,7 @@ impl RestHook {
             .user_agent(concat!("fhir-cdc/", env!("CARGO_PKG_VERSION")))
             // Redirects could lead a notification somewhere the subscription did not name.
             .redirect(reqwest::redirect::Policy::none())
-            // Every connection a send opened stays open for the next one (idle ones close
-            // after 90 s). Sends run at most `[delivery] workers` at once per topic, which
-            // bounds them; a cap below that closed the surplus after each POST, and with
-            // many subscriptions on one receiver most notifications paid a new TCP
-            // connection (bench.sh fan-out).
-            .pool_idle_timeout(std::time::Duration::from_secs(90));
+            .pool_max_idle_per_host(8);
         if !allow_private {
             b = b.dns_resolver(Arc::new(PublicOnly));
         }
