@@ -5,11 +5,9 @@
 //! tuple under REPLICA IDENTITY FULL. Never guessed.
 
 use chrono::{DateTime, TimeZone, Utc};
-use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use super::decode::RowEvent;
+use super::decode::{Ahead, RowEvent};
 use super::error::{CaptureError, Result};
 use crate::fhir::topic::Interaction;
 use crate::store::{Decoded, RowChange};
@@ -45,12 +43,12 @@ pub struct ResourceChange {
 /// Resources parsed ahead of matching (see [`super::read`]).
 #[derive(Debug, Clone, Default)]
 pub struct Parsed {
-    pub current: Option<Arc<Value>>,
-    pub previous: Option<Arc<Value>>,
+    pub current: Option<Ahead>,
+    pub previous: Option<Ahead>,
 }
 
 /// A prior version and its JSON when the reader parsed it ahead.
-type Prior = (RowChange, Option<Arc<Value>>);
+type Prior = (RowChange, Option<Ahead>);
 
 struct Open {
     commit: Commit,

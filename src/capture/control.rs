@@ -2,10 +2,12 @@
 //! written into the store (R4: the backport `Basic`) are not events: they register, change
 //! or remove subscriptions and topics, taking effect at their place in the stream.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::assemble::ResourceChange;
 use crate::config::Config;
+use crate::fhir::fields::Fields;
 use crate::fhir::search::Searcher;
 use crate::fhir::subscription::{self, Rules};
 use crate::fhir::topic::{Interaction, Topic, TopicError};
@@ -52,12 +54,17 @@ impl Topics {
         Topics { active, searcher }
     }
 
-    /// The resource types some topic triggers on.
-    pub fn resource_types(&self) -> std::collections::HashSet<String> {
-        self.active
-            .iter()
-            .flat_map(|a| a.topic.triggers.iter().map(|t| t.resource_type.clone()))
-            .collect()
+    /// The resource types some topic triggers on, each with the members of its resources
+    /// that the topics' plans read (what capture parses).
+    pub fn fields(&self) -> HashMap<String, Arc<Fields>> {
+        let mut out: HashMap<String, Fields> = HashMap::new();
+        for a in &self.active {
+            for t in &a.topic.triggers {
+                let f = out.entry(t.resource_type.clone()).or_default();
+                a.compiled.fields(&t.resource_type, f);
+            }
+        }
+        out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
     }
 
     /// Sorts a change into control or resource, applying what a control row says.

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::error::{CaptureError, Result};
+use crate::fhir::fields::Fields;
 use crate::store::{Decoded, RowError, RowOp, StoreProfile, TableDecoder, TableInfo};
 
 /// One row operation of a table the profile reads, decoded by the profile.
@@ -23,19 +24,30 @@ pub struct RowEvent {
     pub decoded: std::result::Result<Decoded, RowError>,
     /// The resource of `decoded` as JSON, when the reader parsed it ahead (see
     /// [`super::read`]); otherwise the matcher parses it if a topic wants it.
-    pub parsed: Option<Arc<Value>>,
+    pub parsed: Option<Ahead>,
+}
+
+/// A resource parsed ahead of matching, with only the members `fields` keeps.
+#[derive(Debug, Clone)]
+pub struct Ahead {
+    pub json: Arc<Value>,
+    pub fields: Arc<Fields>,
 }
 
 impl RowEvent {
-    /// Parses the decoded version's resource ahead of matching. A body that is not a JSON
-    /// object is left for the matcher, which counts and logs it.
-    pub fn parse_ahead(&mut self) {
+    /// Parses the decoded version's resource ahead of matching, keeping the members
+    /// `fields` names. A body that is not a JSON object is left for the matcher, which
+    /// counts and logs it.
+    pub fn parse_ahead(&mut self, fields: Arc<Fields>) {
         let row = match &self.decoded {
             Ok(Decoded::Change(c) | Decoded::PriorVersion(c)) => c,
             _ => return,
         };
-        if let Ok(Some(v)) = row.resource() {
-            self.parsed = Some(Arc::new(v));
+        if let Ok(Some(v)) = row.resource_with(&fields) {
+            self.parsed = Some(Ahead {
+                json: Arc::new(v),
+                fields,
+            });
         }
     }
 

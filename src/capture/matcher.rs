@@ -4,12 +4,16 @@
 //! changes some topic wants.
 
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::assemble::ResourceChange;
 use super::control::Active;
+use super::decode::Ahead;
+use super::read::Wanted;
+use crate::fhir::fields::Fields;
 use crate::fhir::search::registry::SearchParam;
+use crate::fhir::search::value::Values;
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
 use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
@@ -18,6 +22,7 @@ use crate::store::RowChange;
 
 pub struct Matcher {
     searcher: Arc<Searcher>,
+    wanted: Wanted,
     /// Tables already warned about updates without a previous version.
     warned_no_previous: HashSet<u32>,
     /// `(topic, kind)` of criteria errors already logged: once each, the counter counts all.
@@ -30,10 +35,18 @@ pub struct Matcher {
 /// keeps its map under `@topic`, keyed by its url.
 #[derive(Default)]
 struct Filters {
-    shared: serde_json::Map<String, Value>,
-    own: serde_json::Map<String, Value>,
+    shared: BTreeMap<String, Values>,
+    own: BTreeMap<Arc<str>, BTreeMap<String, Values>>,
     /// The search parameter each name in `shared` was computed from.
     sources: HashMap<String, Arc<SearchParam>>,
+}
+
+/// A member of an event's `filters` JSON.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Entry<'a> {
+    Values(&'a Values),
+    Own(&'a BTreeMap<Arc<str>, BTreeMap<String, Values>>),
 }
 
 impl Filters {
@@ -65,22 +78,17 @@ impl Filters {
         }
     }
 
-    fn add(
-        &mut self,
-        topic: &str,
-        values: std::collections::BTreeMap<String, crate::fhir::search::value::Values>,
-    ) {
-        let Ok(Value::Object(map)) = serde_json::to_value(values) else {
-            return;
-        };
-        let clash = map
+    /// Adds a topic's values; `false` when they went under `@topic` (a name clashed).
+    fn add(&mut self, topic: &Arc<str>, values: BTreeMap<String, Values>) -> bool {
+        let clash = values
             .iter()
             .any(|(k, v)| self.shared.get(k).is_some_and(|old| old != v));
         if clash {
-            self.own.insert(topic.to_string(), Value::Object(map));
+            self.own.insert(topic.clone(), values);
         } else {
-            self.shared.extend(map);
+            self.shared.extend(values);
         }
+        !clash
     }
 
     /// Adds a topic's values unless `shared` already holds them.
@@ -90,32 +98,41 @@ impl Filters {
             return;
         }
         let values = a.compiled.filter_values(ev, resource_type).await;
-        let before = self.own.len();
-        self.add(&a.url, values);
-        if self.own.len() == before {
+        if self.add(&a.url, values) {
             self.note_sources(filters, resource_type);
         }
     }
 
-    fn into_json(mut self) -> Option<Value> {
-        if !self.own.is_empty() {
-            self.shared
-                .insert(OWN_FILTERS.to_string(), Value::Object(self.own));
+    /// The event's `filters` JSON, written straight from the values (no `Value` tree).
+    fn into_json(self) -> Option<String> {
+        if self.shared.is_empty() && self.own.is_empty() {
+            return None;
         }
-        (!self.shared.is_empty()).then_some(Value::Object(self.shared))
+        let mut out: BTreeMap<&str, Entry> = self
+            .shared
+            .iter()
+            .map(|(k, v)| (k.as_str(), Entry::Values(v)))
+            .collect();
+        if !self.own.is_empty() {
+            out.insert(OWN_FILTERS, Entry::Own(&self.own));
+        }
+        serde_json::to_string(&out).ok()
     }
 }
 
-/// The two versions of a change as JSON.
+/// The two versions of a change as JSON, with only the members `fields` keeps.
 struct Versions {
     current: Option<Arc<Value>>,
     previous: Option<Arc<Value>>,
+    fields: Arc<Fields>,
 }
 
 impl Matcher {
-    pub fn new(searcher: Arc<Searcher>) -> Self {
+    /// `wanted`: the members of each resource type the topics read, kept by the stream.
+    pub fn new(searcher: Arc<Searcher>, wanted: Wanted) -> Self {
         Matcher {
             searcher,
+            wanted,
             warned_no_previous: HashSet::new(),
             logged_errors: HashSet::new(),
         }
@@ -137,13 +154,26 @@ impl Matcher {
             return None;
         }
         self.warn_without_previous(&wanted, change);
-        let v = parse(change)?;
+        let fields = self
+            .wanted
+            .get(&row.resource_type)
+            .unwrap_or_else(|| Arc::new(Fields::all()));
+        let v = parse(change, fields)?;
         let searcher = self.searcher.clone();
+        // The engine, when an expression without a plan needs it, parses the whole resource.
+        let reparse = || complete(change);
         // Built once for every topic that evaluates something on this change.
         let eval = wanted
             .iter()
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
-            .then(|| ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone()));
+            .then(|| {
+                let ev = ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone());
+                if v.fields.is_all() {
+                    ev
+                } else {
+                    ev.partial(&reparse)
+                }
+            });
         let mut fired = Vec::new();
         let mut filters = Filters::default();
         for a in wanted {
@@ -182,13 +212,18 @@ impl Matcher {
     }
 }
 
-/// Parses both versions (or takes them as the reader parsed them); `None` (with a log line)
-/// when the current one is not a resource.
-fn parse(change: &ResourceChange) -> Option<Versions> {
-    let ahead = &change.parsed;
-    let current = match &ahead.current {
-        Some(v) => Some(v.clone()),
-        None => match change.current.resource() {
+/// Parses both versions with the members `fields` keeps (or takes them as the reader
+/// parsed them, when it kept the same); `None` (with a log line) when the current one is not
+/// a resource.
+fn parse(change: &ResourceChange, fields: Arc<Fields>) -> Option<Versions> {
+    let ahead = |a: &Option<Ahead>| {
+        a.as_ref()
+            .filter(|a| Arc::ptr_eq(&a.fields, &fields) || a.fields == fields)
+            .map(|a| a.json.clone())
+    };
+    let current = match ahead(&change.parsed.current) {
+        Some(v) => Some(v),
+        None => match change.current.resource_with(&fields) {
             Ok(r) => r.map(Arc::new),
             Err(e) => {
                 metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
@@ -197,10 +232,10 @@ fn parse(change: &ResourceChange) -> Option<Versions> {
             }
         },
     };
-    let previous = match (&ahead.previous, change.previous.as_ref()) {
-        (Some(v), _) => Some(v.clone()),
+    let previous = match (ahead(&change.parsed.previous), change.previous.as_ref()) {
+        (Some(v), _) => Some(v),
         (None, None) => None,
-        (None, Some(p)) => match p.resource() {
+        (None, Some(p)) => match p.resource_with(&fields) {
             Ok(r) => r.map(Arc::new),
             Err(e) => {
                 tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
@@ -208,7 +243,20 @@ fn parse(change: &ResourceChange) -> Option<Versions> {
             }
         },
     };
-    Some(Versions { current, previous })
+    Some(Versions {
+        current,
+        previous,
+        fields,
+    })
+}
+
+/// Both versions whole, for the FHIRPath engine.
+fn complete(change: &ResourceChange) -> (Option<Arc<Value>>, Option<Arc<Value>>) {
+    let whole = |r: Option<&RowChange>| r?.resource().ok().flatten().map(Arc::new);
+    (
+        whole(change.previous.as_ref()),
+        whole(Some(&change.current)),
+    )
 }
 
 /// Whether the topic's trigger fires. Criteria that give no decision are counted per topic,
@@ -248,7 +296,7 @@ fn event(
     topics: Vec<Arc<str>>,
     change: &ResourceChange,
     resource: Option<Box<RowChange>>,
-    filters: Option<Value>,
+    filters: Option<String>,
 ) -> QueuedEvent {
     let row = &change.current;
     QueuedEvent {

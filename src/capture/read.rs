@@ -8,13 +8,14 @@
 //! rows from the store, a body that is not JSON), the matcher parses as before.
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::decode::{Decoder, RowEvent};
 use super::error::{CaptureError, Result};
+use crate::fhir::fields::Fields;
 
 /// Events the reader hands on, in stream order.
 const AHEAD: usize = 512;
@@ -35,20 +36,21 @@ pub enum Event {
     Position(u64),
 }
 
-/// The resource types some active topic triggers on, shared with the stream, which
-/// changes it when topics do.
+/// The resource types some active topic triggers on, each with the members its topics
+/// read; shared with the stream, which changes it when topics do.
 #[derive(Clone, Default)]
-pub struct Wanted(Arc<RwLock<HashSet<String>>>);
+pub struct Wanted(Arc<RwLock<HashMap<String, Arc<Fields>>>>);
 
 impl Wanted {
-    pub fn set(&self, types: HashSet<String>) {
+    pub fn set(&self, types: HashMap<String, Arc<Fields>>) {
         if let Ok(mut w) = self.0.write() {
             *w = types;
         }
     }
 
-    fn contains(&self, resource_type: &str) -> bool {
-        self.0.read().is_ok_and(|w| w.contains(resource_type))
+    /// The members to parse of a `resource_type` resource; `None` when no topic wants it.
+    pub fn get(&self, resource_type: &str) -> Option<Arc<Fields>> {
+        self.0.read().ok()?.get(resource_type).cloned()
     }
 }
 
@@ -161,11 +163,9 @@ fn convert(ev: ReplicationEvent, setup: &mut Setup, skip: &mut bool) -> Result<O
             let Some(mut row) = setup.decoder.decode(data)? else {
                 return Ok(None);
             };
-            let wanted = row
-                .resource_type()
-                .is_some_and(|t| setup.wanted.contains(t));
-            if setup.parse_ahead && !*skip && wanted {
-                row.parse_ahead();
+            let wanted = row.resource_type().and_then(|t| setup.wanted.get(t));
+            if let (true, false, Some(fields)) = (setup.parse_ahead, *skip, wanted) {
+                row.parse_ahead(fields);
             }
             Event::Row(Box::new(row))
         }

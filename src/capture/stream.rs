@@ -71,13 +71,14 @@ impl<'a> Stream<'a> {
         checkpoint: u64,
         health: Arc<lag::Health>,
     ) -> Self {
+        let wanted = read::Wanted::default();
         Stream {
             cfg,
+            matcher: matcher::Matcher::new(searcher.clone(), wanted.clone()),
             profile: profile.clone(),
-            wanted: read::Wanted::default(),
+            wanted,
             assembler: assemble::Assembler::new(checkpoint),
             topics,
-            matcher: matcher::Matcher::new(searcher.clone()),
             txn_items: Vec::new(),
             pending: flush::Pending::default(),
             confirmed: checkpoint,
@@ -107,7 +108,7 @@ impl<'a> Stream<'a> {
             tokio::spawn(async move { flush::writer(&mut qc, &slot, job_rx, ack_tx).await });
         // `jobs` is dropped when the stream returns: the writer finishes what it was sent
         // (what it commits is checkpointed and a restart skips it), then ends.
-        self.wanted.set(self.topics.resource_types());
+        self.wanted.set(self.topics.fields());
         let reader = Reader::spawn(
             repl,
             read::Setup {
@@ -256,7 +257,7 @@ impl<'a> Stream<'a> {
             "Subscription" | "SubscriptionTopic" | "Basic"
         ) {
             // Topics may have changed: the reader parses ahead what they now want.
-            self.wanted.set(self.topics.resource_types());
+            self.wanted.set(self.topics.fields());
         }
         match role {
             Role::Control(item) => self.txn_items.extend(item),

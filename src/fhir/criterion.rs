@@ -81,10 +81,38 @@ impl Fast {
         (p.i == tokens.len()).then_some(Fast(e))
     }
 
+    /// The top-level members of `%current` / `%previous` the criterion reads.
+    pub fn top_keys(&self) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        keys(&self.0, &mut out)?;
+        Some(out)
+    }
+
     /// `Some(Some(b))` true/false, `Some(None)` empty (no decision), `None`: the engine must
     /// decide.
     pub fn eval(&self, previous: Option<&Value>, current: Option<&Value>) -> Option<Option<bool>> {
         eval(&self.0, previous, current)
+    }
+}
+
+fn keys(e: &Expr, out: &mut Vec<String>) -> Option<()> {
+    let operand = |o: &Operand, out: &mut Vec<String>| match o {
+        Operand::Lit(_) => Some(()),
+        Operand::Path { plan, .. } => {
+            out.extend(plan.top_keys()?);
+            Some(())
+        }
+    };
+    match e {
+        Expr::Or(a, b) | Expr::And(a, b) => {
+            keys(a, out)?;
+            keys(b, out)
+        }
+        Expr::Cmp(_, a, b) => {
+            operand(a, out)?;
+            operand(b, out)
+        }
+        Expr::Truth(o) => operand(o, out),
     }
 }
 

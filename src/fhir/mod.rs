@@ -3,6 +3,7 @@
 pub mod aidbox_format;
 pub mod criterion;
 pub mod fhirpath;
+pub mod fields;
 pub mod notification;
 pub mod resource_types;
 pub mod search;

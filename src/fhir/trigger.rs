@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::fhirpath::{CriterionError, Prepared};
+use super::fields::Fields;
 use super::search::registry::{Registry, SearchParam};
 use super::search::value::Values;
 use super::search::{parse_query, Criterion, Searcher};
@@ -197,6 +198,36 @@ impl Compiled {
             .any(|t| t.query.is_some() || t.fhirpath.is_some())
     }
 
+    /// The top-level members of a `resource_type` resource that this topic's plans and
+    /// plain-path criteria read. Expressions the FHIRPath engine evaluates add nothing: the
+    /// engine is given the complete resource (see [`ChangeEval`]).
+    pub fn fields(&self, resource_type: &str, out: &mut Fields) {
+        let param = |p: &SearchParam, out: &mut Fields| {
+            if let Some(plan) = &p.plan {
+                out.add(plan.top_keys());
+            }
+        };
+        for t in self
+            .triggers
+            .iter()
+            .filter(|t| t.resource_type == resource_type)
+        {
+            if let Some(q) = &t.query {
+                for c in q.previous.iter().chain(&q.current).flatten() {
+                    param(&c.param, out);
+                }
+            }
+            if let Some(f) = &t.fast {
+                out.add(f.top_keys());
+            }
+        }
+        for f in &self.filters {
+            if f.resource_type.as_deref() == Some(resource_type) {
+                param(&f.param, out);
+            }
+        }
+    }
+
     /// Evaluates the triggers for a change; fires when any trigger of the type does.
     pub async fn evaluate(
         &self,
@@ -293,7 +324,17 @@ pub struct ChangeEval<'a> {
     /// Focus: the previous version, when there is also a current one.
     prev: std::sync::OnceLock<Prepared>,
     cache: [Mutex<HashMap<String, Values>>; 2],
+    /// Parses the complete versions when `previous` and `current` hold only the members
+    /// plans read ([`Fields`]); the engine is never given a partial resource.
+    reparse: Option<&'a Reparse<'a>>,
+    complete: std::sync::OnceLock<Versions>,
 }
+
+/// The previous and current version of a change.
+pub type Versions = (Option<Arc<Value>>, Option<Arc<Value>>);
+
+/// How the complete versions of a partially parsed change are had.
+pub type Reparse<'a> = dyn Fn() -> Versions + Sync + 'a;
 
 impl<'a> ChangeEval<'a> {
     pub fn new(searcher: &'a Searcher, previous: Option<&Value>, current: Option<&Value>) -> Self {
@@ -314,6 +355,26 @@ impl<'a> ChangeEval<'a> {
             main: std::sync::OnceLock::new(),
             prev: std::sync::OnceLock::new(),
             cache: Default::default(),
+            reparse: None,
+            complete: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `previous` and `current` are partial: `reparse` gives the complete versions, parsed
+    /// the first time the FHIRPath engine needs them.
+    pub fn partial(mut self, reparse: &'a Reparse<'a>) -> Self {
+        self.reparse = Some(reparse);
+        self
+    }
+
+    /// The versions the engine evaluates: complete ones.
+    fn engine_versions(&self) -> (Option<&Arc<Value>>, Option<&Arc<Value>>) {
+        match self.reparse {
+            None => (self.previous.as_ref(), self.current.as_ref()),
+            Some(f) => {
+                let (p, c) = self.complete.get_or_init(f);
+                (p.as_ref(), c.as_ref())
+            }
         }
     }
 
@@ -326,15 +387,14 @@ impl<'a> ChangeEval<'a> {
         let fp = &self.searcher.fp;
         if previous_side && self.has_prev_focus() {
             return self.prev.get_or_init(|| {
-                fp.prepare_arcs(
-                    self.previous.as_ref(),
-                    self.previous.as_ref(),
-                    self.current.as_ref(),
-                )
+                let (previous, current) = self.engine_versions();
+                fp.prepare_arcs(previous, previous, current)
             });
         }
-        self.main
-            .get_or_init(|| fp.prepare_arcs(None, self.previous.as_ref(), self.current.as_ref()))
+        self.main.get_or_init(|| {
+            let (previous, current) = self.engine_versions();
+            fp.prepare_arcs(None, previous, current)
+        })
     }
 
     /// The JSON a side's focus is: the previous version on the previous side (when both

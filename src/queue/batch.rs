@@ -2,12 +2,12 @@
 //! transaction. This is where invariants 1 and 2 are kept: the checkpoint moves only with
 //! the events it covers, and the caller confirms the slot only after `write` returned.
 
+use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{IsNull, Json, PgLsn, ToSql, Type};
+use tokio_postgres::types::{IsNull, PgLsn, ToSql, Type};
 use tokio_postgres::Client;
 
 use super::{lsn_text, subscriptions, Result, EVENT_CHANNEL};
@@ -29,9 +29,10 @@ pub struct QueuedEvent {
     /// topics. Most batches need no body, and a parsed value is several times bigger than
     /// the text a 30,000-row transaction holds.
     pub resource: Option<Box<RowChange>>,
-    /// The canFilterBy values of this resource for its topics (`{param: Values}`, and
-    /// `@topic: {url: {param: Values}}` for a topic whose parameter of that name differs).
-    pub filters: Option<Value>,
+    /// The canFilterBy values of this resource for its topics, as JSON text
+    /// (`{param: Values}`, and `@topic: {url: {param: Values}}` for a topic whose parameter
+    /// of that name differs): written as they were serialised, without a `Value` tree.
+    pub filters: Option<String>,
     pub commit_lsn: u64,
     pub xid: u32,
     pub commit_time: DateTime<Utc>,
@@ -214,16 +215,32 @@ async fn insert_events(
     run: &[&QueuedEvent],
     full: &HashSet<String>,
 ) -> Result<usize> {
+    use futures::SinkExt;
     if run.is_empty() {
         return Ok(0);
     }
+    let mut buf = BytesMut::new();
+    encode_events(run, full, &mut buf)?;
     let sink = tx
         .copy_in(&format!(
             "COPY fhir_cdc.event ({EVENT_COLUMNS}) FROM STDIN (FORMAT binary)"
         ))
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
-    futures::pin_mut!(writer);
+    futures::pin_mut!(sink);
+    sink.send(buf.freeze()).await?;
+    Ok(sink.finish().await? as usize)
+}
+
+/// The binary `COPY` stream of a run of events (header, rows, trailer) in one buffer: the
+/// whole run goes to the server as one message, and capture's cost of it can be measured
+/// without a server (`benches/capture.rs`).
+pub fn encode_events(
+    run: &[&QueuedEvent],
+    full: &HashSet<String>,
+    buf: &mut BytesMut,
+) -> Result<()> {
+    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.extend_from_slice(&[0; 8]);
     for e in run {
         let topics: Vec<&str> = e.topics.iter().map(AsRef::as_ref).collect();
         let body = if e.topics.iter().any(|t| full.contains(t.as_ref())) {
@@ -232,7 +249,7 @@ async fn insert_events(
             None
         };
         let body = body.as_deref().map(RawJson);
-        let filters = e.filters.as_ref().map(Json);
+        let filters = e.filters.as_deref().map(RawJson);
         let row: [&(dyn ToSql + Sync); 10] = [
             &topics,
             &e.resource_type,
@@ -245,9 +262,23 @@ async fn insert_events(
             &body,
             &filters,
         ];
-        writer.as_mut().write(&row).await?;
+        buf.extend_from_slice(&(row.len() as i16).to_be_bytes());
+        for (value, ty) in row.iter().zip(&EVENT_TYPES) {
+            let at = buf.len();
+            buf.extend_from_slice(&[0; 4]);
+            let len = match value
+                .to_sql_checked(ty, buf)
+                .map_err(|e| super::QueueError::Other(format!("encoding an event row: {e}")))?
+            {
+                IsNull::Yes => -1,
+                IsNull::No => i32::try_from(buf.len() - at - 4)
+                    .map_err(|_| super::QueueError::Other("an event column over 2 GB".into()))?,
+            };
+            buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
     }
-    Ok(writer.finish().await? as usize)
+    buf.extend_from_slice(&(-1i16).to_be_bytes());
+    Ok(())
 }
 
 /// JSON text sent as `jsonb` as it is (the body was rendered once, from the parsed value).

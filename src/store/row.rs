@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
+use crate::fhir::fields::Fields;
 use crate::fhir::topic::Interaction;
 
 /// The body of the row as it came in the WAL.
@@ -76,12 +77,18 @@ impl RowChange {
     /// The resource JSON with `id`, `resourceType` and `meta` filled from the columns.
     /// `Ok(None)` when the row carries no body.
     pub fn resource(&self) -> Result<Option<Value>, RowError> {
+        self.resource_with(&Fields::all())
+    }
+
+    /// The resource with only the top-level members `fields` keeps (plus `id`,
+    /// `resourceType` and `meta`): what capture's plans read, without building the rest.
+    pub fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
         let Body::Text(text) = &self.body else {
             return Ok(None);
         };
-        let mut obj: Map<String, Value> = match serde_json::from_slice(text) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => {
+        let mut obj: Map<String, Value> = match fields.parse(text) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
                 return Err(RowError::BadJson {
                     reference: self.reference(),
                     detail: "not an object".into(),

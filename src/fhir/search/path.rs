@@ -26,6 +26,9 @@ struct Branch {
     steps: Vec<Step>,
     /// The FHIR type of what the branch selects, when the model says one.
     ty: Option<String>,
+    /// The element name of the first step (`value` of `valueQuantity`): Aidbox's format
+    /// stores choice elements under it.
+    top: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +52,21 @@ impl Plan {
             [b] => b.ty.as_deref(),
             _ => None,
         }
+    }
+
+    /// The top-level members of the resource the plan reads (in FHIR and in Aidbox's
+    /// format); `None` when it reads the resource itself.
+    pub fn top_keys(&self) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        for b in &self.0 {
+            match b.steps.first()? {
+                Step::Field(k) => out.push(k.clone()),
+                Step::Choice(keys) => out.extend(keys.iter().cloned()),
+                Step::RefersTo(_) => return None,
+            }
+            out.extend(b.top.clone());
+        }
+        Some(out)
     }
 
     /// The values the expression selects on `resource`, as the engine would return them.
@@ -212,6 +230,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
         root: (!any).then(|| resource_type.to_string()),
         steps,
         ty,
+        top: segs.first().map(|s| s.to_string()),
     })
 }
 

@@ -1,0 +1,233 @@
+//! The top-level members of a resource that compiled topics read without the FHIRPath
+//! engine (search parameter plans and plain-path criteria), so capture parses only those.
+//!
+//! A 1.3 KB Observation has a dozen members; one topic with three canFilterBy parameters
+//! reads three of them. Parsing the rest into `serde_json::Value` maps (and converting it
+//! from Aidbox's format) was most of capture's CPU per row. Members not kept are still read
+//! through (syntax-checked, never allocated), so a body that is not JSON is refused the same.
+//!
+//! The engine is never given a partial resource: [`crate::fhir::trigger::ChangeEval`] parses
+//! the complete one the first time an expression without a plan needs it.
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Members every partial resource keeps: what identifies it, and what `Resource.*`
+/// parameters (`_lastUpdated`, `_tag`, `_profile`) read.
+const ALWAYS: [&str; 3] = ["resourceType", "id", "meta"];
+
+/// Which top-level members of a resource type's JSON the topics read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fields {
+    keys: BTreeSet<String>,
+    /// Some reader needs every member: parse the resource whole.
+    all: bool,
+}
+
+impl Fields {
+    /// Every member (what an expression without a known shape needs).
+    pub fn all() -> Fields {
+        Fields {
+            keys: BTreeSet::new(),
+            all: true,
+        }
+    }
+
+    /// Adds the members one reader reads; `None` means it reads the whole resource.
+    pub fn add<I: IntoIterator<Item = String>>(&mut self, keys: Option<I>) {
+        match keys {
+            None => self.all = true,
+            Some(k) => {
+                for k in k {
+                    // First-class extensions of Aidbox's format become `extension` entries
+                    // when converted: a reader of extensions needs every member.
+                    if k == "extension" || k == "modifierExtension" {
+                        self.all = true;
+                    }
+                    self.keys.insert(k);
+                }
+            }
+        }
+    }
+
+    /// Both readers' members.
+    pub fn union(&mut self, other: &Fields) {
+        self.all |= other.all;
+        self.keys.extend(other.keys.iter().cloned());
+    }
+
+    /// Whether the whole resource must be parsed.
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    /// Whether `key` is kept.
+    pub fn keeps(&self, key: &str) -> bool {
+        self.all || ALWAYS.contains(&key) || self.keys.contains(key)
+    }
+
+    /// Parses a JSON object keeping only the members this set keeps; the others are read
+    /// through without being built. Errors as `serde_json::from_slice` would, and a body
+    /// that is not an object gives `Ok(None)`.
+    pub fn parse(&self, text: &[u8]) -> serde_json::Result<Option<Map<String, Value>>> {
+        if self.all {
+            return match serde_json::from_slice(text)? {
+                Value::Object(m) => Ok(Some(m)),
+                _ => Ok(None),
+            };
+        }
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let out = Partial(self).deserialize(&mut de)?;
+        de.end()?;
+        Ok(out)
+    }
+}
+
+/// A member name: `Some` (owned) when the set keeps it.
+struct Key<'f>(&'f Fields);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.keeps(key).then(|| key.to_string()))
+    }
+}
+
+/// The seed that keeps a [`Fields`]' members of an object.
+struct Partial<'f>(&'f Fields);
+
+impl<'de> DeserializeSeed<'de> for Partial<'_> {
+    type Value = Option<Map<String, Value>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Partial<'_> {
+    type Value = Option<Map<String, Value>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        // A key is looked at where it lies in the body; only kept ones are copied.
+        while let Some(kept) = map.next_key_seed(Key(self.0))? {
+            match kept {
+                Some(key) => {
+                    out.insert(key, map.next_value::<Value>()?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    // Any other JSON value is a body that is not an object: read through, refused later.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        while s.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(keys: &[&str]) -> Fields {
+        let mut f = Fields::default();
+        f.add(Some(keys.iter().map(|k| k.to_string())));
+        f
+    }
+
+    #[test]
+    fn keeps_only_the_named_members_and_the_identity() {
+        let body = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "1"},
+            "status": "final", "code": {"text": "x"}, "note": [{"text": "long"}],
+            "valueQuantity": {"value": 1}});
+        let m = fields(&["code", "valueQuantity"])
+            .parse(body.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            vec!["code", "id", "meta", "resourceType", "valueQuantity"]
+        );
+        assert_eq!(m["code"], body["code"]);
+        assert_eq!(m["valueQuantity"], body["valueQuantity"]);
+    }
+
+    #[test]
+    fn bad_json_is_refused_even_in_members_not_kept() {
+        let f = fields(&["code"]);
+        assert!(f.parse(br#"{"code": {}, "note": [1, }"#).is_err());
+        assert!(f.parse(br#"{"code": {}} trailing"#).is_err());
+        assert_eq!(f.parse(b"[1, 2]").unwrap(), None);
+        assert_eq!(f.parse(b"\"text\"").unwrap(), None);
+    }
+
+    #[test]
+    fn extension_readers_and_unknown_shapes_need_everything() {
+        let mut f = fields(&["code"]);
+        assert!(!f.is_all());
+        f.add(Some(["extension".to_string()]));
+        assert!(f.is_all());
+        let mut g = fields(&["code"]);
+        g.add(None::<Vec<String>>);
+        assert!(g.is_all());
+        let body = br#"{"a": 1, "b": {"c": 2}}"#;
+        assert_eq!(
+            Fields::all().parse(body).unwrap().unwrap(),
+            serde_json::from_slice::<Map<String, Value>>(body).unwrap()
+        );
+    }
+
+    #[test]
+    fn escaped_keys_are_read() {
+        let m = fields(&["code"])
+            .parse(br#"{"co\u0064e": 1, "n\u006fte": 2}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.get("code"), Some(&json!(1)));
+        assert!(m.get("note").is_none());
+    }
+}
