@@ -24,21 +24,11 @@ use fhir_cdc::queue::batch::QueuedEvent;
 use fhir_cdc::store::{Body, Format, RowChange};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::process::Command;
 use std::sync::Arc;
 
 /// Resources of the workload by type, at most `per_type` of each.
 fn resources(per_type: usize) -> BTreeMap<String, Vec<Value>> {
-    let out = Command::new(common::repo().join("scripts/workload.sh"))
-        .args(["3000", "7", "resources"])
-        .output()
-        .expect("run scripts/workload.sh");
-    assert!(
-        out.status.success(),
-        "workload.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = common::workload_file(&["3000", "7", "resources"]);
     let mut by_type: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for line in std::fs::read_to_string(&path).unwrap().lines() {
         let r: Value = serde_json::from_str(line).unwrap();

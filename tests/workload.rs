@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use fhir_cdc::config::ProfileKind;
 use serde_json::Value;
-use std::process::Command;
 use std::time::Duration;
 
 const TOPIC: &str = r#"
@@ -34,16 +33,7 @@ struct Op {
 
 /// The workload, generated once per machine (cached by `scripts/workload.sh`).
 fn workload() -> Vec<Op> {
-    let out = Command::new(repo().join("scripts/workload.sh"))
-        .args(["5000", "7"])
-        .output()
-        .expect("run scripts/workload.sh");
-    assert!(
-        out.status.success(),
-        "workload.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let path = common::workload_file(&["5000", "7"]);
     std::fs::read_to_string(&path)
         .unwrap()
         .lines()

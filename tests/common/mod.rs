@@ -770,3 +770,18 @@ pub async fn published_tables(store: &Client) -> Vec<String> {
     t.sort();
     t
 }
+
+/// The path of a workload file made by `scripts/workload.sh` (gen.py; cached per machine):
+/// `["5000", "7"]` for writes, `["3000", "7", "resources"]` for resources.
+pub fn workload_file(args: &[&str]) -> String {
+    let out = std::process::Command::new(repo().join("scripts/workload.sh"))
+        .args(args)
+        .output()
+        .expect("run scripts/workload.sh");
+    assert!(
+        out.status.success(),
+        "workload.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
