@@ -299,15 +299,16 @@ async fn dead_letters(cfg: &Config, action: &DeadAction) -> anyhow::Result<std::
     match action {
         DeadAction::List { subscription } => {
             let rows = queue::dead::list(&c, subscription.as_deref()).await?;
-            println!("subscription\tevent_number\tresource\tinteraction\tdead_at\treason");
+            println!("subscription\tevent_number\tresource\tinteraction\tdead_at\tstate\treason");
             for d in &rows {
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     d.subscription_id,
                     d.event_number,
                     d.resource,
                     d.interaction,
                     d.dead_at.to_rfc3339(),
+                    if d.requeued { "requeued" } else { "dead" },
                     d.reason
                 );
             }

@@ -30,9 +30,7 @@ pub const SLOT_LAG_SECONDS: &str = "fhir_cdc_slot_lag_seconds";
 pub const RESTARTS: &str = "fhir_cdc_restarts_total";
 /// Times capture reconnected after an error (kept for dashboards; also in `RESTARTS`).
 pub const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
-/// Deliveries recorded by dispatch, per topic.
-pub const DISPATCHED: &str = "fhir_cdc_dispatched_total";
-/// Pending deliveries, per topic (read at scrape time).
+/// Events after the cursor of the topic's furthest-behind subscription (read at scrape time).
 pub const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
 /// Event notifications delivered, per topic.
 pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
@@ -93,8 +91,10 @@ pub fn describe() {
     );
     describe_counter!(RESTARTS, "Reconnects of supervised tasks after an error");
     describe_counter!(CAPTURE_RESTARTS, "Capture reconnects after an error");
-    describe_counter!(DISPATCHED, "Deliveries recorded by dispatch");
-    describe_gauge!(QUEUE_DEPTH, "Pending deliveries");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Events after the cursor of the topic's furthest-behind subscription"
+    );
     describe_counter!(NOTIFICATIONS_SENT, "Event notifications delivered");
     describe_counter!(DELIVERY_FAILURES, "Failed notification sends");
     describe_histogram!(

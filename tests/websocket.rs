@@ -140,15 +140,13 @@ async fn websocket_clients_bind_get_kept_events_heartbeats_and_are_closed_on_del
     put_encounter(&env.store, "w1").await;
     put_encounter(&env.store, "w2").await;
     wait_until("2 events queued", Duration::from_secs(30), || async {
-        let n: i64 = env
-            .store
-            .query_one(
-                "SELECT count(*) FROM fhir_cdc.delivery WHERE subscription_id = $1",
-                &[&id],
-            )
+        let row = fhir_cdc::queue::subscriptions::get(&env.store, &id)
             .await
             .unwrap()
-            .get(0);
+            .unwrap();
+        let n = fhir_cdc::queue::matched::count_pending(&env.store, &row.track())
+            .await
+            .unwrap();
         n == 2
     })
     .await;

@@ -14,9 +14,9 @@ use super::response::{bad_request, fhir_id, internal, json_body, not_found, Fhir
 use super::{ApiState, Shared};
 use crate::fhir::notification::{bundle, status_resource, Kind, StatusInfo};
 use crate::fhir::subscription::Content;
-use crate::queue::dead;
 use crate::queue::gaps::{self, Gap};
 use crate::queue::subscriptions::{self, SubscriptionRow};
+use crate::queue::{dead, matched, retention};
 use std::collections::HashMap;
 
 /// Most events one `$events` answer carries.
@@ -29,7 +29,7 @@ const EVENTS_PARAMS: &[&str] = &["eventsSinceNumber", "eventsUntilNumber", "cont
 /// resynced from now) that happened while it existed.
 /// Dead letters are reported as an error entry, so a subscriber learns that events it will
 /// not get by waiting exist (and an operator where to look).
-fn status_info(row: &SubscriptionRow, gaps: &[Gap], dead: i64) -> StatusInfo {
+fn status_info(row: &SubscriptionRow, since_start: i64, gaps: &[Gap], dead: i64) -> StatusInfo {
     let mut errors: Vec<String> = row.last_error.iter().cloned().collect();
     if dead > 0 {
         errors.push(format!(
@@ -40,7 +40,7 @@ fn status_info(row: &SubscriptionRow, gaps: &[Gap], dead: i64) -> StatusInfo {
     StatusInfo {
         subscription_id: row.id.clone(),
         status: row.status,
-        events_since_start: row.events_since_start,
+        events_since_start: since_start,
         topic_url: row.topic.clone(),
         errors,
         gaps: gaps::affecting(gaps, row.created_at),
@@ -51,6 +51,7 @@ fn status_info(row: &SubscriptionRow, gaps: &[Gap], dead: i64) -> StatusInfo {
 fn status_searchset(
     s: &ApiState,
     rows: &[SubscriptionRow],
+    since: &HashMap<String, i64>,
     gaps: &[Gap],
     dead: &HashMap<String, i64>,
 ) -> Value {
@@ -61,7 +62,12 @@ fn status_searchset(
             let st = status_resource(
                 s.cfg.source.fhir_version.into(),
                 Kind::QueryStatus,
-                &status_info(row, gaps, dead.get(&row.id).copied().unwrap_or(0)),
+                &status_info(
+                    row,
+                    since.get(&row.id).copied().unwrap_or(row.cursor.number),
+                    gaps,
+                    dead.get(&row.id).copied().unwrap_or(0),
+                ),
                 &[],
                 row.content,
                 &base,
@@ -77,6 +83,22 @@ fn status_searchset(
         "total": entry.len(),
         "entry": entry
     })
+}
+
+/// eventsSinceSubscriptionStart of each row: its settled events and those waiting after
+/// its cursor (matched now, with its filters).
+async fn since_start<C: tokio_postgres::GenericClient>(
+    c: &C,
+    rows: &[SubscriptionRow],
+) -> Result<HashMap<String, i64>, Fhir> {
+    let mut out = HashMap::new();
+    for row in rows {
+        let waiting = matched::count_pending(c, &row.track())
+            .await
+            .map_err(internal)?;
+        out.insert(row.id.clone(), row.cursor.number + waiting);
+    }
+    Ok(out)
 }
 
 async fn load(s: &ApiState, id: &str) -> Result<SubscriptionRow, Fhir> {
@@ -100,9 +122,11 @@ pub async fn status_one(
     let dead = dead::counts(&**c, std::slice::from_ref(&row.id))
         .await
         .map_err(internal)?;
+    let rows = [row];
+    let since = since_start(&**c, &rows).await?;
     Ok(Fhir(
         StatusCode::OK,
-        status_searchset(&s, &[row], &gaps, &dead),
+        status_searchset(&s, &rows, &since, &gaps, &dead),
     ))
 }
 
@@ -126,9 +150,10 @@ pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resul
     let gaps = gaps::recent(&**c).await.map_err(internal)?;
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     let dead = dead::counts(&**c, &ids).await.map_err(internal)?;
+    let since = since_start(&**c, &rows).await?;
     Ok(Fhir(
         StatusCode::OK,
-        status_searchset(&s, &rows, &gaps, &dead),
+        status_searchset(&s, &rows, &since, &gaps, &dead),
     ))
 }
 
@@ -206,9 +231,13 @@ async fn content(
 async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<Fhir, Fhir> {
     let row = load(s, id).await?;
     let content = content(s, who, &row, p).await?;
-    let until = p
-        .number("eventsUntilNumber")?
-        .unwrap_or(row.events_since_start);
+    let c = s.pool.get().await.map_err(internal)?;
+    let track = row.track();
+    let latest = row.cursor.number
+        + matched::count_pending(&**c, &track)
+            .await
+            .map_err(internal)?;
+    let until = p.number("eventsUntilNumber")?.unwrap_or(latest);
     let since = p
         .number("eventsSinceNumber")?
         .unwrap_or_else(|| (until - EVENTS_LIMIT + 1).max(1));
@@ -218,8 +247,8 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
             "eventsSinceNumber is greater than eventsUntilNumber",
         ));
     }
-    let c = s.pool.get().await.map_err(internal)?;
-    let rows = subscriptions::events_between(&**c, &row.id, since, until, EVENTS_LIMIT)
+    let floor = retention::floor(&**c, &row.topic).await.map_err(internal)?;
+    let rows = matched::between(&**c, &track, floor, since, until, EVENTS_LIMIT as usize)
         .await
         .map_err(internal)?;
     let gaps = gaps::recent(&**c).await.map_err(internal)?;
@@ -237,7 +266,7 @@ async fn events(s: &ApiState, who: &Principal, id: &str, p: &Params) -> Result<F
     let b = bundle(
         format,
         Kind::QueryEvent,
-        &status_info(&row, &gaps, dead.get(&row.id).copied().unwrap_or(0)),
+        &status_info(&row, latest, &gaps, dead.get(&row.id).copied().unwrap_or(0)),
         &events,
         content,
         &base,

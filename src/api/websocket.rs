@@ -297,9 +297,7 @@ async fn bind(s: &ApiState, tx: &mut Sink, h: &SocketHandle, token: &str) -> Res
             .filter(|r| r.status != Status::Off)
             .ok_or_else(|| format!("Subscription/{id} is gone or off"))?;
         s.hub.bind(&id, h).await.map_err(|e| e.to_string())?;
-        let settled = subscriptions::last_settled_number(&**c, &id)
-            .await
-            .map_err(|e| format!("queue: {e}"))?;
+        let settled = sub.cursor.number;
         let info = StatusInfo {
             subscription_id: id.clone(),
             status: sub.status,

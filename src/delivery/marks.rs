@@ -1,22 +1,23 @@
 //! Delivered marks, grouped: the send tasks of a topic hand each delivered notification's
-//! eventNumbers to one writer, which marks whatever is waiting in one statement. One
-//! statement per notification made the queue's round trips, not the endpoints, the limit
-//! of fan-out. A send task awaits its marks before it gives its lease back, so no other
-//! instance can send those events again.
+//! new cursor to one writer, which moves whatever is waiting in one statement, one row per
+//! subscription however many of its notifications the group holds. One statement per
+//! notification made the queue's round trips, not the endpoints, the limit of fan-out. A
+//! send task awaits its marks before it gives its lease back, so no other instance can
+//! send those events again.
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::DeliveryError;
-use crate::queue::{subscriptions, QueueError};
+use crate::queue::cursor::{self, Advance, Cursor};
+use crate::queue::QueueError;
 
 /// Marks written per statement at most.
 const MAX_GROUP: usize = 512;
 
 /// One notification that reached its endpoint, and who waits for its mark.
 struct Mark {
-    subscription: String,
-    numbers: Vec<i64>,
+    advance: Advance,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -48,12 +49,14 @@ impl Marks {
         Marks { tx }
     }
 
-    /// Hands `numbers` of `subscription` to the writer.
-    pub fn mark(&self, subscription: &str, numbers: Vec<i64>) -> Pending {
+    /// Hands the new cursor of `subscription` to the writer.
+    pub fn mark(&self, subscription: &str, to: Cursor) -> Pending {
         let (done, rx) = oneshot::channel();
         let m = Mark {
-            subscription: subscription.to_string(),
-            numbers,
+            advance: Advance {
+                subscription: subscription.to_string(),
+                to,
+            },
             done,
         };
         // A stopped writer drops `done`, which `wait` reports.
@@ -92,13 +95,9 @@ async fn writer(pool: Pool, mut rx: mpsc::UnboundedReceiver<Mark>) {
 }
 
 async fn write(pool: &Pool, group: &[Mark]) -> Result<(), QueueError> {
-    let marks: Vec<(&str, &[i64])> = group
-        .iter()
-        .map(|m| (m.subscription.as_str(), m.numbers.as_slice()))
-        .collect();
+    let marks: Vec<Advance> = group.iter().map(|m| m.advance.clone()).collect();
     let c = pool.get().await?;
-    subscriptions::delivered_many(&**c, &marks).await?;
-    let n: usize = marks.iter().map(|(_, ns)| ns.len()).sum();
-    metrics::histogram!(crate::metrics::DELIVERED_MARKS_PER_WRITE).record(n as f64);
+    cursor::advance_many(&**c, &marks).await?;
+    metrics::histogram!(crate::metrics::DELIVERED_MARKS_PER_WRITE).record(marks.len() as f64);
     Ok(())
 }

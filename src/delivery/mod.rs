@@ -1,13 +1,20 @@
-//! Delivery: dispatch (events → numbered deliveries, one instance per topic) and send
-//! workers (deliveries → notifications over the subscription's channel, one subscription
-//! per worker at a time). Wakes on LISTEN/NOTIFY; timers only cover retries and a missed
-//! notification.
+//! Delivery: per topic, a send loop (a subscription's events after its cursor →
+//! notifications over its channel, one subscription per send task at a time) and
+//! housekeeping (subscription ends, retention, gauges). There is no dispatch step: a
+//! subscription's matches are computed when it is sent. Wakes on LISTEN/NOTIFY; timers only
+//! cover retries and a missed notification.
 
+mod ctx;
+mod lease;
 mod listen;
 mod marks;
+mod notify;
+mod outcome;
 pub mod payload;
 pub mod policy;
 mod send;
+mod window;
+mod worker;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +24,7 @@ use tokio::sync::{watch, Notify};
 use crate::channel::Channels;
 use crate::config::Config;
 use crate::error::{supervise, Backoff, Classify, ErrorKind};
-use crate::queue::{self, dispatch, QueueError};
+use crate::queue::{self, retention, QueueError};
 use crate::topics::Registry;
 
 /// Delivery's one error type: everything that stops a worker is the queue going away.
@@ -44,7 +51,8 @@ impl Classify for DeliveryError {
     }
 }
 
-/// Wake-ups of one topic's dispatcher and send workers.
+/// Wake-ups of one topic's send loop: capture queued events, or a subscription has new
+/// work (created, changed, requeued).
 #[derive(Clone, Default)]
 pub struct TopicWakers {
     pub events: Arc<Notify>,
@@ -101,7 +109,7 @@ impl Wakers {
     }
 }
 
-/// Runs dispatch and send workers for every topic (configured, and created in the store)
+/// Runs the send loop and housekeeping of every topic (configured, and created in the store)
 /// until `shutdown` flips.
 pub async fn run(
     cfg: Arc<Config>,
@@ -114,7 +122,7 @@ pub async fn run(
     queue::migrate::run(&mut client).await?;
     drop(client);
     let wakers = Arc::new(Wakers::new(registry.clone()));
-    let ctx = Arc::new(send::Ctx {
+    let ctx = Arc::new(ctx::Ctx {
         cfg: cfg.clone(),
         policy: policy::SendPolicy::from(&cfg.delivery),
         payloads,
@@ -152,10 +160,10 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts the dispatcher and send workers of a topic seen for the first time.
+/// Starts the send loop and housekeeping of a topic seen for the first time.
 fn start_topic(
     cfg: &Arc<Config>,
-    ctx: &Arc<send::Ctx>,
+    ctx: &Arc<ctx::Ctx>,
     wakers: &Wakers,
     url: &str,
     tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
@@ -166,16 +174,11 @@ fn start_topic(
         return;
     }
     tracing::info!(topic = %url, "delivering topic");
-    tasks.spawn(dispatcher(
-        cfg.clone(),
-        url.to_string(),
-        w.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(send::worker(
+    tasks.spawn(housekeeping(cfg.clone(), url.to_string(), shutdown.clone()));
+    tasks.spawn(worker::worker(
         ctx.clone(),
         url.to_string(),
-        w.deliveries.clone(),
+        w.clone(),
         shutdown.clone(),
     ));
     // Catch up on whatever was queued while no delivery ran.
@@ -183,33 +186,30 @@ fn start_topic(
     w.deliveries.notify_one();
 }
 
-async fn dispatcher(
+async fn housekeeping(
     cfg: Arc<Config>,
     topic: String,
-    wake: TopicWakers,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let backoff = Backoff {
         initial: Duration::from_secs(1),
         ..Backoff::default()
     };
-    supervise("dispatch", backoff, shutdown.clone(), || {
-        run_dispatcher(&cfg, &topic, &wake, shutdown.clone())
+    supervise("housekeeping", backoff, shutdown.clone(), || {
+        run_housekeeping(&cfg, &topic, shutdown.clone())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("dispatch of {topic}: {e}"))
+    .map_err(|e| anyhow::anyhow!("housekeeping of {topic}: {e}"))
 }
 
-/// Dispatch rounds of `topic` whenever capture queued events (`wake.events`). New
-/// deliveries wake this process's send loop directly; the NOTIFY a round sends is for the
-/// send loops of other instances.
-async fn run_dispatcher(
+/// Every 2 s: subscriptions whose end passed turn off; every 10 s the dead-letter gauge;
+/// every minute retention.
+async fn run_housekeeping(
     cfg: &Config,
     topic: &str,
-    wake: &TopicWakers,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliveryError> {
-    let mut c = queue::connect(cfg.queue_url()).await?;
+    let c = queue::connect(cfg.queue_url()).await?;
     let mut last_retention = Instant::now() - Duration::from_secs(3600);
     let mut last_gauge = Instant::now() - Duration::from_secs(3600);
     loop {
@@ -225,26 +225,14 @@ async fn run_dispatcher(
             metrics::gauge!(crate::metrics::DEAD_LETTERS, "topic" => topic.to_string())
                 .set(dead as f64);
         }
-        // Retention runs at most once a minute per topic.
         if last_retention.elapsed() > Duration::from_secs(60) {
             last_retention = Instant::now();
-            let n = dispatch::retain(&c, topic, cfg.queue.retention_hours).await?;
+            let n = retention::retain(&c, topic, cfg.queue.retention_hours).await?;
             if n > 0 {
                 tracing::info!(topic = %topic, events = n, "retention removed delivered events");
             }
         }
-        loop {
-            let round = dispatch::round(&mut c, topic, 1000).await?;
-            if round.matched > 0 {
-                wake.deliveries.notify_one();
-            }
-            if round.looked == 0 {
-                break;
-            }
-        }
         tokio::select! {
-            _ = wake.events.notified() => {}
-            // Covers a NOTIFY lost while the LISTEN connection was down.
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.changed() => return Ok(()),
         }

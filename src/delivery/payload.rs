@@ -10,7 +10,7 @@ use crate::fhir::search::value::Values;
 use crate::fhir::search::Searcher;
 use crate::fhir::subscription::Content;
 use crate::fhir::topic::{Interaction, Shape};
-use crate::queue::subscriptions::Pending;
+use crate::queue::events::{Pending, TopicEvent};
 use crate::store::StoreProfile;
 
 /// Most resources one revInclude adds to a notification.
@@ -30,6 +30,8 @@ impl Payloads {
 
     /// The event as a notification carries it. `shapes` are the topic's notificationShapes.
     pub async fn event(&self, content: Content, shapes: &[Shape], p: &Pending) -> Event {
+        let number = p.event_number;
+        let p = &*p.event;
         let mut resource = p.resource.clone();
         if resource.is_none()
             && content == Content::FullResource
@@ -44,7 +46,7 @@ impl Payloads {
             _ => Vec::new(),
         };
         Event {
-            event_number: p.event_number,
+            event_number: number,
             resource_type: p.resource_type.clone(),
             resource_id: p.resource_id.clone(),
             interaction: p.interaction,
@@ -139,7 +141,7 @@ impl Payloads {
 
     /// The version of the event from the store's history; else the current version when it
     /// is that version. Never another version: a notification says what happened then.
-    async fn read_event_version(&self, p: &Pending) -> Option<Value> {
+    async fn read_event_version(&self, p: &TopicEvent) -> Option<Value> {
         let (ty, id) = (&p.resource_type, &p.resource_id);
         let Some(version) = &p.version_id else {
             return self.read_store(ty, id).await;

@@ -15,6 +15,8 @@ pub struct DeadLetter {
     pub interaction: String,
     pub reason: String,
     pub dead_at: DateTime<Utc>,
+    /// Put back in the queue and not yet delivered.
+    pub requeued: bool,
 }
 
 /// Dead letters, oldest first; of one subscription when `sub` is given.
@@ -22,7 +24,7 @@ pub async fn list<C: GenericClient>(c: &C, sub: Option<&str>) -> Result<Vec<Dead
     let rows = c
         .query(
             "SELECT x.subscription_id, x.event_number, e.resource_type || '/' || e.resource_id,
-                    e.interaction, x.reason, x.dead_at
+                    e.interaction, x.reason, x.dead_at, x.requeued
              FROM fhir_cdc.dead_letter x JOIN fhir_cdc.event e ON e.id = x.event_id
              WHERE $1::text IS NULL OR x.subscription_id = $1
              ORDER BY x.subscription_id, x.event_number",
@@ -38,13 +40,15 @@ pub async fn list<C: GenericClient>(c: &C, sub: Option<&str>) -> Result<Vec<Dead
             interaction: r.get(3),
             reason: r.get(4),
             dead_at: r.get(5),
+            requeued: r.get(6),
         })
         .collect())
 }
 
 /// Puts dead letters back in the queue (of one subscription, or all when `sub` is None):
-/// their deliveries turn pending again with their original eventNumbers and fresh attempt
-/// counts, and the send workers are woken. Returns (subscription, events requeued).
+/// they are sent again, ahead of the subscription's newer events, with their original
+/// eventNumbers and fresh attempt counts, and removed once delivered. The send workers are
+/// woken. Returns (subscription, events requeued).
 pub async fn requeue(
     c: &mut tokio_postgres::Client,
     sub: Option<&str>,
@@ -52,16 +56,10 @@ pub async fn requeue(
     let tx = c.transaction().await?;
     let rows = tx
         .query(
-            "WITH gone AS (
-                 DELETE FROM fhir_cdc.dead_letter
-                 WHERE $1::text IS NULL OR subscription_id = $1
-                 RETURNING subscription_id, event_number),
-             back AS (
-                 UPDATE fhir_cdc.delivery d SET state = 'pending', attempts = 0, last_error = NULL
-                 FROM gone g
-                 WHERE d.subscription_id = g.subscription_id AND d.event_number = g.event_number
-                   AND d.state = 'dead'
-                 RETURNING d.subscription_id)
+            "WITH back AS (
+                 UPDATE fhir_cdc.dead_letter SET requeued = true
+                 WHERE ($1::text IS NULL OR subscription_id = $1) AND NOT requeued
+                 RETURNING subscription_id)
              SELECT subscription_id, count(*) FROM back GROUP BY subscription_id ORDER BY 1",
             &[&sub],
         )
@@ -69,7 +67,8 @@ pub async fn requeue(
     let out: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     let ids: Vec<&str> = out.iter().map(|(s, _)| s.as_str()).collect();
     tx.execute(
-        "UPDATE fhir_cdc.subscription SET next_attempt_at = now() WHERE id = ANY($1)",
+        "UPDATE fhir_cdc.subscription SET next_attempt_at = now(), head_attempts = 0
+         WHERE id = ANY($1)",
         &[&ids],
     )
     .await?;
@@ -86,7 +85,7 @@ pub async fn requeue(
 pub async fn counts<C: GenericClient>(c: &C, ids: &[String]) -> Result<HashMap<String, i64>> {
     Ok(c.query(
         "SELECT subscription_id, count(*) FROM fhir_cdc.dead_letter
-         WHERE subscription_id = ANY($1) GROUP BY subscription_id",
+         WHERE subscription_id = ANY($1) AND NOT requeued GROUP BY subscription_id",
         &[&ids],
     )
     .await?
@@ -99,7 +98,8 @@ pub async fn counts<C: GenericClient>(c: &C, ids: &[String]) -> Result<HashMap<S
 pub async fn count_by_topic<C: GenericClient>(c: &C, topic: &str) -> Result<i64> {
     Ok(c.query_one(
         "SELECT count(*) FROM fhir_cdc.dead_letter x
-         JOIN fhir_cdc.subscription s ON s.id = x.subscription_id WHERE s.topic = $1",
+         JOIN fhir_cdc.subscription s ON s.id = x.subscription_id
+         WHERE s.topic = $1 AND NOT x.requeued",
         &[&topic],
     )
     .await?

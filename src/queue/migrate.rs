@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../sql/003_capture_gap.sql")),
     (4, include_str!("../../sql/004_channels.sql")),
     (5, include_str!("../../sql/005_event_topics.sql")),
+    (6, include_str!("../../sql/006_cursor.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

@@ -3,10 +3,13 @@
 //! lives under this module.
 
 pub mod batch;
+pub mod cursor;
 pub mod dead;
-pub mod dispatch;
+pub mod events;
 pub mod gaps;
+pub mod matched;
 pub mod migrate;
+pub mod retention;
 pub mod subscriptions;
 pub mod topics;
 
@@ -14,7 +17,8 @@ use tokio_postgres::Client;
 
 /// Channel capture notifies after each batch commit; the payload is the topic url.
 pub const EVENT_CHANNEL: &str = "fhir_cdc_event";
-/// Channel dispatch notifies after recording deliveries; the payload is the topic url.
+/// Channel notified when a subscription has new work (created, changed, requeued); the
+/// payload is the topic url.
 pub const DELIVERY_CHANNEL: &str = "fhir_cdc_delivery";
 
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +87,17 @@ pub async fn slot_lag_bytes<C: tokio_postgres::GenericClient>(
     .and_then(|r| r.get(0)))
 }
 
-/// Pending deliveries per topic.
+/// Events after the cursor of each topic's furthest-behind subscription that still
+/// receives events: the backlog delivery has (before filters, which only delivery applies).
 pub async fn pending_by_topic<C: tokio_postgres::GenericClient>(
     c: &C,
 ) -> Result<Vec<(String, f64)>> {
     Ok(c.query(
-        "SELECT s.topic, count(*)::float8 FROM fhir_cdc.delivery d
-         JOIN fhir_cdc.subscription s ON s.id = d.subscription_id
-         WHERE d.state = 'pending' GROUP BY s.topic",
+        "SELECT m.topic, (SELECT count(*) FROM fhir_cdc.event e
+                          WHERE e.id > m.cursor AND m.topic = ANY(e.topics))::float8
+         FROM (SELECT topic, min(cursor_event_id) AS cursor FROM fhir_cdc.subscription
+               WHERE status IN ('requested', 'active', 'error') AND NOT refused
+               GROUP BY topic) m",
         &[],
     )
     .await?

@@ -2,13 +2,13 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use std::collections::HashMap;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Row};
 
+use super::cursor::Cursor;
+use super::matched::Track;
 use super::Result;
-use crate::fhir::subscription::{ChannelType, Content, Status, SubscriptionSpec};
-use crate::fhir::topic::Interaction;
+use crate::fhir::subscription::{ChannelType, Content, Filter, Status, SubscriptionSpec};
 
 /// A subscription row as delivery and the API read it.
 #[derive(Debug, Clone)]
@@ -29,7 +29,15 @@ pub struct SubscriptionRow {
     pub next_attempt_at: DateTime<Utc>,
     pub last_sent_at: Option<DateTime<Utc>>,
     pub resource: Value,
-    pub events_since_start: i64,
+    /// The checked filterBy entries (AND across them).
+    pub filters: Vec<Filter>,
+    /// How far its events are settled.
+    pub cursor: Cursor,
+    /// Failed attempts of the head-of-line notification.
+    pub head_attempts: i32,
+    /// Numbering looking back is exact down to this event id and eventNumber.
+    pub start_event_id: i64,
+    pub start_number: i64,
     pub handshake_done: bool,
     pub failures: i32,
     pub last_error: Option<String>,
@@ -38,8 +46,9 @@ pub struct SubscriptionRow {
 
 const COLUMNS: &str =
     "id, origin, topic, status, channel, endpoint, content, content_type, headers, timeout,
-    max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, events_since_start,
-    handshake_done, failures, last_error, created_at";
+    max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, filters, cursor_number,
+    cursor_event_id, head_attempts, start_event_id, start_number, handshake_done, failures,
+    last_error, created_at";
 
 impl SubscriptionRow {
     fn from_row(r: &Row) -> Self {
@@ -73,11 +82,29 @@ impl SubscriptionRow {
             next_attempt_at: r.get("next_attempt_at"),
             last_sent_at: r.get("last_sent_at"),
             resource: r.get("resource"),
-            events_since_start: r.get("events_since_start"),
+            filters: serde_json::from_value(r.get("filters")).unwrap_or_default(),
+            cursor: Cursor {
+                number: r.get("cursor_number"),
+                event_id: r.get("cursor_event_id"),
+            },
+            head_attempts: r.get("head_attempts"),
+            start_event_id: r.get("start_event_id"),
+            start_number: r.get("start_number"),
             handshake_done: r.get("handshake_done"),
             failures: r.get("failures"),
             last_error: r.get("last_error"),
             created_at: r.get("created_at"),
+        }
+    }
+
+    /// What numbering its matches needs.
+    pub fn track(&self) -> Track {
+        Track {
+            topic: self.topic.clone(),
+            filters: self.filters.clone(),
+            cursor: self.cursor,
+            start_event_id: self.start_event_id,
+            start_number: self.start_number,
         }
     }
 
@@ -132,15 +159,34 @@ pub async fn upsert<C: GenericClient>(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
               heartbeat_period, timeout, max_count, resource, end_at, filters, channel,
-              start_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                 (SELECT coalesce(max(id), 0) FROM fhir_cdc.event))
+              start_event_id, cursor_event_id)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, n.id, n.id
+         FROM (SELECT coalesce(max(id), 0) AS id FROM fhir_cdc.event) n
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status, channel = EXCLUDED.channel, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
              content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
              heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
              max_count = EXCLUDED.max_count, resource = EXCLUDED.resource, end_at = EXCLUDED.end_at,
              filters = EXCLUDED.filters,
+             -- Back from off: what happened while it was off is not its to send.
+             cursor_event_id = CASE WHEN fhir_cdc.subscription.status = 'off'
+                                         AND EXCLUDED.status <> 'off'
+                                    THEN EXCLUDED.cursor_event_id
+                                    ELSE fhir_cdc.subscription.cursor_event_id END,
+             -- Numbering looking back is exact only where the filters were the same.
+             start_event_id = CASE
+                 WHEN fhir_cdc.subscription.status = 'off' AND EXCLUDED.status <> 'off'
+                     THEN EXCLUDED.cursor_event_id
+                 WHEN fhir_cdc.subscription.filters IS DISTINCT FROM EXCLUDED.filters
+                     THEN fhir_cdc.subscription.cursor_event_id
+                 ELSE fhir_cdc.subscription.start_event_id END,
+             start_number = CASE
+                 WHEN (fhir_cdc.subscription.status = 'off' AND EXCLUDED.status <> 'off')
+                      OR fhir_cdc.subscription.filters IS DISTINCT FROM EXCLUDED.filters
+                     THEN fhir_cdc.subscription.cursor_number
+                 ELSE fhir_cdc.subscription.start_number END,
+             head_attempts = CASE WHEN EXCLUDED.status = 'requested' THEN 0
+                                  ELSE fhir_cdc.subscription.head_attempts END,
              handshake_done = CASE WHEN EXCLUDED.status = 'requested' THEN false
                                    ELSE fhir_cdc.subscription.handshake_done END,
              failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
@@ -207,14 +253,19 @@ pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
     )
 }
 
-/// Subscriptions of `topic` that have work (a handshake, pending events whose retry time has
-/// come, or a heartbeat due), oldest first, at most `limit`. `skip` are the ones this process
-/// is already sending. A websocket subscription has work only where one of its sockets is
-/// bound, so only ids in `bound` are taken for that channel.
+/// Subscriptions of `topic` that have work (a handshake, events after the cursor or
+/// requeued dead letters whose retry time has come, or a heartbeat due), oldest first, at
+/// most `limit`. `newest` is the newest event id of the topic; `skip` are the ones this
+/// process is already sending; `idle` those it found no event for up to `newest` (they may
+/// still have a heartbeat due or requeued dead letters). A websocket
+/// subscription has work only where one of its sockets is bound, so only ids in `bound` are
+/// taken for that channel.
 pub async fn with_work<C: GenericClient>(
     c: &C,
     topic: &str,
+    newest: i64,
     skip: &[String],
+    idle: &[String],
     bound: &[String],
     limit: i64,
 ) -> Result<Vec<String>> {
@@ -224,9 +275,10 @@ pub async fn with_work<C: GenericClient>(
            AND s.id <> ALL($2) AND (s.channel <> 'websocket' OR s.id = ANY($3))
            AND ((s.status = 'requested' AND s.next_attempt_at <= now())
                 OR (s.status IN ('active', 'error') AND s.handshake_done AND (
-                    (s.next_attempt_at <= now() AND EXISTS (
-                        SELECT 1 FROM fhir_cdc.delivery d
-                        WHERE d.subscription_id = s.id AND d.state = 'pending'))
+                    (s.next_attempt_at <= now() AND (
+                        (s.cursor_event_id < $5 AND s.id <> ALL($6)) OR EXISTS (
+                        SELECT 1 FROM fhir_cdc.dead_letter x
+                        WHERE x.subscription_id = s.id AND x.requeued)))
                     OR (s.heartbeat_period > 0 AND coalesce(s.last_sent_at, s.updated_at)
                         + make_interval(secs => s.heartbeat_period) <= now()))))
          ORDER BY s.next_attempt_at
@@ -236,6 +288,8 @@ pub async fn with_work<C: GenericClient>(
             (&skip, Type::TEXT_ARRAY),
             (&bound, Type::TEXT_ARRAY),
             (&limit, Type::INT8),
+            (&newest, Type::INT8),
+            (&idle, Type::TEXT_ARRAY),
         ],
     )
     .await?
@@ -289,21 +343,27 @@ fn lock_key(id: &str) -> i64 {
     h as i64
 }
 
-/// The earliest time a subscription of `topic` will have retry work.
-pub async fn next_retry<C: GenericClient>(c: &C, topic: &str) -> Result<Option<DateTime<Utc>>> {
+/// The earliest time a subscription of `topic` will have retry work (`newest` as in
+/// [`with_work`]).
+pub async fn next_retry<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    newest: i64,
+) -> Result<Option<DateTime<Utc>>> {
     Ok(c
         .query_one(
             "SELECT least(
                  (SELECT min(next_attempt_at) FROM fhir_cdc.subscription s
                   WHERE topic = $1 AND next_attempt_at > now()
-                    AND (status = 'requested' OR (status IN ('active', 'error') AND EXISTS (
-                        SELECT 1 FROM fhir_cdc.delivery d
-                        WHERE d.subscription_id = s.id AND d.state = 'pending')))),
+                    AND (status = 'requested' OR (status IN ('active', 'error') AND (
+                        s.cursor_event_id < $2 OR EXISTS (
+                            SELECT 1 FROM fhir_cdc.dead_letter x
+                            WHERE x.subscription_id = s.id AND x.requeued))))),
                  (SELECT min(coalesce(last_sent_at, updated_at) + make_interval(secs => heartbeat_period))
                   FROM fhir_cdc.subscription
                   WHERE topic = $1 AND status IN ('active', 'error') AND handshake_done
                     AND heartbeat_period > 0))",
-            &[&topic],
+            &[&topic, &newest],
         )
         .await?
         .get(0))
@@ -321,18 +381,6 @@ pub async fn expire<C: GenericClient>(c: &C) -> Result<Vec<String>> {
     .iter()
     .map(|r| r.get(0))
     .collect())
-}
-
-/// The highest eventNumber the subscriber has been sent or has lost (delivered or dead):
-/// what a heartbeat reports, so heartbeats never move the count.
-pub async fn last_settled_number<C: GenericClient>(c: &C, id: &str) -> Result<i64> {
-    Ok(c.query_one(
-        "SELECT coalesce(max(event_number), 0) FROM fhir_cdc.delivery
-             WHERE subscription_id = $1 AND state <> 'pending'",
-        &[&id],
-    )
-    .await?
-    .get(0))
 }
 
 /// Records that something went out (or was tried) now; heartbeats count from it.
@@ -353,111 +401,6 @@ pub async fn defer<C: GenericClient>(c: &C, id: &str, at: DateTime<Utc>) -> Resu
     )
     .await?;
     Ok(())
-}
-
-/// A pending delivery joined with its event.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    pub event_number: i64,
-    pub event_id: i64,
-    pub attempts: i32,
-    pub resource_type: String,
-    pub resource_id: String,
-    /// The store's version id of the change, when the store has one.
-    pub version_id: Option<String>,
-    pub interaction: Interaction,
-    pub commit_time: DateTime<Utc>,
-    pub resource: Option<Value>,
-    pub queued_at: DateTime<Utc>,
-}
-
-/// Columns of a delivery joined with its event, as [`pending_from_row`] reads them.
-const DELIVERY_COLUMNS: &str = "d.event_number, d.event_id, d.attempts, e.resource_type,
-    e.resource_id, e.interaction, e.commit_time, e.resource, e.queued_at, e.version_id";
-
-pub async fn pending<C: GenericClient>(c: &C, sub: &str, limit: i64) -> Result<Vec<Pending>> {
-    // Its own query (not events_between) so the partial index on pending rows serves it.
-    let sql = format!(
-        "SELECT {DELIVERY_COLUMNS}
-         FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
-         WHERE d.subscription_id = $1 AND d.state = 'pending'
-         ORDER BY d.event_number LIMIT $2"
-    );
-    Ok(
-        c.query_typed(&sql, &[(&sub, Type::TEXT), (&limit, Type::INT8)])
-            .await?
-            .iter()
-            .map(pending_from_row)
-            .collect(),
-    )
-}
-
-/// The pending deliveries of several leased subscriptions in one round trip: for each of
-/// `ids`, its first `limit` pending events in eventNumber order (each served by the partial
-/// index on pending rows). A send loop takes this for the subscriptions it just leased, so
-/// a notification costs no query of its own.
-pub async fn pending_many<C: GenericClient>(
-    c: &C,
-    ids: &[String],
-    limit: i64,
-) -> Result<HashMap<String, Vec<Pending>>> {
-    let sql = format!(
-        "SELECT m.sub, x.* FROM unnest($1::text[]) AS m(sub)
-         CROSS JOIN LATERAL (
-             SELECT {DELIVERY_COLUMNS}
-             FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
-             WHERE d.subscription_id = m.sub AND d.state = 'pending'
-             ORDER BY d.event_number LIMIT $2) x"
-    );
-    let mut out: HashMap<String, Vec<Pending>> = HashMap::new();
-    let params: [(&(dyn ToSql + Sync), Type); 2] = [(&ids, Type::TEXT_ARRAY), (&limit, Type::INT8)];
-    for r in c.query_typed(&sql, &params).await? {
-        let sub: String = r.get(0);
-        out.entry(sub).or_default().push(pending_from_row_at(&r, 1));
-    }
-    Ok(out)
-}
-
-/// Events of a subscription with eventNumbers in `since..=until`, whatever their delivery
-/// state, for `$events`. At most `limit`.
-pub async fn events_between<C: GenericClient>(
-    c: &C,
-    sub: &str,
-    since: i64,
-    until: i64,
-    limit: i64,
-) -> Result<Vec<Pending>> {
-    let sql = format!(
-        "SELECT {DELIVERY_COLUMNS}
-         FROM fhir_cdc.delivery d JOIN fhir_cdc.event e ON e.id = d.event_id
-         WHERE d.subscription_id = $1 AND d.event_number BETWEEN $2 AND $3
-         ORDER BY d.event_number LIMIT $4"
-    );
-    Ok(c.query(&sql, &[&sub, &since, &until, &limit])
-        .await?
-        .iter()
-        .map(pending_from_row)
-        .collect())
-}
-
-fn pending_from_row(r: &Row) -> Pending {
-    pending_from_row_at(r, 0)
-}
-
-/// [`DELIVERY_COLUMNS`] read from column `at` on.
-fn pending_from_row_at(r: &Row, at: usize) -> Pending {
-    Pending {
-        event_number: r.get(at),
-        event_id: r.get(at + 1),
-        attempts: r.get(at + 2),
-        resource_type: r.get(at + 3),
-        resource_id: r.get(at + 4),
-        interaction: Interaction::parse(r.get(at + 5)).unwrap_or(Interaction::Update),
-        commit_time: r.get(at + 6),
-        resource: r.get(at + 7),
-        queued_at: r.get(at + 8),
-        version_id: r.get(at + 9),
-    }
 }
 
 /// A handshake went through: the subscription is active.
@@ -481,135 +424,6 @@ pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) ->
         &[&id, &error],
     )
     .await?;
-    Ok(())
-}
-
-/// Notifications of several subscriptions reached their endpoints, in one statement: each
-/// `(subscription, eventNumbers)` reached its endpoint. Send tasks hand their marks to one
-/// writer per topic (in delivery), which groups whatever is waiting.
-pub async fn delivered_many<C: GenericClient>(c: &C, marks: &[(&str, &[i64])]) -> Result<()> {
-    let mut subs: Vec<&str> = Vec::new();
-    let mut numbers: Vec<i64> = Vec::new();
-    for (sub, ns) in marks {
-        for n in ns.iter() {
-            subs.push(sub);
-            numbers.push(*n);
-        }
-    }
-    let mut ids: Vec<&str> = marks.iter().map(|(s, _)| *s).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    // Subscription rows are locked in id order, as dispatch locks them, so a mark and a
-    // dispatch round of the same topic cannot deadlock.
-    c.execute_typed(
-        "WITH l AS MATERIALIZED (
-             SELECT id FROM fhir_cdc.subscription WHERE id = ANY($3)
-             ORDER BY id FOR NO KEY UPDATE),
-         d AS (
-             UPDATE fhir_cdc.delivery d SET state = 'delivered', delivered_at = now(),
-                 attempts = d.attempts + 1
-             FROM unnest($1::text[], $2::int8[]) AS m(sub, n)
-             WHERE d.subscription_id = m.sub AND d.event_number = m.n AND d.state = 'pending')
-         UPDATE fhir_cdc.subscription s SET failures = 0, last_error = NULL,
-             last_sent_at = now(),
-             status = CASE WHEN s.status = 'error' THEN 'active' ELSE s.status END,
-             next_attempt_at = now(), updated_at = now()
-         FROM l WHERE s.id = l.id",
-        &[
-            (&subs, Type::TEXT_ARRAY),
-            (&numbers, Type::INT8_ARRAY),
-            (&ids, Type::TEXT_ARRAY),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// A failed send as delivery's policy decided it.
-#[derive(Debug, Clone)]
-pub struct Failure<'a> {
-    pub error: &'a str,
-    pub retry_in: std::time::Duration,
-    /// Attempts per event before it goes to `dead_letter`.
-    pub max_attempts: i32,
-    /// The subscription's status after this failure.
-    pub new_status: Status,
-    /// The consecutive failures that turned it off, for the dead-letter reason.
-    pub off_after: i32,
-    /// The endpoint refused these events for good (a 4xx): they are dead letters now.
-    pub dead_now: bool,
-}
-
-/// A send failed. Counts the attempt, moves exhausted events and the events of a
-/// subscription turned off to `dead_letter`, and schedules the retry.
-pub async fn send_failed(
-    tx: &tokio_postgres::Transaction<'_>,
-    id: &str,
-    numbers: &[i64],
-    f: &Failure<'_>,
-) -> Result<()> {
-    tx.execute(
-        "UPDATE fhir_cdc.delivery SET attempts = attempts + 1, last_error = $3
-         WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'",
-        &[&id, &numbers, &f.error],
-    )
-    .await?;
-    if f.dead_now {
-        let reason = format!("refused by the endpoint, not retried: {}", f.error);
-        tx.execute(
-            "WITH dead AS (
-                 UPDATE fhir_cdc.delivery SET state = 'dead'
-                 WHERE subscription_id = $1 AND event_number = ANY($2) AND state = 'pending'
-                 RETURNING subscription_id, event_number, event_id)
-             INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
-             SELECT subscription_id, event_number, event_id, $3 FROM dead
-             ON CONFLICT DO NOTHING",
-            &[&id, &numbers, &reason],
-        )
-        .await?;
-    }
-    let exhausted = format!("gave up after {} attempts: {}", f.max_attempts, f.error);
-    tx.execute(
-        "WITH dead AS (
-             UPDATE fhir_cdc.delivery SET state = 'dead'
-             WHERE subscription_id = $1 AND state = 'pending' AND attempts >= $2
-             RETURNING subscription_id, event_number, event_id)
-         INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
-         SELECT subscription_id, event_number, event_id, $3 FROM dead
-         ON CONFLICT DO NOTHING",
-        &[&id, &f.max_attempts, &exhausted],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
-             updated_at = now(), last_sent_at = now(),
-             next_attempt_at = now() + make_interval(secs => $3), status = $4
-         WHERE id = $1",
-        &[
-            &id,
-            &f.error,
-            &f.retry_in.as_secs_f64(),
-            &f.new_status.as_str(),
-        ],
-    )
-    .await?;
-    if f.new_status == Status::Off {
-        let reason = format!(
-            "subscription turned off after {} consecutive failures: {}",
-            f.off_after, f.error
-        );
-        tx.execute(
-            "WITH dead AS (
-                 UPDATE fhir_cdc.delivery SET state = 'dead'
-                 WHERE subscription_id = $1 AND state = 'pending'
-                 RETURNING subscription_id, event_number, event_id)
-             INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
-             SELECT subscription_id, event_number, event_id, $2 FROM dead
-             ON CONFLICT DO NOTHING",
-            &[&id, &reason],
-        )
-        .await?;
-    }
     Ok(())
 }
 

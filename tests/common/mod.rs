@@ -371,27 +371,31 @@ where
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
-/// Waits until no delivery is pending, so a kill that follows cannot cause a resend
-/// (at-least-once delivery resends what was sent but not yet recorded as delivered).
+/// Waits until no active subscription has an event waiting after its cursor, so a kill
+/// that follows cannot cause a resend (at-least-once delivery resends what was sent but not
+/// yet recorded as delivered). Waiting events are matched with each subscription's filters,
+/// as delivery matches them.
 pub async fn wait_settled(env: &TestEnv) {
     let q = env.client().await;
-    wait_until("no pending deliveries", Duration::from_secs(60), || {
+    wait_until("no pending events", Duration::from_secs(60), || {
         let q = &q;
-        async move {
-            let n: i64 = q
-                .query_one(
-                    "SELECT count(*) FROM fhir_cdc.delivery d JOIN fhir_cdc.subscription s
-                     ON s.id = d.subscription_id
-                     WHERE d.state = 'pending' AND s.status = 'active'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n == 0
-        }
+        async move { pending_events(q).await == 0 }
     })
     .await;
+}
+
+/// Events waiting after the cursors of the active subscriptions, summed.
+pub async fn pending_events(q: &Client) -> i64 {
+    let rows = fhir_cdc::queue::subscriptions::search(q, Some("active"), None)
+        .await
+        .unwrap();
+    let mut n = 0;
+    for r in rows {
+        n += fhir_cdc::queue::matched::count_pending(q, &r.track())
+            .await
+            .unwrap();
+    }
+    n
 }
 
 /// Waits until the daemon is ready: API up and capture streaming.

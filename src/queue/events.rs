@@ -1,0 +1,172 @@
+//! The topic's events as delivery reads them, and a subscription's matches among them.
+//!
+//! A subscription's matches are not stored: they are the events of its topic after its
+//! cursor that pass its filters, in event id order, numbered on from the cursor's
+//! eventNumber. Events are written once by capture and never change, so the same cursor
+//! and filters always give the same numbers: a notification sent again after a kill
+//! carries the eventNumbers it carried before.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{GenericClient, Row};
+
+use super::batch::OWN_FILTERS;
+use super::Result;
+use crate::fhir::search::value::Values;
+use crate::fhir::subscription::Filter;
+use crate::fhir::topic::Interaction;
+
+/// One queued event of a topic, with that topic's canFilterBy values parsed.
+#[derive(Debug, Clone)]
+pub struct TopicEvent {
+    pub id: i64,
+    pub resource_type: String,
+    pub resource_id: String,
+    /// The store's version id of the change, when the store has one.
+    pub version_id: Option<String>,
+    pub interaction: Interaction,
+    pub commit_time: DateTime<Utc>,
+    pub resource: Option<Value>,
+    pub queued_at: DateTime<Utc>,
+    pub filters: HashMap<String, Values>,
+}
+
+impl TopicEvent {
+    fn from_row(r: &Row, topic: &str) -> Self {
+        TopicEvent {
+            id: r.get(0),
+            resource_type: r.get(1),
+            resource_id: r.get(2),
+            version_id: r.get(3),
+            interaction: Interaction::parse(r.get(4)).unwrap_or(Interaction::Update),
+            commit_time: r.get(5),
+            resource: r.get(6),
+            queued_at: r.get(7),
+            filters: filter_values(r.get(8), topic),
+        }
+    }
+
+    /// Does this event pass every one of `filters` (AND across filters)?
+    pub fn passes(&self, filters: &[Filter]) -> bool {
+        filters
+            .iter()
+            .all(|f| f.matches(&self.resource_type, &self.filters))
+    }
+}
+
+/// An event numbered for one subscription.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub event_number: i64,
+    pub event: Arc<TopicEvent>,
+}
+
+const COLUMNS: &str = "id, resource_type, resource_id, version_id, interaction, commit_time,
+    resource, queued_at, filters";
+
+/// Events of `topic` with ids in `(after, until]`, oldest first, at most `limit`.
+pub async fn after<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    after: i64,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<TopicEvent>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM fhir_cdc.event
+         WHERE id > $2 AND id <= $3 AND $1 = ANY(topics) ORDER BY id LIMIT $4"
+    );
+    let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&topic, Type::TEXT),
+        (&after, Type::INT8),
+        (&until, Type::INT8),
+        (&limit, Type::INT8),
+    ];
+    let rows = c.query_typed(&sql, &params).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TopicEvent::from_row(r, topic))
+        .collect())
+}
+
+/// Events of `topic` with ids in `(floor, before]`, newest first, at most `limit`.
+pub async fn before<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    before: i64,
+    floor: i64,
+    limit: i64,
+) -> Result<Vec<TopicEvent>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM fhir_cdc.event
+         WHERE id <= $2 AND id > $3 AND $1 = ANY(topics) ORDER BY id DESC LIMIT $4"
+    );
+    let params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&topic, Type::TEXT),
+        (&before, Type::INT8),
+        (&floor, Type::INT8),
+        (&limit, Type::INT8),
+    ];
+    let rows = c.query_typed(&sql, &params).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TopicEvent::from_row(r, topic))
+        .collect())
+}
+
+/// Events of `topic` by id (dead letters sent again), in id order.
+pub async fn by_ids<C: GenericClient>(c: &C, topic: &str, ids: &[i64]) -> Result<Vec<TopicEvent>> {
+    let sql = format!("SELECT {COLUMNS} FROM fhir_cdc.event WHERE id = ANY($1) ORDER BY id");
+    let rows = c.query_typed(&sql, &[(&ids, Type::INT8_ARRAY)]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TopicEvent::from_row(r, topic))
+        .collect())
+}
+
+/// The newest event id of any topic (0 for an empty queue).
+pub async fn newest_id<C: GenericClient>(c: &C) -> Result<i64> {
+    Ok(
+        c.query_one("SELECT coalesce(max(id), 0) FROM fhir_cdc.event", &[])
+            .await?
+            .get(0),
+    )
+}
+
+/// The canFilterBy values an event holds for `topic`: its own map under `@topic` when it has
+/// one, else the shared map.
+fn filter_values(filters: Option<Value>, topic: &str) -> HashMap<String, Values> {
+    let Some(Value::Object(mut map)) = filters else {
+        return HashMap::new();
+    };
+    let own = map
+        .remove(OWN_FILTERS)
+        .and_then(|mut o| o.get_mut(topic).map(Value::take));
+    let chosen = own.unwrap_or(Value::Object(map));
+    serde_json::from_value(chosen).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_topic_reads_its_own_filter_values_when_it_has_them() {
+        let f = json!({
+            "patient": {"t": "reference", "v": ["Patient/1"]},
+            "@topic": {"http://b": {"patient": {"t": "reference", "v": ["Patient/2"]}}}
+        });
+        let a = filter_values(Some(f.clone()), "http://a");
+        let b = filter_values(Some(f), "http://b");
+        assert_eq!(a.len(), 1, "the shared map, without @topic");
+        assert_ne!(
+            serde_json::to_value(&a["patient"]).unwrap(),
+            serde_json::to_value(&b["patient"]).unwrap()
+        );
+        assert!(filter_values(None, "http://a").is_empty());
+    }
+}
