@@ -140,16 +140,9 @@ async fn fill(ctx: &Arc<Ctx>, topic: &str, l: &mut Loop, workers: usize) -> Resu
         let newest = l.window.newest();
         let skip = l.leases.held();
         let idle: Vec<String> = l.idle.caught_up(newest).cloned().collect();
-        let found = subscriptions::with_work(
-            &l.leases.conn,
-            topic,
-            newest,
-            &skip,
-            &idle,
-            &bound,
-            limit,
-        )
-        .await?;
+        let found =
+            subscriptions::with_work(&l.leases.conn, topic, newest, &skip, &idle, &bound, limit)
+                .await?;
         l.queue.extend(found);
     }
     while l.ready.len() < free && !l.queue.is_empty() {
