@@ -8,7 +8,8 @@
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
-#                                    # fanout_1|fanout_100|fanout_10000 with BENCH_ONLY=e2e: of
+#                                    # fanout_1|fanout_100|fanout_10000|fanout_100x100 with
+#                                    # BENCH_ONLY=e2e: of
 #                                    # the daemon during that fan-out case)
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
@@ -24,7 +25,15 @@
 #                                writes at 500 and 2,000/s for E2E_SECS; store commit → webhook
 #                                arrival p50/p95/p99/max (ms), and the slot lag at the end
 #   fanout_<n>_*                 notifications/s with 1, 100 and 10,000 subscriptions that all
-#                                match, and the longest commit → arrival wait (max_ms)
+#                                match, and the longest commit → arrival wait (max_ms);
+#                                fanout_100x100: 100 subscriptions with maxCount 100
+#   *_daemon_cpu_us_per_notification   the daemon's CPU (capture and sends) per notification
+#   *_queue_rows_per_event_delivered   rows the queue inserted, updated and deleted (schema
+#                                fhir_cdc, pg_stat_user_tables) per event delivered: the event
+#                                rows apart from the delivery bookkeeping
+#   *_wal_bytes_per_event_delivered    the cluster's WAL per event delivered, and what is left
+#                                after the writes' own WAL measured with no subscription
+#                                (wal_bytes_per_write_without_subscriptions)
 #   http_plain_requests_per_s    wrk POSTing a notification-sized body to the same receiver
 #   evaluate_*                   trigger + canFilterBy evaluation per core (cargo bench)
 set -euo pipefail
@@ -274,16 +283,20 @@ TOML
 until curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.2; done
 rstat() { curl -fs "http://127.0.0.1:$rport/stats"; }
 rget() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$(rstat)" "$1"; }
-# subscribe N FILTERED: N id-only subscriptions; FILTERED=yes gives each its own patient.
+# subscribe N FILTERED [MAXCOUNT]: N id-only subscriptions; FILTERED=yes gives each its own
+# patient.
 subscribe() {
-  python3 - "$aport" "$rport" "$1" "$2" <<'PY'
+  python3 - "$aport" "$rport" "$1" "$2" "${3:-1}" <<'PY'
 import json, sys, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 api, rport, n, filtered = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "yes"
+max_count = int(sys.argv[5])
 def one(i):
     s = {"resourceType": "Subscription", "status": "requested", "topic": "http://bench/topic/obs",
          "channelType": {"system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type", "code": "rest-hook"},
          "endpoint": f"http://127.0.0.1:{rport}/hook/s{i}", "content": "id-only", "contentType": "application/fhir+json"}
+    if max_count > 1:
+        s["maxCount"] = max_count
     if filtered:
         s["filterBy"] = [{"resourceType": "Observation", "filterParameter": "patient", "value": f"Patient/p{i}"}]
     req = urllib.request.Request(f"http://127.0.0.1:{api}/Subscription", json.dumps(s).encode(),
@@ -295,6 +308,26 @@ PY
   until [ "$(psql -d qe -c "SELECT count(*) FROM fhir_cdc.subscription WHERE status = 'active'")" -ge "$1" ]; do sleep 0.2; done
 }
 unsubscribe() { psql -d qe -c "DELETE FROM fhir_cdc.subscription" >/dev/null; }
+# What the queue writes: rows inserted, updated and deleted in schema fhir_cdc (capture's
+# event and checkpoint rows, and delivery's bookkeeping apart), and the cluster's WAL position. Backends report their row
+# counts to the statistics within a second; the pause lets the last ones arrive.
+qrows() { sleep 1.5; psql -d qe -F ' ' -c "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del) FILTER (WHERE relname IN ('event', 'checkpoint')), 0), coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del) FILTER (WHERE relname NOT IN ('event', 'checkpoint')), 0) FROM pg_stat_user_tables WHERE schemaname = 'fhir_cdc'"; }
+wal() { psql -d qe -c "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"; }
+# queue_report CASE ROWS0 ROWS1 WAL0 WAL1 DELIVERED_EVENTS WRITES: rows per delivered event,
+# and WAL per delivered event beyond what the same writes cost with no subscription.
+queue_report() {
+  python3 - "$@" "${wal_per_write:-0}" <<'PY'
+import sys
+case, r0, r1, w0, w1, delivered, writes, base = sys.argv[1:9]
+e0, d0 = map(int, r0.split()); e1, d1 = map(int, r1.split())
+delivered, writes = int(delivered), int(writes)
+print(f"{case}_queue_rows_per_event_delivered={((e1 - e0) + (d1 - d0)) / delivered:.3f} "
+      f"(capture's event and checkpoint rows {(e1 - e0) / delivered:.3f}, delivery bookkeeping {(d1 - d0) / delivered:.3f})")
+wal = int(w1) - int(w0)
+print(f"{case}_wal_bytes_per_event_delivered={wal / delivered:.0f} "
+      f"(beyond the writes' own {float(base):.0f} B each: {(wal - float(base) * writes) / delivered:.0f})")
+PY
+}
 # writes RATE SECS PREFIX: single-row transactions at RATE/s, patients p0…p99 in turn.
 writes() {
   python3 - "$1" "$2" "$3" "$src_n" <<'PY' | psql -d fhir >/dev/null
@@ -312,42 +345,58 @@ while k < rate * secs:
     k += 1
 PY
 }
+# The WAL the writes cost with no subscription (the store's row and capture's event row):
+# the baseline the delivery cases' WAL is reported beyond.
+w0=$(wal); writes 500 4 "w-"; sleep 2; w1=$(wal)
+wal_per_write=$(( (w1 - w0) / 2000 ))
+echo "wal_bytes_per_write_without_subscriptions=$wal_per_write"
 subscribe 100 yes
 for r in 500 2000; do
   curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
+  q0=$(qrows); w0=$(wal); c0=$(cpu_s "$run")
   writes "$r" "$E2E_SECS" "e$r-"
   want=$((r * E2E_SECS)); waited=0
   while [ "$(rget events)" -lt "$want" ] && [ "$waited" -lt 600 ]; do sleep 0.1; waited=$((waited + 1)); done
+  c1=$(cpu_s "$run"); w1=$(wal); q1=$(qrows)
   echo "e2e_${r}_per_s_delivered=$(rget events)/$want"
   for k in p50_ms p95_ms p99_ms max_ms; do echo "e2e_${r}_$k=$(rget $k)"; done
   # Where the median event spent its time: store commit -> its queue transaction began
-  # (capture), and -> marked delivered after the webhook answered (dispatch and send).
-  echo "e2e_${r}_p50_stages_ms=$(psql -d qe -F ' ' -c "SELECT 'capture=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM e.queued_at - e.commit_time))::numeric, 1), 'delivery=' || round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM d.delivered_at - e.queued_at))::numeric, 1) FROM fhir_cdc.event e JOIN fhir_cdc.delivery d ON d.event_id = e.id WHERE e.resource_id LIKE 'e$r-%'")"
+  # (capture); the rest of the end-to-end time is the send.
+  echo "e2e_${r}_p50_capture_ms=$(psql -d qe -c "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY 1000 * extract(epoch FROM e.queued_at - e.commit_time))::numeric, 1) FROM fhir_cdc.event e WHERE e.resource_id LIKE 'e$r-%'")"
   echo "e2e_${r}_lag_end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 'se'")"
+  echo "e2e_${r}_daemon_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$want")"
+  queue_report "e2e_$r" "$q0" "$q1" "$w0" "$w1" "$want" "$want"
 done
 unsubscribe
 # Fan-out: every subscription matches every event; EVENTS chosen so each case sends ~20,000.
-for n in 1 100 10000; do
-  subscribe "$n" no
-  events=$(( 20000 / n )); [ "$events" -lt 5 ] && events=5
+# The case 100x100 is 100 subscriptions with maxCount 100 (batches of up to 100 events).
+for case in 1 100 10000 100x100; do
+  n=${case%x*}; mc=1; [ "$case" != "$n" ] && mc=${case#*x}
+  subscribe "$n" no "$mc"
+  events=$(( 20000 * mc / n )); [ "$events" -lt 5 ] && events=5
   want=$((events * n))
   curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
+  q0=$(qrows); w0=$(wal)
   t0=$(now); c0=$(cpu_s "$run"); j0=$(machine_jiffies)
   perf=
-  if [ -n "${BENCH_PERF:-}" ] && [ "fanout_$n" = "${BENCH_PERF_CASE:-}" ]; then
+  if [ -n "${BENCH_PERF:-}" ] && [ "fanout_$case" = "${BENCH_PERF_CASE:-}" ]; then
     perf record -q -F 999 -g -p "$run" -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
-  writes 100000 "$(python3 -c "print($events / 100000)")" "f$n-"
+  writes 100000 "$(python3 -c "print($events / 100000)")" "f$case-"
   waited=0
-  while [ "$(rget requests)" -lt "$want" ] && [ "$waited" -lt 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
+  while [ "$(rget events)" -lt "$want" ] && [ "$waited" -lt 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
   t1=$(now); c1=$(cpu_s "$run"); j1=$(machine_jiffies)
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
-  echo "fanout_${n}_notifications_per_s=$(rate "$(rget requests)" "$t0" "$t1") ($(rget requests)/$want)"
-  echo "fanout_${n}_max_ms=$(rget max_ms)"
-  # The daemon's CPU per notification (capture, dispatch and sends), and how busy both
-  # cores were (the receiver and Postgres use the rest).
-  echo "fanout_${n}_daemon_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$want")"
-  echo "fanout_${n}_machine_busy_pct=$(busy_pct "$j0" "$j1")"
+  w1=$(wal); q1=$(qrows)
+  sent=$(rget requests)
+  echo "fanout_${case}_notifications_per_s=$(rate "$sent" "$t0" "$t1") ($(rget events)/$want events in $sent notifications)"
+  echo "fanout_${case}_events_per_s=$(rate "$(rget events)" "$t0" "$t1")"
+  echo "fanout_${case}_max_ms=$(rget max_ms)"
+  # The daemon's CPU per notification and per event delivered (capture and sends), and
+  # how busy both cores were (the receiver and Postgres use the rest).
+  echo "fanout_${case}_daemon_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$sent")"
+  echo "fanout_${case}_machine_busy_pct=$(busy_pct "$j0" "$j1")"
+  queue_report "fanout_$case" "$q0" "$q1" "$w0" "$w1" "$want" "$events"
   unsubscribe
 done
 echo "fanout_peak_rss_mb=$(peak_rss_mb "$run")"

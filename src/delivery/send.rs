@@ -37,7 +37,11 @@ pub struct Job {
 /// so the loop need not lease the subscription again before newer events come.
 pub enum Turn {
     Busy,
-    Idle { cursor: Cursor, scanned: i64 },
+    Idle {
+        cursor: Cursor,
+        scanned: i64,
+        filters: Vec<crate::fhir::subscription::Filter>,
+    },
 }
 
 /// Notifications one worker sends for one subscription before giving others a turn.
@@ -162,6 +166,7 @@ pub async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
         false if backlog.events.is_empty() && backlog.complete => Turn::Idle {
             cursor,
             scanned: backlog.from.event_id,
+            filters: std::mem::take(&mut sub.filters),
         },
         _ => Turn::Busy,
     })

@@ -140,6 +140,19 @@ impl Window {
         }
     }
 
+    /// Whether an event after `after` passes `filters`: `None` when the window does not
+    /// reach back to `after`; else the id up to which nothing passes (`hi`) or the first
+    /// passing event.
+    pub fn nothing_after(&self, after: i64, filters: &[Filter]) -> Option<i64> {
+        let i = self.inner.lock().ok()?;
+        if after < i.lo {
+            return None;
+        }
+        let start = i.events.partition_point(|e| e.id <= after);
+        let hit = i.events.range(start..).any(|e| e.passes(filters));
+        (!hit).then_some(i.hi.max(after))
+    }
+
     /// Matches from the window, when `from` is inside it.
     fn in_window(&self, from: Cursor, filters: &[Filter], limit: usize) -> Option<Matches> {
         let i = self.inner.lock().ok()?;

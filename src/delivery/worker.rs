@@ -21,6 +21,7 @@ use super::window::Window;
 use super::{DeliveryError, TopicWakers};
 use crate::config::Config;
 use crate::error::{supervise, Backoff};
+use crate::fhir::subscription::Filter;
 use crate::queue::cursor::{self, Cursor};
 use crate::queue::events::{self, Pending};
 use crate::queue::{self, subscriptions};
@@ -46,16 +47,35 @@ pub async fn worker(
     .map_err(|e| anyhow::anyhow!("sends of {topic}: {e}"))
 }
 
-/// Subscriptions whose last turn found nothing to send: the cursor they had and how far
-/// the scan looked. They are not leased again until newer events come or they change.
+/// A subscription whose last turn found nothing to send: the cursor it had, how far the
+/// scan looked, and its filters, which newer events are checked against here before it is
+/// leased again.
+struct Quiet {
+    cursor: Cursor,
+    scanned: i64,
+    filters: Vec<Filter>,
+}
+
+/// Subscriptions whose last turn found nothing to send. They are not leased again until an
+/// event passes their filters or they change: with 100 subscriptions of one patient each, an
+/// event leases one subscription, not 100.
 #[derive(Default)]
-struct Idle(HashMap<String, (Cursor, i64)>);
+struct Idle(HashMap<String, Quiet>);
 
 impl Idle {
+    /// Moves every idle scan over the window's new events that do not pass its filters.
+    fn catch_up(&mut self, window: &Window) {
+        for q in self.0.values_mut() {
+            if let Some(to) = window.nothing_after(q.scanned, &q.filters) {
+                q.scanned = to;
+            }
+        }
+    }
+
     fn caught_up(&self, newest: i64) -> impl Iterator<Item = &String> {
         self.0
             .iter()
-            .filter(move |(_, (_, scanned))| *scanned >= newest)
+            .filter(move |(_, q)| q.scanned >= newest)
             .map(|(id, _)| id)
     }
 
@@ -63,9 +83,9 @@ impl Idle {
     /// still the one that turn had.
     fn start(&self, id: &str, cursor: Cursor) -> Cursor {
         match self.0.get(id) {
-            Some((c, scanned)) if *c == cursor && *scanned > cursor.event_id => Cursor {
+            Some(q) if q.cursor == cursor && q.scanned > cursor.event_id => Cursor {
                 number: cursor.number,
-                event_id: *scanned,
+                event_id: q.scanned,
             },
             _ => cursor,
         }
@@ -108,6 +128,7 @@ async fn run_worker(
     while !*shutdown.borrow() {
         if std::mem::take(&mut refresh) {
             l.window.refresh(&ctx.pool).await?;
+            l.idle.catch_up(&l.window);
         }
         fill(&ctx, topic, &mut l, workers).await?;
         let idle = if l.running.is_empty() && l.queue.is_empty() && l.ready.is_empty() {
@@ -258,8 +279,17 @@ fn finished(done: Done, l: &mut Loop) -> Result<Vec<String>> {
             DeliveryError::Queue(queue::QueueError::Other(format!("send task: {e}")))
         })?;
         match r {
-            Ok(Turn::Idle { cursor, scanned }) => {
-                l.idle.0.insert(id.clone(), (cursor, scanned));
+            Ok(Turn::Idle {
+                cursor,
+                scanned,
+                filters,
+            }) => {
+                let q = Quiet {
+                    cursor,
+                    scanned,
+                    filters,
+                };
+                l.idle.0.insert(id.clone(), q);
             }
             Ok(Turn::Busy) => {
                 l.idle.0.remove(&id);
