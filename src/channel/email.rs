@@ -129,7 +129,7 @@ impl Email {
         let body = if n.content == Content::Empty {
             MultiPart::mixed().singlepart(text)
         } else {
-            let json = serde_json::to_vec_pretty(&n.bundle).map_err(|e| enc(&e))?;
+            let json = serde_json::to_vec_pretty(&n.bundle()).map_err(|e| enc(&e))?;
             let ct = ContentType::parse("application/fhir+json").map_err(|e| enc(&e))?;
             let file = Attachment::new("notification.json".to_string()).body(json, ct);
             MultiPart::mixed().singlepart(text).singlepart(file)
@@ -196,7 +196,9 @@ mod tests {
             topic: "http://t".into(),
             event_numbers: numbers,
             content,
-            bundle: json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "name": [{"family": "Secret"}]}}]}),
+            body: serde_json::to_vec(&json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "name": [{"family": "Secret"}]}}]}))
+            .unwrap()
+            .into(),
         }
     }
 

@@ -26,7 +26,16 @@ pub struct Notification {
     /// The eventNumbers it carries (none for a handshake or heartbeat).
     pub event_numbers: Vec<i64>,
     pub content: crate::fhir::subscription::Content,
-    pub bundle: Value,
+    /// The Bundle as JSON, written once (`fhir::wire`) and sent as it is.
+    pub body: bytes::Bytes,
+}
+
+impl Notification {
+    /// The Bundle as a JSON value, for channels that wrap or reformat it (message, email)
+    /// and for tests.
+    pub fn bundle(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
 }
 
 /// Where and how a subscription wants its notifications: its channel settings.

@@ -40,7 +40,11 @@ impl RestHook {
     }
 
     /// POSTs `body` to `to`; shared with the message channel.
-    pub async fn post(&self, body: Vec<u8>, to: &Destination) -> Result<(), SendError> {
+    pub async fn post(
+        &self,
+        body: impl Into<reqwest::Body>,
+        to: &Destination,
+    ) -> Result<(), SendError> {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }
@@ -72,8 +76,7 @@ impl Channel for RestHook {
     }
 
     async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
-        let body = serde_json::to_vec(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
-        self.post(body, to).await
+        self.post(n.body.clone(), to).await
     }
 }
 

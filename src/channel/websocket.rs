@@ -242,7 +242,7 @@ impl Channel for Hub {
     /// and gets what is pending).
     async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
         let text =
-            serde_json::to_string(&n.bundle).map_err(|e| SendError::Encode(e.to_string()))?;
+            String::from_utf8(n.body.to_vec()).map_err(|e| SendError::Encode(e.to_string()))?;
         let sockets: Vec<Socket> = self
             .subs()
             .get(&n.subscription_id)

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use super::ctx::Ctx;
 use crate::channel::{Destination, Notification, SendError};
-use crate::fhir::notification::{bundle, Event, Format, Kind, StatusInfo};
+use crate::fhir::notification::{Event, Format, Kind, StatusInfo};
 use crate::fhir::subscription::{Content, Status};
+use crate::fhir::wire::bundle_bytes;
 use crate::queue::events::Pending;
 use crate::queue::subscriptions::SubscriptionRow;
 
@@ -49,7 +50,7 @@ pub async fn notify(
     events: &[Event],
     timeout: Duration,
 ) -> Result<(), SendError> {
-    let (n, to) = notification(ctx.format, &ctx.base_url, sub, kind, info, events, timeout);
+    let (n, to) = notification(ctx.format, &ctx.base_url, sub, kind, info, events, timeout)?;
     ctx.channels.get(sub.channel)?.send(&n, &to).await
 }
 
@@ -62,8 +63,8 @@ pub fn notification(
     info: &StatusInfo,
     events: &[Event],
     timeout: Duration,
-) -> (Notification, Destination) {
-    let bundle = bundle(
+) -> Result<(Notification, Destination), SendError> {
+    let body = bundle_bytes(
         format,
         kind,
         info,
@@ -71,14 +72,15 @@ pub fn notification(
         sub.content,
         base_url,
         Utc::now(),
-    );
+    )
+    .map_err(|e| SendError::Encode(e.to_string()))?;
     let n = Notification {
         kind,
         subscription_id: sub.id.clone(),
         topic: sub.topic.clone(),
         event_numbers: events.iter().map(|e| e.event_number).collect(),
         content: sub.content,
-        bundle,
+        body: body.into(),
     };
     let to = Destination {
         endpoint: sub.endpoint.clone(),
@@ -86,7 +88,7 @@ pub fn notification(
         content_type: sub.content_type.clone(),
         timeout,
     };
-    (n, to)
+    Ok((n, to))
 }
 
 #[cfg(test)]
@@ -161,7 +163,8 @@ mod tests {
             &info,
             &events,
             policy.timeout(s.timeout),
-        );
+        )
+        .unwrap();
         channels
             .get(s.channel)
             .unwrap()
@@ -174,11 +177,12 @@ mod tests {
         assert_eq!(to.timeout, Duration::from_secs(3));
         assert_eq!(to.headers, vec![("X-Test".to_string(), "yes".to_string())]);
         assert_eq!(n.kind, Kind::EventNotification);
-        let status = &n.bundle["entry"][0]["resource"];
+        let bundle = n.bundle();
+        let status = &bundle["entry"][0]["resource"];
         assert_eq!(status["type"], "event-notification");
         assert_eq!(status["notificationEvent"].as_array().unwrap().len(), 2);
         assert_eq!(
-            n.bundle["entry"].as_array().unwrap().len(),
+            bundle["entry"].as_array().unwrap().len(),
             3,
             "status + 2 id-only entries"
         );
@@ -202,7 +206,8 @@ mod tests {
                 &info,
                 &[event(1)],
                 Duration::from_secs(1),
-            );
+            )
+            .unwrap();
             let e = channels
                 .get(s.channel)
                 .unwrap()

@@ -10,6 +10,7 @@ pub mod search;
 pub mod subscription;
 pub mod topic;
 pub mod trigger;
+pub mod wire;
 
 /// The FHIR release of the store: decides the search parameters, the FHIRPath model and the
 /// notification format.

@@ -90,7 +90,7 @@ fn error_concepts(info: &StatusInfo) -> Vec<Value> {
 }
 
 /// Whether the status names the topic: an empty event payload SHALL NOT reveal it.
-fn shows_topic(kind: Kind, content: Content) -> bool {
+pub(crate) fn shows_topic(kind: Kind, content: Content) -> bool {
     content != Content::Empty || !matches!(kind, Kind::EventNotification | Kind::QueryEvent)
 }
 
@@ -248,7 +248,7 @@ pub fn bundle(
     b
 }
 
-fn related_url(r: &Value, base_url: &str) -> String {
+pub(crate) fn related_url(r: &Value, base_url: &str) -> String {
     format!(
         "{base_url}/{}/{}",
         r["resourceType"].as_str().unwrap_or(""),
