@@ -5,6 +5,7 @@
 #   BENCH_ROWS=20000 scripts/bench.sh
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
+#   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
@@ -277,6 +278,7 @@ listen = "127.0.0.1:$aport"
 [delivery]
 allow_private_endpoints = true
 require_https_for_full_resource = false
+${BENCH_DELIVERY_EXTRA:-}
 $topics1
 TOML
 "$bin" run --config "$work/ce.toml" 2>"$work/ce.log" & run=$!; pids+=("$run")

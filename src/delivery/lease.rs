@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::DeliveryError;
-use crate::queue::subscriptions;
+use crate::queue::subscriptions::{self, SubscriptionRow};
 
 type Result<T> = std::result::Result<T, DeliveryError>;
 
@@ -33,22 +33,26 @@ impl Leases {
             .unwrap_or_default()
     }
 
-    /// Leases those of `ids` that no send of ours holds and no other instance has, in one
-    /// round trip (one per subscription made the lease connection the bottleneck of
-    /// delivery at a few hundred notifications/s).
-    pub async fn take(&self, ids: Vec<String>) -> Result<Vec<String>> {
+    /// Leases those of `ids` that no send of ours holds and no other instance has, and
+    /// reads them, in one round trip (one per subscription made the lease connection the
+    /// bottleneck of delivery at a few hundred notifications/s): the leased ids, and the
+    /// rows a send may use with whether they have requeued dead letters.
+    pub async fn take_and_read(
+        &self,
+        ids: Vec<String>,
+    ) -> Result<(Vec<String>, Vec<(SubscriptionRow, bool)>)> {
         let ids: Vec<String> = match self.held.lock() {
             Ok(h) => ids.into_iter().filter(|id| !h.contains(id)).collect(),
-            Err(_) => return Ok(Vec::new()),
+            Err(_) => return Ok((Vec::new(), Vec::new())),
         };
         if ids.is_empty() {
-            return Ok(ids);
+            return Ok((ids, Vec::new()));
         }
-        let got = subscriptions::try_lease_many(&self.conn, &ids).await?;
+        let (got, rows) = subscriptions::lease_and_read(&self.conn, &ids).await?;
         if let Ok(mut h) = self.held.lock() {
             h.extend(got.iter().cloned());
         }
-        Ok(got)
+        Ok((got, rows))
     }
 
     /// Gives the leases of `ids` back in one round trip.

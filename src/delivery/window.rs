@@ -63,10 +63,14 @@ impl Window {
     /// Reads what capture queued since the last refresh. Returns the newest id covered.
     pub async fn refresh(&self, pool: &Pool) -> Result<i64, DeliveryError> {
         let c = pool.get().await.map_err(QueueError::from)?;
-        let newest = events::newest_id(&**c).await?;
         let mut from = self.newest();
-        while from < newest {
-            let chunk = events::after(&**c, &self.topic, from, newest, CHUNK).await?;
+        // The newest id and the first chunk in one round trip: what an event's latency sees.
+        let (newest, mut chunk) = events::newest_and_after(&**c, &self.topic, from, CHUNK).await?;
+        // Retention may remove the newest events of an idle queue: the window never goes back.
+        if newest <= from {
+            return Ok(from);
+        }
+        loop {
             let full = chunk.len() as i64 == CHUNK;
             let to = match chunk.last() {
                 Some(e) if full => e.id,
@@ -74,8 +78,11 @@ impl Window {
             };
             self.append(from, to, chunk);
             from = to;
+            if from >= newest {
+                return Ok(self.newest());
+            }
+            chunk = events::after(&**c, &self.topic, from, newest, CHUNK).await?;
         }
-        Ok(self.newest())
     }
 
     /// Adds the events of `(from, to]`, unless another refresh did meanwhile.

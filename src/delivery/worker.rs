@@ -22,9 +22,10 @@ use super::{DeliveryError, TopicWakers};
 use crate::config::Config;
 use crate::error::{supervise, Backoff};
 use crate::fhir::subscription::Filter;
+use crate::queue;
 use crate::queue::cursor::{self, Cursor};
 use crate::queue::events::{self, Pending};
-use crate::queue::{self, subscriptions};
+use crate::queue::subscriptions::{self, SubscriptionRow};
 
 type Result<T> = std::result::Result<T, DeliveryError>;
 type Running = JoinSet<(String, Result<Turn>)>;
@@ -168,8 +169,8 @@ async fn fill(ctx: &Arc<Ctx>, topic: &str, l: &mut Loop, workers: usize) -> Resu
     }
     while l.ready.len() < free && !l.queue.is_empty() {
         let next: Vec<String> = l.queue.drain(..workers.min(l.queue.len())).collect();
-        let got = l.leases.take(next).await?;
-        let (work, gone) = read_leased(ctx, topic, got, l).await?;
+        let (got, rows) = l.leases.take_and_read(next).await?;
+        let (work, gone) = jobs(ctx, topic, got, rows, l).await?;
         l.leases.give_back(&gone).await?;
         l.ready.extend(work);
     }
@@ -187,32 +188,35 @@ async fn fill(ctx: &Arc<Ctx>, topic: &str, l: &mut Loop, workers: usize) -> Resu
     Ok(())
 }
 
-/// Reads the just-leased `ids` and their requeued dead letters (one round trip for all of
-/// them). Returns the sendable ones as jobs, and the ids with nothing to send any more
-/// (deleted or turned off meanwhile by another process), whose leases go back.
-async fn read_leased(
+/// Jobs for the subscriptions just leased (`ids`) and read (`rows`, with whether each has
+/// requeued dead letters, which are read here). Returns the jobs, and the ids with nothing
+/// to send any more (deleted or turned off meanwhile by another process), whose leases go
+/// back.
+async fn jobs(
     ctx: &Ctx,
     topic: &str,
     ids: Vec<String>,
+    rows: Vec<(SubscriptionRow, bool)>,
     l: &Loop,
 ) -> Result<(Vec<Job>, Vec<String>)> {
-    if ids.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+    let again: Vec<String> = rows
+        .iter()
+        .filter(|(_, r)| *r)
+        .map(|(s, _)| s.id.clone())
+        .collect();
+    let mut requeued = HashMap::new();
+    if !again.is_empty() {
+        let c = ctx.conn().await?;
+        let found = cursor::requeued_many(&**c, &again, read_ahead(1) as i64).await?;
+        requeued = requeued_events(&c, topic, found).await?;
     }
-    let c = ctx.conn().await?;
-    let (subs, requeued) = tokio::try_join!(
-        subscriptions::sendable_many(&**c, &ids),
-        cursor::requeued_many(&**c, &ids, read_ahead(1) as i64),
-    )?;
-    let mut requeued = requeued_events(&c, topic, requeued).await?;
-    drop(c);
     let gone: Vec<String> = ids
         .into_iter()
-        .filter(|id| !subs.iter().any(|s| &s.id == id))
+        .filter(|id| !rows.iter().any(|(s, _)| &s.id == id))
         .collect();
-    let work = subs
+    let work = rows
         .into_iter()
-        .map(|sub| {
+        .map(|(sub, _)| {
             let from = l.idle.start(&sub.id, sub.cursor);
             let again = requeued.remove(&sub.id).unwrap_or_default();
             Job {

@@ -36,16 +36,21 @@ pub struct TopicEvent {
 
 impl TopicEvent {
     fn from_row(r: &Row, topic: &str) -> Self {
+        Self::from_row_at(r, 0, topic)
+    }
+
+    /// [`COLUMNS`] read from column `at` on.
+    fn from_row_at(r: &Row, at: usize, topic: &str) -> Self {
         TopicEvent {
-            id: r.get(0),
-            resource_type: r.get(1),
-            resource_id: r.get(2),
-            version_id: r.get(3),
-            interaction: Interaction::parse(r.get(4)).unwrap_or(Interaction::Update),
-            commit_time: r.get(5),
-            resource: r.get(6),
-            queued_at: r.get(7),
-            filters: filter_values(r.get(8), topic),
+            id: r.get(at),
+            resource_type: r.get(at + 1),
+            resource_id: r.get(at + 2),
+            version_id: r.get(at + 3),
+            interaction: Interaction::parse(r.get(at + 4)).unwrap_or(Interaction::Update),
+            commit_time: r.get(at + 5),
+            resource: r.get(at + 6),
+            queued_at: r.get(at + 7),
+            filters: filter_values(r.get(at + 8), topic),
         }
     }
 
@@ -125,6 +130,36 @@ pub async fn by_ids<C: GenericClient>(c: &C, topic: &str, ids: &[i64]) -> Result
         .iter()
         .map(|r| TopicEvent::from_row(r, topic))
         .collect())
+}
+
+/// The newest event id of any topic, and the events of `topic` after `after` up to it
+/// (oldest first, at most `limit`), in one round trip.
+pub async fn newest_and_after<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    after: i64,
+    limit: i64,
+) -> Result<(i64, Vec<TopicEvent>)> {
+    let sql = format!(
+        "WITH n AS (SELECT coalesce(max(id), 0) AS newest FROM fhir_cdc.event)
+         SELECT n.newest, e.* FROM n LEFT JOIN LATERAL (
+             SELECT {COLUMNS} FROM fhir_cdc.event
+             WHERE id > $2 AND id <= n.newest AND $1 = ANY(topics) ORDER BY id LIMIT $3) e
+         ON true"
+    );
+    let params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&topic, Type::TEXT),
+        (&after, Type::INT8),
+        (&limit, Type::INT8),
+    ];
+    let rows = c.query_typed(&sql, &params).await?;
+    let newest = rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(after);
+    let events = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<i64>>(1).is_some())
+        .map(|r| TopicEvent::from_row_at(r, 1, topic))
+        .collect();
+    Ok((newest, events))
 }
 
 /// The newest event id of any topic (0 for an empty queue).

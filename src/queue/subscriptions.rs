@@ -298,39 +298,40 @@ pub async fn with_work<C: GenericClient>(
     .collect())
 }
 
-/// Takes the leases of those of `ids` that are free, in one round trip; returns those
-/// taken. A lease is a session advisory lock on `c`, so each subscription is sent by one
-/// process at a time (which keeps its order), and a process that dies loses its leases with
-/// its connection, at once. Session locks nest within one session, so the caller keeps its
-/// own set of what it holds. Give them back with [`release_many`].
-pub async fn try_lease_many(c: &Client, ids: &[String]) -> Result<Vec<String>> {
-    let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
-    Ok(c.query_typed(
-        "SELECT id FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, k, n)
-             WHERE pg_try_advisory_lock(k) ORDER BY n",
-        &[(&ids, Type::TEXT_ARRAY), (&keys, Type::INT8_ARRAY)],
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect())
-}
-
-/// The subscriptions of `ids` as a send may use them: read under their leases, and still
-/// requested, active or in error. One round trip for all of them.
-pub async fn sendable_many<C: GenericClient>(
-    c: &C,
+/// Takes the leases of those of `ids` that are free and reads the leased ones that a send
+/// may use (still requested, active or in error), with whether they have requeued dead
+/// letters, in one round trip. Returns the ids leased and the rows read. A lease is a
+/// session advisory lock on `c`, so each subscription is sent by one process at a time
+/// (which keeps its order), and a process that dies loses its leases with its connection,
+/// at once. Session locks nest within one session, so the caller keeps its own set of what
+/// it holds. Give them back with [`release_many`].
+pub async fn lease_and_read(
+    c: &Client,
     ids: &[String],
-) -> Result<Vec<SubscriptionRow>> {
+) -> Result<(Vec<String>, Vec<(SubscriptionRow, bool)>)> {
+    let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
     let sql = format!(
-        "SELECT {COLUMNS} FROM fhir_cdc.subscription
-         WHERE id = ANY($1) AND status IN ('requested', 'active', 'error')"
+        "WITH l AS MATERIALIZED (
+             SELECT id, n FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS u(id, k, n)
+             WHERE pg_try_advisory_lock(k))
+         SELECT l.id AS leased_id, x.* FROM l LEFT JOIN LATERAL (
+             SELECT {COLUMNS}, EXISTS (
+                 SELECT 1 FROM fhir_cdc.dead_letter d
+                 WHERE d.subscription_id = s.id AND d.requeued) AS has_requeued
+             FROM fhir_cdc.subscription s
+             WHERE s.id = l.id AND s.status IN ('requested', 'active', 'error')) x ON true
+         ORDER BY l.n"
     );
-    Ok(c.query_typed(&sql, &[(&ids, Type::TEXT_ARRAY)])
-        .await?
+    let rows = c
+        .query_typed(&sql, &[(&ids, Type::TEXT_ARRAY), (&keys, Type::INT8_ARRAY)])
+        .await?;
+    let leased = rows.iter().map(|r| r.get("leased_id")).collect();
+    let read = rows
         .iter()
-        .map(SubscriptionRow::from_row)
-        .collect())
+        .filter(|r| r.get::<_, Option<String>>("id").is_some())
+        .map(|r| (SubscriptionRow::from_row(r), r.get("has_requeued")))
+        .collect();
+    Ok((leased, read))
 }
 
 fn lock_key(id: &str) -> i64 {
