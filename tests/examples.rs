@@ -237,3 +237,15 @@ fn every_topic_based_example_subscription_is_accepted_when_its_topic_allows_its_
     }
     assert!(n >= 5, "only {n} examples checked");
 }
+
+/// The shipped config files (the Docker image's and the annotated example) load and pass
+/// validation as they are, with the environment the compose file gives.
+#[test]
+fn the_shipped_config_files_load() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    for name in ["docker.toml", "example.toml"] {
+        let path = dir.join(name);
+        let cfg = fhir_cdc::config::Config::load(&path);
+        assert!(cfg.is_ok(), "{name}: {:?}", cfg.err());
+    }
+}
