@@ -124,7 +124,12 @@ impl Channels {
         cfg: &crate::config::Config,
         hub: Arc<websocket::Hub>,
     ) -> Result<Self, email::EmailConfigError> {
-        let http = rest_hook::RestHook::new(cfg.delivery.allow_private_endpoints);
+        // Every topic's sends may be under way at once, possibly to one host.
+        let concurrency = cfg.topics.iter().map(|t| t.workers).sum::<usize>();
+        let http = rest_hook::RestHook::new(
+            cfg.delivery.allow_private_endpoints,
+            concurrency.max(cfg.delivery.workers),
+        );
         let format = cfg.source.fhir_version.into();
         let mut channels = Channels::default()
             .with(Arc::new(http.clone()))

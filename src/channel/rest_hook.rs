@@ -22,13 +22,17 @@ pub struct RestHook {
 }
 
 impl RestHook {
-    /// `allow_private`: `[delivery] allow_private_endpoints`.
-    pub fn new(allow_private: bool) -> Self {
+    /// `allow_private`: `[delivery] allow_private_endpoints`. `concurrency`: how many sends
+    /// may be under way at once (`[delivery] workers`); as many connections to one host are
+    /// kept open between sends. Fewer made every send beyond them open and close a TCP (and
+    /// TLS) connection of its own: with 100 subscriptions on one receiver that was most of
+    /// the fan-out's cost.
+    pub fn new(allow_private: bool, concurrency: usize) -> Self {
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("fhir-cdc/", env!("CARGO_PKG_VERSION")))
             // Redirects could lead a notification somewhere the subscription did not name.
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(8);
+            .pool_max_idle_per_host(concurrency.max(8));
         if !allow_private {
             b = b.dns_resolver(Arc::new(PublicOnly));
         }
@@ -219,7 +223,7 @@ mod tests {
             content_type: "application/fhir+json".into(),
             timeout: Duration::from_secs(2),
         };
-        let e = RestHook::new(false)
+        let e = RestHook::new(false, 8)
             .post(b"{}".to_vec(), &to)
             .await
             .unwrap_err();
@@ -238,7 +242,7 @@ mod tests {
             timeout: Duration::from_millis(300),
             ..to
         };
-        let _ = RestHook::new(true).post(b"{}".to_vec(), &to).await;
+        let _ = RestHook::new(true, 8).post(b"{}".to_vec(), &to).await;
         assert!(accepted.await.unwrap());
     }
 }
