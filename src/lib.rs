@@ -15,5 +15,6 @@ pub mod error;
 pub mod fhir;
 pub mod metrics;
 pub mod queue;
+pub mod status;
 pub mod store;
 pub mod topics;

@@ -30,6 +30,18 @@ enum Command {
     InitStore(InitArgs),
     /// List or requeue events that could not be delivered.
     DeadLetters(DeadArgs),
+    /// The slot, capture, topics, subscriptions and dead letters, read from the databases
+    /// (works while the daemon is down). Exit 0 healthy, 1 degraded, 2 cannot connect.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    args: Args,
+    /// Print the report as JSON (stable field names, see the README).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -149,6 +161,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(a) | Command::Capture(a) => &a.args,
         Command::Deliver(a) | Command::Check(a) => a,
         Command::DeadLetters(a) => &a.args,
+        Command::Status(a) => &a.args,
         Command::InitStore(a) => return init_store(a).await,
     };
     let cfg = match Config::load(&args.config) {
@@ -185,6 +198,9 @@ async fn init_store(a: &InitArgs) -> std::process::ExitCode {
 async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::ExitCode> {
     if let Command::DeadLetters(a) = &cmd {
         return dead_letters(&cfg, &a.action).await;
+    }
+    if let Command::Status(a) = &cmd {
+        return Ok(status(&cfg, a.json).await);
     }
     if let Command::Check(_) = cmd {
         let findings = check::run(&cfg).await;
@@ -288,6 +304,24 @@ async fn sweep_sockets(
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => hub.sweep().await,
             _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// `status [--json]`: 0 healthy, 1 degraded, 2 a database did not answer.
+async fn status(cfg: &Config, json: bool) -> std::process::ExitCode {
+    match fhir_cdc::status::report(cfg).await {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", fhir_cdc::status::table(&r));
+            }
+            std::process::ExitCode::from(if r.healthy { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("fhir-cdc status: cannot connect to the {e}");
+            std::process::ExitCode::from(2)
         }
     }
 }
