@@ -11,38 +11,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const TOPIC: &str = "http://fhir-cdc.test/topic/encounter-all";
-const TOPICS: &str = r#"
-[[topic]]
-url = "http://fhir-cdc.test/topic/encounter-all"
-status = "active"
-resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
-"#;
-
-async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
-    let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
-}
-
-/// `fhir-cdc dead-letters ARGS` against the test's config; its stdout.
-fn cli(env: &TestEnv, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
-        .args(["dead-letters", "--config"])
-        .arg(&env.config)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// (eventNumber, resource id) of every event notification `name` received, in order.
 fn arrivals(rx: &Receiver, name: &str) -> Vec<(i64, String)> {
     rx.events(name)
@@ -87,14 +55,14 @@ async fn dead_numbers(env: &TestEnv, id: &str) -> Vec<(i64, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cursor_through_retries_dead_letters_requeue_and_catch_up() {
-    let mut env = TestEnv::aidbox(TOPICS).build().await;
+    let mut env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
     env.edit(|c| {
         c.delivery.max_attempts = 3;
         c.delivery.error_after_failures = 1;
     });
     let (rx, api) = (env.rx.clone(), env.api);
     let _d = env.start().await;
-    let id = subscribe_active(api, TOPIC, &rx.url("c"), "id-only", json!({})).await;
+    let id = subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("c"), "id-only", json!({})).await;
 
     // Retries: every attempt carries eventNumber 1 and the cursor stays put.
     rx.answer("c", 503);
@@ -175,7 +143,7 @@ async fn the_cursor_through_retries_dead_letters_requeue_and_catch_up() {
     assert_eq!(status(api, &id).await["status"], "active");
 
     // Requeue: the dead letter goes out again with its own eventNumber, then is gone.
-    let out = cli(&env, &["requeue", "--subscription", &id]);
+    let out = dead_letters_cli(&env, &["requeue", "--subscription", &id]);
     assert!(out.contains("1 event(s) requeued"), "{out}");
     wait_until("e1 sent again", Duration::from_secs(30), || async {
         arrivals(&rx, "c").last() == Some(&(1, "e1".to_string()))
@@ -234,7 +202,11 @@ async fn old_queue(env: &TestEnv) {
     .unwrap();
     // Events 1..=7 of the topic; event 3 is another topic's.
     for i in 1..=7i64 {
-        let topic = if i == 3 { "http://other" } else { TOPIC };
+        let topic = if i == 3 {
+            "http://other"
+        } else {
+            ENCOUNTER_TOPIC
+        };
         q.execute(
             "INSERT INTO fhir_cdc.event (id, topics, resource_type, resource_id, interaction,
                  commit_lsn, xid, commit_time)
@@ -248,9 +220,9 @@ async fn old_queue(env: &TestEnv) {
         "SELECT setval('fhir_cdc.event_id_seq', 7);
          INSERT INTO fhir_cdc.subscription (id, origin, topic, status, endpoint, content,
              content_type, resource, start_event_id, events_since_start, handshake_done)
-         VALUES ('old', 'api', '{TOPIC}', 'active', '{endpoint}', 'id-only',
+         VALUES ('old', 'api', '{ENCOUNTER_TOPIC}', 'active', '{endpoint}', 'id-only',
              'application/fhir+json',
-             '{{\"resourceType\": \"Subscription\", \"status\": \"active\", \"topic\": \"{TOPIC}\",
+             '{{\"resourceType\": \"Subscription\", \"status\": \"active\", \"topic\": \"{ENCOUNTER_TOPIC}\",
                \"channelType\": {{\"code\": \"rest-hook\"}}, \"endpoint\": \"{endpoint}\",
                \"content\": \"id-only\"}}',
              0, 5, true);
@@ -262,7 +234,7 @@ async fn old_queue(env: &TestEnv) {
                 ('old', 5, 6, 'pending', 2);
          INSERT INTO fhir_cdc.dead_letter (subscription_id, event_number, event_id, reason)
          VALUES ('old', 4, 5, 'gave up');
-         INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id) VALUES ('{TOPIC}', 6);",
+         INSERT INTO fhir_cdc.dispatch_cursor (topic, last_event_id) VALUES ('{ENCOUNTER_TOPIC}', 6);",
         endpoint = env.rx.url("old"),
     ))
     .await
@@ -271,7 +243,7 @@ async fn old_queue(env: &TestEnv) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_006_turns_pending_and_dead_deliveries_into_a_cursor() {
-    let env = TestEnv::aidbox(TOPICS).build().await;
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
     old_queue(&env).await;
     let mut c = env.client().await;
     fhir_cdc::queue::migrate::run(&mut c).await.unwrap();

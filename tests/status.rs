@@ -8,22 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const TOPIC: &str = "http://fhir-cdc.test/topic/encounter-all";
-const TOPICS: &str = r#"
-[[topic]]
-url = "http://fhir-cdc.test/topic/encounter-all"
-status = "active"
-resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
-"#;
-
-async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
-    let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
-}
-
 /// `fhir-cdc status --config CONFIG [--json]`: exit code and stdout.
 fn status_cmd(config: &std::path::Path, json: bool) -> (i32, String) {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"));
@@ -55,10 +39,17 @@ fn sub<'a>(r: &'a Value, id: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
-    let env = TestEnv::aidbox(TOPICS).build().await;
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
     let (rx, api) = (env.rx.clone(), env.api);
     let mut d = env.start().await;
-    let ok = subscribe_active(api, TOPIC, &rx.url("ok?token=secret"), "id-only", json!({})).await;
+    let ok = subscribe_active(
+        api,
+        ENCOUNTER_TOPIC,
+        &rx.url("ok?token=secret"),
+        "id-only",
+        json!({}),
+    )
+    .await;
     put_encounter(&env.store, "s1").await;
     wait_until("s1 delivered", Duration::from_secs(30), || async {
         rx.events("ok?token=secret").len() + rx.events("ok").len() == 1
@@ -93,7 +84,7 @@ async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
     );
 
     // A subscriber that refuses: its event is a dead letter and it is in error.
-    let bad = subscribe_active(api, TOPIC, &rx.url("bad"), "id-only", json!({})).await;
+    let bad = subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("bad"), "id-only", json!({})).await;
     rx.answer("bad", 400);
     put_encounter(&env.store, "s2").await;
     wait_until("bad in error", Duration::from_secs(30), || async {

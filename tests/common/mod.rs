@@ -789,3 +789,38 @@ pub fn workload_file(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// The topic most tests subscribe to: every Encounter create, update and delete.
+pub const ENCOUNTER_TOPIC: &str = "http://fhir-cdc.test/topic/encounter-all";
+/// [`ENCOUNTER_TOPIC`] as the config's `[[topic]]` table.
+pub const ENCOUNTER_TOPICS: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/encounter-all"
+status = "active"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
+"#;
+
+/// Writes an in-progress Encounter `id` into the Aidbox-style store.
+pub async fn put_encounter(store: &Client, id: &str) {
+    let body = serde_json::json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
+    store
+        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
+        .await
+        .unwrap();
+}
+
+/// `fhir-cdc dead-letters ARGS` against the test's config; its stdout (it must succeed).
+pub fn dead_letters_cli(env: &TestEnv, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["dead-letters", "--config"])
+        .arg(&env.config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
