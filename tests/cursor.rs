@@ -64,7 +64,9 @@ async fn the_cursor_through_retries_dead_letters_requeue_and_catch_up() {
     let _d = env.start().await;
     let id = subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("c"), "id-only", json!({})).await;
 
-    // Retries: every attempt carries eventNumber 1 and the cursor stays put.
+    // Retries: every attempt carries eventNumber 1 and the cursor stays put. Retry-After
+    // spaces the attempts a second apart, so the state between two of them can be read.
+    rx.retry_after.lock().unwrap().insert("c".into(), 1);
     rx.answer("c", 503);
     put_encounter(&env.store, "e1").await;
     wait_until("two failed attempts", Duration::from_secs(30), || async {
@@ -93,6 +95,7 @@ async fn the_cursor_through_retries_dead_letters_requeue_and_catch_up() {
     assert_eq!(status(api, &id).await["status"], "error");
 
     // The endpoint is back: the next event is number 2 and the subscription active again.
+    rx.retry_after.lock().unwrap().remove("c");
     rx.answer("c", 200);
     put_encounter(&env.store, "e2").await;
     wait_until("e2 delivered", Duration::from_secs(30), || async {

@@ -14,7 +14,7 @@ use super::response::{
     bad_request, fhir_id, internal, json_body, not_found, outcome, searchset, Fhir,
 };
 use super::{ApiState, Shared};
-use crate::fhir::subscription::{self, Rules, SubscriptionSpec};
+use crate::fhir::subscription::{self, secrets, Rules, SubscriptionSpec};
 use crate::queue::subscriptions;
 
 const STATUS_CODES: &[&str] = &["requested", "active", "error", "off"];
@@ -88,7 +88,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Fhir, Fhir> {
     let id = fhir_id(&id)?;
-    let v = json_body(&headers, body)?;
+    let mut v = json_body(&headers, body)?;
     if let Some(body_id) = v.get("id").and_then(Value::as_str) {
         if body_id != id {
             return Err(bad_request(
@@ -97,11 +97,13 @@ pub async fn update(
             ));
         }
     }
-    let spec = validate(&s, &v).await?;
     let c = s.pool.get().await.map_err(internal)?;
     let Some(existing) = subscriptions::get(&**c, id).await.map_err(internal)? else {
         return Err(not_found(&format!("Subscription/{id}")));
     };
+    // A read shows header values as `***`; sending that back keeps the stored value.
+    secrets::restore_headers(&mut v, &existing.resource);
+    let spec = validate(&s, &v).await?;
     if existing.topic != spec.topic_url {
         return Err(outcome(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -108,9 +108,11 @@ impl SubscriptionRow {
         }
     }
 
-    /// The resource as the API serves it: the stored one with the server-owned status.
+    /// The resource as the API serves it: the stored one with the server-owned status, and
+    /// header values (the subscriber's secrets) redacted.
     pub fn to_resource(&self) -> Value {
         let mut r = self.resource.clone();
+        crate::fhir::subscription::secrets::redact_headers(&mut r);
         r["id"] = Value::String(self.id.clone());
         r["status"] = Value::String(self.status.as_str().into());
         // R5 form: report the content actually sent (a topic's maxContent may cap it).

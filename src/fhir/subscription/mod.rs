@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 mod element;
 mod read;
+pub mod secrets;
 
 use super::notification::Format;
 use super::topic::Topic;
