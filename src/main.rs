@@ -261,6 +261,15 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             monitor.await;
             Ok(())
         });
+        if !with_delivery {
+            // The full API serves these with delivery; a capture-only process serves them alone.
+            tasks.spawn(api::health::serve(
+                cfg.clone(),
+                h.clone(),
+                Some(prom.clone()),
+                shutdown.clone(),
+            ));
+        }
     }
     if with_delivery {
         let payloads = delivery::payload::Payloads::new(profile.clone(), searcher.clone());

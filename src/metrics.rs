@@ -26,7 +26,13 @@ pub const SLOT_LAG_BYTES: &str = "fhir_cdc_slot_lag_bytes";
 pub const SLOT_RETAINED_BYTES: &str = "fhir_cdc_slot_retained_bytes";
 /// Seconds the oldest store commit not yet queued has waited (0 when none waits).
 pub const SLOT_LAG_SECONDS: &str = "fhir_cdc_slot_lag_seconds";
-/// Times a supervised task (capture, LISTEN, dispatch, send) reconnected after an error.
+/// 1 while this process's capture streams the slot (0: starting, a standby, or stopped).
+pub const CAPTURE_STREAMING: &str = "fhir_cdc_capture_streaming";
+/// 1 when the slot's WAL is removed or about to be (`wal_status` lost or unreserved).
+pub const SLOT_INVALID: &str = "fhir_cdc_slot_invalid";
+/// Subscriptions by status (label `status`; read at scrape time).
+pub const SUBSCRIPTIONS: &str = "fhir_cdc_subscriptions";
+/// Times a supervised task (capture, LISTEN, send, housekeeping) reconnected after an error.
 pub const RESTARTS: &str = "fhir_cdc_restarts_total";
 /// Times capture reconnected after an error (kept for dashboards; also in `RESTARTS`).
 pub const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
@@ -89,6 +95,15 @@ pub fn describe() {
         Unit::Seconds,
         "Age of the oldest store commit not yet queued"
     );
+    describe_gauge!(
+        CAPTURE_STREAMING,
+        "1 while this process's capture streams the slot"
+    );
+    describe_gauge!(
+        SLOT_INVALID,
+        "1 when the slot's WAL is lost or about to be removed"
+    );
+    describe_gauge!(SUBSCRIPTIONS, "Subscriptions by status");
     describe_counter!(RESTARTS, "Reconnects of supervised tasks after an error");
     describe_counter!(CAPTURE_RESTARTS, "Capture reconnects after an error");
     describe_gauge!(

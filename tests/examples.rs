@@ -249,3 +249,81 @@ fn the_shipped_config_files_load() {
         assert!(cfg.is_ok(), "{name}: {:?}", cfg.err());
     }
 }
+
+/// The metric names `src/metrics.rs` declares.
+fn exported_metrics() -> Vec<String> {
+    let src =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
+            .unwrap();
+    src.lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split('"').nth(1))
+        .filter(|n| n.starts_with("fhir_cdc_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `fhir_cdc_…` name in `text`, with a histogram's series suffix taken off.
+fn named_metrics(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("fhir_cdc_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.push(base.to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The alert rules and the dashboard name only metrics the daemon exports.
+#[test]
+fn deploy_files_name_only_exported_metrics() {
+    let exported = exported_metrics();
+    assert!(exported.len() >= 20, "{exported:?}");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for f in ["prometheus/alerts.yaml", "grafana/fhir-cdc.json"] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        let named = named_metrics(&text);
+        assert!(named.len() >= 5, "{f} names {named:?}");
+        for n in named {
+            assert!(
+                exported.contains(&n),
+                "{f} names {n}, which the daemon does not export"
+            );
+        }
+    }
+    assert_eq!(
+        named_metrics("rate(fhir_cdc_end_to_end_seconds_bucket[5m]) fhir_cdc_nope"),
+        ["fhir_cdc_end_to_end_seconds", "fhir_cdc_nope"]
+    );
+}
+
+/// The configuration the Kubernetes ConfigMap carries loads.
+#[test]
+fn the_kubernetes_config_loads() {
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/configmap.yaml"),
+    )
+    .unwrap();
+    let body: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "config.toml: |")
+        .skip(1)
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(body.contains("[source]"), "{body}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, body).unwrap();
+    let cfg = fhir_cdc::config::Config::load(&path);
+    assert!(cfg.is_ok(), "{:?}", cfg.err());
+}

@@ -275,7 +275,7 @@ pub fn required(method: &Method, path: &str) -> Option<(&'static str, Action)> {
     // `/ws`: the binding token is the credential (browsers cannot send headers there).
     if matches!(
         path,
-        "/metadata" | "/healthz" | "/readyz" | "/metrics" | "/ws"
+        "/metadata" | "/healthz" | "/livez" | "/readyz" | "/metrics" | "/ws"
     ) {
         return None;
     }

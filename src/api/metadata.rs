@@ -161,6 +161,11 @@ async fn refresh_gauges(c: &deadpool_postgres::Client, cfg: &Config, slot_lag: b
             metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(lag);
         }
     }
+    if let Ok(counts) = queue::subscriptions_by_status(&***c).await {
+        for (status, n) in counts {
+            metrics::gauge!(crate::metrics::SUBSCRIPTIONS, "status" => status).set(n);
+        }
+    }
     if let Ok(depths) = queue::pending_by_topic(&***c).await {
         for (topic, n) in depths {
             metrics::gauge!(crate::metrics::QUEUE_DEPTH, "topic" => topic).set(n);

@@ -4,6 +4,7 @@
 //! is wrong) but never answered with a 500 for its content alone.
 
 pub mod auth;
+pub mod health;
 mod metadata;
 mod operations;
 mod params;
@@ -88,6 +89,7 @@ pub fn router(state: Shared) -> Router {
             get(events_get).post(events_post),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(metadata::ready))
         .route("/metrics", get(metadata::prometheus))
         .layer(DefaultBodyLimit::max(MAX_BODY))

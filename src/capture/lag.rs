@@ -185,6 +185,10 @@ fn record(cfg: &Config, health: &Health, slot: &SlotFigures) {
     metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(slot.lag_bytes);
     metrics::gauge!(crate::metrics::SLOT_RETAINED_BYTES).set(slot.retained_bytes);
     metrics::gauge!(crate::metrics::SLOT_LAG_SECONDS).set(seconds);
+    let streaming = if health.is_streaming() { 1.0 } else { 0.0 };
+    metrics::gauge!(crate::metrics::CAPTURE_STREAMING).set(streaming);
+    let invalid = matches!(slot.wal_status.as_str(), "lost" | "unreserved");
+    metrics::gauge!(crate::metrics::SLOT_INVALID).set(if invalid { 1.0 } else { 0.0 });
     let (level, reason) = level(&cfg.source.lag, slot, seconds);
     let before = health.set(level, reason.clone());
     if before == level as u8 {

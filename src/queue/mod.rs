@@ -106,6 +106,22 @@ pub async fn pending_by_topic<C: tokio_postgres::GenericClient>(
     .collect())
 }
 
+/// Subscriptions per status, every status listed (0 when none has it).
+pub async fn subscriptions_by_status<C: tokio_postgres::GenericClient>(
+    c: &C,
+) -> Result<Vec<(String, f64)>> {
+    Ok(c.query(
+        "SELECT s.status, count(x.id)::float8
+         FROM unnest(ARRAY['requested', 'active', 'error', 'off']) AS s(status)
+         LEFT JOIN fhir_cdc.subscription x ON x.status = s.status GROUP BY s.status",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
 /// Whether the user may create schema `fhir_cdc` (or it exists already).
 pub async fn can_hold_schema(c: &Client) -> Result<bool> {
     Ok(c.query_one(
