@@ -233,6 +233,7 @@ from = "cdc@example.org""#,
             ],
             content_type: "application/fhir+json".into(),
             timeout: Duration::from_secs(1),
+            signing_secret: None,
         };
         let raw = String::from_utf8(
             email()

@@ -42,7 +42,7 @@ impl Channel for Message {
     async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
         let wrapped = wrap(self.format, &self.base_url, &n.bundle());
         let body = serde_json::to_vec(&wrapped).map_err(|e| SendError::Encode(e.to_string()))?;
-        self.http.post(body, to).await
+        self.http.post(body.into(), to).await
     }
 }
 

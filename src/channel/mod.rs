@@ -6,6 +6,7 @@ pub mod email;
 pub mod memory;
 pub mod message;
 pub mod rest_hook;
+pub mod signing;
 pub mod websocket;
 
 use async_trait::async_trait;
@@ -45,6 +46,8 @@ pub struct Destination {
     pub headers: Vec<(String, String)>,
     pub content_type: String,
     pub timeout: Duration,
+    /// The subscription's signing secret: rest-hook requests then carry signature headers.
+    pub signing_secret: Option<String>,
 }
 
 /// Why a send failed. Texts name the endpoint's answer, never the payload. None stops the

@@ -44,11 +44,7 @@ impl RestHook {
     }
 
     /// POSTs `body` to `to`; shared with the message channel.
-    pub async fn post(
-        &self,
-        body: impl Into<reqwest::Body>,
-        to: &Destination,
-    ) -> Result<(), SendError> {
+    pub async fn post(&self, body: bytes::Bytes, to: &Destination) -> Result<(), SendError> {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }
@@ -56,8 +52,13 @@ impl RestHook {
             .client
             .post(&to.endpoint)
             .timeout(to.timeout)
-            .header(reqwest::header::CONTENT_TYPE, to.content_type.as_str())
-            .body(body);
+            .header(reqwest::header::CONTENT_TYPE, to.content_type.as_str());
+        if let Some(secret) = &to.signing_secret {
+            for (name, value) in super::signing::headers(secret, &body, Utc::now().timestamp()) {
+                req = req.header(name, value);
+            }
+        }
+        req = req.body(body);
         for (k, v) in &to.headers {
             req = req.header(k.as_str(), v.as_str());
         }
@@ -222,9 +223,10 @@ mod tests {
             headers: vec![],
             content_type: "application/fhir+json".into(),
             timeout: Duration::from_secs(2),
+            signing_secret: None,
         };
         let e = RestHook::new(false, 8)
-            .post(b"{}".to_vec(), &to)
+            .post(bytes::Bytes::from_static(b"{}"), &to)
             .await
             .unwrap_err();
         assert!(matches!(e, SendError::Refused(_)), "{e}");
@@ -242,7 +244,9 @@ mod tests {
             timeout: Duration::from_millis(300),
             ..to
         };
-        let _ = RestHook::new(true, 8).post(b"{}".to_vec(), &to).await;
+        let _ = RestHook::new(true, 8)
+            .post(bytes::Bytes::from_static(b"{}"), &to)
+            .await;
         assert!(accepted.await.unwrap());
     }
 }

@@ -87,6 +87,7 @@ pub fn notification(
         headers: sub.headers.clone(),
         content_type: sub.content_type.clone(),
         timeout,
+        signing_secret: sub.signing_secret.clone(),
     };
     Ok((n, to))
 }
@@ -117,6 +118,7 @@ mod tests {
             content: Content::IdOnly,
             content_type: "application/fhir+json".into(),
             headers: vec![("X-Test".into(), "yes".into())],
+            signing_secret: None,
             timeout: Some(3),
             max_count: Some(2),
             heartbeat_period: None,

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../../sql/004_channels.sql")),
     (5, include_str!("../../sql/005_event_topics.sql")),
     (6, include_str!("../../sql/006_cursor.sql")),
+    (7, include_str!("../../sql/007_signing_secret.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

@@ -23,6 +23,8 @@ pub struct SubscriptionRow {
     pub content: Content,
     pub content_type: String,
     pub headers: Vec<(String, String)>,
+    /// The secret notifications are signed with, when the subscription has one.
+    pub signing_secret: Option<String>,
     pub timeout: Option<i32>,
     pub max_count: Option<i32>,
     pub heartbeat_period: Option<i32>,
@@ -45,7 +47,7 @@ pub struct SubscriptionRow {
 }
 
 const COLUMNS: &str =
-    "id, origin, topic, status, channel, endpoint, content, content_type, headers, timeout,
+    "id, origin, topic, status, channel, endpoint, content, content_type, headers, signing_secret, timeout,
     max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, filters, cursor_number,
     cursor_event_id, head_attempts, start_event_id, start_number, handshake_done, failures,
     last_error, created_at";
@@ -76,6 +78,7 @@ impl SubscriptionRow {
             content: Content::parse(r.get("content")).unwrap_or(Content::Empty),
             content_type: r.get("content_type"),
             headers,
+            signing_secret: r.get("signing_secret"),
             timeout: r.get("timeout"),
             max_count: r.get("max_count"),
             heartbeat_period: r.get("heartbeat_period"),
@@ -161,15 +164,15 @@ pub async fn upsert<C: GenericClient>(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
               heartbeat_period, timeout, max_count, resource, end_at, filters, channel,
-              start_event_id, cursor_event_id)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, n.id, n.id
+              start_event_id, cursor_event_id, signing_secret)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, n.id, n.id, $16
          FROM (SELECT coalesce(max(id), 0) AS id FROM fhir_cdc.event) n
          ON CONFLICT (id) DO UPDATE SET
              status = EXCLUDED.status, channel = EXCLUDED.channel, endpoint = EXCLUDED.endpoint, content = EXCLUDED.content,
              content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
              heartbeat_period = EXCLUDED.heartbeat_period, timeout = EXCLUDED.timeout,
              max_count = EXCLUDED.max_count, resource = EXCLUDED.resource, end_at = EXCLUDED.end_at,
-             filters = EXCLUDED.filters,
+             filters = EXCLUDED.filters, signing_secret = EXCLUDED.signing_secret,
              -- Back from off: what happened while it was off is not its to send.
              cursor_event_id = CASE WHEN fhir_cdc.subscription.status = 'off'
                                          AND EXCLUDED.status <> 'off'
@@ -210,6 +213,7 @@ pub async fn upsert<C: GenericClient>(
             &spec.end,
             &serde_json::to_value(&spec.filters).unwrap_or_else(|_| Value::Array(vec![])),
             &spec.channel.as_str(),
+            &spec.signing_secret,
         ],
     )
     .await?;

@@ -152,6 +152,8 @@ pub struct Received {
     pub at: Instant,
     pub hook: String,
     pub body: Value,
+    /// The body exactly as it arrived (signatures are over these bytes).
+    pub raw: String,
     pub headers: HashMap<String, String>,
 }
 
@@ -244,6 +246,7 @@ async fn hook(
         return StatusCode::OK.into_response();
     }
     let retry_after = r.retry_after.lock().unwrap().get(&name).copied();
+    let raw = body.clone();
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
     let headers = headers
         .iter()
@@ -253,6 +256,7 @@ async fn hook(
         at: Instant::now(),
         hook: name,
         body,
+        raw,
         headers,
     });
     let status = StatusCode::from_u16(status).unwrap();

@@ -151,6 +151,8 @@ pub struct SubscriptionSpec {
     pub max_count: Option<i32>,
     pub end: Option<chrono::DateTime<chrono::Utc>>,
     pub filters: Vec<Filter>,
+    /// Notifications carry an HMAC-SHA256 of their body with this secret.
+    pub signing_secret: Option<String>,
 }
 
 /// What validation needs from the daemon's configuration.
@@ -268,6 +270,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
         max_count: r.max_count,
         end: r.end,
         filters,
+        signing_secret: r.signing_secret,
     })
 }
 

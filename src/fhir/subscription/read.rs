@@ -80,7 +80,40 @@ pub struct Read {
     pub max_count: Option<i32>,
     pub end: Option<chrono::DateTime<chrono::Utc>>,
     pub filters: Vec<Filter>,
+    /// The secret notifications are signed with (the signing-secret extension).
+    pub signing_secret: Option<String>,
     pub paths: Paths,
+}
+
+/// The extension that carries a subscription's signing secret: Medplum's, so receivers
+/// written for Medplum verify fhir-cdc's notifications unchanged.
+pub const SECRET_EXTENSION: &str =
+    "https://www.medplum.com/fhir/StructureDefinition/subscription-secret";
+
+/// The signing secret of a Subscription, when it has the extension: a `valueString` of at
+/// least 16 characters.
+fn signing_secret(v: &Value) -> Result<Option<String>, Invalid> {
+    let Some(exts) = v.get("extension").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    for (i, e) in exts.iter().enumerate() {
+        if e.get("url").and_then(Value::as_str) != Some(SECRET_EXTENSION) {
+            continue;
+        }
+        let path = format!("Subscription.extension[{i}]");
+        let secret = e
+            .get("valueString")
+            .and_then(Value::as_str)
+            .ok_or_else(|| value(&path, "the signing-secret extension needs a valueString"))?;
+        if secret.chars().count() < 16 {
+            return Err(value(
+                &path,
+                "a signing secret needs at least 16 characters",
+            ));
+        }
+        return Ok(Some(secret.to_string()));
+    }
+    Ok(None)
 }
 
 /// Reads a Subscription of the given format.
@@ -97,11 +130,13 @@ pub fn read(v: &Value, format: Format) -> Result<Read, Invalid> {
         }
     }
     resource_elements(&mut o)?;
-    if format == Format::R5 {
-        read_r5(o)
+    let mut read = if format == Format::R5 {
+        read_r5(o)?
     } else {
-        read_backport(o)
-    }
+        read_backport(o)?
+    };
+    read.signing_secret = signing_secret(v)?;
+    Ok(read)
 }
 
 /// Elements every resource may have. A modifier extension this server does not know
@@ -208,6 +243,7 @@ fn read_r5(mut o: Obj<'_>) -> Result<Read, Invalid> {
         max_count: o.integer("maxCount", 1)?,
         end,
         filters,
+        signing_secret: None,
         paths: R5_PATHS,
     };
     o.finish()?;
@@ -380,6 +416,7 @@ fn read_channel(
         max_count,
         end,
         filters,
+        signing_secret: None,
         paths: BACKPORT_PATHS,
     })
 }

@@ -1,14 +1,22 @@
-//! Header values are the subscriber's secrets (a receiver's bearer token), not data: reads
-//! never show them, and an update that sends the redaction mark back keeps what is stored.
-//! Headers live in R5 `parameter[].value` and in R4/R4B `channel.header[]` ("Name: value").
+//! Header values and the signing secret are the subscriber's secrets (a receiver's bearer
+//! token, the key its signatures are checked with), not data: reads never show them, and an
+//! update that sends the redaction mark back keeps what is stored. Headers live in R5
+//! `parameter[].value` and in R4/R4B `channel.header[]` ("Name: value"); the signing secret
+//! in the signing-secret extension's `valueString`.
 
 use serde_json::Value;
+
+use super::read::SECRET_EXTENSION;
 
 /// What a read shows instead of a header value.
 pub const REDACTED: &str = "***";
 
-/// Replaces every header value of a Subscription resource with [`REDACTED`].
+/// Replaces every header value and the signing secret of a Subscription resource with
+/// [`REDACTED`].
 pub fn redact_headers(resource: &mut Value) {
+    if let Some(e) = secret_extension(resource) {
+        e["valueString"] = Value::String(REDACTED.into());
+    }
     if let Some(ps) = resource.get_mut("parameter").and_then(Value::as_array_mut) {
         for p in ps {
             if let Some(v) = p.get_mut("value") {
@@ -27,6 +35,12 @@ pub fn redact_headers(resource: &mut Value) {
 /// holds for a header of the same name (names compare without case, as HTTP's do). A
 /// redacted header with no stored value of that name is left as sent.
 pub fn restore_headers(incoming: &mut Value, stored: &Value) {
+    let kept = secret_extension(&mut stored.clone()).and_then(|e| e.get("valueString").cloned());
+    if let (Some(e), Some(kept)) = (secret_extension(incoming), kept) {
+        if e.get("valueString").and_then(Value::as_str) == Some(REDACTED) {
+            e["valueString"] = kept;
+        }
+    }
     let stored_params: Vec<(String, Value)> = stored
         .get("parameter")
         .and_then(Value::as_array)
@@ -71,6 +85,14 @@ pub fn restore_headers(incoming: &mut Value, stored: &Value) {
     }
 }
 
+fn secret_extension(resource: &mut Value) -> Option<&mut Value> {
+    resource
+        .get_mut("extension")?
+        .as_array_mut()?
+        .iter_mut()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(SECRET_EXTENSION))
+}
+
 fn channel_headers(resource: &mut Value) -> Vec<&mut Value> {
     match resource
         .get_mut("channel")
@@ -102,6 +124,17 @@ mod tests {
         restore_headers(&mut incoming, &stored);
         assert_eq!(incoming["parameter"][0]["value"], "Bearer SECRET123");
         assert_eq!(incoming["parameter"][1]["value"], "three");
+    }
+
+    #[test]
+    fn the_signing_secret_is_redacted_and_restored() {
+        let stored = json!({"extension": [{"url": SECRET_EXTENSION, "valueString": "a-long-signing-secret"}]});
+        let mut shown = stored.clone();
+        redact_headers(&mut shown);
+        assert_eq!(shown["extension"][0]["valueString"], REDACTED);
+        let mut incoming = shown.clone();
+        restore_headers(&mut incoming, &stored);
+        assert_eq!(incoming, stored);
     }
 
     #[test]
