@@ -6,10 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "check-deploy.sh: installing promtool (Debian package prometheus) with apt" >&2
+need_apt=()
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "check-deploy.sh: installing ${need_apt[*]} with apt" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 promtool check rules deploy/prometheus/alerts.yaml
 

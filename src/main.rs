@@ -115,6 +115,10 @@ struct CaptureArgs {
     /// gap is logged. Without this flag capture stops and says so.
     #[arg(long)]
     resync_from_now: bool,
+    /// `capture` only: serve `/livez`, `/healthz`, `/readyz` and `/metrics` on this address
+    /// (for an orchestrator's probes and Prometheus). `run` serves them with the API.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn init_logging(cfg: Option<&Config>) {
@@ -236,6 +240,10 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
         _ => capture::Options::default(),
     };
     let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
+    let health_listen = match &cmd {
+        Command::Capture(a) => a.health_listen,
+        _ => None,
+    };
     // One FHIRPath engine and search-parameter index for the whole process.
     let searcher = Arc::new(capture::searcher(&cfg).await?);
     // The store profile, shared: capture decodes through it, delivery and the API read.
@@ -261,10 +269,10 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             monitor.await;
             Ok(())
         });
-        if !with_delivery {
-            // The full API serves these with delivery; a capture-only process serves them alone.
+        if let Some(addr) = health_listen {
+            // The full API serves these with delivery; a capture-only process on request.
             tasks.spawn(api::health::serve(
-                cfg.clone(),
+                addr,
                 h.clone(),
                 Some(prom.clone()),
                 shutdown.clone(),

@@ -1,4 +1,5 @@
-//! A capture-only process (`fhir-cdc capture`, as the Kubernetes capture Deployment runs it)
+//! A capture-only process (`fhir-cdc capture --health-listen`, as the Kubernetes capture
+//! Deployment runs it)
 //! answers the probes the manifests use and serves its metrics: the instance streaming the
 //! slot is ready, a standby waiting on the slot's lock is alive but not ready.
 
@@ -17,17 +18,22 @@ async fn get(port: u16, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_alone_answers_liveness_readiness_and_metrics() {
     let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
-    let active = env.spawn("capture");
+    // Without --health-listen a capture process listens on nothing (a capture and a
+    // delivery process may share one config file on one host).
+    let first = free_port();
+    let health = format!("127.0.0.1:{first}");
+    let active = env.spawn_args(&["capture", "--health-listen", &health]);
     wait_until(
         "the active capture ready",
         Duration::from_secs(30),
-        || async { get(env.api, "/readyz").await.0 == 200 },
+        || async { get(first, "/readyz").await.0 == 200 },
     )
     .await;
-    assert_eq!(get(env.api, "/livez").await.0, 200);
+    assert_eq!(get(first, "/livez").await.0, 200);
+    assert_eq!(get(env.api, "/livez").await.0, 0, "nothing on [api] listen");
     put_encounter(&env.store, "p1").await;
     wait_until("its metrics", Duration::from_secs(30), || async {
-        let (code, m) = get(env.api, "/metrics").await;
+        let (code, m) = get(first, "/metrics").await;
         code == 200
             && m.lines().any(|l| l == "fhir_cdc_capture_streaming 1")
             && m.contains("fhir_cdc_slot_lag_bytes")
@@ -36,11 +42,8 @@ async fn capture_alone_answers_liveness_readiness_and_metrics() {
 
     // A second capture on the same slot waits as a standby: alive, not ready.
     let port = free_port();
-    let second = env.config_variant("standby.toml", |c| {
-        c.api.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    });
-    let log = env.dir.path().join("standby.log");
-    let _standby = Daemon::start_args(&["capture"], &second, &log);
+    let addr = format!("127.0.0.1:{port}");
+    let _standby = env.spawn_args(&["capture", "--health-listen", &addr]);
     wait_until("the standby alive", Duration::from_secs(30), || async {
         get(port, "/livez").await.0 == 200
     })

@@ -1,5 +1,7 @@
-//! The HTTP face of a capture-only process (`fhir-cdc capture`): liveness, readiness and
-//! metrics, so an orchestrator can probe it and Prometheus can scrape its slot lag. It
+//! The HTTP face of a capture-only process (`fhir-cdc capture --health-listen ADDR`):
+//! liveness, readiness and metrics, so an orchestrator can probe it and Prometheus can
+//! scrape its slot lag. Opt-in, so a capture and a delivery process sharing one config file
+//! on one host do not contend for `[api] listen`. It
 //! carries no resource data, so it needs no authentication, as these paths of the full API.
 
 use axum::extract::State;
@@ -12,7 +14,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::capture::lag::Health;
-use crate::config::Config;
 
 #[derive(Clone)]
 struct Probe {
@@ -20,17 +21,18 @@ struct Probe {
     metrics: Option<PrometheusHandle>,
 }
 
-/// Serves `/livez`, `/healthz`, `/readyz` and `/metrics` on `[api] listen` until `shutdown`.
+/// Serves `/livez`, `/healthz`, `/readyz` and `/metrics` on `addr` (`capture
+/// --health-listen`) until `shutdown`.
 pub async fn serve(
-    cfg: Arc<Config>,
+    addr: std::net::SocketAddr,
     health: Arc<Health>,
     metrics: Option<PrometheusHandle>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.api.listen))?;
-    tracing::info!(listen = %cfg.api.listen, "health and metrics listening (capture only)");
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(listen = %addr, "health and metrics listening (capture only)");
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/healthz", get(|| async { "ok" }))
