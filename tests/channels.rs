@@ -8,38 +8,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-const TOPIC: &str = "http://fhir-cdc.test/topic/encounter-all";
-const TOPICS: &str = r#"
-[[topic]]
-url = "http://fhir-cdc.test/topic/encounter-all"
-status = "active"
-resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
-"#;
-
-async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
-    let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
-}
-
-/// `fhir-cdc dead-letters ARGS` against the test's config; its stdout.
-fn cli(env: &TestEnv, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
-        .args(["dead-letters", "--config"])
-        .arg(&env.config)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The notification inside a message Bundle.
 fn inner(message: &Value) -> &Value {
     &message["entry"][1]["resource"]
@@ -47,11 +15,11 @@ fn inner(message: &Value) -> &Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_channel_wraps_each_notification_in_a_message_bundle() {
-    let env = TestEnv::aidbox(TOPICS).build().await;
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
     let (rx, api) = (&env.rx, env.api);
     let _d = env.start().await;
     let channel = json!({"channelType": {"system": "http://terminology.hl7.org/CodeSystem/subscription-channel-type", "code": "message"}});
-    let id = subscribe_active(api, TOPIC, &rx.url("msg"), "id-only", channel).await;
+    let id = subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("msg"), "id-only", channel).await;
     put_encounter(&env.store, "m1").await;
     put_encounter(&env.store, "m2").await;
     wait_until("2 event messages", Duration::from_secs(30), || async {
@@ -84,11 +52,18 @@ async fn message_channel_wraps_each_notification_in_a_message_bundle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_refusal_is_not_retried_and_retry_after_is_honoured() {
-    let env = TestEnv::aidbox(TOPICS).build().await;
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
     let (rx, api) = (&env.rx, env.api);
     let _d = env.start().await;
-    let refused = subscribe_active(api, TOPIC, &rx.url("refuses"), "id-only", json!({})).await;
-    let busy = subscribe_active(api, TOPIC, &rx.url("busy"), "id-only", json!({})).await;
+    let refused = subscribe_active(
+        api,
+        ENCOUNTER_TOPIC,
+        &rx.url("refuses"),
+        "id-only",
+        json!({}),
+    )
+    .await;
+    let busy = subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("busy"), "id-only", json!({})).await;
     rx.answer("refuses", 400);
     rx.answer("busy", 503);
     rx.retry_after.lock().unwrap().insert("busy".into(), 3);
@@ -118,7 +93,7 @@ async fn a_4xx_refusal_is_not_retried_and_retry_after_is_honoured() {
             .contains("1 event(s) of this subscription could not be delivered"),
         "$status reports the dead letter: {st}"
     );
-    let listed = cli(&env, &["list", "--subscription", &refused]);
+    let listed = dead_letters_cli(&env, &["list", "--subscription", &refused]);
     assert!(
         listed.contains(&format!("{refused}\t1\tEncounter/r1\tcreate")),
         "{listed}"

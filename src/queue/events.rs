@@ -80,21 +80,8 @@ pub async fn after<C: GenericClient>(
     until: i64,
     limit: i64,
 ) -> Result<Vec<TopicEvent>> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM fhir_cdc.event
-         WHERE id > $2 AND id <= $3 AND $1 = ANY(topics) ORDER BY id LIMIT $4"
-    );
-    let params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&topic, Type::TEXT),
-        (&after, Type::INT8),
-        (&until, Type::INT8),
-        (&limit, Type::INT8),
-    ];
-    let rows = c.query_typed(&sql, &params).await?;
-    Ok(rows
-        .iter()
-        .map(|r| TopicEvent::from_row(r, topic))
-        .collect())
+    let bounds = ("id > $2 AND id <= $3", "id");
+    range(c, bounds, topic, after, until, limit).await
 }
 
 /// Events of `topic` with ids in `(floor, before]`, newest first, at most `limit`.
@@ -105,14 +92,29 @@ pub async fn before<C: GenericClient>(
     floor: i64,
     limit: i64,
 ) -> Result<Vec<TopicEvent>> {
+    let bounds = ("id <= $2 AND id > $3", "id DESC");
+    range(c, bounds, topic, before, floor, limit).await
+}
+
+/// Events of `topic` that `bounds` (a condition on `id` with $2 and $3, and the order)
+/// select, at most `limit`.
+async fn range<C: GenericClient>(
+    c: &C,
+    bounds: (&str, &str),
+    topic: &str,
+    a: i64,
+    b: i64,
+    limit: i64,
+) -> Result<Vec<TopicEvent>> {
+    let (filter, order) = bounds;
     let sql = format!(
         "SELECT {COLUMNS} FROM fhir_cdc.event
-         WHERE id <= $2 AND id > $3 AND $1 = ANY(topics) ORDER BY id DESC LIMIT $4"
+         WHERE {filter} AND $1 = ANY(topics) ORDER BY {order} LIMIT $4"
     );
     let params: [(&(dyn ToSql + Sync), Type); 4] = [
         (&topic, Type::TEXT),
-        (&before, Type::INT8),
-        (&floor, Type::INT8),
+        (&a, Type::INT8),
+        (&b, Type::INT8),
         (&limit, Type::INT8),
     ];
     let rows = c.query_typed(&sql, &params).await?;

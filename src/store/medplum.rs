@@ -236,7 +236,8 @@ impl StoreProfile for Medplum {
         change: &mut RowChange,
         previous: &mut Option<RowChange>,
     ) -> Result<(), StoreError> {
-        if change.interaction == Interaction::Create || previous.is_some() {
+        let known = previous.is_some() && change.version_id.is_some();
+        if change.interaction == Interaction::Create || known {
             return Ok(());
         }
         let Some(at) = change.last_updated.clone() else {
@@ -244,12 +245,18 @@ impl StoreProfile for Medplum {
         };
         let history = self.qualified(&format!("{}_History", change.resource_type));
         let c = self.client().await?;
+        // A delete's version id, even when its previous version is already known (an update
+        // of the same resource earlier in the batch): skipping this when `previous` was set
+        // made the delete's version depend on how commits fell into capture batches.
         if change.version_id.is_none() {
             let sql = format!(
                 "SELECT \"versionId\"::text FROM {history} WHERE id = $1::text::uuid AND \"lastUpdated\" = $2::text::timestamptz LIMIT 1"
             );
             let row = c.query_opt(&sql, &[&change.id, &at]).await?;
             change.version_id = row.map(|r| r.get(0));
+        }
+        if previous.is_some() {
+            return Ok(());
         }
         let sql = format!(
             "SELECT content, \"versionId\"::text FROM {history}
