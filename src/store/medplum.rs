@@ -107,6 +107,9 @@ fn version_of(body: &Body) -> Option<String> {
     serde_json::from_slice::<Head>(t).ok()?.meta?.version_id
 }
 
+/// Reads of a just-committed history row before its version is left unknown (10 ms apart).
+const VISIBILITY_RETRIES: u32 = 20;
+
 impl TableDecoder for MainTable {
     fn decode(
         &self,
@@ -252,8 +255,19 @@ impl StoreProfile for Medplum {
             let sql = format!(
                 "SELECT \"versionId\"::text FROM {history} WHERE id = $1::text::uuid AND \"lastUpdated\" = $2::text::timestamptz LIMIT 1"
             );
-            let row = c.query_opt(&sql, &[&change.id, &at]).await?;
-            change.version_id = row.map(|r| r.get(0));
+            // The history row is in the same transaction, so it exists; but the walsender
+            // may send a commit a moment before the commit is visible to other sessions
+            // (the committing backend leaves the proc array after its WAL is flushed), so
+            // the read is retried briefly before the version is left unknown.
+            for attempt in 0..VISIBILITY_RETRIES {
+                if let Some(r) = c.query_opt(&sql, &[&change.id, &at]).await? {
+                    change.version_id = Some(r.get(0));
+                    break;
+                }
+                if attempt + 1 < VISIBILITY_RETRIES {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
         }
         if previous.is_some() {
             return Ok(());
