@@ -4,6 +4,7 @@
 #   scripts/bench.sh                 # about 10 minutes on 2 cores with the defaults
 #   BENCH_ROWS=20000 scripts/bench.sh
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
+#   BENCH_ONLY=lag scripts/bench.sh               # the capture figures, the big transaction and the lag case
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
@@ -19,7 +20,8 @@
 #   capture_20topics_rows_per_s  the same with 20 topics (mixed triggers, 3 canFilterBy each,
 #                                5 with a fhirPathCriteria)
 #   *_ratio                      capture / recvlogical
-#   lag_*                        4 writers at full rate for LAG_SECS while capture runs
+#   lag_*                        4 writers at full rate for LAG_SECS while capture runs; the
+#                                slot lag at the end read from Postgres and from /metrics
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   e2e_<rate>_*                 `fhir-cdc run` with 100 subscriptions (one patient each): single-row
@@ -207,8 +209,11 @@ ROWS_SAVED=$ROWS; ROWS=$((ROWS + 30000 + 2))
 drain cbig qbig big_txn 2
 ROWS=$ROWS_SAVED
 
-# Lag under load: 4 writers at full rate for LAG_SECS while capture (1 topic) runs.
-"$bin" capture --config "$work/c1.toml" 2>"$work/c1.lag.log" &
+# Lag under load: 4 writers at full rate for LAG_SECS while capture (1 topic) runs. Its
+# /metrics (--health-listen) is scraped at the end of the load: the slot lag it reports is
+# printed beside the one read from pg_replication_slots here.
+hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" capture --config "$work/c1.toml" --health-listen "127.0.0.1:$hport" 2>"$work/c1.lag.log" &
 cap=$!; pids+=("$cap")
 for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
 until [ "$(psql -d q1 -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -gt 1 ]; do sleep 0.2; done
@@ -232,6 +237,7 @@ wait "${writers[@]}"
 t1=$(now)
 written=$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'w%'")
 end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
+metrics_at_end=$(curl -fs "http://127.0.0.1:$hport/metrics" || true)
 psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end3\"}}')" >/dev/null
 t2=$(now)
 # Time to catch up after the load stops, waited for at most CATCHUP_SECS.
@@ -245,6 +251,10 @@ t3=$(now)
 echo "lag_store_rows_per_s=$(rate "$written" "$t0" "$t1")"
 echo "lag_max_bytes=$max_bytes"
 echo "lag_end_bytes=$end_bytes"
+# What /metrics said at the same moment (its gauges are refreshed every [source.lag]
+# check_secs, 5 s by default, so they trail by up to that much).
+echo "lag_end_metrics_bytes=$(echo "$metrics_at_end" | awk '$1 == "fhir_cdc_slot_lag_bytes" {printf "%d", $2}')"
+echo "lag_end_metrics_secs=$(echo "$metrics_at_end" | awk '$1 == "fhir_cdc_slot_lag_seconds" {print $2}')"
 if [ "$caught" = yes ]; then
   echo "lag_end_secs=$(python3 -c "print(round($t3 - $t2, 1))")"
 else
@@ -252,6 +262,7 @@ else
 fi
 echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
 kill "$cap"; wait "$cap" 2>/dev/null || true
+[ "${BENCH_ONLY:-}" = lag ] && exit 0
 
 fi
 
