@@ -28,6 +28,26 @@ fn bad(what: impl Into<String>, fix: impl Into<String>) -> Finding {
     }
 }
 
+/// Connects to a destination's broker and looks for its stream or exchange.
+async fn destination(d: &crate::config::DestinationConfig) -> Finding {
+    use crate::config::BrokerKind;
+    let r = match d.kind {
+        BrokerKind::Nats => crate::channel::nats::probe(d).await,
+        BrokerKind::Amqp => crate::channel::amqp::probe(d).await,
+    };
+    match (r, d.kind) {
+        (Ok(found), _) => ok(format!("destination {}: {} — {found}", d.id, d.public_url())),
+        (Err(e), BrokerKind::Nats) => bad(
+            format!("destination {}: {e}", d.id),
+            "create a stream covering the subject, e.g. `nats stream add FHIR --subjects 'fhir.>' --storage file --dupe-window 2m`; check url, credentials_file, password_env",
+        ),
+        (Err(e), BrokerKind::Amqp) => bad(
+            format!("destination {}: {e}", d.id),
+            "declare the exchange and bind a queue, e.g. `rabbitmqadmin declare exchange name=fhir type=direct durable=true`; check url and password_env",
+        ),
+    }
+}
+
 pub async fn run(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![ok(format!(
         "config: {} topic(s), profile {:?}, FHIR {:?}",
@@ -61,6 +81,9 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
     }
     if let Some(e) = &cfg.channels.email {
         out.push(email(e).await);
+    }
+    for d in &cfg.destinations {
+        out.push(destination(d).await);
     }
     if cfg.topics.is_empty() {
         out.push(bad(

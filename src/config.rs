@@ -12,6 +12,9 @@ use crate::fhir::topic::Topic;
 use crate::fhir::trigger::OnCriteriaError;
 pub use crate::fhir::FhirVersion;
 
+mod destination;
+pub use destination::{BrokerKind, DestinationConfig, DestinationFilter};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -394,6 +397,9 @@ pub struct ConfigFile {
     pub log: LogConfig,
     #[serde(default)]
     pub topic: Vec<TopicEntry>,
+    /// Operator-owned broker destinations (`[[destination]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination: Vec<DestinationConfig>,
 }
 
 /// A loaded, validated configuration.
@@ -406,6 +412,7 @@ pub struct Config {
     pub channels: ChannelsConfig,
     pub log: LogConfig,
     pub topics: Vec<ConfiguredTopic>,
+    pub destinations: Vec<DestinationConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -485,6 +492,10 @@ impl Config {
                 )));
             }
         }
+        destination::check_all(&raw.destination)?;
+        for d in &mut raw.destination {
+            d.resolve_paths(base);
+        }
         let mut topics = Vec::new();
         for (index, entry) in raw.topic.iter().enumerate() {
             let json = match &entry.file {
@@ -548,6 +559,7 @@ impl Config {
             channels: raw.channels,
             log: raw.log,
             topics,
+            destinations: raw.destination,
         })
     }
 

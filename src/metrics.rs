@@ -40,6 +40,9 @@ pub const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
 pub const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
 /// Event notifications delivered, per topic.
 pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
+/// Re-publishes a JetStream stream dropped as duplicates (label `destination`): the
+/// message-id de-duplication at work after a crash or a lost acknowledgement.
+pub const BROKER_DUPLICATES: &str = "fhir_cdc_broker_duplicates_total";
 /// Failed sends, per topic.
 pub const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
 /// Dead letters of a topic's subscriptions (label `topic`).
@@ -112,6 +115,10 @@ pub fn describe() {
     );
     describe_counter!(NOTIFICATIONS_SENT, "Event notifications delivered");
     describe_counter!(DELIVERY_FAILURES, "Failed notification sends");
+    describe_counter!(
+        BROKER_DUPLICATES,
+        "Re-published notifications a JetStream stream dropped as duplicates (by message id)"
+    );
     describe_histogram!(
         END_TO_END_SECONDS,
         Unit::Seconds,

@@ -101,6 +101,7 @@ pub async fn update(
     let Some(existing) = subscriptions::get(&**c, id).await.map_err(internal)? else {
         return Err(not_found(&format!("Subscription/{id}")));
     };
+    operator_owned(&existing)?;
     // A read shows header values as `***`; sending that back keeps the stored value.
     secrets::restore_headers(&mut v, &existing.resource);
     let spec = validate(&s, &v).await?;
@@ -119,6 +120,19 @@ pub async fn update(
     Ok(Fhir(StatusCode::OK, stored(&s, id).await?))
 }
 
+/// A `[[destination]]` is the operator's: the config file changes it, not a client.
+fn operator_owned(existing: &subscriptions::SubscriptionRow) -> Result<(), Fhir> {
+    if existing.origin == "config" {
+        return Err(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "business-rule",
+            "this Subscription is a [[destination]] of the server's configuration file: the operator changes or removes it there",
+            Some("Subscription"),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn read(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
     let id = fhir_id(&id)?;
     let c = s.pool.get().await.map_err(internal)?;
@@ -131,6 +145,9 @@ pub async fn read(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhi
 pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, Fhir> {
     let id = fhir_id(&id)?;
     let c = s.pool.get().await.map_err(internal)?;
+    if let Some(existing) = subscriptions::get(&**c, id).await.map_err(internal)? {
+        operator_owned(&existing)?;
+    }
     if subscriptions::delete(&**c, id).await.map_err(internal)? {
         tracing::info!(subscription = %id, "subscription deleted");
         s.hub.close(id, "subscription deleted");

@@ -2,9 +2,12 @@
 //! subscription by its `channel` column, so send workers do not care which channel a
 //! subscription uses and a new channel is one new file here.
 
+pub mod amqp;
+pub mod broker;
 pub mod email;
 pub mod memory;
 pub mod message;
+pub mod nats;
 pub mod rest_hook;
 pub mod signing;
 pub mod websocket;
@@ -113,6 +116,15 @@ pub trait Channel: Send + Sync {
     }
 }
 
+/// Why the channels could not be set up from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelsError {
+    #[error(transparent)]
+    Email(#[from] email::EmailConfigError),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerConfigError),
+}
+
 /// The channels of this process, by type.
 #[derive(Clone, Default)]
 pub struct Channels {
@@ -122,11 +134,12 @@ pub struct Channels {
 impl Channels {
     /// Every channel the daemon delivers over, with its production implementation.
     /// `hub`: the websocket sockets of this process, shared with the API that accepts them.
-    /// Fails on an unusable `[channels.email]`.
+    /// Fails on an unusable `[channels.email]`, or a `[[destination]]` whose secret is not
+    /// in the environment.
     pub fn standard(
         cfg: &crate::config::Config,
         hub: Arc<websocket::Hub>,
-    ) -> Result<Self, email::EmailConfigError> {
+    ) -> Result<Self, ChannelsError> {
         // Every topic's sends may be under way at once, possibly to one host.
         let concurrency = cfg.topics.iter().map(|t| t.workers).sum::<usize>();
         let http = rest_hook::RestHook::new(
@@ -144,6 +157,14 @@ impl Channels {
             .with(hub);
         if let Some(e) = &cfg.channels.email {
             channels = channels.with(Arc::new(email::Email::from_config(e)?));
+        }
+        let nats = nats::Nats::from_config(&cfg.destinations)?;
+        if !nats.is_empty() {
+            channels = channels.with(Arc::new(nats));
+        }
+        let amqp = amqp::Amqp::from_config(&cfg.destinations)?;
+        if !amqp.is_empty() {
+            channels = channels.with(Arc::new(amqp));
         }
         Ok(channels)
     }

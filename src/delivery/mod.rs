@@ -5,6 +5,7 @@
 //! cover retries and a missed notification.
 
 mod ctx;
+pub mod destinations;
 mod lease;
 mod listen;
 mod marks;
@@ -120,6 +121,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut client).await?;
+    if !cfg.destinations.is_empty() || has_config_rows(&client).await? {
+        let topics = registry.all().await?;
+        destinations::sync(&client, &cfg, &topics, payloads.search_registry()).await?;
+    }
     drop(client);
     let wakers = Arc::new(Wakers::new(registry.clone()));
     let ctx = Arc::new(ctx::Ctx {
@@ -158,6 +163,16 @@ pub async fn run(
         r??;
     }
     Ok(())
+}
+
+/// Whether destinations were configured before (they may have been removed since).
+async fn has_config_rows(c: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM fhir_cdc.subscription WHERE origin = 'config' AND status <> 'off')",
+        &[],
+    )
+    .await
+    .map(|r| r.get(0))
 }
 
 /// Starts the send loop and housekeeping of a topic seen for the first time.

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("../../sql/005_event_topics.sql")),
     (6, include_str!("../../sql/006_cursor.sql")),
     (7, include_str!("../../sql/007_signing_secret.sql")),
+    (8, include_str!("../../sql/008_destinations.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

@@ -112,6 +112,10 @@ pub enum ChannelType {
     Websocket,
     Email,
     Message,
+    /// NATS JetStream: operator-owned, a `[[destination]]` of the config file.
+    Nats,
+    /// AMQP 0-9-1 (RabbitMQ): operator-owned, a `[[destination]]` of the config file.
+    Amqp,
 }
 
 impl ChannelType {
@@ -120,7 +124,15 @@ impl ChannelType {
         ChannelType::Websocket,
         ChannelType::Email,
         ChannelType::Message,
+        ChannelType::Nats,
+        ChannelType::Amqp,
     ];
+
+    /// Brokers are destinations the operator configures; a client cannot subscribe with
+    /// them through the API (they would publish into the operator's streams).
+    pub fn is_broker(self) -> bool {
+        matches!(self, ChannelType::Nats | ChannelType::Amqp)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -128,6 +140,8 @@ impl ChannelType {
             ChannelType::Websocket => "websocket",
             ChannelType::Email => "email",
             ChannelType::Message => "message",
+            ChannelType::Nats => "nats",
+            ChannelType::Amqp => "amqp",
         }
     }
 
@@ -224,8 +238,12 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
                 format!("unknown SubscriptionTopic {:?}: GET /SubscriptionTopic lists the ones this server supports", r.topic_url),
             )
         })?;
-    let Some(channel) = ChannelType::parse(&r.channel) else {
-        let supported: Vec<&str> = ChannelType::ALL.iter().map(|c| c.as_str()).collect();
+    let Some(channel) = ChannelType::parse(&r.channel).filter(|c| !c.is_broker()) else {
+        let supported: Vec<&str> = ChannelType::ALL
+            .iter()
+            .filter(|c| !c.is_broker())
+            .map(|c| c.as_str())
+            .collect();
         return Err(invalid(
             "not-supported",
             r.paths.channel,
@@ -276,7 +294,7 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
 
 /// A filter the topic allows, on a parameter this server can evaluate, with a valid value;
 /// returned with its resource type settled and any comparator folded into the value.
-fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, Invalid> {
+pub fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, Invalid> {
     let source = f.source.clone();
     let refuse = |msg: String| invalid("not-supported", &source, msg);
     let entries: Vec<_> = topic
