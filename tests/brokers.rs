@@ -498,3 +498,79 @@ async fn a_missing_stream_or_exchange_puts_the_destination_in_error() {
     );
     unrouted.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_destination_keeps_its_position_and_a_removed_one_turns_off() {
+    let subject = format!("{}.enc", unique("fhircdc."));
+    let stream = Stream::create(&nats_url(), &subject).await;
+    let nats = nats_destination("enc-keep", &nats_url(), &subject);
+    let mut env = TestEnv::aidbox(ENCOUNTER_TOPICS)
+        .config(move |f| f.destination = vec![nats])
+        .build()
+        .await;
+    let mut daemon = env.start().await;
+    write_encounters(env.url(), 0, 5).await;
+    wait_until("5 in the stream", Duration::from_secs(30), || {
+        let s = &stream;
+        async move { s.count().await >= 5 }
+    })
+    .await;
+
+    // A client cannot take over or remove the operator's destination.
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/Subscription/enc-keep", env.api);
+    let mut resource: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(resource["channelType"]["code"], "nats");
+    assert_eq!(resource["endpoint"], nats_url());
+    resource["channelType"]["code"] = "rest-hook".into();
+    resource["endpoint"] = env.rx.url("hijack").into();
+    let put = http.put(&url).json(&resource).send().await.unwrap();
+    assert_eq!(put.status(), 422);
+    assert_eq!(http.delete(&url).send().await.unwrap().status(), 422);
+    let mut post = resource.clone();
+    post.as_object_mut().unwrap().remove("id");
+    post["channelType"]["code"] = "nats".into();
+    post["endpoint"] = nats_url().into();
+    let created = http
+        .post(format!("http://127.0.0.1:{}/Subscription", env.api))
+        .json(&post)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 422, "brokers are operator-owned");
+
+    // Changed in the file (more per message): same id, numbering goes on from 6.
+    daemon.kill9();
+    env.edit(|f| f.destination[0].max_count = 2);
+    let mut daemon = env.start().await;
+    write_encounters(env.url(), 5, 9).await;
+    wait_until("9 events reported", Duration::from_secs(30), || {
+        let api = env.api;
+        async move { status(api, "enc-keep").await["eventsSinceSubscriptionStart"] == "9" }
+    })
+    .await;
+    let stored = stream.messages().await;
+    let numbers: Vec<i64> = stored
+        .iter()
+        .flat_map(|(_, _, b)| event_numbers(b))
+        .collect();
+    assert_eq!(numbers, (1..=9).collect::<Vec<_>>());
+
+    // Removed from the file: off, with its history; later events do not go out.
+    daemon.kill9();
+    env.edit(|f| f.destination.clear());
+    let _daemon = env.start().await;
+    wait_until("enc-keep off", Duration::from_secs(30), || {
+        let api = env.api;
+        async move { status(api, "enc-keep").await["status"] == "off" }
+    })
+    .await;
+    let before = stream.count().await;
+    write_encounters(env.url(), 9, 12).await;
+    wait_settled(&env).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stream.count().await, before, "an off destination publishes nothing");
+    let kept: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(kept["status"], "off", "the subscription and its history stay: {kept}");
+    stream.remove().await;
+}
