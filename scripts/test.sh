@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, and integration tests against throwaway Postgres clusters
 # (wal_level=logical) with real WAL, real webhooks and the official conformance validator.
-# On a fresh Debian machine it installs what is missing (postgresql, python3-venv).
+# On a fresh Debian machine it installs what is missing (postgresql, python3-venv,
+# nats-server, rabbitmq-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +25,8 @@ if [ -z "${FHIR_VALIDATOR_DIR:-}" ]; then
   FHIR_VALIDATOR_DIR=$(bash "$shared/conformance/setup.sh")
   export FHIR_VALIDATOR_DIR
 fi
+
+# NATS (JetStream) and RabbitMQ for tests/brokers.rs: the local ones, or started here.
+source scripts/brokers.sh
 
 cargo test --all-targets "$@"
