@@ -6,6 +6,7 @@
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_ONLY=lag scripts/bench.sh               # the capture figures, the big transaction and the lag case
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
+#   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (about 2 minutes)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
@@ -39,6 +40,13 @@
 #                                same writes with no subscription)
 #   http_plain_requests_per_s    wrk POSTing a notification-sized body to the same receiver
 #   evaluate_*                   trigger + canFilterBy evaluation per core (cargo bench)
+#   broker_<nats|amqp>_<n>_*     [[destination]]s: notifications/s a `deliver` process publishes
+#                                into JetStream and RabbitMQ from a queued backlog, with 1 and
+#                                10 destinations (every event to each), and its CPU per
+#                                notification (startup included), beside
+#                                broker_<kind>_plain_acked_publishes_per_s: one publisher
+#                                sending the same size one at a time, each waiting for its
+#                                ack/confirm, to the same server in the same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${BENCH_ROWS:-100000}
@@ -148,7 +156,7 @@ prime() { # config
 prime c1; prime c20; prime cbig
 psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
 
-if [ "${BENCH_ONLY:-}" != e2e ]; then
+if [ "${BENCH_ONLY:-}" != e2e ] && [ "${BENCH_ONLY:-}" != brokers ]; then
 # The backlog: ROWS Observations in 100-row transactions, one client.
 python3 - "$ROWS" "$src_n" >"$work/write.sql" <<'PY'
 import sys
@@ -361,6 +369,7 @@ PY
 }
 # The WAL the writes cost with no subscription (the store's row and capture's event row):
 # the baseline the delivery cases' WAL is reported beyond.
+if [ "${BENCH_ONLY:-}" != brokers ]; then
 w0=$(wal); writes 500 4 "w-"; sleep 2; w1=$(wal)
 wal_per_write=$(( (w1 - w0) / 2000 ))
 echo "wal_bytes_per_write_without_subscriptions=$wal_per_write"
@@ -419,6 +428,87 @@ body=$(python3 -c "import json; print(json.dumps({'resourceType':'Bundle','type'
 printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/fhir+json"\nwrk.body = [[%s]]\n' "$body" >"$work/post.lua"
 plain=$(wrk -t2 -c64 -d10s -s "$work/post.lua" "http://127.0.0.1:$rport/hook/plain" | awk '/Requests\/sec/ {print int($2)}')
 echo "http_plain_requests_per_s=$plain"
+fi
+kill "$run" 2>/dev/null || true; wait "$run" 2>/dev/null || true
+
+# Broker destinations. The local NATS (JetStream) and RabbitMQ, or ones brokers.sh starts.
+source scripts/brokers.sh
+cargo build --release --quiet --example bench_broker
+bb=target/release/examples/bench_broker
+nats_url=${FHIR_CDC_TEST_NATS_URL:-nats://127.0.0.1:4222}
+amqp_url=${FHIR_CDC_TEST_AMQP_URL:-amqp://guest@127.0.0.1:5672/%2f}
+export FHIR_CDC_BENCH_AMQP_PASSWORD=${FHIR_CDC_TEST_AMQP_PASSWORD:-guest}
+amqp_full=$(python3 -c "import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(p._replace(netloc=f'{p.username}:{sys.argv[2]}@{p.hostname}:{p.port}').geturl())" "$amqp_url" "$FHIR_CDC_BENCH_AMQP_PASSWORD")
+psql -d postgres -c "CREATE DATABASE qb"
+# destinations KIND N: the [[destination]] tables.
+destinations() {
+  for i in $(seq 0 $(($2 - 1))); do
+    echo "[[destination]]"
+    echo "id = \"bench-$1-d$i\""
+    echo 'topic = "http://bench/topic/obs"'
+    echo "kind = \"$1\""
+    if [ "$1" = nats ]; then
+      echo "url = \"$nats_url\""
+      echo "subject = \"bench.d$i\""
+    else
+      echo "url = \"$amqp_url\""
+      echo 'exchange = "fhircdc.bench"'
+      echo "routing_key = \"d$i\""
+      echo 'password_env = "FHIR_CDC_BENCH_AMQP_PASSWORD"'
+    fi
+  done
+}
+for kind in nats amqp; do
+  url_b=$nats_url; [ "$kind" = amqp ] && url_b=$amqp_full
+  # Messages per case: RabbitMQ's confirmed persistent publishes are several times slower.
+  total=20000; [ "$kind" = amqp ] && total=6000
+  for n in 1 10; do
+    "$bb" "$kind-setup" "$url_b" "$n"
+    cat >"$work/cb.toml" <<TOML
+[source]
+url = "$url/fhir"
+profile = "aidbox"
+fhir_version = "R5"
+slot = "sb"
+publication = "fhir_cdc"
+
+[queue]
+url = "$url/qb"
+
+[api]
+listen = "127.0.0.1:$aport"
+
+$topics1
+$(destinations "$kind" "$n")
+TOML
+    # The destinations are synced by a deliver process; capture queues the events with no
+    # delivery running; then a deliver process alone publishes the backlog: the publishing is
+    # what is measured, from its first message to its last.
+    "$bin" capture --config "$work/cb.toml" 2>"$work/cb-$kind-$n-capture.log" & bcap=$!; pids+=("$bcap")
+    until grep -qs "capture streaming" "$work/cb-$kind-$n-capture.log"; do sleep 0.1; done
+    "$bin" deliver --config "$work/cb.toml" 2>"$work/cb-$kind-$n-sync.log" & brun=$!; pids+=("$brun")
+    until [ "$(psql -d qb -c "SELECT count(*) FROM fhir_cdc.subscription WHERE origin = 'config' AND status = 'active' AND id LIKE 'bench-$kind-%'")" -ge "$n" ]; do sleep 0.2; done
+    kill "$brun"; wait "$brun" 2>/dev/null || true
+    events=$((total / n)); want=$((events * n))
+    writes 100000 "$(python3 -c "print($events / 100000)")" "b$kind$n-"
+    until [ "$(psql -d qb -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id LIKE 'b$kind$n-%'")" -ge "$events" ]; do sleep 0.2; done
+    kill "$bcap"; wait "$bcap" 2>/dev/null || true
+    "$bin" deliver --config "$work/cb.toml" 2>"$work/cb-$kind-$n.log" & brun=$!; pids+=("$brun")
+    c0=$(cpu_s "$brun")
+    until [ "$("$bb" "$kind-count" "$url_b" "$n")" -gt 0 ]; do sleep 0.05; done
+    t0=$(now); got0=$("$bb" "$kind-count" "$url_b" "$n")
+    waited=0
+    while [ "$("$bb" "$kind-count" "$url_b" "$n")" -lt "$want" ] && [ "$waited" -lt 1200 ]; do sleep 0.1; waited=$((waited + 1)); done
+    t1=$(now); c1=$(cpu_s "$brun")
+    got=$("$bb" "$kind-count" "$url_b" "$n")
+    echo "broker_${kind}_${n}_notifications_per_s=$(rate "$((got - got0))" "$t0" "$t1") ($got/$want messages, $n destination(s))"
+    echo "broker_${kind}_${n}_deliver_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$want")"
+    kill "$brun"; wait "$brun" 2>/dev/null || true
+    "$bb" "$kind-teardown" "$url_b" "$n"
+  done
+  echo "broker_${kind}_plain_acked_publishes_per_s=$("$bb" "$kind-plain" "$url_b" "$total")"
+done
+[ "${BENCH_ONLY:-}" = brokers ] && exit 0
 
 # Evaluation per core, beside the JSON parse rate of the same resources.
 cargo bench --quiet --bench evaluate -- "$res" 2>/dev/null | sed "s/^/evaluate: /"

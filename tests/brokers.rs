@@ -569,8 +569,15 @@ async fn a_changed_destination_keeps_its_position_and_a_removed_one_turns_off() 
     write_encounters(env.url(), 9, 12).await;
     wait_settled(&env).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stream.count().await, before, "an off destination publishes nothing");
+    assert_eq!(
+        stream.count().await,
+        before,
+        "an off destination publishes nothing"
+    );
     let kept: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
-    assert_eq!(kept["status"], "off", "the subscription and its history stay: {kept}");
+    assert_eq!(
+        kept["status"], "off",
+        "the subscription and its history stay: {kept}"
+    );
     stream.remove().await;
 }
