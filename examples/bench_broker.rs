@@ -7,10 +7,13 @@
 //!   bench_broker nats-setup URL N        stream BENCH over bench.* (bench.d0 … bench.d{N-1})
 //!   bench_broker nats-count URL          messages in BENCH
 //!   bench_broker nats-teardown URL
+//!   bench_broker nats-wait URL N WANT    waits for the first message and for WANT; prints
+//!                                        "FIRST_EPOCH_S COUNT_AT_FIRST LAST_EPOCH_S COUNT"
 //!   bench_broker nats-plain URL COUNT    acked publishes/s to benchplain.x (its own stream)
 //!   bench_broker amqp-setup URL N        exchange fhircdc.bench, queues bench.d{i} bound by key d{i}
 //!   bench_broker amqp-count URL N        messages in the N queues
 //!   bench_broker amqp-teardown URL N
+//!   bench_broker amqp-wait URL N WANT    as nats-wait, over the N queues
 //!   bench_broker amqp-plain URL COUNT    confirmed publishes/s to queue bench.plain
 //!
 //! AMQP URLs carry the password here (a bench, not a destination).
@@ -55,6 +58,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let _ = js.delete_stream("BENCHPLAIN").await;
         }
         "nats-plain" => println!("{}", nats_plain(&arg(1), n).await?),
+        "nats-wait" | "amqp-wait" => {
+            let want: u64 = arg(3).parse()?;
+            let nats = arg(0) == "nats-wait";
+            let js = match nats {
+                true => Some(jetstream::new(async_nats::connect(arg(1)).await?)),
+                false => None,
+            };
+            let ch = match nats {
+                true => None,
+                false => Some(amqp_channel(&arg(1)).await?),
+            };
+            // One connection polled every 10 ms: spawning a counter per poll loaded the
+            // machine the measured deliver process runs on.
+            let count = || async {
+                match (&js, &ch) {
+                    (Some(js), _) => Ok::<u64, Box<dyn std::error::Error>>(
+                        js.get_stream(STREAM).await?.info().await?.state.messages,
+                    ),
+                    (_, Some(ch)) => amqp_queues(ch, n).await,
+                    _ => Ok(0),
+                }
+            };
+            let limit = Instant::now() + Duration::from_secs(600);
+            let mut first = None;
+            loop {
+                let c = count().await?;
+                let t = epoch();
+                if first.is_none() && c > 0 {
+                    first = Some((t, c));
+                }
+                if c >= want || Instant::now() > limit {
+                    let (t0, c0) = first.unwrap_or((t, c));
+                    println!("{t0:.3} {c0} {t:.3} {c}");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         "amqp-setup" => amqp_setup(&arg(1), n).await?,
         "amqp-count" => println!("{}", amqp_count(&arg(1), n).await?),
         "amqp-teardown" => amqp_teardown(&arg(1), n).await?,
@@ -149,8 +190,18 @@ async fn amqp_setup(url: &str, n: usize) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 async fn amqp_count(url: &str, n: usize) -> Result<u64, Box<dyn std::error::Error>> {
-    let ch = amqp_channel(url).await?;
+    amqp_queues(&amqp_channel(url).await?, n).await
+}
+
+async fn amqp_queues(ch: &lapin::Channel, n: usize) -> Result<u64, Box<dyn std::error::Error>> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()

@@ -6,14 +6,16 @@
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_ONLY=lag scripts/bench.sh               # the capture figures, the big transaction and the lag case
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
-#   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (about 2 minutes)
+#   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (BENCH_BROKER_KINDS=nats: JetStream only)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
 #                                    # fanout_1|fanout_100|fanout_10000|fanout_100x100 with
 #                                    # BENCH_ONLY=e2e: of
-#                                    # the daemon during that fan-out case)
+#                                    # the daemon during that fan-out case;
+#                                    # broker_nats_1|broker_nats_10|broker_amqp_1|broker_amqp_10
+#                                    # with BENCH_ONLY=brokers: of the deliver process)
 # Figures:
 #   store_insert_rows_per_s      the store's own insert rate (1 client, 100-row transactions)
 #   recvlogical_rows_per_s       pg_recvlogical draining a twin pgoutput slot of the same WAL
@@ -458,7 +460,7 @@ destinations() {
     fi
   done
 }
-for kind in nats amqp; do
+for kind in ${BENCH_BROKER_KINDS:-nats amqp}; do
   url_b=$nats_url; [ "$kind" = amqp ] && url_b=$amqp_full
   # Messages per case: RabbitMQ's confirmed persistent publishes are several times slower.
   total=20000; [ "$kind" = amqp ] && total=6000
@@ -495,12 +497,13 @@ TOML
     kill "$bcap"; wait "$bcap" 2>/dev/null || true
     "$bin" deliver --config "$work/cb.toml" 2>"$work/cb-$kind-$n.log" & brun=$!; pids+=("$brun")
     c0=$(cpu_s "$brun")
-    until [ "$("$bb" "$kind-count" "$url_b" "$n")" -gt 0 ]; do sleep 0.05; done
-    t0=$(now); got0=$("$bb" "$kind-count" "$url_b" "$n")
-    waited=0
-    while [ "$("$bb" "$kind-count" "$url_b" "$n")" -lt "$want" ] && [ "$waited" -lt 1200 ]; do sleep 0.1; waited=$((waited + 1)); done
-    t1=$(now); c1=$(cpu_s "$brun")
-    got=$("$bb" "$kind-count" "$url_b" "$n")
+    perf=
+    if [ -n "${BENCH_PERF:-}" ] && [ "broker_${kind}_$n" = "${BENCH_PERF_CASE:-}" ]; then
+      perf record -q -F 999 -g -p "$brun" -o "$BENCH_PERF" 2>/dev/null & perf=$!
+    fi
+    read -r t0 got0 t1 got < <("$bb" "$kind-wait" "$url_b" "$n" "$want")
+    c1=$(cpu_s "$brun")
+    if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
     echo "broker_${kind}_${n}_notifications_per_s=$(rate "$((got - got0))" "$t0" "$t1") ($got/$want messages, $n destination(s))"
     echo "broker_${kind}_${n}_deliver_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$want")"
     kill "$brun"; wait "$brun" 2>/dev/null || true

@@ -250,6 +250,39 @@ fn the_shipped_config_files_load() {
     }
 }
 
+/// The commented `[[destination]]` examples of config/example.toml, uncommented, load and
+/// pass validation: the keys the README and the example show are the ones the code takes.
+#[test]
+fn the_example_destinations_load_when_uncommented() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let text = std::fs::read_to_string(dir.join("example.toml")).unwrap();
+    let start = text
+        .find("# [[destination]]")
+        .expect("example destinations");
+    let mut out = text[..start].to_string();
+    for line in text[start..].lines() {
+        match line.strip_prefix("# ") {
+            Some(l) if !l.starts_with(' ') => out.push_str(l),
+            _ => {}
+        }
+        out.push('\n');
+    }
+    let cfg = fhir_cdc::config::Config::from_toml(&out, &dir)
+        .unwrap_or_else(|e| panic!("{e}\n{}", &out[start..]));
+    let kinds: Vec<_> = cfg.destinations.iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            fhir_cdc::config::BrokerKind::Nats,
+            fhir_cdc::config::BrokerKind::Amqp
+        ]
+    );
+    assert!(cfg
+        .destinations
+        .iter()
+        .all(|d| cfg.topics.iter().any(|t| t.topic.url == d.topic)));
+}
+
 /// The metric names `src/metrics.rs` declares.
 fn exported_metrics() -> Vec<String> {
     let src =

@@ -157,6 +157,7 @@ pub async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
         window: &window,
         marks: &marks,
         marked: Vec::new(),
+        unmarked: None,
     };
     let went_out = sub.next_attempt_at <= now && drain(ctx, topic, &mut sub, &mut out, t).await?;
     if !went_out && heartbeat_due(sub.heartbeat_period, sub.last_sent_at, now) {
@@ -172,13 +173,58 @@ pub async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
     })
 }
 
-/// What one lease's sends work through: the backlog, and the delivered marks handed to the
-/// topic's writer and not yet awaited.
+/// Delivered notifications of one lease between two marks at most: a mark per notification
+/// made a queue write (and its wake-ups) per notification the cost of a fast destination.
+/// A kill re-sends at most these, with the same eventNumbers.
+const MARK_EVERY: u32 = 16;
+/// How long a delivered notification waits for its mark at most.
+const MARK_AFTER: Duration = Duration::from_millis(5);
+
+/// What one lease's sends work through: the backlog, the delivered marks handed to the
+/// topic's writer and not yet awaited, and the newest delivered cursor not yet handed.
 struct Outgoing<'a> {
     backlog: &'a mut Backlog,
     window: &'a Window,
     marks: &'a Marks,
     marked: Vec<marks::Pending>,
+    unmarked: Option<Unmarked>,
+}
+
+/// Delivered since the last mark: how many, since when, up to where.
+struct Unmarked {
+    to: Cursor,
+    count: u32,
+    since: std::time::Instant,
+}
+
+impl Outgoing<'_> {
+    /// Records a delivered notification's cursor; hands a mark to the writer every
+    /// MARK_EVERY notifications or MARK_AFTER.
+    fn delivered(&mut self, id: &str, to: Cursor) {
+        let u = self.unmarked.get_or_insert(Unmarked {
+            to,
+            count: 0,
+            since: std::time::Instant::now(),
+        });
+        u.to = to;
+        u.count += 1;
+        if u.count >= MARK_EVERY || u.since.elapsed() >= MARK_AFTER {
+            self.hand_over(id);
+        }
+    }
+
+    fn hand_over(&mut self, id: &str) {
+        if let Some(u) = self.unmarked.take() {
+            self.marked.push(self.marks.mark(id, u.to));
+        }
+    }
+
+    /// Every delivered notification's mark committed: before any other write about the
+    /// subscription, and before its lease goes back.
+    async fn settle(&mut self, id: &str) -> Result<()> {
+        self.hand_over(id);
+        marks::wait_all(&mut self.marked).await
+    }
 }
 
 /// Keeps the lease while the backlog drains, up to a bound so other subscriptions of the
@@ -193,7 +239,7 @@ async fn drain(
     t: Duration,
 ) -> Result<bool> {
     let r = drain_rounds(ctx, topic, sub, out, t).await;
-    let marked = marks::wait_all(&mut out.marked).await;
+    let marked = out.settle(&sub.id).await;
     let went_out = r?;
     marked?;
     Ok(went_out)
@@ -235,8 +281,8 @@ enum Sent {
 }
 
 /// Sends the subscription's next notification. Its delivered mark is handed to the
-/// topic's writer; the marks before it are awaited before any other write about the
-/// subscription (a failure or a deferral), so they land in order.
+/// topic's writer (grouped, [`MARK_EVERY`]); the marks before it are awaited before any
+/// other write about the subscription (a failure or a deferral), so they land in order.
 async fn send_events(
     ctx: &Ctx,
     topic: &str,
@@ -257,7 +303,7 @@ async fn send_events(
         .policy
         .batch(batch.len(), max as i64, oldest.event.queued_at, Utc::now());
     if let (Batch::WaitUntil(at), false) = (wait, requeued) {
-        marks::wait_all(&mut out.marked).await?;
+        out.settle(&sub.id).await?;
         crate::queue::subscriptions::defer(&**ctx.conn().await?, &sub.id, at).await?;
         out.backlog.put_back(next);
         return Ok(Sent::Deferred);
@@ -284,7 +330,7 @@ async fn send_events(
             Ok(Sent::Nothing)
         }
         Err(e) => {
-            marks::wait_all(&mut out.marked).await?;
+            out.settle(&sub.id).await?;
             let head = match &next {
                 Next::Requeued(b) => Head::Requeued(b),
                 Next::Events(b, to) => Head::Events { batch: b, to: *to },
@@ -305,11 +351,11 @@ async fn delivered(
 ) -> Result<()> {
     match next {
         Next::Events(_, to) => {
-            out.marked.push(out.marks.mark(&sub.id, *to));
+            out.delivered(&sub.id, *to);
             sub.cursor = *to;
         }
         Next::Requeued(b) => {
-            marks::wait_all(&mut out.marked).await?;
+            out.settle(&sub.id).await?;
             let numbers: Vec<i64> = b.iter().map(|p| p.event_number).collect();
             cursor::requeued_delivered(&**ctx.conn().await?, &sub.id, &numbers).await?;
         }

@@ -19,6 +19,18 @@ const CAPACITY: usize = 4096;
 /// Events read per query.
 const CHUNK: i64 = 1000;
 
+/// Events read per query behind the window for a subscription that wants `wanted` more
+/// matches. Without filters every event matches, so no more than `wanted` are read: the
+/// rest of a full chunk was parsed only to be read again at the next turn (a backlog of
+/// 20,000 cost ten parses per notification). With filters a chunk is scanned for matches.
+fn behind_chunk(filters: &[Filter], wanted: usize) -> i64 {
+    if filters.is_empty() {
+        (wanted as i64).clamp(1, CHUNK)
+    } else {
+        CHUNK
+    }
+}
+
 /// A subscription's next matches, and how far the scan for them got.
 pub struct Matches {
     pub events: Vec<Pending>,
@@ -123,12 +135,17 @@ impl Window {
             // Behind the window: read from the queue up to where the window starts.
             let lo = self.inner.lock().map(|i| i.lo).unwrap_or(from.event_id);
             let c = pool.get().await.map_err(QueueError::from)?;
-            let chunk: Vec<Arc<TopicEvent>> =
-                events::after(&**c, &self.topic, from.event_id, lo, CHUNK)
-                    .await?
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect();
+            let chunk: Vec<Arc<TopicEvent>> = events::after(
+                &**c,
+                &self.topic,
+                from.event_id,
+                lo,
+                behind_chunk(filters, limit - out.len()),
+            )
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
             let short = (chunk.len() as i64) < CHUNK;
             let (got, scanned) = number(from, filters, &chunk, limit - out.len());
             let taken_all = got.len() < limit - out.len();
