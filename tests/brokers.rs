@@ -581,3 +581,71 @@ async fn a_changed_destination_keeps_its_position_and_a_removed_one_turns_off() 
     );
     stream.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destination_can_ask_for_a_handshake_and_heartbeats() {
+    let subject = format!("{}.enc", unique("fhircdc."));
+    let stream = Stream::create(&nats_url(), &subject).await;
+    let mut nats = nats_destination("enc-hb", &nats_url(), &subject);
+    nats.handshake = true;
+    nats.heartbeat_period = Some(1);
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS)
+        .config(move |f| f.destination = vec![nats])
+        .build()
+        .await;
+    let _daemon = env.start().await;
+    wait_until("handshake, then active", Duration::from_secs(30), || {
+        let api = env.api;
+        async move { status(api, "enc-hb").await["status"] == "active" }
+    })
+    .await;
+    put_encounter(&env.store, "e1").await;
+    wait_until(
+        "a heartbeat after the event",
+        Duration::from_secs(30),
+        || {
+            let s = &stream;
+            async move {
+                let types: Vec<String> = s
+                    .messages()
+                    .await
+                    .iter()
+                    .map(|m| {
+                        m.2["entry"][0]["resource"]["type"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string()
+                    })
+                    .collect();
+                types
+                    .iter()
+                    .skip_while(|t| *t != "event-notification")
+                    .any(|t| t == "heartbeat")
+            }
+        },
+    )
+    .await;
+    let stored = stream.messages().await;
+    let types: Vec<&str> = stored
+        .iter()
+        .map(|m| {
+            m.2["entry"][0]["resource"]["type"]
+                .as_str()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(types[0], "handshake", "{types:?}");
+    for (id, _, body) in &stored {
+        let kind = body["entry"][0]["resource"]["type"]
+            .as_str()
+            .unwrap_or_default();
+        if kind == "event-notification" {
+            assert_eq!(id, "enc-hb:1");
+        } else {
+            assert!(id.starts_with(&format!("enc-hb:{kind}:")), "{id}");
+        }
+    }
+    let bodies: Vec<Value> = stored.into_iter().map(|(_, _, b)| b).collect();
+    validate(&bodies, "r5", &["--content", "id-only"]);
+    stream.remove().await;
+}
