@@ -177,8 +177,11 @@ pub async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
 /// made a queue write (and its wake-ups) per notification the cost of a fast destination.
 /// A kill re-sends at most these, with the same eventNumbers.
 const MARK_EVERY: u32 = 16;
-/// How long a delivered notification waits for its mark at most.
-const MARK_AFTER: Duration = Duration::from_millis(5);
+/// How long a delivered notification waits for its mark at most, while its lease sends on.
+/// Long beside a fast destination's sends; a subscription whose endpoint answers slower
+/// than this is marked each notification, as before (the writer still groups those of
+/// many subscriptions: 5 ms here made fan-out to 100 webhooks write more rows, not fewer).
+const MARK_AFTER: Duration = Duration::from_millis(100);
 
 /// What one lease's sends work through: the backlog, the delivered marks handed to the
 /// topic's writer and not yet awaited, and the newest delivered cursor not yet handed.
