@@ -405,24 +405,30 @@ async fn a_nats_restart_while_events_flow_loses_nothing() {
         .build()
         .await;
     let _daemon = env.start().await;
-    let writer = tokio::spawn(write_encounters(env.url(), 0, 150));
+    write_encounters(env.url(), 0, 50).await;
     wait_until(
         "the first events in the stream",
         Duration::from_secs(60),
         || {
             let s = &stream;
-            async move { s.count().await >= 20 }
+            async move { s.count().await >= 50 }
         },
     )
     .await;
     server.stop();
-    // Events keep coming while the broker is away; sends fail and are retried.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Events keep coming while the broker is away; sends fail and are retried. (A writer
+    // running beside the first sends could finish before the stop on a slow machine.)
+    let writer = tokio::spawn(write_encounters(env.url(), 50, 150));
     let q = env.client().await;
-    assert!(
-        pending_events(&q).await > 0,
-        "events waited while the broker was down"
-    );
+    wait_until(
+        "events waiting while the broker is down",
+        Duration::from_secs(30),
+        || {
+            let q = &q;
+            async move { pending_events(q).await > 0 }
+        },
+    )
+    .await;
     server.restart();
     server.ready().await;
     writer.await.unwrap();
