@@ -2,7 +2,7 @@
 # Runs every test: unit tests, and integration tests against throwaway Postgres clusters
 # (wal_level=logical) with real WAL, real webhooks and the official conformance validator.
 # On a fresh Debian machine it installs what is missing (postgresql, python3-venv,
-# nats-server, rabbitmq-server).
+# nats-server, rabbitmq-server, chromium for the console test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,9 @@ if ! command -v pg_config >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/init
 fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need_apt+=(python3-venv)
+fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  need_apt+=(chromium)   # tests/console.rs drives /console headless
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} with apt" >&2

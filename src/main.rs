@@ -286,11 +286,13 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             queue::pool(cfg.queue_url(), 2)?,
         ));
         let hub = Arc::new(fhir_cdc::channel::websocket::Hub::new(cfg.queue_url()));
+        let journal = Arc::new(delivery::journal::Journal::default());
         tasks.spawn(delivery::run(
             cfg.clone(),
             payloads.clone(),
             fhir_cdc::channel::Channels::standard(&cfg, hub.clone())?,
             topics.clone(),
+            journal.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(sweep_sockets(hub.clone(), shutdown.clone()));
@@ -299,9 +301,12 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             Some(prom),
             health,
             searcher,
-            payloads,
-            topics,
-            hub,
+            api::WithDelivery {
+                payloads,
+                topics,
+                hub,
+                journal,
+            },
         )
         .await?;
         tasks.spawn(api::serve(state, shutdown.clone()));

@@ -85,11 +85,11 @@ pub struct SubState {
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]
 pub struct Unreachable {
-    what: &'static str,
-    source: queue::QueueError,
+    pub what: &'static str,
+    pub source: queue::QueueError,
 }
 
-/// Reads the slot and the queue.
+/// Reads the slot and the queue, over connections of its own.
 pub async fn report(cfg: &Config) -> Result<Report, Unreachable> {
     let unreachable = |what| move |source| Unreachable { what, source };
     let src = queue::connect(&cfg.source.url)
@@ -98,15 +98,19 @@ pub async fn report(cfg: &Config) -> Result<Report, Unreachable> {
     let q = queue::connect(cfg.queue_url())
         .await
         .map_err(unreachable("queue database"))?;
-    let slot = read_slot(&src, cfg)
+    report_with(&src, &q, cfg).await
+}
+
+/// Reads the slot over `src` (the store's database) and the queue over `q`.
+pub async fn report_with(src: &Client, q: &Client, cfg: &Config) -> Result<Report, Unreachable> {
+    let unreachable = |what| move |source| Unreachable { what, source };
+    let slot = read_slot(src, cfg)
         .await
         .map_err(unreachable("store database"))?;
-    let capture = read_capture(&src, &q, cfg)
+    let capture = read_capture(src, q, cfg)
         .await
         .map_err(unreachable("queue database"))?;
-    let (topics, subs, dead, gaps) = read_queue(&q)
-        .await
-        .map_err(unreachable("queue database"))?;
+    let (topics, subs, dead, gaps) = read_queue(q).await.map_err(unreachable("queue database"))?;
     let mut r = Report {
         healthy: true,
         problems: Vec::new(),

@@ -279,6 +279,17 @@ pub fn required(method: &Method, path: &str) -> Option<(&'static str, Action)> {
     ) {
         return None;
     }
+    // The console's page and script carry no data; what it shows comes from
+    // `/console/api/*`, guarded as a search of Subscriptions.
+    if matches!(
+        path,
+        "/console" | "/console/console.js" | "/console/console.css"
+    ) {
+        return None;
+    }
+    if path.starts_with("/console/") {
+        return Some(("Subscription", Action::Search));
+    }
     if path.starts_with("/SubscriptionTopic") {
         return Some(("SubscriptionTopic", Action::Read));
     }
@@ -390,6 +401,16 @@ mod tests {
     fn what_each_route_needs() {
         use Action::*;
         assert_eq!(required(&Method::GET, "/metrics"), None);
+        assert_eq!(required(&Method::GET, "/console"), None, "the page has no data");
+        assert_eq!(required(&Method::GET, "/console/console.js"), None);
+        assert_eq!(
+            required(&Method::GET, "/console/api/state"),
+            Some(("Subscription", Action::Search))
+        );
+        assert_eq!(
+            required(&Method::GET, "/console/api/attempts/x"),
+            Some(("Subscription", Action::Search))
+        );
         assert_eq!(
             required(&Method::GET, "/Subscription"),
             Some(("Subscription", Search))

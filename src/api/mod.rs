@@ -4,6 +4,7 @@
 //! is wrong) but never answered with a 500 for its content alone.
 
 pub mod auth;
+pub mod console;
 pub mod health;
 mod metadata;
 mod operations;
@@ -43,6 +44,7 @@ pub struct ApiState {
     pub auth: Option<Arc<auth::Auth>>,
     /// The websocket sockets of this process (delivery sends through the same hub).
     pub hub: Arc<crate::channel::websocket::Hub>,
+    pub console: console::Console,
 }
 
 type Shared = Arc<ApiState>;
@@ -92,6 +94,11 @@ pub fn router(state: Shared) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(metadata::ready))
         .route("/metrics", get(metadata::prometheus))
+        .route("/console", get(console::page))
+        .route("/console/console.js", get(console::script))
+        .route("/console/console.css", get(console::style))
+        .route("/console/api/state", get(console::state))
+        .route("/console/api/attempts/{id}", get(console::attempts))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -122,12 +129,28 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
         tracing::warn!(listen = %api.listen, "API listening WITHOUT AUTHENTICATION on a non-loopback address (api.allow_unauthenticated = true): anyone who reaches it can subscribe to PHI");
     }
     tracing::info!(listen = %state.cfg.api.listen, auth = api.auth.is_some(), "API listening");
+    tokio::spawn(console::history::run(
+        state.cfg.clone(),
+        state.console.history.clone(),
+        state.console.journal.clone(),
+        shutdown.clone(),
+    ));
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;
         })
         .await?;
     Ok(())
+}
+
+/// What the API shares with delivery in the same process.
+pub struct WithDelivery {
+    pub payloads: Payloads,
+    pub topics: Arc<crate::topics::Registry>,
+    /// The websocket sockets delivery sends through.
+    pub hub: Arc<crate::channel::websocket::Hub>,
+    /// Delivery's recent attempts, for the console.
+    pub journal: Arc<crate::delivery::journal::Journal>,
 }
 
 /// Builds the API state from a config (pool sized for the API only; static tokens and the
@@ -137,21 +160,20 @@ pub async fn state(
     metrics: Option<PrometheusHandle>,
     capture: Option<Arc<crate::capture::lag::Health>>,
     searcher: Arc<crate::fhir::search::Searcher>,
-    payloads: Payloads,
-    topics: Arc<crate::topics::Registry>,
-    hub: Arc<crate::channel::websocket::Hub>,
+    d: WithDelivery,
 ) -> anyhow::Result<Shared> {
     let auth = match &cfg.api.auth {
         Some(a) => Some(Arc::new(auth::Auth::from_config(a).await?)),
         None => None,
     };
     Ok(Arc::new(ApiState {
+        console: console::Console::new(&cfg.source.url, d.journal)?,
         auth,
-        hub,
-        topics,
+        hub: d.hub,
+        topics: d.topics,
         pool: queue::pool(cfg.queue_url(), 8)?,
         registry: searcher.registry.clone(),
-        payloads,
+        payloads: d.payloads,
         cfg,
         metrics,
         capture,

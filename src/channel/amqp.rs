@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use super::broker::{self, BrokerConfigError};
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::config::{BrokerKind, DestinationConfig};
 use crate::fhir::subscription::ChannelType;
 
@@ -66,7 +66,7 @@ impl Channel for Amqp {
         ChannelType::Amqp
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         let t = self.targets.get(&n.subscription_id).ok_or_else(|| {
             SendError::Unavailable(format!("amqp destination {}", n.subscription_id))
         })?;
@@ -84,7 +84,7 @@ impl Channel for Amqp {
                 .await;
             }
         }
-        r
+        r.map(|()| Accepted::default())
     }
 }
 

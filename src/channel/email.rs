@@ -15,7 +15,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::config::EmailConfig;
 use crate::fhir::notification::Kind;
 use crate::fhir::subscription::{mailto_addresses, ChannelType, Content};
@@ -169,14 +169,14 @@ impl Channel for Email {
         ChannelType::Email
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         if matches!(n.kind, Kind::Handshake | Kind::Heartbeat) && !self.handshake_and_heartbeat {
-            return Ok(());
+            return Ok(Accepted::default());
         }
         let m = self.message(n, to)?;
         match tokio::time::timeout(to.timeout, self.transport.send(m)).await {
             Err(_) => Err(SendError::Timeout(to.timeout)),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => Ok(Accepted::default()),
             Ok(Err(e)) if e.is_permanent() => Err(SendError::Refused(format!("SMTP: {e}"))),
             Ok(Err(e)) => Err(SendError::Connect(format!("SMTP: {e}"))),
         }

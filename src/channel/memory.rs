@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::fhir::subscription::ChannelType;
 
 /// Records notifications as the channel of type `as_type`.
@@ -41,7 +41,7 @@ impl Channel for MemoryChannel {
         self.as_type
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         let failing = self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
@@ -53,6 +53,6 @@ impl Channel for MemoryChannel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((n.clone(), to.clone()));
-        Ok(())
+        Ok(Accepted::default())
     }
 }

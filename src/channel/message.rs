@@ -8,7 +8,7 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
 use super::rest_hook::RestHook;
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::fhir::notification::Format;
 use crate::fhir::subscription::ChannelType;
 
@@ -39,7 +39,7 @@ impl Channel for Message {
         ChannelType::Message
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         let wrapped = wrap(self.format, &self.base_url, &n.bundle());
         let body = serde_json::to_vec(&wrapped).map_err(|e| SendError::Encode(e.to_string()))?;
         self.http.post(body.into(), to).await

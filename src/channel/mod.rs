@@ -53,6 +53,13 @@ pub struct Destination {
     pub signing_secret: Option<String>,
 }
 
+/// What a receiver said when it took a notification: the HTTP status for the channels that
+/// have one (rest-hook, message), for the console's attempt list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub status: Option<u16>,
+}
+
 /// Why a send failed. Texts name the endpoint's answer, never the payload. None stops the
 /// daemon. Transient kinds are retried with backoff (a `Retry-After` is honoured); a
 /// permanent refusal ([`SendError::is_permanent`]) dead-letters its events at once and
@@ -107,7 +114,7 @@ pub trait Channel: Send + Sync {
     fn channel_type(&self) -> ChannelType;
 
     /// Sends one notification; `Ok` means the receiver accepted it.
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError>;
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError>;
 
     /// Subscriptions this channel can reach from this process only (websocket: the ones
     /// with a socket bound here). Empty for channels that reach anywhere.

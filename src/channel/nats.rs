@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use super::broker::{self, BrokerConfigError};
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::config::{BrokerKind, DestinationConfig};
 use crate::fhir::subscription::ChannelType;
 
@@ -56,12 +56,12 @@ impl Channel for Nats {
         ChannelType::Nats
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         let t = self.targets.get(&n.subscription_id).ok_or_else(|| {
             SendError::Unavailable(format!("nats destination {}", n.subscription_id))
         })?;
         match tokio::time::timeout(to.timeout, publish(t, n, to.timeout)).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|()| Accepted::default()),
             Err(_) => Err(SendError::Timeout(to.timeout)),
         }
     }

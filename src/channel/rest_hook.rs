@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::fhir::subscription::{is_private_ip, ChannelType};
 
 #[derive(Clone)]
@@ -44,7 +44,7 @@ impl RestHook {
     }
 
     /// POSTs `body` to `to`; shared with the message channel.
-    pub async fn post(&self, body: bytes::Bytes, to: &Destination) -> Result<(), SendError> {
+    pub async fn post(&self, body: bytes::Bytes, to: &Destination) -> Result<Accepted, SendError> {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }
@@ -63,7 +63,9 @@ impl RestHook {
             req = req.header(k.as_str(), v.as_str());
         }
         match req.send().await {
-            Ok(resp) if resp.status().is_success() => Ok(()),
+            Ok(resp) if resp.status().is_success() => Ok(Accepted {
+                status: Some(resp.status().as_u16()),
+            }),
             Ok(resp) => Err(SendError::Status(
                 resp.status().as_u16(),
                 retry_after(resp.headers()),
@@ -80,7 +82,7 @@ impl Channel for RestHook {
         ChannelType::RestHook
     }
 
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         self.post(n.body.clone(), to).await
     }
 }

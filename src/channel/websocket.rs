@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-use super::{Channel, Destination, Notification, SendError};
+use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::fhir::subscription::ChannelType;
 
 /// Text frames a socket may have waiting before it counts as too slow and is closed.
@@ -240,7 +240,7 @@ impl Channel for Hub {
     /// one socket wrote it (so a socket that dies with frames queued does not count them as
     /// sent). A socket whose queue is full is too slow: it is closed (its client binds again
     /// and gets what is pending).
-    async fn send(&self, n: &Notification, to: &Destination) -> Result<(), SendError> {
+    async fn send(&self, n: &Notification, to: &Destination) -> Result<Accepted, SendError> {
         let text =
             String::from_utf8(n.body.to_vec()).map_err(|e| SendError::Encode(e.to_string()))?;
         let sockets: Vec<Socket> = self
@@ -268,7 +268,7 @@ impl Channel for Hub {
             ok
         };
         match tokio::time::timeout(to.timeout, any).await {
-            Ok(true) => Ok(()),
+            Ok(true) => Ok(Accepted::default()),
             Ok(false) => Err(SendError::NoListener),
             Err(_) => Err(SendError::Timeout(to.timeout)),
         }

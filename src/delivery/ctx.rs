@@ -21,6 +21,8 @@ pub struct Ctx {
     pub format: Format,
     /// Queue connections for the sends' reads and writes; none is held across a send.
     pub pool: Pool,
+    /// This process's recent attempts, for the console.
+    pub journal: Arc<super::journal::Journal>,
 }
 
 impl Ctx {

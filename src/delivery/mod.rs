@@ -6,6 +6,7 @@
 
 mod ctx;
 pub mod destinations;
+pub mod journal;
 mod lease;
 mod listen;
 mod marks;
@@ -117,6 +118,7 @@ pub async fn run(
     payloads: payload::Payloads,
     channels: Channels,
     registry: Arc<Registry>,
+    journal: Arc<journal::Journal>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
@@ -136,6 +138,7 @@ pub async fn run(
         base_url: cfg.api.base_url(),
         format: cfg.source.fhir_version.into(),
         pool: queue::pool(cfg.queue_url(), cfg.delivery.pool_size)?,
+        journal,
     });
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(listen::run(

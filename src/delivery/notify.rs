@@ -51,7 +51,11 @@ pub async fn notify(
     timeout: Duration,
 ) -> Result<(), SendError> {
     let (n, to) = notification(ctx.format, &ctx.base_url, sub, kind, info, events, timeout)?;
-    ctx.channels.get(sub.channel)?.send(&n, &to).await
+    let started = std::time::Instant::now();
+    let sent = ctx.channels.get(sub.channel)?.send(&n, &to).await;
+    ctx.journal
+        .record(&sub.id, kind, &n.event_numbers, started.elapsed(), &sent);
+    sent.map(|_| ())
 }
 
 /// The notification Bundle and where it goes.
