@@ -84,7 +84,11 @@ for e in subs.get("entry", []):
     s = st["entry"][0]["resource"]
     print(f"demo: $status of Subscription/{sid}: status={s['status']} eventsSinceSubscriptionStart={s['eventsSinceSubscriptionStart']}")
 PY
+echo "demo: fhir-cdc status (read from the slot and the queue; works while the daemon is down too):"
+target/release/fhir-cdc status --config "$config" || true
+echo "demo: the console: http://127.0.0.1:8090/console"
 if [ "$keep" = "--keep" ]; then
   echo "demo: running; write into the store with: $PG_BIN/psql -h 127.0.0.1 -p $PGPORT -U postgres fhir   (Ctrl-C stops)"
+  echo "demo: status again with: target/release/fhir-cdc status --config $config"
   wait
 fi

@@ -39,7 +39,7 @@ enum Command {
 struct StatusArgs {
     #[command(flatten)]
     args: Args,
-    /// Print the report as JSON (stable field names, see the README).
+    /// Print the report as JSON (stable field names, see docs/operations.md).
     #[arg(long)]
     json: bool,
 }

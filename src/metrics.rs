@@ -1,5 +1,5 @@
 //! Every metric the daemon exports, named and described in one place. Code records through
-//! these constants, so a name cannot drift between the recorder and the README.
+//! these constants, so a name cannot drift between the recorder and docs/operations.md.
 
 /// Row operations read from the slot (every published table).
 pub const ROWS: &str = "fhir_cdc_rows_total";

@@ -251,7 +251,7 @@ fn the_shipped_config_files_load() {
 }
 
 /// The commented `[[destination]]` examples of config/example.toml, uncommented, load and
-/// pass validation: the keys the README and the example show are the ones the code takes.
+/// pass validation: the keys the docs and the example show are the ones the code takes.
 #[test]
 fn the_example_destinations_load_when_uncommented() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");

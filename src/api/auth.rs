@@ -401,7 +401,11 @@ mod tests {
     fn what_each_route_needs() {
         use Action::*;
         assert_eq!(required(&Method::GET, "/metrics"), None);
-        assert_eq!(required(&Method::GET, "/console"), None, "the page has no data");
+        assert_eq!(
+            required(&Method::GET, "/console"),
+            None,
+            "the page has no data"
+        );
         assert_eq!(required(&Method::GET, "/console/console.js"), None);
         assert_eq!(
             required(&Method::GET, "/console/api/state"),
