@@ -114,8 +114,36 @@ async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
         "{text}"
     );
 
+    // A receiver failing for now (503): its events wait, counted, with the reason.
+    let flaky =
+        subscribe_active(api, ENCOUNTER_TOPIC, &rx.url("flaky"), "id-only", json!({})).await;
+    rx.answer("flaky", 503);
+    put_encounter(&env.store, "s2b").await;
+    put_encounter(&env.store, "s2c").await;
+    wait_until("flaky in error", Duration::from_secs(60), || async {
+        status(api, &flaky).await["status"] == "error"
+    })
+    .await;
+    let flaky_state = |r: &Value| {
+        let f = sub(r, &flaky);
+        assert_eq!(f["status"], "error", "{f}");
+        assert_eq!(f["pending"], 2, "s2b and s2c wait: {f}");
+        assert!(
+            f["oldest_pending_age_seconds"].as_f64().unwrap() >= 0.0,
+            "{f}"
+        );
+        assert!(f["failures"].as_i64().unwrap() >= 3, "{f}");
+        assert!(
+            f["last_error"].as_str().unwrap().contains("HTTP 503"),
+            "{f}"
+        );
+    };
+    let (code, r) = report(&env);
+    assert_eq!(code, 1);
+    flaky_state(&r);
+
     // The daemon down: status still answers, from the databases, and says capture is not
-    // running; what was written meanwhile is counted as pending.
+    // running; the failing subscription still shows its reason and what waits for it.
     d.kill9();
     wait_until("the slot released", Duration::from_secs(30), || async {
         report(&env).1["slot"]["active"] == false
@@ -124,6 +152,7 @@ async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
     put_encounter(&env.store, "s3").await;
     let (code, r) = report(&env);
     assert_eq!(code, 1);
+    flaky_state(&r);
     assert!(r["capture"]["lock_holder"].is_null(), "{r:#}");
     assert!(
         r["problems"].to_string().contains("is not being read"),
