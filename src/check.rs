@@ -8,6 +8,8 @@ use crate::store::{self, setup};
 /// One finding: ok, or what is wrong and how to fix it.
 pub struct Finding {
     pub ok: bool,
+    /// Works, but an operator should know (printed as WARN; the exit status stays 0).
+    pub warning: bool,
     pub what: String,
     pub fix: Option<String>,
 }
@@ -15,14 +17,37 @@ pub struct Finding {
 fn ok(what: impl Into<String>) -> Finding {
     Finding {
         ok: true,
+        warning: false,
         what: what.into(),
         fix: None,
+    }
+}
+
+fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding {
+        ok: true,
+        warning: true,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// Whether subscribers' secrets are sealed at rest, and with a key that loads.
+fn secrets_at_rest(cfg: &Config) -> Finding {
+    match crate::queue::sealed::load_key(&cfg.security) {
+        Ok(Some(_)) => ok("security: endpoint header values and signing secrets are sealed (AES-256-GCM) in the queue"),
+        Ok(None) => warn(
+            "security: endpoint header values and signing secrets are stored in clear in fhir_cdc.subscription",
+            "set [security] secrets_key_env (or secrets_key_file) to a key from `openssl rand -base64 32`; the next start seals what is stored",
+        ),
+        Err(e) => bad(format!("security: {e}"), "give a 32-byte base64 key (openssl rand -base64 32)"),
     }
 }
 
 fn bad(what: impl Into<String>, fix: impl Into<String>) -> Finding {
     Finding {
         ok: false,
+        warning: false,
         what: what.into(),
         fix: Some(fix.into()),
     }
@@ -49,12 +74,15 @@ async fn destination(d: &crate::config::DestinationConfig) -> Finding {
 }
 
 pub async fn run(cfg: &Config) -> Vec<Finding> {
-    let mut out = vec![ok(format!(
-        "config: {} topic(s), profile {:?}, FHIR {:?}",
-        cfg.topics.len(),
-        cfg.source.profile,
-        cfg.source.fhir_version
-    ))];
+    let mut out = vec![
+        ok(format!(
+            "config: {} topic(s), profile {:?}, FHIR {:?}",
+            cfg.topics.len(),
+            cfg.source.profile,
+            cfg.source.fhir_version
+        )),
+        secrets_at_rest(cfg),
+    ];
     match crate::capture::searcher(cfg).await {
         Ok(s) => {
             for t in &cfg.topics {

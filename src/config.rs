@@ -13,7 +13,9 @@ use crate::fhir::trigger::OnCriteriaError;
 pub use crate::fhir::FhirVersion;
 
 mod destination;
+mod endpoint_auth;
 pub use destination::{BrokerKind, DestinationConfig, DestinationFilter};
+pub use endpoint_auth::{EndpointAuthConfig, EndpointAuthKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -263,6 +265,9 @@ pub struct DeliveryConfig {
     /// 0 (default): send what is ready.
     #[serde(default)]
     pub batch_window_ms: u64,
+    /// OAuth2 client credentials and mutual TLS toward endpoints, by URL prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_auth: Vec<EndpointAuthConfig>,
 }
 
 impl Default for DeliveryConfig {
@@ -379,6 +384,19 @@ pub struct TopicEntry {
     pub inline: serde_json::Map<String, serde_json::Value>,
 }
 
+/// `[security]`: the key that encrypts subscribers' secrets (endpoint header values and
+/// signing secrets) in the queue. Without it they are stored in clear and `check` says so.
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// The environment variable holding the key: 32 bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_key_env: Option<String>,
+    /// … or a file holding it (base64, one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_key_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// The configuration file as written: the TOML shape, before validation. Tests build one
@@ -395,6 +413,8 @@ pub struct ConfigFile {
     pub channels: ChannelsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub security: SecurityConfig,
     #[serde(default)]
     pub topic: Vec<TopicEntry>,
     /// Operator-owned broker destinations (`[[destination]]`).
@@ -411,6 +431,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub channels: ChannelsConfig,
     pub log: LogConfig,
+    pub security: SecurityConfig,
     pub topics: Vec<ConfiguredTopic>,
     pub destinations: Vec<DestinationConfig>,
 }
@@ -493,6 +514,17 @@ impl Config {
             }
         }
         destination::check_all(&raw.destination)?;
+        endpoint_auth::check_all(&mut raw.delivery.endpoint_auth, base)?;
+        if raw.security.secrets_key_env.is_some() && raw.security.secrets_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "security: set secrets_key_env or secrets_key_file, not both".into(),
+            ));
+        }
+        if let Some(f) = &mut raw.security.secrets_key_file {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
         for d in &mut raw.destination {
             d.resolve_paths(base);
         }
@@ -558,6 +590,7 @@ impl Config {
             delivery: raw.delivery,
             channels: raw.channels,
             log: raw.log,
+            security: raw.security,
             topics,
             destinations: raw.destination,
         })
@@ -638,6 +671,10 @@ fn default_id_col() -> String {
 fn default_resource_col() -> String {
     "resource".into()
 }
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 fn yes() -> bool {
     true
 }

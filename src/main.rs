@@ -210,7 +210,12 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
         let findings = check::run(&cfg).await;
         let mut failed = false;
         for f in &findings {
-            if f.ok {
+            if f.warning {
+                println!("WARN  {}", f.what);
+                if let Some(fix) = &f.fix {
+                    println!("      -> {fix}");
+                }
+            } else if f.ok {
                 println!("ok    {}", f.what);
             } else {
                 failed = true;
@@ -226,6 +231,8 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
             std::process::ExitCode::SUCCESS
         });
     }
+    // Subscribers' secrets are sealed with this key wherever this process writes them.
+    fhir_cdc::queue::sealed::install(fhir_cdc::queue::sealed::load_key(&cfg.security)?);
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;

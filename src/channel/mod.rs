@@ -8,6 +8,7 @@ pub mod email;
 pub mod memory;
 pub mod message;
 pub mod nats;
+pub mod oauth;
 pub mod rest_hook;
 pub mod signing;
 pub mod websocket;
@@ -130,6 +131,8 @@ pub enum ChannelsError {
     Email(#[from] email::EmailConfigError),
     #[error(transparent)]
     Broker(#[from] broker::BrokerConfigError),
+    #[error(transparent)]
+    EndpointAuth(#[from] rest_hook::EndpointAuthError),
 }
 
 /// The channels of this process, by type.
@@ -149,10 +152,11 @@ impl Channels {
     ) -> Result<Self, ChannelsError> {
         // Every topic's sends may be under way at once, possibly to one host.
         let concurrency = cfg.topics.iter().map(|t| t.workers).sum::<usize>();
-        let http = rest_hook::RestHook::new(
+        let http = rest_hook::RestHook::with_endpoint_auth(
             cfg.delivery.allow_private_endpoints,
             concurrency.max(cfg.delivery.workers),
-        );
+            &cfg.delivery.endpoint_auth,
+        )?;
         let format = cfg.source.fhir_version.into();
         let mut channels = Channels::default()
             .with(Arc::new(http.clone()))

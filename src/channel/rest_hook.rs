@@ -12,13 +12,56 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::oauth::{OAuth, OAuthConfigError};
 use super::{Accepted, Channel, Destination, Notification, SendError};
+use crate::config::{EndpointAuthConfig, EndpointAuthKind};
 use crate::fhir::subscription::{is_private_ip, ChannelType};
 
 #[derive(Clone)]
 pub struct RestHook {
     client: reqwest::Client,
     allow_private: bool,
+    routes: Arc<Routes>,
+}
+
+/// `[[delivery.endpoint_auth]]`, longest prefix first: a client with a certificate (mTLS)
+/// and a token source (OAuth2) per prefix.
+#[derive(Default)]
+struct Routes {
+    mtls: Vec<(String, reqwest::Client)>,
+    oauth: Vec<(String, Arc<OAuth>)>,
+}
+
+impl Routes {
+    fn client_for(&self, endpoint: &str) -> Option<&reqwest::Client> {
+        longest(&self.mtls, endpoint)
+    }
+
+    fn oauth_for(&self, endpoint: &str) -> Option<&Arc<OAuth>> {
+        longest(&self.oauth, endpoint)
+    }
+}
+
+fn longest<'a, T>(list: &'a [(String, T)], endpoint: &str) -> Option<&'a T> {
+    list.iter()
+        .filter(|(p, _)| endpoint.starts_with(p.as_str()))
+        .max_by_key(|(p, _)| p.len())
+        .map(|(_, t)| t)
+}
+
+/// Why `[[delivery.endpoint_auth]]` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointAuthError {
+    #[error("endpoint_auth {prefix}: cannot read {path}: {why}")]
+    File {
+        prefix: String,
+        path: String,
+        why: String,
+    },
+    #[error("endpoint_auth {prefix}: {why}")]
+    Tls { prefix: String, why: String },
+    #[error(transparent)]
+    OAuth(#[from] OAuthConfigError),
 }
 
 impl RestHook {
@@ -28,51 +71,160 @@ impl RestHook {
     /// TLS) connection of its own: with 100 subscriptions on one receiver that was most of
     /// the fan-out's cost.
     pub fn new(allow_private: bool, concurrency: usize) -> Self {
-        let mut b = reqwest::Client::builder()
-            .user_agent(concat!("fhir-cdc/", env!("CARGO_PKG_VERSION")))
-            // Redirects could lead a notification somewhere the subscription did not name.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(concurrency.max(8));
-        if !allow_private {
-            b = b.dns_resolver(Arc::new(PublicOnly));
-        }
-        let client = b.build().expect("static HTTP client configuration");
+        let client = builder(allow_private, concurrency)
+            .build()
+            .expect("static HTTP client configuration");
         RestHook {
             client,
             allow_private,
+            routes: Arc::default(),
         }
     }
 
-    /// POSTs `body` to `to`; shared with the message channel.
+    /// The same, with OAuth2 and mutual TLS toward the endpoints the entries name.
+    pub fn with_endpoint_auth(
+        allow_private: bool,
+        concurrency: usize,
+        entries: &[EndpointAuthConfig],
+    ) -> Result<Self, EndpointAuthError> {
+        let mut hook = Self::new(allow_private, concurrency);
+        let mut routes = Routes::default();
+        for e in entries {
+            match e.kind {
+                EndpointAuthKind::Mtls => {
+                    let b = with_ca(builder(allow_private, concurrency), e)?;
+                    let b = b.identity(identity(e)?);
+                    let client = b.build().map_err(|err| tls_error(e, err))?;
+                    routes.mtls.push((e.prefix.clone(), client));
+                }
+                EndpointAuthKind::Oauth2 => {
+                    // The token endpoint is the operator's: no private-address rule.
+                    let b = with_ca(builder(true, 4), e)?;
+                    let http = b.build().map_err(|err| tls_error(e, err))?;
+                    routes
+                        .oauth
+                        .push((e.prefix.clone(), Arc::new(OAuth::from_config(e, http)?)));
+                }
+            }
+        }
+        hook.routes = Arc::new(routes);
+        Ok(hook)
+    }
+
+    /// POSTs `body` to `to`; shared with the message channel. With OAuth2 for the endpoint,
+    /// a 401 fetches a new token and tries once more before the send counts as failed.
     pub async fn post(&self, body: bytes::Bytes, to: &Destination) -> Result<Accepted, SendError> {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }
-        let mut req = self
-            .client
-            .post(&to.endpoint)
-            .timeout(to.timeout)
-            .header(reqwest::header::CONTENT_TYPE, to.content_type.as_str());
-        if let Some(secret) = &to.signing_secret {
-            for (name, value) in super::signing::headers(secret, &body, Utc::now().timestamp()) {
-                req = req.header(name, value);
+        let client = self.routes.client_for(&to.endpoint).unwrap_or(&self.client);
+        let Some(oauth) = self.routes.oauth_for(&to.endpoint) else {
+            return send_once(client, &body, to, None).await;
+        };
+        let token = oauth.token().await?;
+        match send_once(client, &body, to, Some(&token)).await {
+            Err(SendError::Status(401, _)) => {
+                let fresh = oauth.refresh(&token).await?;
+                send_once(client, &body, to, Some(&fresh)).await
             }
+            other => other,
         }
-        req = req.body(body);
-        for (k, v) in &to.headers {
-            req = req.header(k.as_str(), v.as_str());
+    }
+}
+
+fn builder(allow_private: bool, concurrency: usize) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
+        .user_agent(concat!("fhir-cdc/", env!("CARGO_PKG_VERSION")))
+        // Redirects could lead a notification somewhere the subscription did not name.
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(concurrency.max(8));
+    if !allow_private {
+        b = b.dns_resolver(Arc::new(PublicOnly));
+    }
+    b
+}
+
+fn read(e: &EndpointAuthConfig, path: &std::path::Path) -> Result<Vec<u8>, EndpointAuthError> {
+    std::fs::read(path).map_err(|err| EndpointAuthError::File {
+        prefix: e.prefix.clone(),
+        path: path.display().to_string(),
+        why: err.to_string(),
+    })
+}
+
+fn tls_error(e: &EndpointAuthConfig, err: impl std::fmt::Display) -> EndpointAuthError {
+    EndpointAuthError::Tls {
+        prefix: e.prefix.clone(),
+        why: err.to_string(),
+    }
+}
+
+/// The entry's CA, instead of the system's roots.
+fn with_ca(
+    b: reqwest::ClientBuilder,
+    e: &EndpointAuthConfig,
+) -> Result<reqwest::ClientBuilder, EndpointAuthError> {
+    let Some(path) = &e.ca_file else {
+        return Ok(b);
+    };
+    let certs = reqwest::Certificate::from_pem_bundle(&read(e, path)?)
+        .map_err(|err| tls_error(e, format!("ca_file: {err}")))?;
+    Ok(b.tls_certs_only(certs))
+}
+
+/// The client certificate chain and key, as one PEM.
+fn identity(e: &EndpointAuthConfig) -> Result<reqwest::Identity, EndpointAuthError> {
+    let (Some(cert), Some(key)) = (&e.cert_file, &e.key_file) else {
+        return Err(tls_error(e, "mtls needs cert_file and key_file"));
+    };
+    let mut pem = read(e, cert)?;
+    pem.push(b'\n');
+    pem.extend(read(e, key)?);
+    reqwest::Identity::from_pem(&pem)
+        .map_err(|err| tls_error(e, format!("cert_file/key_file: {err}")))
+}
+
+/// One POST; the OAuth2 token, when there is one, replaces any `Authorization` the
+/// subscription's own headers set.
+async fn send_once(
+    client: &reqwest::Client,
+    body: &bytes::Bytes,
+    to: &Destination,
+    token: Option<&str>,
+) -> Result<Accepted, SendError> {
+    let mut req = client
+        .post(&to.endpoint)
+        .timeout(to.timeout)
+        .header(reqwest::header::CONTENT_TYPE, to.content_type.as_str());
+    if let Some(secret) = &to.signing_secret {
+        for (name, value) in super::signing::headers(secret, body, Utc::now().timestamp()) {
+            req = req.header(name, value);
         }
-        match req.send().await {
-            Ok(resp) if resp.status().is_success() => Ok(Accepted {
-                status: Some(resp.status().as_u16()),
-            }),
-            Ok(resp) => Err(SendError::Status(
-                resp.status().as_u16(),
-                retry_after(resp.headers()),
-            )),
-            Err(e) if e.is_timeout() => Err(SendError::Timeout(to.timeout)),
-            Err(e) => Err(connect_error(e)),
-        }
+    }
+    req = req.body(body.clone());
+    for (k, v) in &to.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let mut request = req
+        .build()
+        .map_err(|e| SendError::Refused(e.without_url().to_string()))?;
+    if let Some(t) = token {
+        let v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|_| SendError::Other("the token endpoint gave an unusable token".into()))?;
+        request
+            .headers_mut()
+            .insert(reqwest::header::AUTHORIZATION, v);
+    }
+    match client.execute(request).await {
+        Ok(resp) if resp.status().is_success() => Ok(Accepted {
+            status: Some(resp.status().as_u16()),
+        }),
+        Ok(resp) => Err(SendError::Status(
+            resp.status().as_u16(),
+            retry_after(resp.headers()),
+        )),
+        Err(e) if e.is_timeout() => Err(SendError::Timeout(to.timeout)),
+        Err(e) => Err(connect_error(e)),
     }
 }
 

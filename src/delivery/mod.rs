@@ -123,6 +123,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut client).await?;
+    let sealed = queue::sealed::seal_existing(&client).await?;
+    if sealed > 0 {
+        tracing::info!(
+            subscriptions = sealed,
+            "sealed the endpoint secrets written before the [security] key was configured"
+        );
+    }
     if !cfg.destinations.is_empty() || has_config_rows(&client).await? {
         let topics = registry.all().await?;
         destinations::sync(&client, &cfg, &topics, payloads.search_registry()).await?;

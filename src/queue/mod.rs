@@ -10,6 +10,7 @@ pub mod gaps;
 pub mod matched;
 pub mod migrate;
 pub mod retention;
+pub mod sealed;
 pub mod subscriptions;
 pub mod topics;
 

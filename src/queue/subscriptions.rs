@@ -54,6 +54,7 @@ const COLUMNS: &str =
 
 impl SubscriptionRow {
     fn from_row(r: &Row) -> Self {
+        let id: String = r.get("id");
         let headers: Value = r.get("headers");
         let headers = headers
             .as_array()
@@ -62,14 +63,16 @@ impl SubscriptionRow {
                     .filter_map(|h| {
                         Some((
                             h.get(0)?.as_str()?.to_string(),
-                            h.get(1)?.as_str()?.to_string(),
+                            opened(&id, h.get(1)?.as_str()?),
                         ))
                     })
                     .collect()
             })
             .unwrap_or_default();
+        let secret: Option<String> = r.get("signing_secret");
         SubscriptionRow {
-            id: r.get("id"),
+            signing_secret: secret.map(|s| opened(&id, &s)),
+            id,
             origin: r.get("origin"),
             topic: r.get("topic"),
             status: Status::parse(r.get("status")).unwrap_or(Status::Off),
@@ -78,7 +81,6 @@ impl SubscriptionRow {
             content: Content::parse(r.get("content")).unwrap_or(Content::Empty),
             content_type: r.get("content_type"),
             headers,
-            signing_secret: r.get("signing_secret"),
             timeout: r.get("timeout"),
             max_count: r.get("max_count"),
             heartbeat_period: r.get("heartbeat_period"),
@@ -126,6 +128,19 @@ impl SubscriptionRow {
     }
 }
 
+/// A sealed secret, opened. Delivery's start proves the key opens every stored one
+/// (`sealed::seal_existing`), so a failure here means the row changed since: the value is
+/// left sealed (a receiver refuses it; the secret never leaves in clear) and logged.
+fn opened(id: &str, stored: &str) -> String {
+    match super::sealed::open(id, stored) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(subscription = %id, error = %e, "cannot open a stored secret");
+            stored.to_string()
+        }
+    }
+}
+
 /// Records a Subscription from the store that was refused, in `error` with the reason.
 pub async fn refuse<C: GenericClient>(
     c: &C,
@@ -134,6 +149,9 @@ pub async fn refuse<C: GenericClient>(
     resource: &Value,
     reason: &str,
 ) -> Result<()> {
+    let mut resource = resource.clone();
+    super::sealed::seal_resource(id, &mut resource);
+    let resource = &resource;
     c.execute(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, resource, start_event_id,
@@ -155,11 +173,19 @@ pub async fn upsert<C: GenericClient>(
     spec: &SubscriptionSpec,
     resource: &Value,
 ) -> Result<()> {
-    let headers: Value = spec
+    let mut headers: Value = spec
         .headers
         .iter()
         .map(|(k, v)| Value::Array(vec![k.clone().into(), v.clone().into()]))
         .collect();
+    super::sealed::seal_headers(id, &mut headers);
+    let secret = spec
+        .signing_secret
+        .as_deref()
+        .map(|s| super::sealed::seal(id, s));
+    let mut resource = resource.clone();
+    super::sealed::seal_resource(id, &mut resource);
+    let resource = &resource;
     c.execute(
         "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
@@ -213,7 +239,7 @@ pub async fn upsert<C: GenericClient>(
             &spec.end,
             &serde_json::to_value(&spec.filters).unwrap_or_else(|_| Value::Array(vec![])),
             &spec.channel.as_str(),
-            &spec.signing_secret,
+            &secret,
         ],
     )
     .await?;

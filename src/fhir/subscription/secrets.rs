@@ -85,6 +85,29 @@ pub fn restore_headers(incoming: &mut Value, stored: &Value) {
     }
 }
 
+/// Applies `f` to every secret a Subscription resource holds: header values (R5
+/// `parameter[].value`, the value part of R4/R4B `channel.header[]`) and the signing
+/// secret. Sealing at rest uses it.
+pub fn map_secrets(resource: &mut Value, mut f: impl FnMut(&str) -> String) {
+    if let Some(e) = secret_extension(resource) {
+        if let Some(v) = e.get("valueString").and_then(Value::as_str) {
+            e["valueString"] = Value::String(f(v));
+        }
+    }
+    if let Some(ps) = resource.get_mut("parameter").and_then(Value::as_array_mut) {
+        for p in ps {
+            if let Some(v) = p.get("value").and_then(Value::as_str) {
+                p["value"] = Value::String(f(v));
+            }
+        }
+    }
+    for h in channel_headers(resource) {
+        if let Some((name, value)) = h.as_str().and_then(|s| s.split_once(':')) {
+            *h = Value::String(format!("{name}: {}", f(value.trim())));
+        }
+    }
+}
+
 fn secret_extension(resource: &mut Value) -> Option<&mut Value> {
     resource
         .get_mut("extension")?
@@ -108,6 +131,21 @@ fn channel_headers(resource: &mut Value) -> Vec<&mut Value> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn every_secret_is_mapped_and_nothing_else() {
+        let mut r = json!({
+            "extension": [{"url": SECRET_EXTENSION, "valueString": "sign-me"}],
+            "parameter": [{"name": "Authorization", "value": "Bearer A"}],
+            "channel": {"header": ["X-Key: k1"], "endpoint": "https://x/"}
+        });
+        map_secrets(&mut r, |s| format!("<{s}>"));
+        assert_eq!(r["extension"][0]["valueString"], "<sign-me>");
+        assert_eq!(r["parameter"][0]["value"], "<Bearer A>");
+        assert_eq!(r["parameter"][0]["name"], "Authorization");
+        assert_eq!(r["channel"]["header"][0], "X-Key: <k1>");
+        assert_eq!(r["channel"]["endpoint"], "https://x/");
+    }
 
     #[test]
     fn r5_parameters_are_redacted_and_restored_by_name() {
