@@ -360,3 +360,52 @@ fn the_kubernetes_config_loads() {
     let cfg = fhir_cdc::config::Config::load(&path);
     assert!(cfg.is_ok(), "{:?}", cfg.err());
 }
+
+/// The commented `[[delivery.endpoint_auth]]` and `[security]` examples of
+/// config/example.toml, uncommented, load and pass validation.
+#[test]
+fn the_example_endpoint_auth_and_security_load_when_uncommented() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    let text = std::fs::read_to_string(dir.join("example.toml")).unwrap();
+    let start = text
+        .find("# [[delivery.endpoint_auth]]")
+        .expect("example endpoint_auth");
+    let end = text
+        .find("# [channels.websocket]")
+        .expect("the next section");
+    let mut out = text[..start].to_string();
+    for line in text[start..end].lines() {
+        // Settings only (a table header or `key = value`), not the prose around them.
+        if let Some(l) = line.strip_prefix("# ") {
+            let key = l.split(" = ").next().unwrap_or("");
+            let setting = !key.is_empty()
+                && l.contains(" = ")
+                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            if l.starts_with('[') || setting {
+                out.push_str(l);
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str(&text[end..]);
+    let cfg = fhir_cdc::config::Config::from_toml(&out, &dir)
+        .unwrap_or_else(|e| panic!("{e}\n{}", &out[start..]));
+    let kinds: Vec<_> = cfg
+        .delivery
+        .endpoint_auth
+        .iter()
+        .map(|e| (e.prefix.as_str(), e.kind))
+        .collect();
+    use fhir_cdc::config::EndpointAuthKind::{Mtls, Oauth2};
+    assert_eq!(
+        kinds,
+        [
+            ("https://engine.example.org/", Oauth2),
+            ("https://engine.example.org/", Mtls)
+        ]
+    );
+    assert_eq!(
+        cfg.security.secrets_key_env.as_deref(),
+        Some("FHIR_CDC_SECRETS_KEY")
+    );
+}

@@ -296,4 +296,26 @@ async fn with_a_key_the_queue_holds_only_ciphertext_and_old_secrets_are_sealed_a
     }
     let log = env.log_text();
     assert!(!log.contains(SECRET) && !log.contains(SIGNING));
+
+    // Another key does not open them: a delivery process refuses to start, rather than
+    // send ciphertext as a credential.
+    std::env::set_var(
+        "FHIR_CDC_SECRETS_TEST_OTHER_KEY",
+        "OTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTBmZWRjYmE=",
+    );
+    let other = env.config_variant("other-key.toml", |c| {
+        c.security.secrets_key_env = Some("FHIR_CDC_SECRETS_TEST_OTHER_KEY".into());
+        c.api.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-cdc"))
+        .args(["deliver", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a wrong key must stop delivery");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not open with the [security] key"),
+        "{err}"
+    );
 }
