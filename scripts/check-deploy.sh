@@ -2,7 +2,7 @@
 # Checks the deploy files CI cannot run: the Kubernetes manifests against a current
 # Kubernetes schema (kubernetes-validate, PyPI) and the Prometheus rules (promtool, Debian's
 # `prometheus`). Installs what is missing: promtool with apt, kubernetes-validate in a venv
-# under ~/.cache/fhir-cdc. (Every metric these files name is checked by tests/examples.rs.)
+# under ~/.cache/fhir-cdc. (Every metric these files name is checked by tests/it/examples.rs.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

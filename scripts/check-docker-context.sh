@@ -97,5 +97,5 @@ PY
 
 # The build stage's build, on exactly those files.
 (cd "$ctx" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}" cargo check --release --locked --quiet --bin fhir-cdc)
-# (The config files under config/ are loaded by tests/examples.rs.)
+# (The config files under config/ are loaded by tests/it/examples.rs.)
 echo "check-docker-context: ok"

@@ -14,7 +14,7 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need_apt+=(python3-venv)
 fi
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
-  need_apt+=(chromium)   # tests/console.rs drives /console headless
+  need_apt+=(chromium)   # tests/it/console.rs drives /console headless
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test.sh: installing ${need_apt[*]} with apt" >&2
@@ -29,7 +29,7 @@ if [ -z "${FHIR_VALIDATOR_DIR:-}" ]; then
   export FHIR_VALIDATOR_DIR
 fi
 
-# NATS (JetStream) and RabbitMQ for tests/brokers.rs: the local ones, or started here.
+# NATS (JetStream) and RabbitMQ for tests/it/brokers.rs: the local ones, or started here.
 source scripts/brokers.sh
 
 cargo test --all-targets "$@"

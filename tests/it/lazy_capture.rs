@@ -1,0 +1,180 @@
+//! Capture's lazy path (parse only the members the topics' plans read, give the FHIRPath
+//! engine the complete resource when an expression has no plan) against the full path
+//! (parse everything) on the workload generator's resources of every type: the same events
+//! fire, with the same canFilterBy values, for every search parameter of each type.
+//!
+//! No Postgres: the changes go straight to the matcher, as the stream hands them over.
+
+use bytes::Bytes;
+use chrono::Utc;
+use fhir_cdc::capture::assemble::{Commit, Parsed, ResourceChange};
+use fhir_cdc::capture::control::{Active, Topics};
+use fhir_cdc::capture::matcher::Matcher;
+use fhir_cdc::capture::read::Wanted;
+use fhir_cdc::config::FhirVersion;
+use fhir_cdc::fhir::fhirpath::FhirPath;
+use fhir_cdc::fhir::fields::Fields;
+use fhir_cdc::fhir::search::registry::Registry;
+use fhir_cdc::fhir::search::Searcher;
+use fhir_cdc::fhir::topic::{Interaction, Topic};
+use fhir_cdc::fhir::trigger;
+use fhir_cdc::queue::batch::QueuedEvent;
+use fhir_cdc::store::{Body, Format, RowChange};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Resources of the workload by type, at most `per_type` of each.
+fn resources(per_type: usize) -> BTreeMap<String, Vec<Value>> {
+    let path = crate::common::workload_file(&["3000", "7", "resources"]);
+    let mut by_type: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for line in std::fs::read_to_string(&path).unwrap().lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let ty = r["resourceType"].as_str().unwrap().to_string();
+        let list = by_type.entry(ty).or_default();
+        if list.len() < per_type {
+            list.push(r);
+        }
+    }
+    by_type
+}
+
+/// For each type: one topic filtering by every search parameter of the type (composites
+/// aside: see below), with or without a plan; one with
+/// queryCriteria on its status-like and date parameters; one with a plain-path
+/// fhirPathCriteria (decided on the JSON) and one only the engine decides.
+fn topics(registry: &Registry, types: &[String]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for ty in types {
+        // Composite parameters (`Observation`, `Observation | Observation.component`) read
+        // the resource itself, so a topic using one parses it whole: they are left out here
+        // to keep the lazy path lazy; every other parameter of the type is in.
+        let params: Vec<Value> = registry
+            .of_type(ty)
+            .iter()
+            .filter(|p| p.plan.as_ref().is_none_or(|plan| plan.top_keys().is_some()))
+            .map(|p| json!({"resource": ty, "filterParameter": p.code}))
+            .collect();
+        out.push(
+            json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/all"),
+            "status": "active",
+            "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"]}],
+            "canFilterBy": params}),
+        );
+        let status = if registry.get(ty, "status").is_some() {
+            "status:not=entered-in-error"
+        } else {
+            "_lastUpdated=ge2000-01-01"
+        };
+        out.push(
+            json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/query"),
+            "status": "active",
+            "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"],
+                "queryCriteria": {"previous": status, "current": status,
+                    "resultForCreate": "test-passes", "requireBoth": false}}]}),
+        );
+        out.push(json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/fast"),
+            "status": "active",
+            "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"],
+                "fhirPathCriteria": "%current.status = 'final' or %current.status = 'active' or %previous.status != %current.status"}]}));
+        out.push(json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/engine"),
+            "status": "active",
+            "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"],
+                "fhirPathCriteria": "%current.descendants().ofType(Coding).where(code.exists()).count() > 1 or %current.identifier.exists()"}]}));
+    }
+    out
+}
+
+fn change(current: &Value, previous: Option<&Value>, n: usize) -> ResourceChange {
+    let row = |r: &Value, i: Interaction| RowChange {
+        resource_type: r["resourceType"].as_str().unwrap().into(),
+        id: r["id"].as_str().unwrap_or("x").into(),
+        version_id: Some(n.to_string()),
+        last_updated: Some("2026-12-01T00:00:00+00:00".into()),
+        interaction: i,
+        body: Body::Text(Bytes::from(r.to_string())),
+        tenant: None,
+        key: None,
+        format: Format::Fhir,
+    };
+    let interaction = if previous.is_some() {
+        Interaction::Update
+    } else {
+        Interaction::Create
+    };
+    ResourceChange {
+        relation_id: 1,
+        current: row(current, interaction),
+        previous: previous.map(|p| row(p, Interaction::Update)),
+        commit: Commit {
+            lsn: n as u64,
+            xid: n as u32,
+            time: Utc::now(),
+        },
+        parsed: Parsed::default(),
+    }
+}
+
+fn summary(e: Option<QueuedEvent>) -> Option<(Vec<String>, Option<Value>)> {
+    e.map(|e| {
+        (
+            e.topics.iter().map(|t| t.to_string()).collect(),
+            e.filters
+                .map(|f| serde_json::from_str::<Value>(&f).expect("filters are JSON")),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_and_full_parsing_give_the_same_events_and_filter_values() {
+    let by_type = resources(60);
+    assert!(by_type.len() >= 5, "types: {:?}", by_type.keys());
+    let v = FhirVersion::R4;
+    let searcher = Arc::new(Searcher {
+        fp: FhirPath::new(v).await.unwrap(),
+        registry: Arc::new(Registry::load(v)),
+    });
+    let types: Vec<String> = by_type.keys().cloned().collect();
+    let active: Vec<Active> = topics(&searcher.registry, &types)
+        .iter()
+        .map(|t| {
+            let t = Topic::from_json(t).unwrap();
+            let c = trigger::compile(&t, &searcher.registry, &searcher.fp).unwrap();
+            Active::new(t, c, None)
+        })
+        .collect();
+    let topics = Topics::new(active, searcher.clone());
+    let lazy_fields = topics.fields();
+    // The lazy path really is lazy: most members of each type are left unparsed.
+    for (ty, f) in &lazy_fields {
+        assert!(!f.is_all(), "{ty}: the plans read a bounded set of members");
+    }
+    let lazy = Wanted::default();
+    lazy.set(lazy_fields);
+    let full = Wanted::default();
+    full.set(
+        types
+            .iter()
+            .map(|t| (t.clone(), Arc::new(Fields::all())))
+            .collect::<HashMap<_, _>>(),
+    );
+    let mut lazy_m = Matcher::new(searcher.clone(), lazy);
+    let mut full_m = Matcher::new(searcher.clone(), full);
+    let (mut compared, mut with_filters) = (0, 0);
+    for list in by_type.values() {
+        for (i, r) in list.iter().enumerate() {
+            // A create, and an update from the type's previous resource.
+            let prev = (i > 0).then(|| &list[i - 1]);
+            for c in [change(r, None, i), change(r, prev, i)] {
+                let a = summary(lazy_m.event(&topics.active, &c).await);
+                let b = summary(full_m.event(&topics.active, &c).await);
+                assert_eq!(a, b, "{}", c.current.reference());
+                compared += 1;
+                with_filters += usize::from(b.is_some_and(|(_, f)| f.is_some()));
+            }
+        }
+    }
+    // Progress: changes were compared, and they carried filter values.
+    assert!(compared >= 300, "{compared} changes compared");
+    assert!(with_filters >= compared / 2, "{with_filters} of {compared}");
+}
