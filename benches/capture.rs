@@ -11,6 +11,10 @@
 //! ns and heap allocations per row for 1 topic and for bench.sh's 20 topics, beside
 //! `serde_json` parsing the same bodies into a `Value` (the cost the lazy path avoids).
 
+// Benchmarks, examples and tests may unwrap (a panic there is a failed run, not a daemon),
+// and their `pub` items are for their own modules.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use bytes::{BufMut, Bytes, BytesMut};
 use fhir_cdc::capture::assemble::Assembler;
 use fhir_cdc::capture::control::{Active, Role, Topics};

@@ -7,6 +7,10 @@
 //! limit measured in the same run: parsing the same resources' JSON (which capture must
 //! do for any change a criterion looks at).
 
+// Benchmarks, examples and tests may unwrap (a panic there is a failed run, not a daemon),
+// and their `pub` items are for their own modules.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use fhir_cdc::config::FhirVersion;
 use fhir_cdc::fhir::fhirpath::FhirPath;
 use fhir_cdc::fhir::search::registry::Registry;

@@ -18,6 +18,10 @@
 //!
 //! AMQP URLs carry the password here (a bench, not a destination).
 
+// Benchmarks, examples and tests may unwrap (a panic there is a failed run, not a daemon),
+// and their `pub` items are for their own modules.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use async_nats::jetstream;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,

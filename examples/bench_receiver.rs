@@ -5,6 +5,10 @@
 //!
 //!   cargo run --release --example bench_receiver -- 127.0.0.1:9999
 
+// Benchmarks, examples and tests may unwrap (a panic there is a failed run, not a daemon),
+// and their `pub` items are for their own modules.
+#![allow(clippy::unwrap_used, unreachable_pub)]
+
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;

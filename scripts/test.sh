@@ -32,4 +32,4 @@ fi
 # NATS (JetStream) and RabbitMQ for tests/it/brokers.rs: the local ones, or started here.
 source scripts/brokers.sh
 
-cargo test --all-targets "$@"
+cargo test --all-targets --features failpoints "$@"

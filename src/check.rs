@@ -83,6 +83,44 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         )),
         secrets_at_rest(cfg),
     ];
+    out.extend(topic_findings(cfg).await);
+    if let Some(e) = &cfg.channels.email {
+        out.push(email(e).await);
+    }
+    for d in &cfg.destinations {
+        out.push(destination(d).await);
+    }
+    if cfg.topics.is_empty() {
+        out.push(bad(
+            "no [[topic]] configured: nothing will ever match",
+            "add a [[topic]] entry (see config/example.toml)",
+        ));
+    }
+    let store = match queue::connect(&cfg.source.url).await {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(bad(format!("cannot connect to source.url: {e}"), "check source.url (or FHIR_CDC_SOURCE_URL), that Postgres runs and accepts this user"));
+            return out;
+        }
+    };
+    out.push(ok(format!(
+        "connected to the store database ({})",
+        tls_state(&store).await
+    )));
+    out.extend(server_findings(cfg, &store).await);
+    out.push(publication_finding(cfg, &store).await);
+    out.extend(reads_finding(cfg, &store).await);
+    out.extend(replica_identity_findings(cfg, &store).await);
+    out.push(wal_keep_finding(&store).await);
+    out.push(slot_finding(cfg, &store).await);
+    out.push(queue_finding(cfg).await);
+    out
+}
+
+/// Each topic compiles against the search parameters and FHIRPath of the FHIR version, and
+/// which of its criteria fail on a minimal resource.
+async fn topic_findings(cfg: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
     match crate::capture::searcher(cfg).await {
         Ok(s) => {
             for t in &cfg.topics {
@@ -107,30 +145,13 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
         }
         Err(e) => out.push(bad(format!("FHIRPath engine: {e}"), "report this as a bug")),
     }
-    if let Some(e) = &cfg.channels.email {
-        out.push(email(e).await);
-    }
-    for d in &cfg.destinations {
-        out.push(destination(d).await);
-    }
-    if cfg.topics.is_empty() {
-        out.push(bad(
-            "no [[topic]] configured: nothing will ever match",
-            "add a [[topic]] entry (see config/example.toml)",
-        ));
-    }
-    let store = match queue::connect(&cfg.source.url).await {
-        Ok(c) => c,
-        Err(e) => {
-            out.push(bad(format!("cannot connect to source.url: {e}"), "check source.url (or FHIR_CDC_SOURCE_URL), that Postgres runs and accepts this user"));
-            return out;
-        }
-    };
-    out.push(ok(format!(
-        "connected to the store database ({})",
-        tls_state(&store).await
-    )));
-    match setup::wal_level(&store).await {
+    out
+}
+
+/// The server's side: wal_level, the user's REPLICATION attribute, a free slot.
+async fn server_findings(cfg: &Config, store: &tokio_postgres::Client) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match setup::wal_level(store).await {
         Ok(level) if level == "logical" => out.push(ok("wal_level = logical")),
         Ok(level) => out.push(bad(
             format!("wal_level = {level} (logical replication needs logical)"),
@@ -141,7 +162,7 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             "grant the user access to pg_settings",
         )),
     }
-    match setup::may_replicate(&store).await {
+    match setup::may_replicate(store).await {
         Ok(true) => out.push(ok("the user may replicate")),
         Ok(_) => out.push(bad(
             "the user lacks the REPLICATION attribute",
@@ -152,11 +173,11 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             "check the user",
         )),
     }
-    match setup::free_slots(&store).await {
+    match setup::free_slots(store).await {
         Ok(free) => {
             if free > 0
                 || matches!(
-                    setup::slot_plugin(&store, &cfg.source.slot).await,
+                    setup::slot_plugin(store, &cfg.source.slot).await,
                     Ok(Some(_))
                 )
             {
@@ -173,55 +194,57 @@ pub async fn run(cfg: &Config) -> Vec<Finding> {
             "check the user",
         )),
     }
-    out.push(publication_finding(cfg, &store).await);
-    out.extend(reads_finding(cfg, &store).await);
-    out.extend(replica_identity_findings(cfg, &store).await);
-    out.push(wal_keep_finding(&store).await);
-    match setup::slot_state(&store, &cfg.source.slot).await {
-        Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => out.push(bad(
+    out
+}
+
+/// The slot: missing (and whether capture creates it), healthy, lost, or of another plugin.
+async fn slot_finding(cfg: &Config, store: &tokio_postgres::Client) -> Finding {
+    match setup::slot_state(store, &cfg.source.slot).await {
+        Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => bad(
             format!("slot {} was invalidated (wal_status lost): changes since the last checkpoint were not captured", cfg.source.slot),
             "fhir-cdc capture --resync-from-now  -- makes a new slot and captures from now on; the gap is logged",
-        )),
-        Ok(Some(s)) if s.plugin == "pgoutput" => out.push(ok(format!(
+        ),
+        Ok(Some(s)) if s.plugin == "pgoutput" => ok(format!(
             "slot {} exists (pgoutput, wal_status {})",
             cfg.source.slot,
             s.wal_status.as_deref().unwrap_or("unknown")
-        ))),
-        Ok(Some(s)) => out.push(bad(
+        )),
+        Ok(Some(s)) => bad(
             format!("slot {} uses plugin {}", cfg.source.slot, s.plugin),
             format!(
                 "SELECT pg_drop_replication_slot('{}');  -- or set source.slot to another name",
                 cfg.source.slot
             ),
-        )),
-        Ok(None) if cfg.source.create_missing => out.push(ok(format!(
+        ),
+        Ok(None) if cfg.source.create_missing => ok(format!(
             "slot {} is missing; capture will create it: {}",
             cfg.source.slot,
             setup::slot_sql(&cfg.source.slot)
-        ))),
-        Ok(None) => out.push(bad(
+        )),
+        Ok(None) => bad(
             format!("slot {} is missing", cfg.source.slot),
             setup::slot_sql(&cfg.source.slot),
-        )),
-        Err(e) => out.push(bad(format!("cannot read slots: {e}"), "check the user")),
+        ),
+        Err(e) => bad(format!("cannot read slots: {e}"), "check the user"),
     }
+}
+
+/// The queue database: reachable, and schema fhir_cdc can be created there.
+async fn queue_finding(cfg: &Config) -> Finding {
     match queue::connect(cfg.queue_url()).await {
         Ok(q) => match queue::can_hold_schema(&q).await {
-            Ok(true) => out.push(ok(
-                "queue database reachable; schema fhir_cdc can be created",
-            )),
-            Ok(_) => out.push(bad(
+            Ok(true) => ok("queue database reachable; schema fhir_cdc can be created"),
+            Ok(_) => bad(
                 "the user cannot create schema fhir_cdc in the queue database",
                 "GRANT CREATE ON DATABASE <db> TO <user>;",
-            )),
-            Err(e) => out.push(bad(format!("queue database: {e}"), "check queue.url")),
+            ),
+            Err(e) => bad(format!("queue database: {e}"), "check queue.url"),
         },
-        Err(e) => out.push(bad(
+        Err(e) => bad(
             format!("cannot connect to the queue database: {e}"),
             "check queue.url (or FHIR_CDC_QUEUE_URL)",
-        )),
+        ),
     }
-    out
 }
 
 /// Whether the publication covers exactly the tables the profile reads, and the SQL that

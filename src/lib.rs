@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod delivery;
 pub mod error;
+pub mod failpoints;
 pub mod fhir;
 pub mod metrics;
 pub mod queue;

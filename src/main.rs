@@ -207,29 +207,7 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
         return Ok(status(&cfg, a.json).await);
     }
     if let Command::Check(_) = cmd {
-        let findings = check::run(&cfg).await;
-        let mut failed = false;
-        for f in &findings {
-            if f.warning {
-                println!("WARN  {}", f.what);
-                if let Some(fix) = &f.fix {
-                    println!("      -> {fix}");
-                }
-            } else if f.ok {
-                println!("ok    {}", f.what);
-            } else {
-                failed = true;
-                println!("FIX   {}", f.what);
-                if let Some(fix) = &f.fix {
-                    println!("      -> {fix}");
-                }
-            }
-        }
-        return Ok(if failed {
-            std::process::ExitCode::FAILURE
-        } else {
-            std::process::ExitCode::SUCCESS
-        });
+        return Ok(check_command(&cfg).await);
     }
     // Subscribers' secrets are sealed with this key wherever this process writes them.
     fhir_cdc::queue::sealed::install(fhir_cdc::queue::sealed::load_key(&cfg.security)?);
@@ -240,88 +218,144 @@ async fn run(cmd: Command, cfg: Arc<Config>) -> anyhow::Result<std::process::Exi
     let shutdown = shutdown_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let with_capture = matches!(cmd, Command::Run(_) | Command::Capture(_));
-    let options = match &cmd {
-        Command::Run(a) | Command::Capture(a) => capture::Options {
-            resync_from_now: a.resync_from_now,
-        },
-        _ => capture::Options::default(),
+    let parts = Parts {
+        // One FHIRPath engine and search-parameter index for the whole process.
+        searcher: Arc::new(capture::searcher(&cfg).await?),
+        // The store profile, shared: capture decodes through it, delivery and the API read.
+        profile: store::from_config(&cfg.source, queue::pool(&cfg.source.url, 4)?),
+        cfg,
+        prom,
+        shutdown,
     };
-    let with_delivery = matches!(cmd, Command::Run(_) | Command::Deliver(_));
-    let health_listen = match &cmd {
-        Command::Capture(a) => a.health_listen,
-        _ => None,
-    };
-    // One FHIRPath engine and search-parameter index for the whole process.
-    let searcher = Arc::new(capture::searcher(&cfg).await?);
-    // The store profile, shared: capture decodes through it, delivery and the API read.
-    let profile = store::from_config(&cfg.source, queue::pool(&cfg.source.url, 4)?);
     if !with_capture {
         // Capture prepares it before streaming; a delivery-only process does it here.
-        if let Err(e) = profile.prepare().await {
+        if let Err(e) = parts.profile.prepare().await {
             tracing::warn!(error = %e, "store profile not prepared (Aidbox Attributes); extensions stay as the store keeps them");
         }
     }
-    let health = with_capture.then(|| Arc::new(capture::lag::Health::default()));
-    if let Some(h) = &health {
-        tasks.spawn(capture::run(
-            cfg.clone(),
-            profile.clone(),
-            searcher.clone(),
-            h.clone(),
-            options,
-            shutdown.clone(),
-        ));
-        let monitor = capture::lag::monitor(cfg.clone(), h.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            monitor.await;
-            Ok(())
-        });
-        if let Some(addr) = health_listen {
-            // The full API serves these with delivery; a capture-only process on request.
-            tasks.spawn(api::health::serve(
-                addr,
-                h.clone(),
-                Some(prom.clone()),
-                shutdown.clone(),
-            ));
+    let health = match &cmd {
+        Command::Run(a) | Command::Capture(a) => {
+            let options = capture::Options {
+                resync_from_now: a.resync_from_now,
+            };
+            // `run` serves the probes on the API; only a capture-only process needs its own.
+            let listen = a
+                .health_listen
+                .filter(|_| matches!(cmd, Command::Capture(_)));
+            Some(spawn_capture(&parts, &mut tasks, options, listen))
         }
-    }
-    if with_delivery {
-        let payloads = delivery::payload::Payloads::new(profile.clone(), searcher.clone());
-        let topics = Arc::new(fhir_cdc::topics::Registry::new(
-            &cfg,
-            queue::pool(cfg.queue_url(), 2)?,
-        ));
-        let hub = Arc::new(fhir_cdc::channel::websocket::Hub::new(cfg.queue_url()));
-        let journal = Arc::new(delivery::journal::Journal::default());
-        tasks.spawn(delivery::run(
-            cfg.clone(),
-            payloads.clone(),
-            fhir_cdc::channel::Channels::standard(&cfg, hub.clone())?,
-            topics.clone(),
-            journal.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(sweep_sockets(hub.clone(), shutdown.clone()));
-        let state = api::state(
-            cfg.clone(),
-            Some(prom),
-            health,
-            searcher,
-            api::WithDelivery {
-                payloads,
-                topics,
-                hub,
-                journal,
-            },
-        )
-        .await?;
-        tasks.spawn(api::serve(state, shutdown.clone()));
+        _ => None,
+    };
+    if matches!(cmd, Command::Run(_) | Command::Deliver(_)) {
+        spawn_delivery(parts, &mut tasks, health).await?;
     }
     while let Some(r) = tasks.join_next().await {
         r.context("task panicked")??;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// What the stages of one process share.
+struct Parts {
+    cfg: Arc<Config>,
+    searcher: Arc<fhir_cdc::fhir::search::Searcher>,
+    profile: Arc<dyn store::StoreProfile>,
+    prom: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: watch::Receiver<bool>,
+}
+
+type Tasks = tokio::task::JoinSet<anyhow::Result<()>>;
+
+/// Capture, its lag monitor, and (`capture --health-listen`) its probes; returns its health.
+fn spawn_capture(
+    p: &Parts,
+    tasks: &mut Tasks,
+    options: capture::Options,
+    health_listen: Option<std::net::SocketAddr>,
+) -> Arc<capture::lag::Health> {
+    let h = Arc::new(capture::lag::Health::default());
+    tasks.spawn(capture::run(
+        p.cfg.clone(),
+        p.profile.clone(),
+        p.searcher.clone(),
+        h.clone(),
+        options,
+        p.shutdown.clone(),
+    ));
+    let monitor = capture::lag::monitor(p.cfg.clone(), h.clone(), p.shutdown.clone());
+    tasks.spawn(async move {
+        monitor.await;
+        Ok(())
+    });
+    if let Some(addr) = health_listen {
+        // The full API serves these with delivery; a capture-only process on request.
+        tasks.spawn(api::health::serve(
+            addr,
+            h.clone(),
+            Some(p.prom.clone()),
+            p.shutdown.clone(),
+        ));
+    }
+    h
+}
+
+/// Delivery, the websocket sweeper and the API (with capture's health when it runs here).
+async fn spawn_delivery(
+    p: Parts,
+    tasks: &mut Tasks,
+    health: Option<Arc<capture::lag::Health>>,
+) -> anyhow::Result<()> {
+    let cfg = &p.cfg;
+    let payloads = delivery::payload::Payloads::new(p.profile.clone(), p.searcher.clone());
+    let topics = Arc::new(fhir_cdc::topics::Registry::new(
+        cfg,
+        queue::pool(cfg.queue_url(), 2)?,
+    ));
+    let hub = Arc::new(fhir_cdc::channel::websocket::Hub::new(cfg.queue_url()));
+    let journal = Arc::new(delivery::journal::Journal::default());
+    tasks.spawn(delivery::run(
+        cfg.clone(),
+        payloads.clone(),
+        fhir_cdc::channel::Channels::standard(cfg, hub.clone())?,
+        topics.clone(),
+        journal.clone(),
+        p.shutdown.clone(),
+    ));
+    tasks.spawn(sweep_sockets(hub.clone(), p.shutdown.clone()));
+    let with = api::WithDelivery {
+        payloads,
+        topics,
+        hub,
+        journal,
+    };
+    let state = api::state(cfg.clone(), Some(p.prom), health, p.searcher, with).await?;
+    tasks.spawn(api::serve(state, p.shutdown.clone()));
+    Ok(())
+}
+
+/// `check`: prints each finding (ok, WARN, FIX with its remedy); fails when one needs a fix.
+async fn check_command(cfg: &Config) -> std::process::ExitCode {
+    let findings = check::run(cfg).await;
+    let mut failed = false;
+    for f in &findings {
+        let tag = match (f.ok, f.warning) {
+            (true, false) => "ok  ",
+            (true, true) => "WARN",
+            (false, _) => "FIX ",
+        };
+        failed |= !f.ok;
+        println!("{tag}  {}", f.what);
+        if !f.ok || f.warning {
+            if let Some(fix) = &f.fix {
+                println!("      -> {fix}");
+            }
+        }
+    }
+    if failed {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }
 
 /// Closes websockets of subscriptions deleted or turned off anywhere, every 2 s.

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::fhir::notification::fhir_instant;
 use crate::queue;
 
-pub async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
+pub(super) async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
     use crate::config::FhirVersion;
     let topics: Vec<Value> = s
         .topics()
@@ -93,7 +93,10 @@ pub async fn metadata(State(s): State<Shared>) -> Result<Fhir, Fhir> {
     Ok(Fhir(StatusCode::OK, cs))
 }
 
-pub async fn list_topics(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
+pub(super) async fn list_topics(
+    State(s): State<Shared>,
+    RawQuery(q): RawQuery,
+) -> Result<Fhir, Fhir> {
     let p = Params::parse(q.as_deref(), &["url", "resource"])?;
     let list = s
         .topics()
@@ -111,7 +114,10 @@ pub async fn list_topics(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resu
     Ok(Fhir(StatusCode::OK, searchset(&s.cfg.api.base_url(), list)))
 }
 
-pub async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
+pub(super) async fn read_topic(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Fhir, Fhir> {
     let id = fhir_id(&id)?;
     match s.topics().await?.iter().find(|t| t.id == id) {
         Some(t) => Ok(Fhir(StatusCode::OK, t.resource.clone())),
@@ -119,7 +125,7 @@ pub async fn read_topic(State(s): State<Shared>, Path(id): Path<String>) -> Resu
     }
 }
 
-pub async fn ready(State(s): State<Shared>) -> impl IntoResponse {
+pub(super) async fn ready(State(s): State<Shared>) -> impl IntoResponse {
     if let Some(c) = &s.capture {
         if !c.is_streaming() {
             return (
@@ -140,7 +146,7 @@ pub async fn ready(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
-pub async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
+pub(super) async fn prometheus(State(s): State<Shared>) -> impl IntoResponse {
     if let Ok(c) = s.pool.get().await {
         // With capture in this process its lag monitor keeps the slot gauges.
         refresh_gauges(&c, &s.cfg, s.capture.is_none()).await;

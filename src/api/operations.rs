@@ -110,7 +110,7 @@ async fn load(s: &ApiState, id: &str) -> Result<SubscriptionRow, Fhir> {
         .ok_or_else(|| not_found(&format!("Subscription/{id}")))
 }
 
-pub async fn status_one(
+pub(super) async fn status_one(
     State(s): State<Shared>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
@@ -130,7 +130,10 @@ pub async fn status_one(
     ))
 }
 
-pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
+pub(super) async fn status_all(
+    State(s): State<Shared>,
+    RawQuery(q): RawQuery,
+) -> Result<Fhir, Fhir> {
     let p = Params::parse(q.as_deref(), &["id", "status"])?;
     let ids = p.list("id", None)?;
     let statuses = p.list("status", Some(STATUS_CODES))?;
@@ -157,7 +160,7 @@ pub async fn status_all(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resul
     ))
 }
 
-pub async fn events_get(
+pub(super) async fn events_get(
     State(s): State<Shared>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
@@ -168,7 +171,7 @@ pub async fn events_get(
 }
 
 /// POST form: the parameters in a Parameters body (or none).
-pub async fn events_post(
+pub(super) async fn events_post(
     State(s): State<Shared>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use super::response::{bad_request, Fhir};
 
 /// Parameters after checking the names; repeated parameters are refused.
-pub struct Params(HashMap<String, String>);
+pub(super) struct Params(HashMap<String, String>);
 
 impl Params {
-    pub fn parse(query: Option<&str>, known: &[&str]) -> Result<Self, Fhir> {
+    pub(super) fn parse(query: Option<&str>, known: &[&str]) -> Result<Self, Fhir> {
         let mut out = HashMap::new();
         for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             if k == "_format" || k == "_pretty" {
@@ -34,7 +34,7 @@ impl Params {
     }
 
     /// From a `Parameters` resource (the POST form of an operation).
-    pub fn from_parameters(body: &serde_json::Value, known: &[&str]) -> Result<Self, Fhir> {
+    pub(super) fn from_parameters(body: &serde_json::Value, known: &[&str]) -> Result<Self, Fhir> {
         if body["resourceType"] != "Parameters" {
             return Err(bad_request(
                 "Parameters",
@@ -72,12 +72,12 @@ impl Params {
         Ok(Params(out))
     }
 
-    pub fn text(&self, name: &str) -> Option<&str> {
+    pub(super) fn text(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
 
     /// A non-negative integer parameter.
-    pub fn number(&self, name: &str) -> Result<Option<i64>, Fhir> {
+    pub(super) fn number(&self, name: &str) -> Result<Option<i64>, Fhir> {
         let Some(v) = self.text(name) else {
             return Ok(None);
         };
@@ -94,7 +94,11 @@ impl Params {
     }
 
     /// A comma-separated list of values each in `allowed` (when given).
-    pub fn list(&self, name: &str, allowed: Option<&[&str]>) -> Result<Option<Vec<String>>, Fhir> {
+    pub(super) fn list(
+        &self,
+        name: &str,
+        allowed: Option<&[&str]>,
+    ) -> Result<Option<Vec<String>>, Fhir> {
         let Some(v) = self.text(name) else {
             return Ok(None);
         };

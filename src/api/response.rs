@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::fhir::notification::operation_outcome;
 
 /// Largest request body accepted.
-pub const MAX_BODY: usize = 256 * 1024;
+pub(super) const MAX_BODY: usize = 256 * 1024;
 
 tokio::task_local! {
     /// The id of the request being served, for 500s.
@@ -33,16 +33,16 @@ impl IntoResponse for Fhir {
     }
 }
 
-pub fn outcome(status: StatusCode, code: &str, msg: &str, expr: Option<&str>) -> Fhir {
+pub(super) fn outcome(status: StatusCode, code: &str, msg: &str, expr: Option<&str>) -> Fhir {
     Fhir(status, operation_outcome(code, msg, expr))
 }
 
 /// 400 naming the element or parameter.
-pub fn bad_request(expr: &str, msg: impl AsRef<str>) -> Fhir {
+pub(super) fn bad_request(expr: &str, msg: impl AsRef<str>) -> Fhir {
     outcome(StatusCode::BAD_REQUEST, "invalid", msg.as_ref(), Some(expr))
 }
 
-pub fn not_found(what: &str) -> Fhir {
+pub(super) fn not_found(what: &str) -> Fhir {
     outcome(
         StatusCode::NOT_FOUND,
         "not-found",
@@ -52,7 +52,7 @@ pub fn not_found(what: &str) -> Fhir {
 }
 
 /// Our bug or an unreachable database: logged with the request id, which the answer names.
-pub fn internal(e: impl std::fmt::Display) -> Fhir {
+pub(super) fn internal(e: impl std::fmt::Display) -> Fhir {
     let id = REQUEST_ID
         .try_with(Clone::clone)
         .unwrap_or_else(|_| "-".into());
@@ -67,7 +67,10 @@ pub fn internal(e: impl std::fmt::Display) -> Fhir {
 
 /// The request body as a JSON object: within [`MAX_BODY`], a FHIR JSON media type (or
 /// none), UTF-8, JSON.
-pub fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Value, Fhir> {
+pub(super) fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, Fhir> {
     check_media_type(headers)?;
     let body = body.map_err(|e| {
         let status = e.status();
@@ -119,7 +122,7 @@ fn check_media_type(headers: &HeaderMap) -> Result<(), Fhir> {
 }
 
 /// A FHIR id (`[A-Za-z0-9\-\.]{1,64}`) from a path.
-pub fn fhir_id(id: &str) -> Result<&str, Fhir> {
+pub(super) fn fhir_id(id: &str) -> Result<&str, Fhir> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -132,7 +135,7 @@ pub fn fhir_id(id: &str) -> Result<&str, Fhir> {
     }
 }
 
-pub fn searchset(base: &str, resources: Vec<Value>) -> Value {
+pub(super) fn searchset(base: &str, resources: Vec<Value>) -> Value {
     let total = resources.len();
     let entry: Vec<Value> = resources
         .into_iter()

@@ -36,7 +36,7 @@ async fn validate(s: &ApiState, v: &Value) -> Result<SubscriptionSpec, Fhir> {
         registry: Some(&s.registry),
         format,
         topics: &topics,
-        allow_private_endpoints: s.cfg.delivery.allow_private_endpoints,
+        refuse_private: crate::channel::private::rule(s.cfg.delivery.allow_private_endpoints),
         require_https_for_full_resource: s.cfg.delivery.require_https_for_full_resource,
         email: s.cfg.channels.email_rules(),
     };
@@ -59,7 +59,7 @@ async fn stored(s: &ApiState, id: &str) -> Result<Value, Fhir> {
         .ok_or_else(|| internal("subscription vanished after writing it"))
 }
 
-pub async fn create(
+pub(super) async fn create(
     State(s): State<Shared>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -81,7 +81,7 @@ pub async fn create(
     Ok(resp)
 }
 
-pub async fn update(
+pub(super) async fn update(
     State(s): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -133,7 +133,7 @@ fn operator_owned(existing: &subscriptions::SubscriptionRow) -> Result<(), Fhir>
     Ok(())
 }
 
-pub async fn read(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
+pub(super) async fn read(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhir, Fhir> {
     let id = fhir_id(&id)?;
     let c = s.pool.get().await.map_err(internal)?;
     match subscriptions::get(&**c, id).await.map_err(internal)? {
@@ -142,7 +142,10 @@ pub async fn read(State(s): State<Shared>, Path(id): Path<String>) -> Result<Fhi
     }
 }
 
-pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, Fhir> {
+pub(super) async fn delete(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Fhir> {
     let id = fhir_id(&id)?;
     let c = s.pool.get().await.map_err(internal)?;
     if let Some(existing) = subscriptions::get(&**c, id).await.map_err(internal)? {
@@ -157,7 +160,7 @@ pub async fn delete(State(s): State<Shared>, Path(id): Path<String>) -> Result<R
     }
 }
 
-pub async fn search(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
+pub(super) async fn search(State(s): State<Shared>, RawQuery(q): RawQuery) -> Result<Fhir, Fhir> {
     let p = Params::parse(q.as_deref(), &["status", "url"])?;
     let status = p.list("status", Some(STATUS_CODES))?;
     if status.as_ref().is_some_and(|l| l.len() > 1) {

@@ -28,7 +28,7 @@ use crate::queue::DELIVERY_CHANNEL;
 const MAX_IDS: usize = 64;
 
 /// `GET|POST /Subscription/$get-ws-binding-token?id=a&id=b` (or `id=a,b`).
-pub async fn token_type(
+pub(super) async fn token_type(
     State(s): State<Shared>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
@@ -43,7 +43,7 @@ pub async fn token_type(
 }
 
 /// `GET|POST /Subscription/{id}/$get-ws-binding-token`.
-pub async fn token_one(
+pub(super) async fn token_one(
     State(s): State<Shared>,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
@@ -170,7 +170,7 @@ async fn issue(s: &ApiState, mut ids: Vec<String>) -> Result<Fhir, Fhir> {
 }
 
 /// The socket endpoint as clients reach it: the base URL with ws(s) and `/ws`.
-pub fn ws_url(base: &str) -> String {
+pub(super) fn ws_url(base: &str) -> String {
     let url = if let Some(rest) = base.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = base.strip_prefix("http://") {
@@ -183,7 +183,7 @@ pub fn ws_url(base: &str) -> String {
 
 /// `GET /ws`: the socket. Authentication is the binding token, which needed an
 /// authorised `$get-ws-binding-token` call: browsers cannot set headers on a websocket.
-pub async fn socket(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
+pub(super) async fn socket(State(s): State<Shared>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| serve(s, socket))
 }
 
@@ -257,7 +257,7 @@ async fn refuse(tx: &mut Sink, why: &str) -> Result<(), (u16, String)> {
 }
 
 /// The token of `bind-with-token <token>` or `{"type":"bind-with-token","payload":{"token":…}}`.
-pub fn bind_token(text: &str) -> Option<String> {
+pub(super) fn bind_token(text: &str) -> Option<String> {
     let t = text.trim();
     if let Some(rest) = t.strip_prefix("bind-with-token") {
         let tok = rest.trim();

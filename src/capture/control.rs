@@ -104,7 +104,7 @@ impl Topics {
             registry: Some(&self.searcher.registry),
             format: cfg.source.fhir_version.into(),
             topics: &topics,
-            allow_private_endpoints: cfg.delivery.allow_private_endpoints,
+            refuse_private: crate::channel::private::rule(cfg.delivery.allow_private_endpoints),
             require_https_for_full_resource: cfg.delivery.require_https_for_full_resource,
             email: cfg.channels.email_rules(),
         };

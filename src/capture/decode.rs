@@ -149,7 +149,7 @@ impl Decoder {
 pub(crate) mod recorded {
     use bytes::Bytes;
 
-    pub fn aidbox_stream() -> Vec<Bytes> {
+    pub(crate) fn aidbox_stream() -> Vec<Bytes> {
         include_str!("testdata/aidbox_stream.hex")
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())

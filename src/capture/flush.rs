@@ -115,6 +115,9 @@ async fn write(
 ) -> Result<u64> {
     let t = Instant::now();
     let n = batch::write(qc, slot, items, end).await?;
+    if n > 0 {
+        crate::failpoints::hit(crate::failpoints::QUEUE_COMMITTED);
+    }
     queued(t, n, end);
     Ok(end)
 }

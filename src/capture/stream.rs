@@ -18,7 +18,7 @@ use crate::queue::{self, batch::Item};
 use crate::store::{setup, StoreProfile};
 
 /// Prefix of our WAL heartbeat messages (`pg_logical_emit_message`).
-pub const HEARTBEAT_PREFIX: &str = "fhir_cdc_heartbeat";
+pub(super) const HEARTBEAT_PREFIX: &str = "fhir_cdc_heartbeat";
 
 /// Least time between two idle confirmations (each writes the checkpoint).
 const ADVANCE_EVERY: Duration = Duration::from_secs(1);
@@ -34,7 +34,7 @@ enum Step {
     Position(u64),
 }
 
-pub struct Stream<'a> {
+pub(super) struct Stream<'a> {
     cfg: &'a Config,
     profile: Arc<dyn StoreProfile>,
     /// The resource types topics trigger on, for the reader's parse ahead.
@@ -63,7 +63,7 @@ pub struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    pub fn new(
+    pub(super) fn new(
         cfg: &'a Config,
         profile: &Arc<dyn StoreProfile>,
         topics: Topics,
@@ -94,7 +94,7 @@ impl<'a> Stream<'a> {
 
     /// Streams until shutdown or an error, with the queue writer beside it on `qc`: a task
     /// of its own, so encoding a batch runs on the other core while the next is matched.
-    pub async fn run(
+    pub(super) async fn run(
         &mut self,
         mut qc: tokio_postgres::Client,
         repl: ReplicationClient,

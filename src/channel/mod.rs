@@ -5,10 +5,13 @@
 pub mod amqp;
 pub mod broker;
 pub mod email;
+/// A recording channel for tests (not in the release binary).
+#[cfg(any(test, feature = "test-utils"))]
 pub mod memory;
 pub mod message;
 pub mod nats;
 pub mod oauth;
+pub mod private;
 pub mod rest_hook;
 pub mod signing;
 pub mod websocket;

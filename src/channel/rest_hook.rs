@@ -13,9 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::oauth::{OAuth, OAuthConfigError};
+use super::private::is_private_ip;
 use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::config::{EndpointAuthConfig, EndpointAuthKind};
-use crate::fhir::subscription::{is_private_ip, ChannelType};
+use crate::fhir::subscription::ChannelType;
 
 #[derive(Clone)]
 pub struct RestHook {

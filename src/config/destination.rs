@@ -236,7 +236,7 @@ fn is_fhir_id(s: &str) -> bool {
 }
 
 /// Checks every destination and that ids are unique.
-pub fn check_all(destinations: &[DestinationConfig]) -> Result<(), ConfigError> {
+pub(super) fn check_all(destinations: &[DestinationConfig]) -> Result<(), ConfigError> {
     for (i, d) in destinations.iter().enumerate() {
         d.check()
             .map_err(|m| ConfigError::Invalid(format!("destination {:?}: {m}", d.id)))?;

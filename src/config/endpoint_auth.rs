@@ -128,7 +128,10 @@ impl EndpointAuthConfig {
 
 /// Checks every entry (and that a prefix has at most one of each kind) and resolves their
 /// paths against the config file's directory.
-pub fn check_all(entries: &mut [EndpointAuthConfig], base: &Path) -> Result<(), ConfigError> {
+pub(super) fn check_all(
+    entries: &mut [EndpointAuthConfig],
+    base: &Path,
+) -> Result<(), ConfigError> {
     for (i, e) in entries.iter().enumerate() {
         e.check(i)?;
         if entries[..i]

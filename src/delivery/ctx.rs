@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::fhir::notification::Format;
 use crate::queue::QueueError;
 
-pub struct Ctx {
+pub(super) struct Ctx {
     pub cfg: Arc<Config>,
     pub policy: SendPolicy,
     pub payloads: Payloads,
@@ -27,7 +27,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// A queue connection for one step of a send.
-    pub async fn conn(&self) -> Result<deadpool_postgres::Object, DeliveryError> {
+    pub(super) async fn conn(&self) -> Result<deadpool_postgres::Object, DeliveryError> {
         Ok(self.pool.get().await.map_err(QueueError::from)?)
     }
 }

@@ -90,7 +90,7 @@ fn spec(
         topics,
         format: cfg.source.fhir_version.into(),
         registry: Some(registry),
-        allow_private_endpoints: true,
+        refuse_private: None,
         require_https_for_full_resource: false,
         email: cfg.channels.email_rules(),
     };

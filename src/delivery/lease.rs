@@ -13,20 +13,20 @@ type Result<T> = std::result::Result<T, DeliveryError>;
 /// The leases of one topic in this process: advisory locks on one connection of its own,
 /// and the set of ids held, because session locks nest and would let two of our own sends
 /// take one subscription.
-pub struct Leases {
+pub(super) struct Leases {
     pub conn: Client,
     held: Mutex<HashSet<String>>,
 }
 
 impl Leases {
-    pub fn new(conn: Client) -> Self {
+    pub(super) fn new(conn: Client) -> Self {
         Leases {
             conn,
             held: Mutex::default(),
         }
     }
 
-    pub fn held(&self) -> Vec<String> {
+    pub(super) fn held(&self) -> Vec<String> {
         self.held
             .lock()
             .map(|h| h.iter().cloned().collect())
@@ -37,7 +37,7 @@ impl Leases {
     /// reads them, in one round trip (one per subscription made the lease connection the
     /// bottleneck of delivery at a few hundred notifications/s): the leased ids, and the
     /// rows a send may use with whether they have requeued dead letters.
-    pub async fn take_and_read(
+    pub(super) async fn take_and_read(
         &self,
         ids: Vec<String>,
     ) -> Result<(Vec<String>, Vec<(SubscriptionRow, bool)>)> {
@@ -56,7 +56,7 @@ impl Leases {
     }
 
     /// Gives the leases of `ids` back in one round trip.
-    pub async fn give_back(&self, ids: &[String]) -> Result<()> {
+    pub(super) async fn give_back(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }

@@ -11,7 +11,7 @@ use crate::error::{supervise, Backoff};
 use crate::queue::topics::TOPIC_CHANNEL;
 use crate::queue::{DELIVERY_CHANNEL, EVENT_CHANNEL};
 
-pub async fn run(
+pub(super) async fn run(
     url: String,
     wakers: Arc<Wakers>,
     shutdown: watch::Receiver<bool>,

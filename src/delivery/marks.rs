@@ -23,16 +23,16 @@ struct Mark {
 
 /// The handle send tasks use; the writer ends when the last handle is dropped.
 #[derive(Clone)]
-pub struct Marks {
+pub(super) struct Marks {
     tx: mpsc::UnboundedSender<Mark>,
 }
 
 /// A mark handed to the writer; await it with [`Pending::wait`].
-pub struct Pending(oneshot::Receiver<Result<(), String>>);
+pub(super) struct Pending(oneshot::Receiver<Result<(), String>>);
 
 impl Pending {
     /// The mark is committed (or why it is not).
-    pub async fn wait(self) -> Result<(), DeliveryError> {
+    pub(super) async fn wait(self) -> Result<(), DeliveryError> {
         match self.0.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(QueueError::Other(format!("delivered mark: {e}")).into()),
@@ -43,14 +43,14 @@ impl Pending {
 
 impl Marks {
     /// Starts the writer on `pool`.
-    pub fn start(pool: Pool) -> Self {
+    pub(super) fn start(pool: Pool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(pool, rx));
         Marks { tx }
     }
 
     /// Hands the new cursor of `subscription` to the writer.
-    pub fn mark(&self, subscription: &str, to: Cursor) -> Pending {
+    pub(super) fn mark(&self, subscription: &str, to: Cursor) -> Pending {
         let (done, rx) = oneshot::channel();
         let m = Mark {
             advance: Advance {
@@ -67,7 +67,7 @@ impl Marks {
 
 /// Awaits every mark in `pending`, in order; the first failure is returned after all have
 /// settled, so none is left running against a lease about to be given back.
-pub async fn wait_all(pending: &mut Vec<Pending>) -> Result<(), DeliveryError> {
+pub(super) async fn wait_all(pending: &mut Vec<Pending>) -> Result<(), DeliveryError> {
     let mut first = Ok(());
     for p in pending.drain(..) {
         let r = p.wait().await;

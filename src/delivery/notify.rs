@@ -11,7 +11,11 @@ use crate::fhir::wire::bundle_bytes;
 use crate::queue::events::Pending;
 use crate::queue::subscriptions::SubscriptionRow;
 
-pub fn status_info(sub: &SubscriptionRow, status: Status, events_since_start: i64) -> StatusInfo {
+pub(super) fn status_info(
+    sub: &SubscriptionRow,
+    status: Status,
+    events_since_start: i64,
+) -> StatusInfo {
     StatusInfo {
         subscription_id: sub.id.clone(),
         status,
@@ -23,7 +27,7 @@ pub fn status_info(sub: &SubscriptionRow, status: Status, events_since_start: i6
 }
 
 /// The events as the subscription's content level carries them.
-pub async fn build_events(
+pub(super) async fn build_events(
     ctx: &Ctx,
     topic: &str,
     content: Content,
@@ -42,7 +46,7 @@ pub async fn build_events(
 }
 
 /// Builds `sub`'s notification of `kind` and sends it over its channel within `timeout`.
-pub async fn notify(
+pub(super) async fn notify(
     ctx: &Ctx,
     sub: &SubscriptionRow,
     kind: Kind,
@@ -59,7 +63,7 @@ pub async fn notify(
 }
 
 /// The notification Bundle and where it goes.
-pub fn notification(
+pub(super) fn notification(
     format: Format,
     base_url: &str,
     sub: &SubscriptionRow,

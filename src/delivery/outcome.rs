@@ -18,7 +18,7 @@ use crate::queue::subscriptions::{self, SubscriptionRow};
 type Result<T> = std::result::Result<T, DeliveryError>;
 
 /// The notification that failed: events after the cursor, or requeued dead letters.
-pub enum Head<'a> {
+pub(super) enum Head<'a> {
     /// Events after the cursor; giving up on them moves the cursor to `to`.
     Events {
         batch: &'a [Pending],
@@ -41,7 +41,7 @@ impl Head<'_> {
 /// Counts a failed send and schedules the retry. The head's events become dead letters
 /// when the endpoint refused them for good or their attempts ran out, and every pending
 /// event does when the subscription turns off. Logs one line.
-pub async fn record_failure(
+pub(super) async fn record_failure(
     ctx: &Ctx,
     sub: &SubscriptionRow,
     head: Head<'_>,
@@ -151,7 +151,7 @@ async fn dead_letter_rest(
 
 /// A heartbeat: nothing else went out for `heartbeatPeriod`. It carries the subscription's
 /// status (and error) and never moves the event count.
-pub async fn heartbeat(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+pub(super) async fn heartbeat(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
     let info = status_info(sub, sub.status, sub.cursor.number);
     match notify(ctx, sub, Kind::Heartbeat, &info, &[], t).await {
         Ok(()) => subscriptions::touched(&**ctx.conn().await?, &sub.id).await?,
@@ -161,7 +161,7 @@ pub async fn heartbeat(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<
     Ok(())
 }
 
-pub async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
+pub(super) async fn handshake(ctx: &Ctx, sub: &SubscriptionRow, t: Duration) -> Result<()> {
     let mut info = status_info(sub, Status::Requested, sub.cursor.number);
     info.errors.clear();
     let sent = notify(ctx, sub, Kind::Handshake, &info, &[], t).await;

@@ -26,7 +26,7 @@ type Result<T> = std::result::Result<T, DeliveryError>;
 
 /// One leased subscription's send: its row as read under the lease, its requeued dead
 /// letters, the topic's events and the writer of its delivered marks.
-pub struct Job {
+pub(super) struct Job {
     pub sub: SubscriptionRow,
     pub backlog: Backlog,
     pub window: Arc<Window>,
@@ -35,7 +35,7 @@ pub struct Job {
 
 /// What a turn found: `Idle` when there was nothing to send up to `scanned` from `cursor`,
 /// so the loop need not lease the subscription again before newer events come.
-pub enum Turn {
+pub(super) enum Turn {
     Busy,
     Idle {
         cursor: Cursor,
@@ -51,14 +51,14 @@ const READ_AHEAD_MAX: usize = 500;
 
 /// Matches taken at once: enough for the notifications one lease sends, at most
 /// READ_AHEAD_MAX (whatever maxCount asks), never fewer than one notification's.
-pub fn read_ahead(max: usize) -> usize {
+pub(super) fn read_ahead(max: usize) -> usize {
     max.saturating_mul(BACKLOG_ROUNDS)
         .min(READ_AHEAD_MAX)
         .max(max)
 }
 
 /// A leased subscription's events, taken ahead in eventNumber order.
-pub struct Backlog {
+pub(super) struct Backlog {
     requeued: VecDeque<Pending>,
     events: VecDeque<Pending>,
     /// Where the next scan starts: the last match taken and the last event looked at.
@@ -75,7 +75,7 @@ enum Next {
 }
 
 impl Backlog {
-    pub fn new(from: Cursor, requeued: Vec<Pending>) -> Self {
+    pub(super) fn new(from: Cursor, requeued: Vec<Pending>) -> Self {
         Backlog {
             requeued: requeued.into(),
             events: VecDeque::new(),
@@ -138,7 +138,7 @@ impl Backlog {
 
 /// Does the work of one leased subscription (its row was read under the lease: another
 /// process may have finished it before).
-pub async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
+pub(super) async fn work_one(ctx: &Ctx, topic: &str, job: Job) -> Result<Turn> {
     let Job {
         mut sub,
         mut backlog,
@@ -311,11 +311,13 @@ async fn send_events(
         out.backlog.put_back(next);
         return Ok(Sent::Deferred);
     }
+    crate::failpoints::hit(crate::failpoints::NUMBERED);
     let events = build_events(ctx, topic, sub.content, batch).await;
     let last = batch.last().map(|p| p.event_number).unwrap_or(0);
     let info = status_info(sub, sub.status, last.max(sub.cursor.number));
     match notify(ctx, sub, Kind::EventNotification, &info, &events, t).await {
         Ok(()) => {
+            crate::failpoints::hit(crate::failpoints::SENT);
             delivered(ctx, sub, out, &next).await?;
             metrics::counter!(crate::metrics::NOTIFICATIONS_SENT, "topic" => topic.to_string())
                 .increment(1);

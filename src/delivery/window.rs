@@ -32,7 +32,7 @@ fn behind_chunk(filters: &[Filter], wanted: usize) -> i64 {
 }
 
 /// A subscription's next matches, and how far the scan for them got.
-pub struct Matches {
+pub(super) struct Matches {
     pub events: Vec<Pending>,
     /// The id of the last event looked at.
     pub scanned: i64,
@@ -40,7 +40,7 @@ pub struct Matches {
     pub complete: bool,
 }
 
-pub struct Window {
+pub(super) struct Window {
     topic: String,
     inner: Mutex<Inner>,
 }
@@ -54,7 +54,7 @@ struct Inner {
 
 impl Window {
     /// An empty window at the queue's newest event.
-    pub async fn start(topic: &str, pool: &Pool) -> Result<Self, DeliveryError> {
+    pub(super) async fn start(topic: &str, pool: &Pool) -> Result<Self, DeliveryError> {
         let c = pool.get().await.map_err(QueueError::from)?;
         let newest = events::newest_id(&**c).await?;
         Ok(Window {
@@ -68,12 +68,12 @@ impl Window {
     }
 
     /// The newest event id the window has covered.
-    pub fn newest(&self) -> i64 {
+    pub(super) fn newest(&self) -> i64 {
         self.inner.lock().map(|i| i.hi).unwrap_or(0)
     }
 
     /// Reads what capture queued since the last refresh. Returns the newest id covered.
-    pub async fn refresh(&self, pool: &Pool) -> Result<i64, DeliveryError> {
+    pub(super) async fn refresh(&self, pool: &Pool) -> Result<i64, DeliveryError> {
         let c = pool.get().await.map_err(QueueError::from)?;
         let mut from = self.newest();
         // The newest id and the first chunk in one round trip: what an event's latency sees.
@@ -115,7 +115,7 @@ impl Window {
     }
 
     /// The next matches (at most `limit`) of a subscription with `filters` after `from`.
-    pub async fn matches(
+    pub(super) async fn matches(
         &self,
         pool: &Pool,
         mut from: Cursor,
@@ -167,7 +167,7 @@ impl Window {
     /// Whether an event after `after` passes `filters`: `None` when the window does not
     /// reach back to `after`; else the id up to which nothing passes (`hi`) or the first
     /// passing event.
-    pub fn nothing_after(&self, after: i64, filters: &[Filter]) -> Option<i64> {
+    pub(super) fn nothing_after(&self, after: i64, filters: &[Filter]) -> Option<i64> {
         let i = self.inner.lock().ok()?;
         if after < i.lo {
             return None;

@@ -31,7 +31,7 @@ type Result<T> = std::result::Result<T, DeliveryError>;
 type Running = JoinSet<(String, Result<Turn>)>;
 
 /// Runs the sends of `topic` until shutdown, reconnecting when the queue goes away.
-pub async fn worker(
+pub(super) async fn worker(
     ctx: Arc<Ctx>,
     topic: String,
     wake: TopicWakers,

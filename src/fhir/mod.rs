@@ -1,6 +1,5 @@
 //! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
 
-pub mod aidbox_format;
 pub mod criterion;
 pub mod fhirpath;
 pub mod fields;
@@ -10,6 +9,7 @@ pub mod search;
 pub mod subscription;
 pub mod topic;
 pub mod trigger;
+pub mod vocab;
 pub mod wire;
 
 /// The FHIR release of the store: decides the search parameters, the FHIRPath model and the

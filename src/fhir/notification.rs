@@ -4,30 +4,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use super::subscription::{Content, Status};
-use super::topic::Interaction;
-use crate::fhir::FhirVersion;
-
-/// The wire format of notifications, from the store's FHIR version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// R4 through the Subscriptions R5 Backport IG: `history` Bundle, `Parameters` status.
-    R4Backport,
-    /// R4B: `history` Bundle, `SubscriptionStatus`.
-    R4B,
-    /// R5 and R6: `subscription-notification` Bundle, `SubscriptionStatus`.
-    R5,
-}
-
-impl From<FhirVersion> for Format {
-    fn from(v: FhirVersion) -> Self {
-        match v {
-            FhirVersion::R4 => Format::R4Backport,
-            FhirVersion::R4B => Format::R4B,
-            FhirVersion::R5 | FhirVersion::R6 => Format::R5,
-        }
-    }
-}
+pub use super::vocab::Format;
+use super::vocab::{Content, Interaction, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -103,40 +81,12 @@ pub fn status_resource(
     content: Content,
     base_url: &str,
 ) -> Value {
+    if format == Format::R4Backport {
+        return backport_parameters(kind, info, events, content, base_url);
+    }
     let id = uuid::Uuid::new_v4().to_string();
     let sub_ref = format!("{base_url}/Subscription/{}", info.subscription_id);
     let focus = |e: &Event| format!("{base_url}/{}/{}", e.resource_type, e.resource_id);
-    if format == Format::R4Backport {
-        let mut p = vec![json!({"name": "subscription", "valueReference": {"reference": sub_ref}})];
-        if shows_topic(kind, content) {
-            p.push(json!({"name": "topic", "valueCanonical": info.topic_url}));
-        }
-        p.push(json!({"name": "status", "valueCode": info.status.as_str()}));
-        p.push(json!({"name": "type", "valueCode": kind.as_str()}));
-        p.push(json!({"name": "events-since-subscription-start", "valueString": info.events_since_start.to_string()}));
-        for e in events {
-            let mut part = vec![
-                json!({"name": "event-number", "valueString": e.event_number.to_string()}),
-                json!({"name": "timestamp", "valueInstant": fhir_instant(e.timestamp)}),
-            ];
-            if content != Content::Empty {
-                part.push(json!({"name": "focus", "valueReference": {"reference": focus(e)}}));
-                for r in &e.related {
-                    part.push(json!({"name": "additional-context", "valueReference": {"reference": related_url(r, base_url)}}));
-                }
-            }
-            p.push(json!({"name": "notification-event", "part": part}));
-        }
-        for e in error_concepts(info) {
-            p.push(json!({"name": "error", "valueCodeableConcept": e}));
-        }
-        return json!({
-            "resourceType": "Parameters",
-            "id": id,
-            "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
-            "parameter": p,
-        });
-    }
     let mut st = json!({
         "resourceType": "SubscriptionStatus",
         "id": id,
@@ -175,6 +125,48 @@ pub fn status_resource(
         st["error"] = Value::Array(errors);
     }
     st
+}
+
+/// The Backport IG's R4 status: a `Parameters` resource.
+fn backport_parameters(
+    kind: Kind,
+    info: &StatusInfo,
+    events: &[Event],
+    content: Content,
+    base_url: &str,
+) -> Value {
+    let id = uuid::Uuid::new_v4().to_string();
+    let sub_ref = format!("{base_url}/Subscription/{}", info.subscription_id);
+    let focus = |e: &Event| format!("{base_url}/{}/{}", e.resource_type, e.resource_id);
+    let mut p = vec![json!({"name": "subscription", "valueReference": {"reference": sub_ref}})];
+    if shows_topic(kind, content) {
+        p.push(json!({"name": "topic", "valueCanonical": info.topic_url}));
+    }
+    p.push(json!({"name": "status", "valueCode": info.status.as_str()}));
+    p.push(json!({"name": "type", "valueCode": kind.as_str()}));
+    p.push(json!({"name": "events-since-subscription-start", "valueString": info.events_since_start.to_string()}));
+    for e in events {
+        let mut part = vec![
+            json!({"name": "event-number", "valueString": e.event_number.to_string()}),
+            json!({"name": "timestamp", "valueInstant": fhir_instant(e.timestamp)}),
+        ];
+        if content != Content::Empty {
+            part.push(json!({"name": "focus", "valueReference": {"reference": focus(e)}}));
+            for r in &e.related {
+                part.push(json!({"name": "additional-context", "valueReference": {"reference": related_url(r, base_url)}}));
+            }
+        }
+        p.push(json!({"name": "notification-event", "part": part}));
+    }
+    for e in error_concepts(info) {
+        p.push(json!({"name": "error", "valueCodeableConcept": e}));
+    }
+    json!({
+        "resourceType": "Parameters",
+        "id": id,
+        "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]},
+        "parameter": p,
+    })
 }
 
 /// A notification Bundle in the given format.

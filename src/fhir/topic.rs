@@ -4,41 +4,8 @@
 use serde_json::Value;
 
 use super::resource_types::is_resource_type;
-use super::subscription::Content;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Interaction {
-    Create,
-    Update,
-    Delete,
-}
-
-impl Interaction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Interaction::Create => "create",
-            Interaction::Update => "update",
-            Interaction::Delete => "delete",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "create" => Some(Interaction::Create),
-            "update" => Some(Interaction::Update),
-            "delete" => Some(Interaction::Delete),
-            _ => None,
-        }
-    }
-
-    fn bit(self) -> u8 {
-        match self {
-            Interaction::Create => 1,
-            Interaction::Update => 2,
-            Interaction::Delete => 4,
-        }
-    }
-}
+use super::vocab::Content;
+pub use super::vocab::Interaction;
 
 /// A set of interactions as a bit mask: an absent `supportedInteraction` means all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +105,110 @@ pub enum TopicError {
     },
 }
 
+/// The strings of the array `k` of `v` (none when absent).
+fn strings(v: &Value, k: &str) -> Vec<String> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `resourceTrigger[index]`: its resource type, interactions and criteria.
+fn read_trigger(url: &str, index: usize, t: &Value) -> Result<ResourceTrigger, TopicError> {
+    let resource = t.get("resource").and_then(Value::as_str).unwrap_or("");
+    let ty = resource_type_of(resource);
+    if !is_resource_type(ty) {
+        return Err(TopicError::UnknownResource {
+            url: url.to_string(),
+            index,
+            resource: resource.into(),
+        });
+    }
+    let query_criteria = t.get("queryCriteria").map(|q| {
+        let s = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_string);
+        QueryCriteria {
+            previous: s("previous"),
+            current: s("current"),
+            result_for_create: s("resultForCreate"),
+            result_for_delete: s("resultForDelete"),
+            require_both: q.get("requireBoth").and_then(Value::as_bool),
+        }
+    });
+    let fhirpath_criteria = t
+        .get("fhirPathCriteria")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let interactions = match t.get("supportedInteraction").and_then(Value::as_array) {
+        None => Interactions::ALL,
+        Some(a) if a.is_empty() => Interactions::ALL,
+        Some(a) => {
+            let mut mask = 0u8;
+            for i in a {
+                let s = i.as_str().unwrap_or("");
+                let parsed = Interaction::parse(s).ok_or_else(|| TopicError::BadInteraction {
+                    url: url.to_string(),
+                    index,
+                    value: s.into(),
+                })?;
+                mask |= parsed.bit();
+            }
+            Interactions(mask)
+        }
+    };
+    Ok(ResourceTrigger {
+        resource_type: ty.to_string(),
+        interactions,
+        query_criteria,
+        fhirpath_criteria,
+    })
+}
+
+/// `canFilterBy`: entries without a `filterParameter` are skipped.
+fn read_can_filter_by(v: &Value) -> Vec<CanFilterBy> {
+    let Some(a) = v.get("canFilterBy").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter_map(|c| {
+            let parameter = c.get("filterParameter")?.as_str()?.to_string();
+            let resource_type = c
+                .get("resource")
+                .and_then(Value::as_str)
+                .map(|r| resource_type_of(r).to_string());
+            let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
+            Some(CanFilterBy {
+                resource_type,
+                parameter,
+                comparators: strings(c, "comparator"),
+                modifiers: strings(c, "modifier"),
+                filter_definition: text("filterDefinition"),
+                expression: text("expression").zip(text("type")),
+            })
+        })
+        .collect()
+}
+
+/// `notificationShape`: the includes and revIncludes per resource type.
+fn read_shapes(v: &Value) -> Vec<Shape> {
+    let Some(a) = v.get("notificationShape").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    a.iter()
+        .filter_map(|n| {
+            Some(Shape {
+                resource_type: resource_type_of(n.get("resource")?.as_str()?).to_string(),
+                include: strings(n, "include"),
+                rev_include: strings(n, "revInclude"),
+            })
+        })
+        .collect()
+}
+
 /// `http://hl7.org/fhir/StructureDefinition/Encounter` → `Encounter`.
 pub fn resource_type_of(canonical: &str) -> &str {
     canonical.rsplit('/').next().unwrap_or(canonical)
@@ -165,96 +236,11 @@ impl Topic {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| slug(&url));
+        let list = v.get("resourceTrigger").and_then(Value::as_array);
         let mut triggers = Vec::new();
-        let empty = Vec::new();
-        let list = v
-            .get("resourceTrigger")
-            .and_then(Value::as_array)
-            .unwrap_or(&empty);
-        for (index, t) in list.iter().enumerate() {
-            let resource = t.get("resource").and_then(Value::as_str).unwrap_or("");
-            let ty = resource_type_of(resource);
-            if !is_resource_type(ty) {
-                return Err(TopicError::UnknownResource {
-                    url,
-                    index,
-                    resource: resource.into(),
-                });
-            }
-            let query_criteria = t.get("queryCriteria").map(|q| {
-                let s = |k: &str| q.get(k).and_then(Value::as_str).map(str::to_string);
-                QueryCriteria {
-                    previous: s("previous"),
-                    current: s("current"),
-                    result_for_create: s("resultForCreate"),
-                    result_for_delete: s("resultForDelete"),
-                    require_both: q.get("requireBoth").and_then(Value::as_bool),
-                }
-            });
-            let fhirpath_criteria = t
-                .get("fhirPathCriteria")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            let interactions = match t.get("supportedInteraction").and_then(Value::as_array) {
-                None => Interactions::ALL,
-                Some(a) if a.is_empty() => Interactions::ALL,
-                Some(a) => {
-                    let mut mask = 0u8;
-                    for i in a {
-                        let s = i.as_str().unwrap_or("");
-                        let parsed =
-                            Interaction::parse(s).ok_or_else(|| TopicError::BadInteraction {
-                                url: url.clone(),
-                                index,
-                                value: s.into(),
-                            })?;
-                        mask |= parsed.bit();
-                    }
-                    Interactions(mask)
-                }
-            };
-            triggers.push(ResourceTrigger {
-                resource_type: ty.to_string(),
-                interactions,
-                query_criteria,
-                fhirpath_criteria,
-            });
+        for (index, t) in list.into_iter().flatten().enumerate() {
+            triggers.push(read_trigger(&url, index, t)?);
         }
-        let can_filter_by = v
-            .get("canFilterBy")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| {
-                        let parameter = c.get("filterParameter")?.as_str()?.to_string();
-                        let resource_type = c
-                            .get("resource")
-                            .and_then(Value::as_str)
-                            .map(|r| resource_type_of(r).to_string());
-                        let list = |k: &str| -> Vec<String> {
-                            c.get(k)
-                                .and_then(Value::as_array)
-                                .map(|a| {
-                                    a.iter()
-                                        .filter_map(Value::as_str)
-                                        .map(str::to_string)
-                                        .collect()
-                                })
-                                .unwrap_or_default()
-                        };
-                        let text = |k: &str| c.get(k).and_then(Value::as_str).map(str::to_string);
-                        Some(CanFilterBy {
-                            resource_type,
-                            parameter,
-                            comparators: list("comparator"),
-                            modifiers: list("modifier"),
-                            filter_definition: text("filterDefinition"),
-                            expression: text("expression").zip(text("type")),
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         let mut resource = v.clone();
         if let Some(o) = resource.as_object_mut() {
             o.insert("id".into(), Value::String(id.clone()));
@@ -266,40 +252,13 @@ impl Topic {
                 value: c.into(),
             })?),
         };
-        let strings = |v: &Value, k: &str| -> Vec<String> {
-            v.get(k)
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let shapes = v
-            .get("notificationShape")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|n| {
-                        Some(Shape {
-                            resource_type: resource_type_of(n.get("resource")?.as_str()?)
-                                .to_string(),
-                            include: strings(n, "include"),
-                            rev_include: strings(n, "revInclude"),
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         Ok(Topic {
+            can_filter_by: read_can_filter_by(v),
+            shapes: read_shapes(v),
             url,
             id,
             triggers,
-            can_filter_by,
             max_content,
-            shapes,
             resource,
         })
     }

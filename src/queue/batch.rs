@@ -38,8 +38,7 @@ pub struct QueuedEvent {
     pub commit_time: DateTime<Utc>,
 }
 
-/// The key of topic-specific filter values in an event's `filters`.
-pub const OWN_FILTERS: &str = "@topic";
+pub use super::events::OWN_FILTERS;
 
 /// What a store transaction contributes to the queue, in stream order.
 #[derive(Debug, Clone)]

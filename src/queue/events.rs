@@ -13,11 +13,14 @@ use std::sync::Arc;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
 
-use super::batch::OWN_FILTERS;
 use super::Result;
 use crate::fhir::search::value::Values;
 use crate::fhir::subscription::Filter;
 use crate::fhir::topic::Interaction;
+
+/// The key of topic-specific filter values in an event's `filters` (capture writes them,
+/// sends read them).
+pub const OWN_FILTERS: &str = "@topic";
 
 /// One queued event of a topic, with that topic's canFilterBy values parsed.
 #[derive(Debug, Clone)]

@@ -165,29 +165,8 @@ pub async fn refuse<C: GenericClient>(
     Ok(())
 }
 
-/// Creates or replaces a subscription. Setting `requested` again re-arms the handshake.
-pub async fn upsert<C: GenericClient>(
-    c: &C,
-    id: &str,
-    origin: &str,
-    spec: &SubscriptionSpec,
-    resource: &Value,
-) -> Result<()> {
-    let mut headers: Value = spec
-        .headers
-        .iter()
-        .map(|(k, v)| Value::Array(vec![k.clone().into(), v.clone().into()]))
-        .collect();
-    super::sealed::seal_headers(id, &mut headers);
-    let secret = spec
-        .signing_secret
-        .as_deref()
-        .map(|s| super::sealed::seal(id, s));
-    let mut resource = resource.clone();
-    super::sealed::seal_resource(id, &mut resource);
-    let resource = &resource;
-    c.execute(
-        "INSERT INTO fhir_cdc.subscription
+/// The insert-or-update of a subscription row ($1 id … $16 signing secret); see [`upsert`].
+const UPSERT: &str = "INSERT INTO fhir_cdc.subscription
              (id, origin, topic, status, endpoint, content, content_type, headers,
               heartbeat_period, timeout, max_count, resource, end_at, filters, channel,
               start_event_id, cursor_event_id, signing_secret)
@@ -222,7 +201,31 @@ pub async fn upsert<C: GenericClient>(
                                    ELSE fhir_cdc.subscription.handshake_done END,
              failures = CASE WHEN EXCLUDED.status = 'requested' THEN 0
                              ELSE fhir_cdc.subscription.failures END,
-             refused = false, next_attempt_at = now(), updated_at = now()",
+             refused = false, next_attempt_at = now(), updated_at = now()";
+
+/// Creates or replaces a subscription. Setting `requested` again re-arms the handshake.
+pub async fn upsert<C: GenericClient>(
+    c: &C,
+    id: &str,
+    origin: &str,
+    spec: &SubscriptionSpec,
+    resource: &Value,
+) -> Result<()> {
+    let mut headers: Value = spec
+        .headers
+        .iter()
+        .map(|(k, v)| Value::Array(vec![k.clone().into(), v.clone().into()]))
+        .collect();
+    super::sealed::seal_headers(id, &mut headers);
+    let secret = spec
+        .signing_secret
+        .as_deref()
+        .map(|s| super::sealed::seal(id, s));
+    let mut resource = resource.clone();
+    super::sealed::seal_resource(id, &mut resource);
+    let resource = &resource;
+    c.execute(
+        UPSERT,
         &[
             &id,
             &origin,

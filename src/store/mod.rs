@@ -10,6 +10,8 @@ pub mod hapi;
 pub mod helios;
 pub mod init;
 pub mod medplum;
+/// An in-memory store for tests (not in the release binary).
+#[cfg(any(test, feature = "test-utils"))]
 pub mod memory;
 mod row;
 pub mod setup;

@@ -52,7 +52,7 @@ pub enum Format {
 #[derive(Debug, Clone)]
 pub struct AidboxFormat {
     pub version: crate::fhir::FhirVersion,
-    pub attributes: crate::fhir::aidbox_format::Attributes,
+    pub attributes: super::aidbox::format::Attributes,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -118,7 +118,7 @@ impl RowChange {
             }
         }
         if let Format::Aidbox(f) = &self.format {
-            crate::fhir::aidbox_format::to_fhir(&mut obj, f.version, &f.attributes);
+            super::aidbox::format::to_fhir(&mut obj, f.version, &f.attributes);
         }
         Ok(Some(Value::Object(obj)))
     }

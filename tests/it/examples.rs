@@ -162,7 +162,7 @@ fn policy_refuses_what_it_cannot_honour() {
         registry: Some(&registry),
         topics: &topics,
         format: Format::R4B,
-        allow_private_endpoints: false,
+        refuse_private: fhir_cdc::channel::private::rule(false),
         require_https_for_full_resource: true,
         email: Default::default(),
     };
@@ -226,7 +226,7 @@ fn every_topic_based_example_subscription_is_accepted_when_its_topic_allows_its_
                 registry: Some(&registry),
                 topics: &topics,
                 format: format_of(dir),
-                allow_private_endpoints: false,
+                refuse_private: fhir_cdc::channel::private::rule(false),
                 require_https_for_full_resource: true,
                 email: Default::default(),
             };

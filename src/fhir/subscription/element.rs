@@ -10,12 +10,12 @@ use std::collections::HashSet;
 use super::Invalid;
 
 /// Longest string element accepted (characters).
-pub const MAX_STRING: usize = 4096;
+pub(super) const MAX_STRING: usize = 4096;
 /// Most entries of a repeating element.
-pub const MAX_ITEMS: usize = 64;
+pub(super) const MAX_ITEMS: usize = 64;
 
 /// A refusal of the resource as such: HTTP 400.
-pub fn structure(path: &str, message: impl Into<String>) -> Invalid {
+pub(super) fn structure(path: &str, message: impl Into<String>) -> Invalid {
     Invalid {
         code: "structure",
         message: message.into(),
@@ -24,7 +24,7 @@ pub fn structure(path: &str, message: impl Into<String>) -> Invalid {
 }
 
 /// A value outside its value set or range: HTTP 400.
-pub fn value(path: &str, message: impl Into<String>) -> Invalid {
+pub(super) fn value(path: &str, message: impl Into<String>) -> Invalid {
     Invalid {
         code: "value",
         message: message.into(),
@@ -33,7 +33,7 @@ pub fn value(path: &str, message: impl Into<String>) -> Invalid {
 }
 
 /// A required element is missing: HTTP 400.
-pub fn required(path: &str) -> Invalid {
+pub(super) fn required(path: &str) -> Invalid {
     Invalid {
         code: "required",
         message: format!("{path} is required"),
@@ -53,7 +53,7 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A FHIR string: no control characters but tab, CR and LF; not empty; bounded.
-pub fn check_string<'a>(path: &str, v: &'a Value) -> Result<&'a str, Invalid> {
+pub(super) fn check_string<'a>(path: &str, v: &'a Value) -> Result<&'a str, Invalid> {
     let Value::String(s) = v else {
         return Err(structure(
             path,
@@ -82,12 +82,12 @@ pub fn check_string<'a>(path: &str, v: &'a Value) -> Result<&'a str, Invalid> {
 }
 
 /// Deepest nesting accepted anywhere in the resource.
-pub const MAX_DEPTH: usize = 24;
+pub(super) const MAX_DEPTH: usize = 24;
 
 /// Checks every string and key of `v`, however deep (elements read only for their shape,
 /// such as `meta` or `contained`, included): no control characters, bounded size and depth.
 /// Postgres refuses NUL in jsonb; nothing we store may carry one.
-pub fn scan(path: &str, v: &Value, depth: usize) -> Result<(), Invalid> {
+pub(super) fn scan(path: &str, v: &Value, depth: usize) -> Result<(), Invalid> {
     if depth > MAX_DEPTH {
         return Err(structure(
             path,
@@ -134,14 +134,14 @@ fn printable(k: &str) -> String {
 }
 
 /// A JSON object being read: keys not claimed by the time [`Obj::finish`] runs are refused.
-pub struct Obj<'a> {
+pub(super) struct Obj<'a> {
     pub path: String,
     map: &'a Map<String, Value>,
     claimed: HashSet<&'a str>,
 }
 
 impl<'a> Obj<'a> {
-    pub fn new(path: &str, v: &'a Value) -> Result<Self, Invalid> {
+    pub(super) fn new(path: &str, v: &'a Value) -> Result<Self, Invalid> {
         let Value::Object(map) = v else {
             return Err(structure(
                 path,
@@ -191,7 +191,7 @@ impl<'a> Obj<'a> {
     }
 
     /// The `_key` object, claimed (the backport IG puts extensions there).
-    pub fn extensions_of(&mut self, key: &'static str) -> Result<Option<Obj<'a>>, Invalid> {
+    pub(super) fn extensions_of(&mut self, key: &'static str) -> Result<Option<Obj<'a>>, Invalid> {
         let under = format!("_{key}");
         match self.map.get_key_value(&under) {
             None => Ok(None),
@@ -202,19 +202,19 @@ impl<'a> Obj<'a> {
         }
     }
 
-    pub fn string(&mut self, key: &'static str) -> Result<Option<&'a str>, Invalid> {
+    pub(super) fn string(&mut self, key: &'static str) -> Result<Option<&'a str>, Invalid> {
         match self.get(key)? {
             None => Ok(None),
             Some(v) => check_string(&self.at(key), v).map(Some),
         }
     }
 
-    pub fn required_string(&mut self, key: &'static str) -> Result<&'a str, Invalid> {
+    pub(super) fn required_string(&mut self, key: &'static str) -> Result<&'a str, Invalid> {
         self.string(key)?.ok_or_else(|| required(&self.at(key)))
     }
 
     /// A `code` from a closed value set.
-    pub fn code(
+    pub(super) fn code(
         &mut self,
         key: &'static str,
         allowed: &[&str],
@@ -237,14 +237,14 @@ impl<'a> Obj<'a> {
     }
 
     /// An integer in `min..=i32::MAX` (`unsignedInt`: 0, `positiveInt`: 1).
-    pub fn integer(&mut self, key: &'static str, min: i64) -> Result<Option<i32>, Invalid> {
+    pub(super) fn integer(&mut self, key: &'static str, min: i64) -> Result<Option<i32>, Invalid> {
         let Some(v) = self.get(key)? else {
             return Ok(None);
         };
         integer(&self.at(key), v, min).map(Some)
     }
 
-    pub fn boolean(&mut self, key: &'static str) -> Result<Option<bool>, Invalid> {
+    pub(super) fn boolean(&mut self, key: &'static str) -> Result<Option<bool>, Invalid> {
         match self.get(key)? {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -255,7 +255,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    pub fn object(&mut self, key: &'static str) -> Result<Option<Obj<'a>>, Invalid> {
+    pub(super) fn object(&mut self, key: &'static str) -> Result<Option<Obj<'a>>, Invalid> {
         match self.get(key)? {
             None => Ok(None),
             Some(v) => Obj::new(&self.at(key), v).map(Some),
@@ -265,7 +265,7 @@ impl<'a> Obj<'a> {
     /// A repeating element: an array of at most [`MAX_ITEMS`] entries, each with its path
     /// (`filterBy[0]`). An empty array (not valid FHIR JSON, but clients send it) reads as
     /// absent: it narrows nothing.
-    pub fn array(&mut self, key: &'static str) -> Result<Vec<(String, &'a Value)>, Invalid> {
+    pub(super) fn array(&mut self, key: &'static str) -> Result<Vec<(String, &'a Value)>, Invalid> {
         let Some(v) = self.get(key)? else {
             return Ok(Vec::new());
         };
@@ -297,7 +297,7 @@ impl<'a> Obj<'a> {
     }
 
     /// An array of objects.
-    pub fn objects(&mut self, key: &'static str) -> Result<Vec<Obj<'a>>, Invalid> {
+    pub(super) fn objects(&mut self, key: &'static str) -> Result<Vec<Obj<'a>>, Invalid> {
         self.array(key)?
             .into_iter()
             .map(|(p, v)| Obj::new(&p, v))
@@ -305,17 +305,17 @@ impl<'a> Obj<'a> {
     }
 
     /// A complex element read only for its shape (an object), not its content.
-    pub fn opaque_object(&mut self, key: &'static str) -> Result<(), Invalid> {
+    pub(super) fn opaque_object(&mut self, key: &'static str) -> Result<(), Invalid> {
         self.object(key).map(|_| ())
     }
 
     /// A repeating complex element read only for its shape (objects).
-    pub fn opaque_objects(&mut self, key: &'static str) -> Result<(), Invalid> {
+    pub(super) fn opaque_objects(&mut self, key: &'static str) -> Result<(), Invalid> {
         self.objects(key).map(|_| ())
     }
 
     /// `extension`: objects with a `url`; read for shape. Returns them for the caller.
-    pub fn extensions(&mut self, key: &'static str) -> Result<Vec<Extension<'a>>, Invalid> {
+    pub(super) fn extensions(&mut self, key: &'static str) -> Result<Vec<Extension<'a>>, Invalid> {
         self.objects(key)?
             .into_iter()
             .map(Extension::read)
@@ -323,7 +323,7 @@ impl<'a> Obj<'a> {
     }
 
     /// Refuses every element nobody claimed.
-    pub fn finish(self) -> Result<(), Invalid> {
+    pub(super) fn finish(self) -> Result<(), Invalid> {
         let mut unknown: Vec<&String> = self
             .map
             .keys()
@@ -341,7 +341,7 @@ impl<'a> Obj<'a> {
 }
 
 /// An integer JSON number in `min..=i32::MAX` (FHIR JSON numbers, not strings).
-pub fn integer(path: &str, v: &Value, min: i64) -> Result<i32, Invalid> {
+pub(super) fn integer(path: &str, v: &Value, min: i64) -> Result<i32, Invalid> {
     let Value::Number(n) = v else {
         return Err(structure(
             path,
@@ -364,7 +364,7 @@ pub fn integer(path: &str, v: &Value, min: i64) -> Result<i32, Invalid> {
 }
 
 /// One extension: its url and its `value[x]`, if any.
-pub struct Extension<'a> {
+pub(super) struct Extension<'a> {
     pub path: String,
     pub url: &'a str,
     /// `("valueString", value)`.
@@ -413,7 +413,7 @@ impl<'a> Extension<'a> {
     }
 
     /// The value's path, for errors.
-    pub fn value_path(&self) -> String {
+    pub(super) fn value_path(&self) -> String {
         match self.value {
             Some((k, _)) => format!("{}.{k}", self.path),
             None => self.path.clone(),

@@ -2,108 +2,17 @@
 //! Subscriptions", turned into one typed value the queue stores.
 
 use serde_json::Value;
-use std::net::IpAddr;
 
 mod element;
+mod filter;
 mod read;
 pub mod secrets;
 
-use super::notification::Format;
 use super::topic::Topic;
+use super::vocab::Format;
+pub use super::vocab::{Content, Status};
+pub use filter::{check_filter, Filter};
 pub use read::{filters_from_criteria, read, Paths, Read};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Requested,
-    Active,
-    Error,
-    Off,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Requested => "requested",
-            Status::Active => "active",
-            Status::Error => "error",
-            Status::Off => "off",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "requested" => Status::Requested,
-            "active" => Status::Active,
-            "error" => Status::Error,
-            "off" => Status::Off,
-            _ => return None,
-        })
-    }
-}
-
-/// Payload content, ordered from least to most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Content {
-    Empty,
-    IdOnly,
-    FullResource,
-}
-
-impl Content {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Content::Empty => "empty",
-            Content::IdOnly => "id-only",
-            Content::FullResource => "full-resource",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "empty" => Content::Empty,
-            "id-only" => Content::IdOnly,
-            "full-resource" => Content::FullResource,
-            _ => return None,
-        })
-    }
-}
-
-/// A `filterBy` entry as the client wrote it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Filter {
-    pub resource_type: Option<String>,
-    pub parameter: String,
-    /// `eq`, `gt`, … (R5 filterBy.comparator); folded into `value` once checked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comparator: Option<String>,
-    /// `not`, `missing`, `exact`, … (R5 filterBy.modifier, or `param:modifier`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub modifier: Option<String>,
-    pub value: String,
-    /// The element it was read from (`Subscription.filterBy[0]`), for refusals.
-    #[serde(skip)]
-    pub source: String,
-}
-
-impl Filter {
-    /// Does an event of `resource_type` with canFilterBy `values` pass this filter? A filter
-    /// applies only to the resource type it names (AND across filters is the caller's;
-    /// OR across comma-separated values is here).
-    pub fn matches(
-        &self,
-        resource_type: &str,
-        values: &std::collections::HashMap<String, crate::fhir::search::value::Values>,
-    ) -> bool {
-        if self
-            .resource_type
-            .as_deref()
-            .is_some_and(|t| t != resource_type)
-        {
-            return true;
-        }
-        let empty = crate::fhir::search::value::Values::Uri(Vec::new());
-        let v = values.get(&self.parameter).unwrap_or(&empty);
-        crate::fhir::search::value::matches(v, self.modifier.as_deref(), &self.value)
-    }
-}
 
 /// The channel types (`subscription-channel-type` codes) this server delivers over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,7 +85,9 @@ pub struct Rules<'a> {
     pub format: Format,
     /// The search parameters filters are evaluated with; without it filters are refused.
     pub registry: Option<&'a crate::fhir::search::registry::Registry>,
-    pub allow_private_endpoints: bool,
+    /// The private-address rule (`channel::private`) when private endpoints are not
+    /// allowed; `None`: any host is accepted.
+    pub refuse_private: Option<fn(&url::Url) -> bool>,
     pub require_https_for_full_resource: bool,
     pub email: EmailRules,
 }
@@ -292,98 +203,6 @@ pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
     })
 }
 
-/// A filter the topic allows, on a parameter this server can evaluate, with a valid value;
-/// returned with its resource type settled and any comparator folded into the value.
-pub fn check_filter(f: Filter, topic: &Topic, rules: &Rules<'_>) -> Result<Filter, Invalid> {
-    let source = f.source.clone();
-    let refuse = |msg: String| invalid("not-supported", &source, msg);
-    let entries: Vec<_> = topic
-        .can_filter_by
-        .iter()
-        .filter(|c| {
-            c.parameter == f.parameter
-                && match (&c.resource_type, &f.resource_type) {
-                    (Some(a), Some(b)) => a == b,
-                    _ => true,
-                }
-        })
-        .collect();
-    let Some(entry) = entries.first() else {
-        return Err(refuse(format!(
-            "filter {:?} is not allowed by topic {}: its canFilterBy lists {:?}",
-            f.parameter,
-            topic.url,
-            topic
-                .can_filter_by
-                .iter()
-                .map(|c| c.parameter.as_str())
-                .collect::<Vec<_>>()
-        )));
-    };
-    if f.comparator.is_some() && f.modifier.is_some() {
-        return Err(invalid(
-            "invalid",
-            &f.source,
-            format!(
-                "filter {:?} has both a comparator and a modifier",
-                f.parameter
-            ),
-        ));
-    }
-    if let Some(c) = &f.comparator {
-        if !entry.comparators.is_empty() && !entry.comparators.contains(c) {
-            return Err(refuse(format!(
-                "comparator {c:?} is not allowed for filter {:?} by topic {}",
-                f.parameter, topic.url
-            )));
-        }
-    }
-    if let Some(m) = &f.modifier {
-        if !entry.modifiers.is_empty() && !entry.modifiers.contains(m) {
-            return Err(refuse(format!(
-                "modifier {m:?} is not allowed for filter {:?} by topic {}",
-                f.parameter, topic.url
-            )));
-        }
-    }
-    let resource_type = f
-        .resource_type
-        .clone()
-        .or_else(|| entry.resource_type.clone())
-        .or_else(|| (topic.triggers.len() == 1).then(|| topic.triggers[0].resource_type.clone()))
-        .ok_or_else(|| {
-            refuse(format!(
-                "filter {:?}: name its resourceType (the topic has several)",
-                f.parameter
-            ))
-        })?;
-    let Some(registry) = rules.registry else {
-        return Err(refuse(
-            "filters are not evaluated by this server configuration".into(),
-        ));
-    };
-    let param = registry.for_filter(entry, &resource_type).ok_or_else(|| {
-        refuse(format!(
-            "filter {:?} has no search parameter definition for {resource_type}; it cannot be evaluated",
-            f.parameter
-        ))
-    })?;
-    let value = match &f.comparator {
-        Some(c) => format!("{c}{}", f.value),
-        None => f.value.clone(),
-    };
-    crate::fhir::search::value::validate(param.kind, f.modifier.as_deref(), &value)
-        .map_err(|e| refuse(format!("filter {:?}: {e}", f.parameter)))?;
-    Ok(Filter {
-        resource_type: Some(resource_type),
-        parameter: f.parameter,
-        comparator: None,
-        modifier: f.modifier,
-        value,
-        source: f.source,
-    })
-}
-
 /// The endpoint as the channel needs it: an http(s) URL for rest-hook and message, `mailto:`
 /// addresses for email, nothing for websocket (the client connects to us).
 fn channel_endpoint(
@@ -490,7 +309,7 @@ fn check_endpoint(
             ))
         }
     }
-    if !rules.allow_private_endpoints && is_private_host(&url) {
+    if rules.refuse_private.is_some_and(|private| private(&url)) {
         return Err(invalid(
             "security",
             path,
@@ -500,52 +319,10 @@ fn check_endpoint(
     Ok(())
 }
 
-fn is_private_host(url: &url::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => {
-            let d = d.trim_end_matches('.');
-            d == "localhost" || d.ends_with(".localhost")
-        }
-        Some(url::Host::Ipv4(ip)) => is_private_ip(IpAddr::V4(ip)),
-        Some(url::Host::Ipv6(ip)) => is_private_ip(IpAddr::V6(ip)),
-        None => true,
-    }
-}
-
-/// Loopback, private, link-local, unspecified, broadcast or multicast: addresses a
-/// notification must not reach unless private endpoints are allowed. IPv4-mapped and
-/// IPv4-compatible IPv6 addresses are judged as the IPv4 address they carry.
-pub fn is_private_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v) => {
-            v.is_loopback()
-                || v.is_private()
-                || v.is_link_local()
-                || v.is_unspecified()
-                || v.is_broadcast()
-                || v.is_multicast()
-                // 100.64.0.0/10, carrier-grade NAT: inside someone's network.
-                || (v.octets()[0] == 100 && (v.octets()[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v) => {
-            if let Some(v4) = v.to_ipv4() {
-                if !v.is_loopback() && !v.is_unspecified() {
-                    return is_private_ip(IpAddr::V4(v4));
-                }
-            }
-            let first = v.segments()[0];
-            v.is_loopback()
-                || v.is_unspecified()
-                || v.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::private::is_private_host;
     use crate::fhir::search::registry::Registry;
     use crate::fhir::FhirVersion;
     use serde_json::json;
@@ -591,7 +368,7 @@ mod tests {
                 registry: Some(&REGISTRY),
                 topics: &t,
                 format: Format::R5,
-                allow_private_endpoints: private,
+                refuse_private: (!private).then_some(is_private_host as fn(&url::Url) -> bool),
                 require_https_for_full_resource: https,
                 email: EmailRules::default(),
             },
@@ -685,7 +462,7 @@ mod tests {
             registry: Some(&REGISTRY),
             topics: &t,
             format: Format::R5,
-            allow_private_endpoints: false,
+            refuse_private: Some(is_private_host),
             email: EmailRules::default(),
             require_https_for_full_resource: true,
         };

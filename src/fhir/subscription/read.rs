@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::element::{self, check_string, integer, structure, value, Extension, Obj};
 use super::{Content, Filter, Invalid, Status};
-use crate::fhir::notification::Format;
 use crate::fhir::topic::resource_type_of;
+use crate::fhir::vocab::Format;
 
 const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
 
@@ -87,7 +87,7 @@ pub struct Read {
 
 /// The extension that carries a subscription's signing secret: Medplum's, so receivers
 /// written for Medplum verify fhir-cdc's notifications unchanged.
-pub const SECRET_EXTENSION: &str =
+pub(super) const SECRET_EXTENSION: &str =
     "https://www.medplum.com/fhir/StructureDefinition/subscription-secret";
 
 /// The signing secret of a Subscription, when it has the extension: a `valueString` of at

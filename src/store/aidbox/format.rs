@@ -16,7 +16,7 @@ use octofhir_fhirschema::types::{FhirSchema, FhirSchemaElement};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-use super::FhirVersion;
+use crate::fhir::FhirVersion;
 
 type Elements = HashMap<String, FhirSchemaElement>;
 

@@ -4,6 +4,8 @@
 //! the change. `id`, `resourceType`, `meta.versionId` (txid) and `meta.lastUpdated` (ts) come
 //! from the columns.
 
+pub mod format;
+
 use async_trait::async_trait;
 use pg_walstream::TupleData;
 use serde_json::{json, Value};
@@ -15,9 +17,9 @@ use super::{
     Decoded, Format, RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo,
     TableName,
 };
-use crate::fhir::aidbox_format::{Attribute, Attributes};
 use crate::fhir::resource_types::{is_resource_type, RESOURCE_TYPES};
 use crate::fhir::topic::Interaction;
+use format::{Attribute, Attributes};
 
 pub struct Aidbox {
     schema: String,
