@@ -17,7 +17,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use fhir_cdc::capture::assemble::Assembler;
-use fhir_cdc::capture::control::{Active, Role, Topics};
+use fhir_cdc::capture::control::{Active, ActiveTopics, Role};
 use fhir_cdc::capture::decode::Decoder;
 use fhir_cdc::capture::matcher::Matcher;
 use fhir_cdc::capture::read::Wanted;
@@ -167,7 +167,7 @@ async fn pass(
     let mut decoder = Decoder::new(profile);
     decoder.decode(relation()).expect("relation");
     let mut assembler = Assembler::new(0);
-    let mut topics = Topics::new(active, searcher.clone());
+    let mut topics = ActiveTopics::new(active, searcher.clone());
     let wanted = Wanted::default();
     wanted.set(topics.fields());
     let mut matcher = Matcher::new(searcher.clone(), wanted.clone());

@@ -16,14 +16,14 @@ mod delivery;
 mod destination;
 mod endpoint_auth;
 mod source;
-mod topics;
+mod topic_entry;
 pub use api::{ApiConfig, AuthConfig, StaticToken};
 pub use channels::{ChannelsConfig, EmailConfig, WebsocketConfig};
 pub use delivery::{DeliveryConfig, QueueConfig};
 pub use destination::{BrokerKind, DestinationConfig, DestinationFilter};
 pub use endpoint_auth::{EndpointAuthConfig, EndpointAuthKind};
 pub use source::{GenericTable, LagConfig, ProfileKind, SourceConfig};
-pub use topics::TopicEntry;
+pub use topic_entry::TopicEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -173,7 +173,7 @@ impl Config {
         for d in &mut raw.destination {
             d.resolve_paths(base);
         }
-        let topics = topics::load(&raw.topic, base, raw.delivery.workers)?;
+        let topics = topic_entry::load(&raw.topic, base, raw.delivery.workers)?;
         Ok(Config {
             source: raw.source,
             queue: raw.queue,

@@ -18,4 +18,4 @@ pub mod metrics;
 pub mod queue;
 pub mod status;
 pub mod store;
-pub mod topics;
+pub mod topic_registry;

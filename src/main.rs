@@ -307,7 +307,7 @@ async fn spawn_delivery(
 ) -> anyhow::Result<()> {
     let cfg = &p.cfg;
     let payloads = delivery::payload::Payloads::new(p.profile.clone(), p.searcher.clone());
-    let topics = Arc::new(fhir_cdc::topics::Registry::new(
+    let topics = Arc::new(fhir_cdc::topic_registry::TopicRegistry::new(
         cfg,
         queue::pool(cfg.queue_url(), 2)?,
     ));

@@ -39,7 +39,7 @@ pub struct ApiState {
     /// Set when capture runs in this process: ready only while it streams.
     /// Capture's health when it runs in this process (`/readyz`).
     pub capture: Option<Arc<crate::capture::lag::Health>>,
-    pub topics: Arc<crate::topics::Registry>,
+    pub topics: Arc<crate::topic_registry::TopicRegistry>,
     /// `[api.auth]`; `None`: the API listens on loopback only (or was told otherwise).
     pub auth: Option<Arc<auth::Auth>>,
     /// The websocket sockets of this process (delivery sends through the same hub).
@@ -146,7 +146,7 @@ pub async fn serve(state: Shared, mut shutdown: watch::Receiver<bool>) -> anyhow
 /// What the API shares with delivery in the same process.
 pub struct WithDelivery {
     pub payloads: Payloads,
-    pub topics: Arc<crate::topics::Registry>,
+    pub topics: Arc<crate::topic_registry::TopicRegistry>,
     /// The websocket sockets delivery sends through.
     pub hub: Arc<crate::channel::websocket::Hub>,
     /// Delivery's recent attempts, for the console.

@@ -44,14 +44,14 @@ pub enum Role {
 }
 
 /// The topics in force at the current point of the stream.
-pub struct Topics {
+pub struct ActiveTopics {
     pub active: Vec<Active>,
     searcher: Arc<Searcher>,
 }
 
-impl Topics {
+impl ActiveTopics {
     pub fn new(active: Vec<Active>, searcher: Arc<Searcher>) -> Self {
-        Topics { active, searcher }
+        ActiveTopics { active, searcher }
     }
 
     /// The resource types some topic triggers on, each with the members of its resources

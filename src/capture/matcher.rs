@@ -17,7 +17,7 @@ use crate::fhir::search::value::Values;
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
 use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
-use crate::queue::batch::{QueuedEvent, OWN_FILTERS};
+use crate::queue::batch::{QueuedEvent, ResourceBody, OWN_FILTERS};
 use crate::store::RowChange;
 
 pub struct Matcher {
@@ -193,7 +193,7 @@ impl Matcher {
         let resource = v
             .current
             .is_some()
-            .then(|| Box::new(change.current.clone()));
+            .then(|| Arc::new(change.current.clone()) as Arc<dyn ResourceBody>);
         Some(event(fired, change, resource, filters.into_json()))
     }
 
@@ -292,10 +292,17 @@ async fn fires(
     }
 }
 
+/// The queue renders a row's body through this only when a batch needs it.
+impl ResourceBody for RowChange {
+    fn render(&self) -> Option<String> {
+        self.resource().ok().flatten().map(|v| v.to_string())
+    }
+}
+
 fn event(
     topics: Vec<Arc<str>>,
     change: &ResourceChange,
-    resource: Option<Box<RowChange>>,
+    resource: Option<Arc<dyn ResourceBody>>,
     filters: Option<String>,
 ) -> QueuedEvent {
     let row = &change.current;

@@ -34,7 +34,7 @@ use crate::fhir::search::Searcher;
 use crate::fhir::trigger;
 use crate::queue::{self, batch};
 use crate::store::StoreProfile;
-use control::{Active, Topics};
+use control::{Active, ActiveTopics};
 use error::{CaptureError, Result};
 
 /// How this capture process was started.
@@ -118,7 +118,7 @@ async fn initial_topics(
         .iter()
         .map(|(t, c)| Active::new(t.clone(), c.clone(), None))
         .collect();
-    for (store_id, topic) in queue::topics::load_store(qc).await? {
+    for (store_id, topic) in queue::store_topics::load_store(qc).await? {
         if topics.iter().any(|a| a.topic.url == topic.url) {
             continue;
         }
@@ -151,7 +151,7 @@ async fn run_once(
     let resync_now = resync.load(Ordering::SeqCst);
     if let Some(gap) = connect::prepare_store(src, profile.as_ref(), checkpoint, resync_now).await?
     {
-        queue::gaps::record(&qc, &src.slot, checkpoint, &gap).await?;
+        queue::gaps::record(&qc, &src.slot, checkpoint, &gap.resumed_at, &gap.reason).await?;
     }
     // `--resync-from-now` applies to the slot found at start, not to a later loss.
     resync.store(false, Ordering::SeqCst);
@@ -162,7 +162,7 @@ async fn run_once(
     let mut s = stream::Stream::new(
         cfg,
         profile,
-        Topics::new(topics, searcher.clone()),
+        ActiveTopics::new(topics, searcher.clone()),
         searcher,
         checkpoint,
         health.clone(),

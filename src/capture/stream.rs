@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-use super::control::{Role, Topics};
+use super::control::{ActiveTopics, Role};
 use super::error::{CaptureError, Result};
 use super::read::{self, Event, Reader};
 use super::{assemble, decode, flush, lag, matcher};
@@ -40,7 +40,7 @@ pub(super) struct Stream<'a> {
     /// The resource types topics trigger on, for the reader's parse ahead.
     wanted: read::Wanted,
     assembler: assemble::Assembler,
-    topics: Topics,
+    topics: ActiveTopics,
     matcher: matcher::Matcher,
     /// Items of the open store transaction, in stream order.
     txn_items: Vec<Item>,
@@ -66,7 +66,7 @@ impl<'a> Stream<'a> {
     pub(super) fn new(
         cfg: &'a Config,
         profile: &Arc<dyn StoreProfile>,
-        topics: Topics,
+        topics: ActiveTopics,
         searcher: &Arc<Searcher>,
         checkpoint: u64,
         health: Arc<lag::Health>,

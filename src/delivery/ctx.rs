@@ -16,7 +16,7 @@ pub(super) struct Ctx {
     pub policy: SendPolicy,
     pub payloads: Payloads,
     pub channels: Channels,
-    pub topics: Arc<crate::topics::Registry>,
+    pub topics: Arc<crate::topic_registry::TopicRegistry>,
     pub base_url: String,
     pub format: Format,
     /// Queue connections for the sends' reads and writes; none is held across a send.

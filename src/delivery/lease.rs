@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use tokio_postgres::Client;
 
 use super::DeliveryError;
-use crate::queue::subscriptions::{self, SubscriptionRow};
+use crate::queue::leases;
+use crate::queue::subscriptions::SubscriptionRow;
 
 type Result<T> = std::result::Result<T, DeliveryError>;
 
@@ -48,7 +49,7 @@ impl Leases {
         if ids.is_empty() {
             return Ok((ids, Vec::new()));
         }
-        let (got, rows) = subscriptions::lease_and_read(&self.conn, &ids).await?;
+        let (got, rows) = leases::lease_and_read(&self.conn, &ids).await?;
         if let Ok(mut h) = self.held.lock() {
             h.extend(got.iter().cloned());
         }
@@ -60,7 +61,7 @@ impl Leases {
         if ids.is_empty() {
             return Ok(());
         }
-        let r = subscriptions::release_many(&self.conn, ids).await;
+        let r = leases::release_many(&self.conn, ids).await;
         if let Ok(mut h) = self.held.lock() {
             for id in ids {
                 h.remove(id);

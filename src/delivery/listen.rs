@@ -8,7 +8,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::{DeliveryError, Wakers};
 use crate::error::{supervise, Backoff};
-use crate::queue::topics::TOPIC_CHANNEL;
+use crate::queue::store_topics::TOPIC_CHANNEL;
 use crate::queue::{DELIVERY_CHANNEL, EVENT_CHANNEL};
 
 pub(super) async fn run(

@@ -27,7 +27,7 @@ use crate::channel::Channels;
 use crate::config::Config;
 use crate::error::{supervise, Backoff, Classify, ErrorKind};
 use crate::queue::{self, retention, QueueError};
-use crate::topics::Registry;
+use crate::topic_registry::TopicRegistry;
 
 /// Delivery's one error type: everything that stops a worker is the queue going away.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +66,11 @@ pub struct Wakers {
     topics: Mutex<HashMap<String, TopicWakers>>,
     /// A store topic appeared, changed or went.
     pub topics_changed: Notify,
-    registry: Arc<Registry>,
+    registry: Arc<TopicRegistry>,
 }
 
 impl Wakers {
-    fn new(registry: Arc<Registry>) -> Self {
+    fn new(registry: Arc<TopicRegistry>) -> Self {
         Wakers {
             topics: Mutex::default(),
             topics_changed: Notify::new(),
@@ -117,7 +117,7 @@ pub async fn run(
     cfg: Arc<Config>,
     payloads: payload::Payloads,
     channels: Channels,
-    registry: Arc<Registry>,
+    registry: Arc<TopicRegistry>,
     journal: Arc<journal::Journal>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {

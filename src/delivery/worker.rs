@@ -25,7 +25,8 @@ use crate::fhir::subscription::Filter;
 use crate::queue;
 use crate::queue::cursor::{self, Cursor};
 use crate::queue::events::{self, Pending};
-use crate::queue::subscriptions::{self, SubscriptionRow};
+use crate::queue::leases;
+use crate::queue::subscriptions::SubscriptionRow;
 
 type Result<T> = std::result::Result<T, DeliveryError>;
 type Running = JoinSet<(String, Result<Turn>)>;
@@ -163,8 +164,7 @@ async fn fill(ctx: &Arc<Ctx>, topic: &str, l: &mut Loop, workers: usize) -> Resu
         let skip = l.leases.held();
         let idle: Vec<String> = l.idle.caught_up(newest).cloned().collect();
         let found =
-            subscriptions::with_work(&l.leases.conn, topic, newest, &skip, &idle, &bound, limit)
-                .await?;
+            leases::with_work(&l.leases.conn, topic, newest, &skip, &idle, &bound, limit).await?;
         l.queue.extend(found);
     }
     while l.ready.len() < free && !l.queue.is_empty() {
@@ -325,7 +325,7 @@ async fn drain_on_shutdown(cfg: &Config, mut running: Running) {
 /// How long to sleep when there is nothing to do: until the next retry is due, at most 1 s.
 async fn next_wait(c: &tokio_postgres::Client, topic: &str, newest: i64) -> Duration {
     let max = Duration::from_secs(1);
-    match subscriptions::next_retry(c, topic, newest).await {
+    match leases::next_retry(c, topic, newest).await {
         Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
         _ => max,
     }

@@ -13,7 +13,6 @@ use tokio_postgres::Client;
 use super::{lsn_text, subscriptions, Result, EVENT_CHANNEL};
 use crate::fhir::subscription::SubscriptionSpec;
 use crate::fhir::topic::Interaction;
-use crate::store::RowChange;
 
 /// A matched change: one row in the queue whatever the number of topics it fired.
 #[derive(Debug, Clone)]
@@ -28,7 +27,7 @@ pub struct QueuedEvent {
     /// only when the batch is written and a full-resource subscription reads one of its
     /// topics. Most batches need no body, and a parsed value is several times bigger than
     /// the text a 30,000-row transaction holds.
-    pub resource: Option<Box<RowChange>>,
+    pub resource: Option<Arc<dyn ResourceBody>>,
     /// The canFilterBy values of this resource for its topics, as JSON text
     /// (`{param: Values}`, and `@topic: {url: {param: Values}}` for a topic whose parameter
     /// of that name differs): written as they were serialised, without a `Value` tree.
@@ -168,8 +167,8 @@ async fn control(tx: &tokio_postgres::Transaction<'_>, item: &Item) -> Result<()
             store_id,
             url,
             resource,
-        } => super::topics::upsert(tx, store_id, url, resource).await?,
-        Item::DeleteTopic { store_id } => super::topics::delete(tx, store_id).await?,
+        } => super::store_topics::upsert(tx, store_id, url, resource).await?,
+        Item::DeleteTopic { store_id } => super::store_topics::delete(tx, store_id).await?,
         Item::RefuseSubscription {
             id,
             topic,
@@ -303,10 +302,15 @@ impl ToSql for RawJson<'_> {
     tokio_postgres::types::to_sql_checked!();
 }
 
-/// The FHIR JSON text of an event's resource. Capture parsed it before queueing the event,
-/// so it parses again here.
-fn render(row: Option<&RowChange>) -> Option<String> {
-    row?.resource().ok().flatten().map(|v| v.to_string())
+/// A resource body as capture hands it over: rendered as FHIR JSON only when a batch needs
+/// it. The queue does not know the store's row formats; capture implements this for them.
+pub trait ResourceBody: Send + Sync + std::fmt::Debug {
+    fn render(&self) -> Option<String>;
+}
+
+/// The FHIR JSON text of an event's resource.
+fn render(row: Option<&dyn ResourceBody>) -> Option<String> {
+    row?.render()
 }
 
 /// Moves the checkpoint of `slot` to `lsn` when nothing is waiting to be queued: every store

@@ -5,19 +5,20 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
 use super::{lsn_text, Result};
-use crate::store::setup::Resync;
 
-/// Records a gap: changes after `checkpoint` and before `gap.resumed_at` were never read.
+/// Records a gap: changes after `checkpoint` and before `resumed_at` (an LSN's text) were
+/// never read, for `reason`.
 pub async fn record<C: GenericClient>(
     c: &C,
     slot: &str,
     checkpoint: u64,
-    gap: &Resync,
+    resumed_at: &str,
+    reason: &str,
 ) -> Result<()> {
     c.execute(
         "INSERT INTO fhir_cdc.capture_gap (slot, lost_after, resumed_at, reason)
          VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4)",
-        &[&slot, &lsn_text(checkpoint), &gap.resumed_at, &gap.reason],
+        &[&slot, &lsn_text(checkpoint), &resumed_at, &reason],
     )
     .await?;
     Ok(())

@@ -7,12 +7,13 @@ pub mod cursor;
 pub mod dead;
 pub mod events;
 pub mod gaps;
+pub mod leases;
 pub mod matched;
 pub mod migrate;
 pub mod retention;
 pub mod sealed;
+pub mod store_topics;
 pub mod subscriptions;
-pub mod topics;
 
 use tokio_postgres::Client;
 

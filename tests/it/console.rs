@@ -118,18 +118,18 @@ async fn the_console_shows_a_failing_subscription_its_attempts_and_the_last_hour
     for id in ["c1", "c2", "c3"] {
         put_encounter(&env.store, id).await;
     }
-    wait_until("3 delivered to ok", Duration::from_secs(30), || async {
+    wait_until("3 delivered to ok", Duration::from_secs(60), || async {
         rx.events("ok").len() == 3
     })
     .await;
-    wait_until("bad in error", Duration::from_secs(30), || async {
+    wait_until("bad in error", Duration::from_secs(60), || async {
         status(api, &bad).await["status"] == "error"
     })
     .await;
     let full = format!("http://fhir-cdc.test/fhir/Subscription/{ok}");
     validate(&rx.bodies("ok"), "r5", &["--expect-subscription", &full]);
     // The sampler has seen the 3 events queued and the notifications sent.
-    wait_until("the last hour counted", Duration::from_secs(30), || async {
+    wait_until("the last hour counted", Duration::from_secs(60), || async {
         let (_, s) = console_state(api, None).await;
         let sum = |k: &str| -> u64 {
             s["history"]

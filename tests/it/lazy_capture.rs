@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use chrono::Utc;
 use fhir_cdc::capture::assemble::{Commit, Parsed, ResourceChange};
-use fhir_cdc::capture::control::{Active, Topics};
+use fhir_cdc::capture::control::{Active, ActiveTopics};
 use fhir_cdc::capture::matcher::Matcher;
 use fhir_cdc::capture::read::Wanted;
 use fhir_cdc::config::FhirVersion;
@@ -143,7 +143,7 @@ async fn lazy_and_full_parsing_give_the_same_events_and_filter_values() {
             Active::new(t, c, None)
         })
         .collect();
-    let topics = Topics::new(active, searcher.clone());
+    let topics = ActiveTopics::new(active, searcher.clone());
     let lazy_fields = topics.fields();
     // The lazy path really is lazy: most members of each type are left unparsed.
     for (ty, f) in &lazy_fields {

@@ -1,6 +1,6 @@
 //! The topic registry delivery and the API share: the configured topics and those created
 //! in the store, read from the queue once and again only after a change (capture NOTIFYs
-//! `fhir_cdc_topic`; the LISTEN connection calls [`Registry::invalidate`], also after it
+//! `fhir_cdc_topic`; the LISTEN connection calls [`TopicRegistry::invalidate`], also after it
 //! reconnects, so a change missed while it was down is still seen). Capture keeps its own
 //! list in stream order, because a topic written into the store applies from its place in
 //! the WAL on.
@@ -17,16 +17,16 @@ use crate::queue::{self, QueueError};
 /// Longest a cached list is trusted without a NOTIFY (covers a lost notification).
 const MAX_AGE: Duration = Duration::from_secs(30);
 
-pub struct Registry {
+pub struct TopicRegistry {
     configured: Vec<Topic>,
     pool: deadpool_postgres::Pool,
     stale: AtomicBool,
     cache: Mutex<Option<(Instant, Arc<Vec<Topic>>)>>,
 }
 
-impl Registry {
+impl TopicRegistry {
     pub fn new(cfg: &Config, pool: deadpool_postgres::Pool) -> Self {
-        Registry {
+        TopicRegistry {
             configured: cfg.topics.iter().map(|t| t.topic.clone()).collect(),
             pool,
             stale: AtomicBool::new(true),
@@ -61,7 +61,7 @@ impl Registry {
     async fn read(&self) -> Result<Vec<Topic>, QueueError> {
         let c = self.pool.get().await?;
         let mut topics = self.configured.clone();
-        for (_, t) in queue::topics::load_store(&**c).await? {
+        for (_, t) in queue::store_topics::load_store(&**c).await? {
             if !topics.iter().any(|x| x.url == t.url) {
                 topics.push(t);
             }
