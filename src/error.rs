@@ -14,9 +14,35 @@ pub enum ErrorKind {
     Fatal,
 }
 
-/// An error that knows its [`ErrorKind`].
+/// An error that knows its [`ErrorKind`], and for a fatal one what the operator should do.
 pub trait Classify: std::fmt::Display {
     fn kind(&self) -> ErrorKind;
+
+    /// One line that tells the operator what to do about it (fatal errors; `status` and the
+    /// log show it).
+    fn remedy(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A task stopped by a fatal error: what `main` prints, records for `status`
+/// (`fhir_cdc.fatal_error`) and exits with.
+#[derive(Debug, thiserror::Error)]
+#[error("{task}: {error}")]
+pub struct Fatal {
+    pub task: &'static str,
+    pub error: String,
+    pub remedy: Option<String>,
+}
+
+impl Fatal {
+    pub fn from<E: Classify>(task: &'static str, e: &E) -> Self {
+        Fatal {
+            task,
+            error: e.to_string(),
+            remedy: e.remedy(),
+        }
+    }
 }
 
 /// Backoff between reconnects: doubles from `initial` to `max`, and starts over once a run
@@ -60,7 +86,11 @@ where
         let started = Instant::now();
         let e = match run().await {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Fatal => return Err(e),
+            Err(e) if e.kind() == ErrorKind::Fatal => {
+                let remedy = e.remedy().unwrap_or_else(|| "-".into());
+                tracing::error!(task, error = %e, remedy = %remedy, "stopped: retrying cannot fix this");
+                return Err(e);
+            }
             Err(e) => e,
         };
         metrics::counter!(crate::metrics::RESTARTS, "task" => task.to_string()).increment(1);

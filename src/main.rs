@@ -176,12 +176,37 @@ async fn main() -> std::process::ExitCode {
         }
     };
     init_logging(Some(&cfg));
-    match run(cli.command, cfg).await {
+    match run(cli.command, cfg.clone()).await {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "fatal");
+            let fatal = e.downcast_ref::<fhir_cdc::error::Fatal>();
+            let remedy = fatal.and_then(|f| f.remedy.clone());
+            tracing::error!(
+                error = format!("{e:#}"),
+                remedy = remedy.as_deref().unwrap_or("-"),
+                "fatal"
+            );
+            if let Some(f) = fatal {
+                record_fatal(&cfg, f).await;
+            }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Leaves why the process stopped, and what to do, where `fhir-cdc status` reads it. Best
+/// effort: the queue may be what failed.
+async fn record_fatal(cfg: &Config, f: &fhir_cdc::error::Fatal) {
+    let write = async {
+        let c = queue::connect(cfg.queue_url()).await?;
+        queue::fatal::record(&c, f).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the fatal error could not be recorded for status")
+        }
+        Err(_) => tracing::warn!("the fatal error could not be recorded for status: timed out"),
     }
 }
 

@@ -23,6 +23,9 @@ pub struct Report {
     pub subscriptions: Vec<SubState>,
     pub dead_letters: i64,
     pub capture_gaps: i64,
+    /// Tasks that stopped on an error retrying cannot fix, with what to do (until they run
+    /// again).
+    pub stopped: Vec<queue::fatal::Stopped>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +114,8 @@ pub async fn report_with(src: &Client, q: &Client, cfg: &Config) -> Result<Repor
         .await
         .map_err(unreachable("queue database"))?;
     let (topics, subs, dead, gaps) = read_queue(q).await.map_err(unreachable("queue database"))?;
+    // A queue not yet migrated to 009 has no record of stops.
+    let stopped = queue::fatal::all(q).await.unwrap_or_default();
     let mut r = Report {
         healthy: true,
         problems: Vec::new(),
@@ -120,6 +125,7 @@ pub async fn report_with(src: &Client, q: &Client, cfg: &Config) -> Result<Repor
         subscriptions: subs,
         dead_letters: dead,
         capture_gaps: gaps,
+        stopped,
     };
     grade(&mut r, cfg);
     Ok(r)
@@ -293,6 +299,15 @@ fn problems(r: &Report) -> Vec<String> {
     }
     if r.capture_gaps > 0 {
         out.push(format!("{} capture gap(s) recorded", r.capture_gaps));
+    }
+    for s in &r.stopped {
+        let fix = s.remedy.as_deref().unwrap_or("see the log");
+        out.push(format!(
+            "{} stopped at {}: {} -- fix: {fix}",
+            s.task,
+            s.at.to_rfc3339(),
+            s.error
+        ));
     }
     out
 }

@@ -30,6 +30,18 @@ impl Classify for CaptureError {
             CaptureError::Protocol(_) | CaptureError::Config(_) => ErrorKind::Fatal,
         }
     }
+
+    fn remedy(&self) -> Option<String> {
+        match self {
+            CaptureError::Queue(e) => e.remedy(),
+            CaptureError::Store(e) => e.remedy(),
+            CaptureError::Replication(_) => None,
+            CaptureError::Protocol(_) => Some(
+                "report this with the log; the slot was not confirmed past the unreadable change, so nothing is lost".into(),
+            ),
+            CaptureError::Config(_) => Some("run `fhir-cdc check --config F`: it says what to fix".into()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, CaptureError>;

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::error::{supervise, Backoff, Classify};
+use crate::error::{supervise, Backoff};
 use crate::fhir::search::Searcher;
 use crate::fhir::trigger;
 use crate::queue::{self, batch};
@@ -91,10 +91,7 @@ pub async fn run(
         }
     })
     .await;
-    result.map_err(|e: CaptureError| {
-        tracing::error!(error = %e, kind = ?e.kind(), "capture stopped");
-        anyhow::anyhow!("capture: {e}")
-    })
+    result.map_err(|e: CaptureError| anyhow::Error::new(crate::error::Fatal::from("capture", &e)))
 }
 
 /// The search machinery for the store's FHIR version.
@@ -157,6 +154,7 @@ async fn run_once(
     resync.store(false, Ordering::SeqCst);
     let repl = connect::start_replication(src, checkpoint).await?;
     health.streaming.store(true, Ordering::SeqCst);
+    queue::fatal::clear(&qc, "capture").await?;
     tracing::info!(slot = %src.slot, checkpoint = %queue::lsn_text(checkpoint), "capture streaming");
     let topics = initial_topics(&qc, configured, searcher).await?;
     let mut s = stream::Stream::new(

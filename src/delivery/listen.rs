@@ -25,7 +25,7 @@ pub(super) async fn run(
         listen_once(&url, &wakers, shutdown.clone())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("LISTEN: {e}"))
+    .map_err(|e| anyhow::Error::new(crate::error::Fatal::from("listen", &e)))
 }
 
 async fn listen_once(

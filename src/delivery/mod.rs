@@ -51,6 +51,13 @@ impl Classify for DeliveryError {
             DeliveryError::ListenClosed => ErrorKind::Retryable,
         }
     }
+
+    fn remedy(&self) -> Option<String> {
+        match self {
+            DeliveryError::Queue(e) => e.remedy(),
+            DeliveryError::ListenClosed => None,
+        }
+    }
 }
 
 /// Wake-ups of one topic's send loop: capture queued events, or a subscription has new
@@ -123,6 +130,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut client = queue::connect(cfg.queue_url()).await?;
     queue::migrate::run(&mut client).await?;
+    for task in ["send", "housekeeping", "listen"] {
+        queue::fatal::clear(&client, task).await?;
+    }
     let sealed = queue::sealed::seal_existing(&client).await?;
     if sealed > 0 {
         tracing::info!(
@@ -224,7 +234,11 @@ async fn housekeeping(
         run_housekeeping(&cfg, &topic, shutdown.clone())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("housekeeping of {topic}: {e}"))
+    .map_err(|e| {
+        let mut f = crate::error::Fatal::from("housekeeping", &e);
+        f.error = format!("topic {topic}: {}", f.error);
+        anyhow::Error::new(f)
+    })
 }
 
 /// Every 2 s: subscriptions whose end passed turn off; every 10 s the dead-letter gauge;

@@ -46,7 +46,11 @@ pub(super) async fn worker(
         run_worker(ctx.clone(), &topic, &wake, shutdown.clone())
     })
     .await
-    .map_err(|e| anyhow::anyhow!("sends of {topic}: {e}"))
+    .map_err(|e| {
+        let mut f = crate::error::Fatal::from("send", &e);
+        f.error = format!("topic {topic}: {}", f.error);
+        anyhow::Error::new(f)
+    })
 }
 
 /// A subscription whose last turn found nothing to send: the cursor it had, how far the

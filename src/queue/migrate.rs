@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../../sql/006_cursor.sql")),
     (7, include_str!("../../sql/007_signing_secret.sql")),
     (8, include_str!("../../sql/008_destinations.sql")),
+    (9, include_str!("../../sql/009_fatal_error.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

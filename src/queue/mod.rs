@@ -6,6 +6,7 @@ pub mod batch;
 pub mod cursor;
 pub mod dead;
 pub mod events;
+pub mod fatal;
 pub mod gaps;
 pub mod leases;
 pub mod matched;
@@ -52,6 +53,21 @@ impl crate::error::Classify for QueueError {
             }
             QueueError::Db(_) | QueueError::Pool(_) => crate::error::ErrorKind::Retryable,
             QueueError::Other(_) => crate::error::ErrorKind::Fatal,
+        }
+    }
+
+    fn remedy(&self) -> Option<String> {
+        match self {
+            QueueError::Db(e) if crate::db::is_certificate_error(e) => Some(
+                "the database's certificate does not verify: set sslrootcert to the CA that signed it, and use the host name it was issued for (docs/security.md, TLS)".into(),
+            ),
+            QueueError::Other(m) if m.starts_with("database URL") => Some(
+                "fix source.url / queue.url (or FHIR_CDC_SOURCE_URL / FHIR_CDC_QUEUE_URL); `fhir-cdc check` tests them".into(),
+            ),
+            QueueError::Other(_) => Some(
+                "run `fhir-cdc check --config F`; if it finds nothing, report this error with the log".into(),
+            ),
+            _ => None,
         }
     }
 }

@@ -118,6 +118,20 @@ impl StoreError {
             }
         }
     }
+
+    /// What the operator should do about a fatal one.
+    pub fn remedy(&self) -> Option<String> {
+        match self {
+            StoreError::Db(_) | StoreError::Pool(_) => None,
+            StoreError::SlotLost(_) => Some(
+                "`fhir-cdc capture --resync-from-now` makes a new slot and records the gap for subscribers (docs/operations.md, An invalidated slot)".into(),
+            ),
+            StoreError::Config(_) => Some("run `fhir-cdc check --config F`: it prints the SQL or setting to fix".into()),
+            StoreError::Row(_) => Some(
+                "a row the profile cannot read: check that [source] profile matches the store's layout (docs/stores.md)".into(),
+            ),
+        }
+    }
 }
 
 /// A FHIR store's table layout and reads.

@@ -170,3 +170,71 @@ async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
     let (code, _) = status_cmd(&unreachable, false);
     assert_eq!(code, 2);
 }
+
+/// Waits until `d` exited; whether it succeeded.
+async fn exited(d: &mut Daemon) -> bool {
+    wait_until("the process exited", Duration::from_secs(60), || {
+        let gone = d.child.try_wait().unwrap().is_some();
+        async move { gone }
+    })
+    .await;
+    d.child.wait().unwrap().success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_stop_shows_in_status_with_its_remedy_until_the_task_runs_again() {
+    let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
+    let mut d = env.start().await;
+    put_encounter(&env.store, "f1").await;
+    wait_until("capture checkpointed", Duration::from_secs(30), || async {
+        env.store
+            .query_opt(
+                "SELECT 1 FROM fhir_cdc.checkpoint WHERE slot = $1 AND lsn > '0/0'",
+                &[&env.slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    d.kill9();
+    // The slot goes behind fhir-cdc's back: capture must stop and say what to do.
+    wait_until("the slot released", Duration::from_secs(30), || async {
+        report(&env).1["slot"]["active"] == false
+    })
+    .await;
+    env.store
+        .execute("SELECT pg_drop_replication_slot($1)", &[&env.slot])
+        .await
+        .unwrap();
+    let mut c = env.spawn("capture");
+    assert!(!exited(&mut c).await, "a lost slot stops capture");
+    let (code, r) = report(&env);
+    assert_eq!(code, 1, "{r:#}");
+    let s = &r["stopped"][0];
+    assert_eq!(s["task"], "capture", "{r:#}");
+    assert!(s["error"].as_str().unwrap().contains("slot"), "{s}");
+    let remedy = s["remedy"].as_str().unwrap();
+    assert!(remedy.contains("--resync-from-now"), "{remedy}");
+    let (_, text) = status_cmd(&env.config, false);
+    assert!(text.contains("capture stopped at"), "{text}");
+    assert!(
+        text.contains("fix: `fhir-cdc capture --resync-from-now`"),
+        "{text}"
+    );
+    assert!(
+        env.log_text().contains("remedy"),
+        "the log line carries the remedy too"
+    );
+
+    // Capture running again clears it.
+    let _c = env.spawn_args(&["capture", "--resync-from-now"]);
+    wait_until("the stop forgotten", Duration::from_secs(60), || async {
+        report(&env).1["stopped"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let (_, r) = report(&env);
+    assert_eq!(r["slot"]["exists"], true, "{r:#}");
+}
