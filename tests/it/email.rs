@@ -122,12 +122,10 @@ async fn created(r: reqwest::Response) -> String {
         .to_string()
 }
 
+/// An in-progress Encounter of Patient/p1 (the mails name the patient reference).
 async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
     let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}], "subject": {"reference": "Patient/p1"}});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", id, &body).await;
 }
 
 async fn wait_mails(smtp: &Smtp, n: usize) -> Vec<Value> {

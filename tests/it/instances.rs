@@ -3,7 +3,7 @@
 //! endpoints hang while the other 45 keep getting every event within a second.
 
 use crate::common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -18,14 +18,6 @@ url = "http://fhir-cdc.test/topic/encounter-all"
 status = "active"
 resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
 "#;
-
-async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
-    let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
-}
 
 /// Creates `n` id-only subscriptions `s0…` through the API at `api`, all active.
 async fn subscriptions(env: &TestEnv, api: u16, n: usize) -> Vec<String> {

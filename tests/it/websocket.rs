@@ -19,14 +19,6 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn put_encounter(store: &tokio_postgres::Client, id: &str) {
-    let body = json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
-}
-
 async fn ws_subscription(api: u16) -> String {
     let body = json!({
         "resourceType": "Subscription",

@@ -804,13 +804,19 @@ status = "active"
 resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
 "#;
 
+/// Writes `body` as resource `rtype/id` into the Aidbox-style store, as the store's own
+/// `aidbox_put` does (`scripts/aidbox-store.sql`).
+pub async fn aidbox_put(store: &Client, rtype: &str, id: &str, body: &Value) {
+    store
+        .execute("SELECT aidbox_put($1, $2, $3)", &[&rtype, &id, body])
+        .await
+        .unwrap();
+}
+
 /// Writes an in-progress Encounter `id` into the Aidbox-style store.
 pub async fn put_encounter(store: &Client, id: &str) {
     let body = serde_json::json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
-    store
-        .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", id, &body).await;
 }
 
 /// `fhir-cdc dead-letters ARGS` against the test's config; its stdout (it must succeed).
