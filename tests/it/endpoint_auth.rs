@@ -27,19 +27,6 @@ const WRONG_ENV: &str = "FHIR_CDC_ENDPOINT_AUTH_TEST_WRONG";
 /// Token lifetime: short, so tokens are fetched again during a run.
 const TOKEN_SECS: u64 = 1;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `ca.crt`, a server certificate for 127.0.0.1, a client certificate (CN fhir-cdc) signed
 /// by the CA, and an RSA key pair for the client assertion.
 fn make_certs(dir: &Path) {

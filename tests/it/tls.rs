@@ -14,19 +14,6 @@ url = "http://fhir-cdc.test/topic/encounter"
 resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update"] }]
 "#;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA named `name` (`name.crt`, `name.key`) in `dir`.
 fn make_ca(dir: &Path, name: &str) -> PathBuf {
     openssl(

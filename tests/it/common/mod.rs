@@ -804,6 +804,20 @@ status = "active"
 resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update", "delete"] }]
 "#;
 
+/// Runs `openssl ARGS` in `dir` (certificates and keys the tests make); it must succeed.
+pub fn openssl(dir: &FsPath, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Writes `body` as resource `rtype/id` into the Aidbox-style store, as the store's own
 /// `aidbox_put` does (`scripts/aidbox-store.sql`).
 pub async fn aidbox_put(store: &Client, rtype: &str, id: &str, body: &Value) {
