@@ -80,7 +80,13 @@ impl Journal {
         if !all.contains_key(subscription) && all.len() >= MAX_SUBSCRIPTIONS {
             return;
         }
-        let list = all.entry(subscription.to_string()).or_default();
+        // The key is allocated only the first time a subscription is seen.
+        if !all.contains_key(subscription) {
+            all.insert(subscription.to_string(), VecDeque::with_capacity(PER_SUBSCRIPTION));
+        }
+        let Some(list) = all.get_mut(subscription) else {
+            return;
+        };
         if list.len() == PER_SUBSCRIPTION {
             list.pop_front();
         }

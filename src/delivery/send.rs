@@ -44,8 +44,13 @@ pub(super) enum Turn {
     },
 }
 
-/// Notifications one worker sends for one subscription before giving others a turn.
-const BACKLOG_ROUNDS: usize = 100;
+/// Notifications one worker sends for one subscription before giving others a turn. Each
+/// turn ends with its marks awaited and a new search and lease (several round trips), so a
+/// small bound made a fast destination with a backlog spend a quarter of its time between
+/// turns; other subscriptions of the topic are sent meanwhile by the other workers.
+const BACKLOG_ROUNDS: usize = 500;
+/// … and at most this long, so a slow endpoint does not hold a worker for 500 of its sends.
+const TURN_TIME: Duration = Duration::from_secs(1);
 /// Matches taken from the window at once beyond one notification's.
 const READ_AHEAD_MAX: usize = 500;
 
@@ -256,7 +261,11 @@ async fn drain_rounds(
     t: Duration,
 ) -> Result<bool> {
     let mut went_out = false;
+    let started = std::time::Instant::now();
     for _ in 0..BACKLOG_ROUNDS {
+        if started.elapsed() >= TURN_TIME {
+            break;
+        }
         match send_events(ctx, topic, sub, out, t).await? {
             Sent::Delivered => {
                 went_out = true;
