@@ -82,7 +82,10 @@ impl Journal {
         }
         // The key is allocated only the first time a subscription is seen.
         if !all.contains_key(subscription) {
-            all.insert(subscription.to_string(), VecDeque::with_capacity(PER_SUBSCRIPTION));
+            all.insert(
+                subscription.to_string(),
+                VecDeque::with_capacity(PER_SUBSCRIPTION),
+            );
         }
         let Some(list) = all.get_mut(subscription) else {
             return;
