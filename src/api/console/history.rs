@@ -69,9 +69,12 @@ impl History {
             m.pop_front();
         }
         let Some(b) = m.back_mut() else { return };
+        // The sent counter starts at 0 with the process, so even the first reading counts
+        // what went out before it; the event ids need a first reading as their baseline.
+        let sent_before = prev.map_or(0, |p| p.sent);
+        b.notifications_sent += s.sent.saturating_sub(sent_before);
         if let Some(p) = prev {
             b.events_queued += (s.last_event_id - p.last_event_id).max(0) as u64;
-            b.notifications_sent += s.sent.saturating_sub(p.sent);
         }
         b.slot_lag_bytes = b.slot_lag_bytes.max(lag);
     }
@@ -108,8 +111,14 @@ pub async fn run(
                 }
             }
         }
+        // Until the first reading (the events' baseline), try again soon.
+        let wait = if history.minutes().is_empty() {
+            Duration::from_millis(500)
+        } else {
+            SAMPLE_EVERY
+        };
         tokio::select! {
-            _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
     }
@@ -163,8 +172,8 @@ mod tests {
                 m[0].notifications_sent,
                 m[0].slot_lag_bytes
             ),
-            (30, 4, 500),
-            "the first reading is the baseline; lag is the most seen"
+            (30, 9, 500),
+            "the first reading is the events' baseline (sends count from 0); lag is the most seen"
         );
         assert_eq!((m[1].events_queued, m[1].notifications_sent), (20, 0));
         for i in 2..70 {
