@@ -41,17 +41,7 @@ fn armed(env: &TestEnv, name: &str) -> Daemon {
 
 /// Waits until the armed daemon aborted at `name`.
 async fn fired(d: &mut Daemon, name: &str) {
-    wait_until(
-        &format!("failpoint {name}"),
-        Duration::from_secs(60),
-        || {
-            let exited = d.child.try_wait().unwrap().is_some();
-            async move { exited }
-        },
-    )
-    .await;
-    let status = d.child.wait().unwrap();
-    assert!(!status.success(), "aborted, not a clean exit: {status:?}");
+    assert!(!d.exited().await, "aborted at {name}, not a clean exit");
     assert!(
         d.log_text().contains(&format!("failpoint {name} fired")),
         "the log says which failpoint fired"

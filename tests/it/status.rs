@@ -171,16 +171,6 @@ async fn status_says_healthy_then_why_not_and_works_with_the_daemon_down() {
     assert_eq!(code, 2);
 }
 
-/// Waits until `d` exited; whether it succeeded.
-async fn exited(d: &mut Daemon) -> bool {
-    wait_until("the process exited", Duration::from_secs(60), || {
-        let gone = d.child.try_wait().unwrap().is_some();
-        async move { gone }
-    })
-    .await;
-    d.child.wait().unwrap().success()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_stop_shows_in_status_with_its_remedy_until_the_task_runs_again() {
     let env = TestEnv::aidbox(ENCOUNTER_TOPICS).build().await;
@@ -208,7 +198,7 @@ async fn a_fatal_stop_shows_in_status_with_its_remedy_until_the_task_runs_again(
         .await
         .unwrap();
     let mut c = env.spawn("capture");
-    assert!(!exited(&mut c).await, "a lost slot stops capture");
+    assert!(!c.exited().await, "a lost slot stops capture");
     let (code, r) = report(&env);
     assert_eq!(code, 1, "{r:#}");
     let s = &r["stopped"][0];

@@ -333,6 +333,28 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits (60 s at most) until the process exited on its own; whether it succeeded.
+    pub async fn exited(&mut self) -> bool {
+        let child = &mut self.child;
+        wait_until("the process exited", Duration::from_secs(60), || {
+            let gone = child.try_wait().unwrap().is_some();
+            async move { gone }
+        })
+        .await;
+        self.child.wait().unwrap().success()
+    }
+}
+
+/// Runs `c`, which must succeed; its stdout, trimmed.
+pub fn stdout_of(mut c: Command, what: &str) -> String {
+    let out = c.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 impl Drop for Daemon {
@@ -424,16 +446,9 @@ pub fn validate(bundles: &[Value], fhir: &str, extra: &[&str]) {
     let dir = match std::env::var("FHIR_VALIDATOR_DIR") {
         Ok(d) => d,
         Err(_) => {
-            let out = Command::new("bash")
-                .arg(shared.join("setup.sh"))
-                .output()
-                .expect("run conformance/setup.sh");
-            assert!(
-                out.status.success(),
-                "setup.sh failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
+            let mut c = Command::new("bash");
+            c.arg(shared.join("setup.sh"));
+            stdout_of(c, "conformance/setup.sh")
         }
     };
     let tmp = tempfile::NamedTempFile::new().unwrap();
@@ -782,16 +797,9 @@ pub async fn published_tables(store: &Client) -> Vec<String> {
 /// The path of a workload file made by `scripts/workload.sh` (gen.py; cached per machine):
 /// `["5000", "7"]` for writes, `["3000", "7", "resources"]` for resources.
 pub fn workload_file(args: &[&str]) -> String {
-    let out = std::process::Command::new(repo().join("scripts/workload.sh"))
-        .args(args)
-        .output()
-        .expect("run scripts/workload.sh");
-    assert!(
-        out.status.success(),
-        "workload.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let mut c = Command::new(repo().join("scripts/workload.sh"));
+    c.args(args);
+    stdout_of(c, "scripts/workload.sh")
 }
 
 /// The topic most tests subscribe to: every Encounter create, update and delete.
@@ -806,16 +814,9 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "
 
 /// Runs `openssl ARGS` in `dir` (certificates and keys the tests make); it must succeed.
 pub fn openssl(dir: &FsPath, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut c = Command::new("openssl");
+    c.current_dir(dir).args(args);
+    stdout_of(c, &format!("openssl {args:?}"));
 }
 
 /// Writes `body` as resource `rtype/id` into the Aidbox-style store, as the store's own
