@@ -129,8 +129,7 @@ async fn the_console_shows_a_failing_subscription_its_attempts_and_the_last_hour
     let full = format!("http://fhir-cdc.test/fhir/Subscription/{ok}");
     validate(&rx.bodies("ok"), "r5", &["--expect-subscription", &full]);
     // The sampler has seen the 3 events queued and the notifications sent.
-    wait_until("the last hour counted", Duration::from_secs(60), || async {
-        let (_, s) = console_state(api, None).await;
+    let counted = |s: &Value| {
         let sum = |k: &str| -> u64 {
             s["history"]
                 .as_array()
@@ -138,8 +137,21 @@ async fn the_console_shows_a_failing_subscription_its_attempts_and_the_last_hour
                 .unwrap_or(0)
         };
         sum("events_queued") >= 3 && sum("notifications_sent") >= 3
-    })
-    .await;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, s) = console_state(api, None).await;
+        if counted(&s) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last hour never counted 3 events queued and 3 sent: HTTP {code} {}\nlog:\n{}",
+            s["history"],
+            env.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (code, state) = console_state(api, None).await;
     assert_eq!(code, 200);
     let text = state.to_string();

@@ -132,10 +132,20 @@ async fn connect(cfg: &Config) -> Option<(Client, Client)> {
 
 /// The newest event id and the slot's lag in bytes.
 async fn read(src: &Client, q: &Client, slot: &str) -> Result<(i64, u64), tokio_postgres::Error> {
-    let last: i64 = q
-        .query_one("SELECT coalesce(max(id), 0) FROM fhir_cdc.event", &[])
+    // Before delivery's migrations have made the queue there are no events yet: 0, not an
+    // error, so the first reading's baseline comes before the first event (a retried
+    // reading could come after a burst and never count it).
+    let exists: bool = q
+        .query_one("SELECT to_regclass('fhir_cdc.event') IS NOT NULL", &[])
         .await?
         .get(0);
+    let last: i64 = if exists {
+        q.query_one("SELECT coalesce(max(id), 0) FROM fhir_cdc.event", &[])
+            .await?
+            .get(0)
+    } else {
+        0
+    };
     let lag: f64 = src
         .query_opt(
             "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::float8
