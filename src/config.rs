@@ -18,8 +18,8 @@ mod endpoint_auth;
 mod source;
 mod topic_entry;
 pub use api::{ApiConfig, AuthConfig, StaticToken};
-pub use channels::{ChannelsConfig, EmailConfig, WebsocketConfig};
-pub use delivery::{DeliveryConfig, QueueConfig};
+pub(crate) use channels::{ChannelsConfig, EmailConfig};
+pub(crate) use delivery::{DeliveryConfig, QueueConfig};
 pub use destination::{BrokerKind, DestinationConfig, DestinationFilter};
 pub use endpoint_auth::{EndpointAuthConfig, EndpointAuthKind};
 pub use source::{GenericTable, LagConfig, ProfileKind, SourceConfig};
@@ -61,7 +61,7 @@ pub struct SecurityConfig {
     pub secrets_key_env: Option<String>,
     /// … or a file holding it (base64, one line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secrets_key_file: Option<PathBuf>,
+    pub(crate) secrets_key_file: Option<PathBuf>,
 }
 
 impl SecurityConfig {
@@ -96,7 +96,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub channels: ChannelsConfig,
     #[serde(default)]
-    pub log: LogConfig,
+    pub(crate) log: LogConfig,
     #[serde(default, skip_serializing_if = "is_default")]
     pub security: SecurityConfig,
     #[serde(default)]
@@ -110,10 +110,10 @@ pub struct ConfigFile {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: SourceConfig,
-    pub queue: QueueConfig,
-    pub api: ApiConfig,
+    pub(crate) queue: QueueConfig,
+    pub(crate) api: ApiConfig,
     pub delivery: DeliveryConfig,
-    pub channels: ChannelsConfig,
+    pub(crate) channels: ChannelsConfig,
     pub log: LogConfig,
     pub security: SecurityConfig,
     pub topics: Vec<ConfiguredTopic>,
@@ -123,7 +123,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ConfiguredTopic {
     pub topic: Topic,
-    pub workers: usize,
+    pub(crate) workers: usize,
     pub on_criteria_error: OnCriteriaError,
 }
 
@@ -153,7 +153,7 @@ impl Config {
     }
 
     /// Validates a configuration file's contents; topic files are resolved against `base`.
-    pub fn from_file(mut raw: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn from_file(mut raw: ConfigFile, base: &Path) -> Result<Self, ConfigError> {
         if let Ok(url) = std::env::var("FHIR_CDC_SOURCE_URL") {
             raw.source.url = url;
         }

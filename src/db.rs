@@ -20,7 +20,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// libpq's `sslmode`. The default is `prefer`, as in libpq: TLS when the server offers it,
 /// without verifying who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     Disable,
     #[default]
     Prefer,
@@ -52,17 +52,17 @@ impl SslMode {
 
 /// A connection URL split into what tokio-postgres parses and the TLS settings.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     /// The URL without `sslmode` / `sslrootcert`.
-    pub url: String,
-    pub mode: SslMode,
-    pub root_cert: Option<PathBuf>,
+    pub(crate) url: String,
+    pub(crate) mode: SslMode,
+    pub(crate) root_cert: Option<PathBuf>,
 }
 
 impl Target {
     /// Splits `url` (a `postgresql://` URL or a `key=value` string). Refuses what libpq would
     /// refuse: an unknown mode, a verifying mode without a CA file.
-    pub fn parse(url: &str) -> Result<Target, String> {
+    pub(crate) fn parse(url: &str) -> Result<Target, String> {
         let (rest, params) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             split_url(url)?
         } else {
@@ -96,7 +96,7 @@ impl Target {
     }
 
     /// The tokio-postgres configuration, with the TLS requirement of the mode.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+    pub(crate) fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
         let mut c: tokio_postgres::Config =
             self.url.parse().map_err(|e| format!("database URL: {e}"))?;
         c.ssl_mode(match self.mode {
@@ -117,7 +117,7 @@ impl Target {
     }
 
     /// The rustls connector for tokio-postgres connections.
-    pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
+    pub(crate) fn connector(&self) -> Result<MakeRustlsConnect, String> {
         Ok(MakeRustlsConnect::new(client_config(
             self.mode,
             self.root_cert.as_deref(),
@@ -125,7 +125,7 @@ impl Target {
     }
 
     /// The same settings for the replication connection.
-    pub fn replication_tls(&self) -> pgwire_replication::TlsConfig {
+    pub(crate) fn replication_tls(&self) -> pgwire_replication::TlsConfig {
         use pgwire_replication::{SslMode as M, TlsConfig};
         install_provider();
         let ca = self.root_cert.clone();
@@ -342,12 +342,12 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, ConnectError> 
 }
 
 /// The stream type of a connection made here.
-pub type Stream =
+pub(crate) type Stream =
     <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
 
 /// Connects and hands back the connection for the caller to drive: the LISTEN connection
 /// reads its NOTIFYs from it.
-pub async fn connect_driven(
+pub(crate) async fn connect_driven(
     url: &str,
 ) -> Result<
     (
@@ -364,7 +364,7 @@ pub async fn connect_driven(
 }
 
 /// A pool with the URL's TLS settings.
-pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, String> {
+pub(crate) fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, String> {
     let target = Target::parse(url)?;
     let mgr = deadpool_postgres::Manager::from_config(
         target.pg_config()?,
@@ -381,7 +381,7 @@ pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, String> {
 
 /// `e` with its causes: tokio-postgres prints "error performing TLS handshake" and keeps
 /// the reason (an untrusted certificate, a wrong name) in its source.
-pub fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -401,7 +401,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Whether `e` is the server's certificate failing verification (unknown CA, wrong name,
 /// expired): retrying cannot help, the daemon must stop and say so.
-pub fn is_certificate_error(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn is_certificate_error(e: &tokio_postgres::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         // tokio-rustls wraps the rustls error in an io::Error, whose source() skips it.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The database went away, a connection broke: reconnect with backoff.
     Retryable,
     /// Configuration or a bug: retrying gives the same answer.
@@ -15,7 +15,7 @@ pub enum ErrorKind {
 }
 
 /// An error that knows its [`ErrorKind`], and for a fatal one what the operator should do.
-pub trait Classify: std::fmt::Display {
+pub(crate) trait Classify: std::fmt::Display {
     fn kind(&self) -> ErrorKind;
 
     /// One line that tells the operator what to do about it (fatal errors; `status` and the
@@ -30,13 +30,13 @@ pub trait Classify: std::fmt::Display {
 #[derive(Debug, thiserror::Error)]
 #[error("{task}: {error}")]
 pub struct Fatal {
-    pub task: &'static str,
-    pub error: String,
+    pub(crate) task: &'static str,
+    pub(crate) error: String,
     pub remedy: Option<String>,
 }
 
 impl Fatal {
-    pub fn from<E: Classify>(task: &'static str, e: &E) -> Self {
+    pub(crate) fn from<E: Classify>(task: &'static str, e: &E) -> Self {
         Fatal {
             task,
             error: e.to_string(),
@@ -48,10 +48,10 @@ impl Fatal {
 /// Backoff between reconnects: doubles from `initial` to `max`, and starts over once a run
 /// lasted longer than `healthy`.
 #[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-    pub healthy: Duration,
+pub(crate) struct Backoff {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+    pub(crate) healthy: Duration,
 }
 
 impl Default for Backoff {
@@ -67,7 +67,7 @@ impl Default for Backoff {
 /// Runs `run` until it returns `Ok` (a clean stop) or a fatal error, or `shutdown` flips;
 /// retryable errors are logged and `run` starts again after a backoff. The one
 /// connect–fail–wait–reconnect loop of the daemon.
-pub async fn supervise<F, Fut, E>(
+pub(crate) async fn supervise<F, Fut, E>(
     task: &str,
     backoff: Backoff,
     mut shutdown: watch::Receiver<bool>,

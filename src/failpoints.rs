@@ -8,13 +8,13 @@
 //! - [`NUMBERED`]: a notification's events numbered, nothing sent yet.
 //! - [`SENT`]: the receiver accepted a notification, its delivered mark not yet written.
 
-pub const QUEUE_COMMITTED: &str = "queue-committed";
-pub const NUMBERED: &str = "numbered";
-pub const SENT: &str = "sent";
+pub(crate) const QUEUE_COMMITTED: &str = "queue-committed";
+pub(crate) const NUMBERED: &str = "numbered";
+pub(crate) const SENT: &str = "sent";
 
 /// Dies here when `FHIR_CDC_FAILPOINT` names `name`.
 #[cfg(feature = "failpoints")]
-pub fn hit(name: &'static str) {
+pub(crate) fn hit(name: &'static str) {
     use std::sync::OnceLock;
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     let armed = ARMED.get_or_init(|| std::env::var("FHIR_CDC_FAILPOINT").ok());
@@ -27,4 +27,4 @@ pub fn hit(name: &'static str) {
 /// Without the `failpoints` feature, nothing.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
-pub fn hit(_name: &'static str) {}
+pub(crate) fn hit(_name: &'static str) {}

@@ -12,7 +12,7 @@ pub mod config;
 pub mod db;
 pub mod delivery;
 pub mod error;
-pub mod failpoints;
+pub(crate) mod failpoints;
 pub mod fhir;
 pub mod metrics;
 pub mod queue;

@@ -2,57 +2,57 @@
 //! these constants, so a name cannot drift between the recorder and docs/operations.md.
 
 /// Row operations read from the slot (every published table).
-pub const ROWS: &str = "fhir_cdc_rows_total";
+pub(crate) const ROWS: &str = "fhir_cdc_rows_total";
 /// Rows that are not resources (bad JSON, unknown type): skipped with a log line.
-pub const BAD_ROWS: &str = "fhir_cdc_bad_rows_total";
+pub(crate) const BAD_ROWS: &str = "fhir_cdc_bad_rows_total";
 /// Topic criteria that could not be evaluated on a change.
-pub const TRIGGER_ERRORS: &str = "fhir_cdc_trigger_errors_total";
+pub(crate) const TRIGGER_ERRORS: &str = "fhir_cdc_trigger_errors_total";
 /// Criteria that gave no decision, per topic (the topic's policy decided).
-pub const CRITERIA_ERRORS: &str = "fhir_cdc_criteria_errors_total";
+pub(crate) const CRITERIA_ERRORS: &str = "fhir_cdc_criteria_errors_total";
 /// Events written to the queue.
-pub const EVENTS_QUEUED: &str = "fhir_cdc_events_queued_total";
+pub(crate) const EVENTS_QUEUED: &str = "fhir_cdc_events_queued_total";
 /// Store transactions skipped after a restart because they were queued before it.
-pub const SKIPPED_TRANSACTIONS: &str = "fhir_cdc_skipped_transactions_total";
+pub(crate) const SKIPPED_TRANSACTIONS: &str = "fhir_cdc_skipped_transactions_total";
 /// Chunks of large store transactions written into a queue transaction left open until
 /// the store commit (a store transaction with more than `[queue] batch_events` events).
-pub const CHUNKS: &str = "fhir_cdc_large_transaction_chunks_total";
+pub(crate) const CHUNKS: &str = "fhir_cdc_large_transaction_chunks_total";
 /// Seconds one capture batch took to write (events + checkpoint in one transaction).
-pub const BATCH_WRITE_SECONDS: &str = "fhir_cdc_batch_write_seconds";
+pub(crate) const BATCH_WRITE_SECONDS: &str = "fhir_cdc_batch_write_seconds";
 /// The end LSN of the last queued store commit.
-pub const CHECKPOINT_LSN: &str = "fhir_cdc_checkpoint_lsn";
+pub(crate) const CHECKPOINT_LSN: &str = "fhir_cdc_checkpoint_lsn";
 /// Bytes of WAL the slot holds back (read at scrape time).
-pub const SLOT_LAG_BYTES: &str = "fhir_cdc_slot_lag_bytes";
+pub(crate) const SLOT_LAG_BYTES: &str = "fhir_cdc_slot_lag_bytes";
 /// WAL bytes the slot keeps on disk (after its restart LSN).
-pub const SLOT_RETAINED_BYTES: &str = "fhir_cdc_slot_retained_bytes";
+pub(crate) const SLOT_RETAINED_BYTES: &str = "fhir_cdc_slot_retained_bytes";
 /// Seconds the oldest store commit not yet queued has waited (0 when none waits).
-pub const SLOT_LAG_SECONDS: &str = "fhir_cdc_slot_lag_seconds";
+pub(crate) const SLOT_LAG_SECONDS: &str = "fhir_cdc_slot_lag_seconds";
 /// 1 while this process's capture streams the slot (0: starting, a standby, or stopped).
-pub const CAPTURE_STREAMING: &str = "fhir_cdc_capture_streaming";
+pub(crate) const CAPTURE_STREAMING: &str = "fhir_cdc_capture_streaming";
 /// 1 when the slot's WAL is removed or about to be (`wal_status` lost or unreserved).
-pub const SLOT_INVALID: &str = "fhir_cdc_slot_invalid";
+pub(crate) const SLOT_INVALID: &str = "fhir_cdc_slot_invalid";
 /// Subscriptions by status (label `status`; read at scrape time).
-pub const SUBSCRIPTIONS: &str = "fhir_cdc_subscriptions";
+pub(crate) const SUBSCRIPTIONS: &str = "fhir_cdc_subscriptions";
 /// Times a supervised task (capture, LISTEN, send, housekeeping) reconnected after an error.
-pub const RESTARTS: &str = "fhir_cdc_restarts_total";
+pub(crate) const RESTARTS: &str = "fhir_cdc_restarts_total";
 /// Times capture reconnected after an error (kept for dashboards; also in `RESTARTS`).
-pub const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
+pub(crate) const CAPTURE_RESTARTS: &str = "fhir_cdc_capture_restarts_total";
 /// Events after the cursor of the topic's furthest-behind subscription (read at scrape time).
-pub const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
+pub(crate) const QUEUE_DEPTH: &str = "fhir_cdc_queue_depth";
 /// Event notifications delivered, per topic.
-pub const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
+pub(crate) const NOTIFICATIONS_SENT: &str = "fhir_cdc_notifications_sent_total";
 /// Re-publishes a JetStream stream dropped as duplicates (label `destination`): the
 /// message-id de-duplication at work after a crash or a lost acknowledgement.
-pub const BROKER_DUPLICATES: &str = "fhir_cdc_broker_duplicates_total";
+pub(crate) const BROKER_DUPLICATES: &str = "fhir_cdc_broker_duplicates_total";
 /// Failed sends, per topic.
-pub const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
+pub(crate) const DELIVERY_FAILURES: &str = "fhir_cdc_delivery_failures_total";
 /// Dead letters of a topic's subscriptions (label `topic`).
-pub const DEAD_LETTERS: &str = "fhir_cdc_dead_letters";
+pub(crate) const DEAD_LETTERS: &str = "fhir_cdc_dead_letters";
 /// Websocket subscriptions bound in this process.
-pub const WEBSOCKET_BOUND: &str = "fhir_cdc_websocket_bound_subscriptions";
+pub(crate) const WEBSOCKET_BOUND: &str = "fhir_cdc_websocket_bound_subscriptions";
 /// Seconds from the store commit to the notification being delivered.
-pub const END_TO_END_SECONDS: &str = "fhir_cdc_end_to_end_seconds";
+pub(crate) const END_TO_END_SECONDS: &str = "fhir_cdc_end_to_end_seconds";
 /// Delivered marks written per queue statement (send tasks' marks are grouped).
-pub const DELIVERED_MARKS_PER_WRITE: &str = "fhir_cdc_delivered_marks_per_write";
+pub(crate) const DELIVERED_MARKS_PER_WRITE: &str = "fhir_cdc_delivered_marks_per_write";
 
 /// Registers the descriptions with the installed recorder (shown as `# HELP`).
 pub fn describe() {

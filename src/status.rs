@@ -16,80 +16,80 @@ use crate::queue::{self, matched, subscriptions};
 pub struct Report {
     pub healthy: bool,
     /// Why it is not healthy, one line each.
-    pub problems: Vec<String>,
-    pub slot: Slot,
-    pub capture: Capture,
-    pub topics: Vec<TopicState>,
-    pub subscriptions: Vec<SubState>,
-    pub dead_letters: i64,
-    pub capture_gaps: i64,
+    pub(crate) problems: Vec<String>,
+    pub(crate) slot: Slot,
+    pub(crate) capture: Capture,
+    pub(crate) topics: Vec<TopicState>,
+    pub(crate) subscriptions: Vec<SubState>,
+    pub(crate) dead_letters: i64,
+    pub(crate) capture_gaps: i64,
     /// Tasks that stopped on an error retrying cannot fix, with what to do (until they run
     /// again).
-    pub stopped: Vec<queue::fatal::Stopped>,
+    pub(crate) stopped: Vec<queue::fatal::Stopped>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Slot {
-    pub name: String,
-    pub exists: bool,
-    pub active: bool,
-    pub wal_status: String,
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    pub(crate) exists: bool,
+    pub(crate) active: bool,
+    pub(crate) wal_status: String,
     /// WAL after the slot's confirmed position.
-    pub lag_bytes: u64,
+    pub(crate) lag_bytes: u64,
     /// Seconds since capture last moved its checkpoint, when WAL waits (0 otherwise): an
     /// upper bound of how old the oldest unqueued store commit is.
-    pub lag_seconds: f64,
+    pub(crate) lag_seconds: f64,
     /// WAL the slot keeps on the store's disk.
-    pub retained_bytes: u64,
+    pub(crate) retained_bytes: u64,
     /// `ok`, `warn` or `critical` against `[source.lag]`.
-    pub level: String,
+    pub(crate) level: String,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Capture {
+pub(crate) struct Capture {
     /// The session holding capture's lock on the slot (the active capture), if any.
-    pub lock_holder: Option<Holder>,
+    pub(crate) lock_holder: Option<Holder>,
     /// The last store commit queued (its end LSN) and when the checkpoint last moved.
-    pub checkpoint_lsn: Option<String>,
-    pub checkpoint_at: Option<DateTime<Utc>>,
+    pub(crate) checkpoint_lsn: Option<String>,
+    pub(crate) checkpoint_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Holder {
-    pub pid: i32,
-    pub application_name: String,
-    pub client_addr: Option<String>,
-    pub since: Option<DateTime<Utc>>,
+pub(crate) struct Holder {
+    pub(crate) pid: i32,
+    pub(crate) application_name: String,
+    pub(crate) client_addr: Option<String>,
+    pub(crate) since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct TopicState {
-    pub url: String,
+pub(crate) struct TopicState {
+    pub(crate) url: String,
     /// Events after the cursor of its furthest-behind subscription (before filters).
-    pub events_behind: i64,
+    pub(crate) events_behind: i64,
 }
 
 #[derive(Debug, Serialize)]
-pub struct SubState {
-    pub id: String,
-    pub topic: String,
-    pub status: String,
-    pub channel: String,
+pub(crate) struct SubState {
+    pub(crate) id: String,
+    pub(crate) topic: String,
+    pub(crate) status: String,
+    pub(crate) channel: String,
     /// The endpoint's host only (never its path, query or credentials).
-    pub endpoint_host: String,
-    pub pending: i64,
-    pub oldest_pending_age_seconds: Option<f64>,
-    pub failures: i32,
-    pub next_attempt_at: DateTime<Utc>,
-    pub last_error: Option<String>,
+    pub(crate) endpoint_host: String,
+    pub(crate) pending: i64,
+    pub(crate) oldest_pending_age_seconds: Option<f64>,
+    pub(crate) failures: i32,
+    pub(crate) next_attempt_at: DateTime<Utc>,
+    pub(crate) last_error: Option<String>,
 }
 
 /// Why a report could not be made: a database did not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {source}")]
 pub struct Unreachable {
-    pub what: &'static str,
-    pub source: queue::QueueError,
+    pub(crate) what: &'static str,
+    pub(crate) source: queue::QueueError,
 }
 
 /// Reads the slot and the queue, over connections of its own.
@@ -105,7 +105,11 @@ pub async fn report(cfg: &Config) -> Result<Report, Unreachable> {
 }
 
 /// Reads the slot over `src` (the store's database) and the queue over `q`.
-pub async fn report_with(src: &Client, q: &Client, cfg: &Config) -> Result<Report, Unreachable> {
+pub(crate) async fn report_with(
+    src: &Client,
+    q: &Client,
+    cfg: &Config,
+) -> Result<Report, Unreachable> {
     let unreachable = |what| move |source| Unreachable { what, source };
     let slot = read_slot(src, cfg)
         .await

@@ -35,12 +35,12 @@ impl TopicRegistry {
     }
 
     /// A store topic appeared, changed or went: the next read goes to the queue.
-    pub fn invalidate(&self) {
+    pub(crate) fn invalidate(&self) {
         self.stale.store(true, Ordering::SeqCst);
     }
 
     /// Configured topics, then store topics whose url no configured topic has.
-    pub async fn all(&self) -> Result<Arc<Vec<Topic>>, QueueError> {
+    pub(crate) async fn all(&self) -> Result<Arc<Vec<Topic>>, QueueError> {
         let mut cache = self.cache.lock().await;
         if !self.stale.swap(false, Ordering::SeqCst) {
             if let Some((_, list)) = cache.as_ref().filter(|(at, _)| at.elapsed() < MAX_AGE) {
@@ -70,7 +70,7 @@ impl TopicRegistry {
     }
 
     /// The notificationShapes of a topic (empty when unknown or unreadable).
-    pub async fn shapes(&self, url: &str) -> Vec<Shape> {
+    pub(crate) async fn shapes(&self, url: &str) -> Vec<Shape> {
         match self.all().await {
             Ok(list) => list
                 .iter()

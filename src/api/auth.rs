@@ -24,7 +24,7 @@ const REFETCH_EVERY: Duration = Duration::from_secs(10);
 
 /// What a request may do, per resource type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Create,
     Read,
     Update,
@@ -54,17 +54,17 @@ impl Action {
 
 /// Granted scopes: `(resource type or *, letters of cruds)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Scopes(Vec<(String, Vec<u8>)>);
+pub(crate) struct Scopes(Vec<(String, Vec<u8>)>);
 
 impl Scopes {
     /// Everything: the API without `[api.auth]` (loopback only).
-    pub fn all() -> Self {
+    pub(crate) fn all() -> Self {
         Scopes(vec![("*".into(), b"cruds".to_vec())])
     }
 
     /// `system/Subscription.read system/Observation.rs system/*.cruds`; other contexts
     /// (`user/`, `patient/`) and unknown forms grant nothing.
-    pub fn parse(s: &str) -> Self {
+    pub(crate) fn parse(s: &str) -> Self {
         let grants = s
             .split_whitespace()
             .filter_map(|sc| {
@@ -86,7 +86,7 @@ impl Scopes {
         Scopes(grants)
     }
 
-    pub fn allows(&self, resource: &str, action: Action) -> bool {
+    pub(crate) fn allows(&self, resource: &str, action: Action) -> bool {
         self.0
             .iter()
             .any(|(ty, l)| (ty == "*" || ty == resource) && l.contains(&action.letter()))
@@ -95,10 +95,10 @@ impl Scopes {
 
 /// The caller, as the middleware let it in.
 #[derive(Debug, Clone)]
-pub struct Principal(pub Scopes);
+pub(crate) struct Principal(pub Scopes);
 
 /// The scope an action needs, as a refusal names it.
-pub fn needed(resource: &str, action: Action) -> String {
+pub(crate) fn needed(resource: &str, action: Action) -> String {
     format!(
         "system/{resource}.{} (or system/{resource}.{})",
         action.v1(),
@@ -121,7 +121,7 @@ struct Jwt {
     http: reqwest::Client,
 }
 
-pub struct Auth {
+pub(crate) struct Auth {
     jwt: Option<Jwt>,
     /// Static token secrets and their scopes.
     tokens: Vec<(Vec<u8>, Scopes)>,
@@ -136,7 +136,7 @@ struct Claims {
 impl Auth {
     /// Reads static tokens from the environment and the JWKS (a URL may be unreachable at
     /// start: it is fetched again when a token needs it).
-    pub async fn from_config(cfg: &AuthConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn from_config(cfg: &AuthConfig) -> anyhow::Result<Self> {
         let mut tokens = Vec::new();
         for t in &cfg.tokens {
             let secret = std::env::var(&t.env).unwrap_or_default();
@@ -162,7 +162,7 @@ impl Auth {
     }
 
     /// The scopes a bearer token grants, or why it is refused.
-    pub async fn authenticate(&self, token: &str) -> Result<Scopes, String> {
+    pub(crate) async fn authenticate(&self, token: &str) -> Result<Scopes, String> {
         for (secret, scopes) in &self.tokens {
             if bool::from(secret.as_slice().ct_eq(token.as_bytes())) {
                 return Ok(scopes.clone());
@@ -271,7 +271,7 @@ impl Jwt {
 }
 
 /// What a request needs: `None` for the open endpoints (metadata, health, metrics).
-pub fn required(method: &Method, path: &str) -> Option<(&'static str, Action)> {
+pub(crate) fn required(method: &Method, path: &str) -> Option<(&'static str, Action)> {
     // `/ws`: the binding token is the credential (browsers cannot send headers there).
     if matches!(
         path,
@@ -329,7 +329,7 @@ fn unauthorized(why: &str) -> Response {
 
 /// Authenticates and authorises every request before its handler; the handler finds the
 /// caller as a [`Principal`] extension.
-pub async fn middleware(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+pub(crate) async fn middleware(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
     let Some(auth) = &s.auth else {
         req.extensions_mut().insert(Principal(Scopes::all()));
         return next.run(req).await;

@@ -3,8 +3,8 @@
 //! is read strictly, so a request can be refused (4xx, with an OperationOutcome naming what
 //! is wrong) but never answered with a 500 for its content alone.
 
-pub mod auth;
-pub mod console;
+pub(crate) mod auth;
+pub(crate) mod console;
 pub mod health;
 mod metadata;
 mod operations;
@@ -30,21 +30,21 @@ use crate::queue;
 use response::{internal, Fhir, MAX_BODY, REQUEST_ID};
 
 pub struct ApiState {
-    pub cfg: Arc<Config>,
-    pub pool: deadpool_postgres::Pool,
-    pub metrics: Option<PrometheusHandle>,
-    pub payloads: Payloads,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) pool: deadpool_postgres::Pool,
+    pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) payloads: Payloads,
     /// Search parameters of the store's FHIR version, for checking filters.
-    pub registry: Arc<crate::fhir::search::registry::Registry>,
+    pub(crate) registry: Arc<crate::fhir::search::registry::Registry>,
     /// Set when capture runs in this process: ready only while it streams.
     /// Capture's health when it runs in this process (`/readyz`).
-    pub capture: Option<Arc<crate::capture::lag::Health>>,
-    pub topics: Arc<crate::topic_registry::TopicRegistry>,
+    pub(crate) capture: Option<Arc<crate::capture::lag::Health>>,
+    pub(crate) topics: Arc<crate::topic_registry::TopicRegistry>,
     /// `[api.auth]`; `None`: the API listens on loopback only (or was told otherwise).
-    pub auth: Option<Arc<auth::Auth>>,
+    pub(crate) auth: Option<Arc<auth::Auth>>,
     /// The websocket sockets of this process (delivery sends through the same hub).
-    pub hub: Arc<crate::channel::websocket::Hub>,
-    pub console: console::Console,
+    pub(crate) hub: Arc<crate::channel::websocket::Hub>,
+    pub(crate) console: console::Console,
 }
 
 type Shared = Arc<ApiState>;
@@ -56,7 +56,7 @@ impl ApiState {
     }
 }
 
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     use operations::{events_get, events_post, status_all, status_one};
     Router::new()
         .route("/metadata", get(metadata::metadata))

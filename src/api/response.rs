@@ -15,12 +15,12 @@ pub(super) const MAX_BODY: usize = 256 * 1024;
 
 tokio::task_local! {
     /// The id of the request being served, for 500s.
-    pub static REQUEST_ID: String;
+    pub(crate) static REQUEST_ID: String;
 }
 
 /// A FHIR JSON answer.
 #[derive(Debug)]
-pub struct Fhir(pub StatusCode, pub Value);
+pub(crate) struct Fhir(pub StatusCode, pub Value);
 
 impl IntoResponse for Fhir {
     fn into_response(self) -> Response {

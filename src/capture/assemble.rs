@@ -15,7 +15,7 @@ use crate::store::{Decoded, RowChange};
 /// Seconds between the Unix epoch and the Postgres epoch (2000-01-01).
 const PG_EPOCH_OFFSET_SECS: i64 = 946_684_800;
 
-pub fn pg_time(micros: i64) -> DateTime<Utc> {
+pub(crate) fn pg_time(micros: i64) -> DateTime<Utc> {
     Utc.timestamp_micros(micros + PG_EPOCH_OFFSET_SECS * 1_000_000)
         .single()
         .unwrap_or_else(Utc::now)
@@ -43,8 +43,8 @@ pub struct ResourceChange {
 /// Resources parsed ahead of matching (see [`super::read`]).
 #[derive(Debug, Clone, Default)]
 pub struct Parsed {
-    pub current: Option<Ahead>,
-    pub previous: Option<Ahead>,
+    pub(crate) current: Option<Ahead>,
+    pub(crate) previous: Option<Ahead>,
 }
 
 /// A prior version and its JSON when the reader parsed it ahead.
@@ -134,7 +134,7 @@ impl Assembler {
     }
 
     /// No transaction is open.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.open.is_none()
     }
 

@@ -12,7 +12,11 @@ use crate::queue;
 use crate::store::{setup, StoreProfile};
 
 /// Replication connection settings from a `postgresql://` URL.
-pub fn replication_config(url: &str, slot: &str, publication: &str) -> Result<ReplicationConfig> {
+pub(crate) fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+) -> Result<ReplicationConfig> {
     let target = crate::db::Target::parse(url).map_err(CaptureError::Config)?;
     let u = url::Url::parse(&target.url)
         .map_err(|_| CaptureError::Config("source.url is not a postgresql:// URL".into()))?;
@@ -46,7 +50,7 @@ fn url_decode(s: &str) -> String {
 
 /// wal_level, publication and slot, as the profile needs them. `checkpoint` > 0 means capture
 /// used the slot before; `resync_from_now` allows replacing a lost slot (then `Some`).
-pub async fn prepare_store(
+pub(crate) async fn prepare_store(
     src: &SourceConfig,
     profile: &dyn StoreProfile,
     checkpoint: u64,
@@ -66,7 +70,7 @@ pub async fn prepare_store(
 
 /// Waits until this instance holds the slot's lock: one active capture per slot; a second
 /// instance waits here as a standby. `false` when shutdown came first.
-pub async fn take_slot_lock(
+pub(crate) async fn take_slot_lock(
     qc: &tokio_postgres::Client,
     slot: &str,
     shutdown: &mut watch::Receiver<bool>,
@@ -82,7 +86,10 @@ pub async fn take_slot_lock(
 }
 
 /// Starts streaming the slot from the checkpoint (0: from the slot's own position).
-pub async fn start_replication(src: &SourceConfig, checkpoint: u64) -> Result<ReplicationClient> {
+pub(crate) async fn start_replication(
+    src: &SourceConfig,
+    checkpoint: u64,
+) -> Result<ReplicationClient> {
     let mut rc = replication_config(&src.url, &src.slot, &src.publication)?
         .with_status_interval(Duration::from_secs(1));
     if checkpoint > 0 {

@@ -17,11 +17,11 @@ use crate::store::RowChange;
 
 /// A topic capture matches against: configured, or created in the store.
 pub struct Active {
-    pub url: Arc<str>,
-    pub topic: Topic,
-    pub compiled: Compiled,
+    pub(crate) url: Arc<str>,
+    pub(crate) topic: Topic,
+    pub(crate) compiled: Compiled,
     /// The store resource's id, for topics that live in the store.
-    pub store_id: Option<String>,
+    pub(crate) store_id: Option<String>,
 }
 
 impl Active {

@@ -15,23 +15,23 @@ use crate::store::{Decoded, RowError, RowOp, StoreProfile, TableDecoder, TableIn
 /// One row operation of a table the profile reads, decoded by the profile.
 #[derive(Debug)]
 pub struct RowEvent {
-    pub relation_id: u32,
-    pub table: Arc<dyn TableDecoder>,
-    pub op: RowOp,
-    pub old: Option<TupleData>,
-    pub new: Option<TupleData>,
+    pub(crate) relation_id: u32,
+    pub(crate) table: Arc<dyn TableDecoder>,
+    /// The old tuple, kept for a delete or key-changing update the profile could not decode
+    /// into a change (see `assemble`). The new tuple is dropped once decoded.
+    pub(crate) old: Option<TupleData>,
     /// What the profile makes of the row.
-    pub decoded: std::result::Result<Decoded, RowError>,
+    pub(crate) decoded: std::result::Result<Decoded, RowError>,
     /// The resource of `decoded` as JSON, when the reader parsed it ahead (see
     /// [`super::read`]); otherwise the matcher parses it if a topic wants it.
-    pub parsed: Option<Ahead>,
+    pub(crate) parsed: Option<Ahead>,
 }
 
 /// A resource parsed ahead of matching, with only the members `fields` keeps.
 #[derive(Debug, Clone)]
-pub struct Ahead {
-    pub json: Arc<Value>,
-    pub fields: Arc<Fields>,
+pub(crate) struct Ahead {
+    pub(crate) json: Arc<Value>,
+    pub(crate) fields: Arc<Fields>,
 }
 
 impl RowEvent {
@@ -135,9 +135,7 @@ impl Decoder {
         Ok(Some(RowEvent {
             relation_id,
             table,
-            op,
             old,
-            new,
             decoded,
             parsed: None,
         }))
@@ -169,7 +167,7 @@ pub(crate) mod recorded {
 mod tests {
     use super::*;
     use crate::store::aidbox::Aidbox;
-    use crate::store::{Decoded, RowOp};
+    use crate::store::Decoded;
 
     #[test]
     fn recorded_stream_decodes_to_rows_of_the_profile_tables() {
@@ -184,29 +182,33 @@ mod tests {
                 rows.push(r);
             }
         }
-        let ops: Vec<RowOp> = rows.iter().map(|r| r.op).collect();
-        use RowOp::*;
+        let kinds: Vec<String> = rows
+            .iter()
+            .map(|r| match &r.decoded {
+                Ok(Decoded::Change(c)) => format!("{:?} {}", c.interaction, c.reference()),
+                Ok(Decoded::PriorVersion(c)) => format!("prior {}", c.reference()),
+                other => format!("{other:?}"),
+            })
+            .collect();
         // create e1; history+update e1; create e3, e4; history+delete e1.
         assert_eq!(
-            ops,
-            vec![Insert, Insert, Update, Insert, Insert, Insert, Delete]
+            kinds,
+            vec![
+                "Create Encounter/e1",
+                "prior Encounter/e1",
+                "Update Encounter/e1",
+                "Create Encounter/e3",
+                "Create Encounter/e4",
+                "prior Encounter/e1",
+                "Delete Encounter/e1",
+            ]
         );
-        let first = rows[0]
-            .table
-            .decode(rows[0].op, rows[0].old.as_ref(), rows[0].new.as_ref())
-            .unwrap();
-        let Decoded::Change(c) = first else {
-            panic!("{first:?}")
+        let Ok(Decoded::Change(c)) = &rows[0].decoded else {
+            panic!("{:?}", rows[0].decoded)
         };
-        assert_eq!(c.reference(), "Encounter/e1");
         let r = c.resource().unwrap().unwrap();
         assert_eq!(r["status"], "planned");
         assert_eq!(r["subject"]["reference"], "Patient/p1");
-        let hist = rows[1]
-            .table
-            .decode(rows[1].op, rows[1].old.as_ref(), rows[1].new.as_ref())
-            .unwrap();
-        assert!(matches!(hist, Decoded::PriorVersion(_)), "{hist:?}");
     }
 
     #[test]

@@ -44,4 +44,4 @@ impl Classify for CaptureError {
     }
 }
 
-pub type Result<T> = std::result::Result<T, CaptureError>;
+pub(crate) type Result<T> = std::result::Result<T, CaptureError>;

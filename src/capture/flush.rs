@@ -8,7 +8,7 @@ use super::error::{CaptureError, Result};
 use crate::queue::{self, batch, batch::Item};
 
 #[derive(Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     items: Vec<Item>,
     events: usize,
     end: Option<u64>,
@@ -18,7 +18,7 @@ pub struct Pending {
 impl Pending {
     /// Adds a committed transaction's items; returns true when the batch should be flushed
     /// now (it holds `batch_events` events or more).
-    pub fn commit(&mut self, items: Vec<Item>, end_lsn: u64, batch_events: usize) -> bool {
+    pub(crate) fn commit(&mut self, items: Vec<Item>, end_lsn: u64, batch_events: usize) -> bool {
         self.events += items.iter().filter(|i| matches!(i, Item::Event(_))).count();
         self.items.extend(items);
         self.end = Some(end_lsn);
@@ -27,7 +27,7 @@ impl Pending {
     }
 
     /// Nothing waits to be written.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.end.is_none()
     }
 
@@ -36,7 +36,7 @@ impl Pending {
     /// commits each queue write (and the dispatch round it wakes) carries several of them;
     /// and at the latest `flush_after` after the oldest one. `idle_since_flush` is the
     /// time of the last batch when the writer is idle, `None` while it is busy.
-    pub fn deadline(
+    pub(crate) fn deadline(
         &self,
         flush_after: Duration,
         idle_since_flush: Option<Instant>,
@@ -51,7 +51,7 @@ impl Pending {
     }
 
     /// The waiting batch as a job for the writer; `None` when nothing waits.
-    pub fn take(&mut self) -> Option<Job> {
+    pub(crate) fn take(&mut self) -> Option<Job> {
         let end = self.end?;
         let items = std::mem::take(&mut self.items);
         *self = Pending::default();
@@ -60,7 +60,7 @@ impl Pending {
 
     /// The waiting items without their checkpoint: they go first into the queue
     /// transaction a large store transaction opens, and commit with it.
-    pub fn take_items(&mut self) -> Vec<Item> {
+    pub(crate) fn take_items(&mut self) -> Vec<Item> {
         let items = std::mem::take(&mut self.items);
         *self = Pending::default();
         items
@@ -68,7 +68,7 @@ impl Pending {
 }
 
 /// What the queue writer does, in the order the stream sends it.
-pub enum Job {
+pub(crate) enum Job {
     /// Events of whole store transactions and the checkpoint at the last one's end.
     Batch { items: Vec<Item>, end: u64 },
     /// Part of a large store transaction that is still being read: written into a queue
@@ -85,7 +85,7 @@ pub enum Job {
 /// order; each one's LSN is acknowledged only after its commit, and the stream confirms it
 /// to the server only then (invariant 2). The first error ends the writer after it has been
 /// acknowledged; the stream then stops and restarts from the checkpoint.
-pub async fn writer(
+pub(crate) async fn writer(
     qc: &mut tokio_postgres::Client,
     slot: &str,
     mut jobs: tokio::sync::mpsc::Receiver<Job>,

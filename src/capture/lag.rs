@@ -22,7 +22,7 @@ use crate::queue;
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
+pub(crate) enum Level {
     Ok = 0,
     Warn = 1,
     Critical = 2,
@@ -32,7 +32,7 @@ pub enum Level {
 #[derive(Debug, Default)]
 pub struct Health {
     /// The slot is being read: every store commit from now on is captured.
-    pub streaming: AtomicBool,
+    pub(crate) streaming: AtomicBool,
     /// Unix µs of the oldest commit received and not yet queued; 0: nothing waits.
     behind_since: AtomicI64,
     level: AtomicU8,
@@ -40,17 +40,17 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn is_streaming(&self) -> bool {
+    pub(crate) fn is_streaming(&self) -> bool {
         self.streaming.load(Ordering::SeqCst)
     }
 
     /// A store commit (Postgres-epoch µs) that is not queued yet; the oldest one counts.
-    pub fn received(&self, commit_pg_micros: i64) {
+    pub(crate) fn received(&self, commit_pg_micros: i64) {
         self.behind_at(commit_pg_micros + PG_EPOCH_MICROS);
     }
 
     /// Capture stopped reading: from now on the store's commits wait.
-    pub fn stopped(&self) {
+    pub(crate) fn stopped(&self) {
         self.streaming.store(false, Ordering::SeqCst);
         self.behind_at(now_micros());
     }
@@ -65,7 +65,7 @@ impl Health {
 
     /// Everything received is queued; `open` is the commit time of a transaction still
     /// being read, if any.
-    pub fn queued(&self, open_commit_pg_micros: Option<i64>) {
+    pub(crate) fn queued(&self, open_commit_pg_micros: Option<i64>) {
         self.behind_since.store(
             open_commit_pg_micros.map_or(0, |m| m + PG_EPOCH_MICROS),
             Ordering::SeqCst,
@@ -73,7 +73,7 @@ impl Health {
     }
 
     /// Seconds the oldest waiting commit has waited (0 when none waits).
-    pub fn seconds(&self) -> f64 {
+    pub(crate) fn seconds(&self) -> f64 {
         match self.behind_since.load(Ordering::SeqCst) {
             0 => 0.0,
             t => ((now_micros() - t).max(0)) as f64 / 1e6,
@@ -81,7 +81,7 @@ impl Health {
     }
 
     /// `Some(reason)` while lag is above a hard threshold.
-    pub fn degraded(&self) -> Option<String> {
+    pub(crate) fn degraded(&self) -> Option<String> {
         (self.level.load(Ordering::SeqCst) == Level::Critical as u8)
             .then(|| self.reason.lock().map(|r| r.clone()).unwrap_or_default())
     }
@@ -101,17 +101,17 @@ fn now_micros() -> i64 {
 
 /// The slot as Postgres reports it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SlotFigures {
+pub(crate) struct SlotFigures {
     /// WAL after the confirmed position.
-    pub lag_bytes: f64,
+    pub(crate) lag_bytes: f64,
     /// WAL the slot keeps on disk (after `restart_lsn`).
-    pub retained_bytes: f64,
+    pub(crate) retained_bytes: f64,
     /// `reserved`, `extended`, `unreserved`, `lost` (PG ≥ 13).
-    pub wal_status: String,
+    pub(crate) wal_status: String,
 }
 
 /// The level for these figures, with the reason in words (no PHI: figures only).
-pub fn level(cfg: &LagConfig, slot: &SlotFigures, seconds: f64) -> (Level, String) {
+pub(crate) fn level(cfg: &LagConfig, slot: &SlotFigures, seconds: f64) -> (Level, String) {
     let figures = format!(
         "slot lag {} bytes, {seconds:.1} s; WAL retained {} bytes; wal_status {}",
         slot.lag_bytes as u64, slot.retained_bytes as u64, slot.wal_status

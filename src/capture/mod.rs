@@ -14,11 +14,11 @@
 //! skipped, so each change is queued once.
 
 pub mod assemble;
-pub mod connect;
+pub(crate) mod connect;
 pub mod control;
 pub mod decode;
-pub mod error;
-pub mod flush;
+pub(crate) mod error;
+pub(crate) mod flush;
 pub mod lag;
 pub mod matcher;
 pub mod read;

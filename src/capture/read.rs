@@ -21,7 +21,7 @@ use crate::fhir::fields::Fields;
 const AHEAD: usize = 512;
 
 /// A replication event as the stream needs it.
-pub enum Event {
+pub(crate) enum Event {
     Begin {
         final_lsn: u64,
         xid: u32,
@@ -55,18 +55,18 @@ impl Wanted {
 }
 
 /// What the reader task needs besides the replication client.
-pub struct Setup {
-    pub decoder: Decoder,
-    pub wanted: Wanted,
+pub(crate) struct Setup {
+    pub(crate) decoder: Decoder,
+    pub(crate) wanted: Wanted,
     /// The checkpoint the stream started at: transactions ending before it are skipped by
     /// the assembler, so they are not parsed.
-    pub checkpoint: u64,
+    pub(crate) checkpoint: u64,
     /// False for profiles that complete rows from the store (the id or body may change).
-    pub parse_ahead: bool,
+    pub(crate) parse_ahead: bool,
 }
 
 /// The stream's handle on the reader task.
-pub struct Reader {
+pub(crate) struct Reader {
     events: mpsc::Receiver<Result<Event>>,
     applied: watch::Sender<u64>,
     stop: Option<oneshot::Sender<()>>,
@@ -74,7 +74,7 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn spawn(repl: ReplicationClient, setup: Setup) -> Reader {
+    pub(crate) fn spawn(repl: ReplicationClient, setup: Setup) -> Reader {
         let (tx, events) = mpsc::channel(AHEAD);
         let (applied, applied_rx) = watch::channel(0);
         let (stop, stop_rx) = oneshot::channel();
@@ -88,7 +88,7 @@ impl Reader {
     }
 
     /// The next event; an error when the stream failed or ended.
-    pub async fn recv(&mut self) -> Result<Event> {
+    pub(crate) async fn recv(&mut self) -> Result<Event> {
         self.events
             .recv()
             .await
@@ -96,12 +96,12 @@ impl Reader {
     }
 
     /// Everything up to `lsn` is queued: the server may forget it.
-    pub fn applied(&self, lsn: u64) {
+    pub(crate) fn applied(&self, lsn: u64) {
         self.applied.send_replace(lsn);
     }
 
     /// Stops reading and closes the replication connection.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         self.events.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -36,13 +36,13 @@ struct Target {
 }
 
 /// The AMQP destinations of the config file, by id.
-pub struct Amqp {
+pub(crate) struct Amqp {
     targets: HashMap<String, Target>,
 }
 
 impl Amqp {
     /// The `kind = "amqp"` destinations; fails when a secret they name is not set.
-    pub fn from_config(all: &[DestinationConfig]) -> Result<Self, BrokerConfigError> {
+    pub(crate) fn from_config(all: &[DestinationConfig]) -> Result<Self, BrokerConfigError> {
         let mut targets = HashMap::new();
         for d in all.iter().filter(|d| d.kind == BrokerKind::Amqp) {
             let t = Target {
@@ -55,7 +55,7 @@ impl Amqp {
         Ok(Amqp { targets })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
 }
@@ -212,7 +212,7 @@ fn amqp_error(e: &lapin::Error, d: &DestinationConfig) -> SendError {
 }
 
 /// `check`: connects and checks that the exchange exists.
-pub async fn probe(d: &DestinationConfig) -> Result<String, String> {
+pub(crate) async fn probe(d: &DestinationConfig) -> Result<String, String> {
     let password = broker::password(d).map_err(|e| e.to_string())?;
     let open = tokio::time::timeout(Duration::from_secs(5), connect(d, password.as_deref()))
         .await

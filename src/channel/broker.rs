@@ -6,12 +6,12 @@ use crate::config::DestinationConfig;
 
 /// The content type of every message: the body is the notification Bundle, exactly as a
 /// rest-hook POST carries it.
-pub const CONTENT_TYPE: &str = "application/fhir+json";
+pub(crate) const CONTENT_TYPE: &str = "application/fhir+json";
 
 /// `<destination id>:<first eventNumber>`: a re-publish of the same events (after a crash,
 /// or a lost acknowledgement) carries the same id. Handshakes and heartbeats carry no
 /// events; theirs name the kind and are unique.
-pub fn message_id(n: &Notification) -> String {
+pub(crate) fn message_id(n: &Notification) -> String {
     match n.event_numbers.first() {
         Some(first) => format!("{}:{first}", n.subscription_id),
         None => format!(
@@ -26,7 +26,7 @@ pub fn message_id(n: &Notification) -> String {
 /// Headers of every message, so a consumer can route and de-duplicate without parsing the
 /// body: the topic, the subscription (destination) id, the notification type and the first
 /// and last eventNumber it carries (absent for a handshake or heartbeat).
-pub fn headers(n: &Notification) -> Vec<(&'static str, String)> {
+pub(crate) fn headers(n: &Notification) -> Vec<(&'static str, String)> {
     let mut h = vec![
         ("Fhir-Topic", n.topic.clone()),
         ("Fhir-Subscription", n.subscription_id.clone()),
@@ -41,7 +41,7 @@ pub fn headers(n: &Notification) -> Vec<(&'static str, String)> {
 
 /// A destination's password (or NATS token), read once from the environment variable its
 /// `password_env` names.
-pub fn password(d: &DestinationConfig) -> Result<Option<String>, BrokerConfigError> {
+pub(crate) fn password(d: &DestinationConfig) -> Result<Option<String>, BrokerConfigError> {
     let Some(var) = &d.password_env else {
         return Ok(None);
     };

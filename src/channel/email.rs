@@ -20,7 +20,7 @@ use crate::config::EmailConfig;
 use crate::fhir::notification::Kind;
 use crate::fhir::subscription::{mailto_addresses, ChannelType, Content};
 
-pub struct Email {
+pub(crate) struct Email {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     subject: String,
@@ -37,7 +37,7 @@ fn bad(m: impl Into<String>) -> EmailConfigError {
 }
 
 impl Email {
-    pub fn from_config(c: &EmailConfig) -> Result<Self, EmailConfigError> {
+    pub(crate) fn from_config(c: &EmailConfig) -> Result<Self, EmailConfigError> {
         let url = url::Url::parse(&c.smtp).map_err(|e| bad(format!("smtp {:?}: {e}", c.smtp)))?;
         let host = url
             .host_str()
@@ -90,7 +90,7 @@ impl Email {
     }
 
     /// Connects (with TLS and login as configured) and says whether the server answers.
-    pub async fn test_connection(&self) -> Result<(), String> {
+    pub(crate) async fn test_connection(&self) -> Result<(), String> {
         match self.transport.test_connection().await {
             Ok(true) => Ok(()),
             Ok(false) => Err("the server did not answer NOOP".into()),
@@ -139,7 +139,7 @@ impl Email {
 }
 
 /// The mail text: what happened, by number, never what the resources say.
-pub fn summary(n: &Notification) -> String {
+pub(crate) fn summary(n: &Notification) -> String {
     let kind = match n.kind {
         Kind::Handshake => "handshake",
         Kind::Heartbeat => "heartbeat",

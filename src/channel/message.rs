@@ -14,17 +14,17 @@ use crate::fhir::subscription::ChannelType;
 
 /// The MessageHeader event, as in the official R5 example
 /// `Bundle-notification-message-id-only.json`.
-pub const EVENT_SYSTEM: &str = "http://example.org/fhir/message-events";
-pub const EVENT_CODE: &str = "subscription-notification";
+pub(crate) const EVENT_SYSTEM: &str = "http://example.org/fhir/message-events";
+pub(crate) const EVENT_CODE: &str = "subscription-notification";
 
-pub struct Message {
+pub(crate) struct Message {
     http: RestHook,
     format: Format,
     base_url: String,
 }
 
 impl Message {
-    pub fn new(http: RestHook, format: Format, base_url: String) -> Self {
+    pub(crate) fn new(http: RestHook, format: Format, base_url: String) -> Self {
         Message {
             http,
             format,
@@ -47,7 +47,7 @@ impl Channel for Message {
 }
 
 /// The message Bundle carrying `notification`.
-pub fn wrap(format: Format, base_url: &str, notification: &Value) -> Value {
+pub(crate) fn wrap(format: Format, base_url: &str, notification: &Value) -> Value {
     let header_id = uuid::Uuid::new_v4().to_string();
     let focus_id = notification["id"]
         .as_str()

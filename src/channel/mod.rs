@@ -2,18 +2,18 @@
 //! subscription by its `channel` column, so send workers do not care which channel a
 //! subscription uses and a new channel is one new file here.
 
-pub mod amqp;
-pub mod broker;
-pub mod email;
+pub(crate) mod amqp;
+pub(crate) mod broker;
+pub(crate) mod email;
 /// A recording channel for tests (not in the release binary).
 #[cfg(any(test, feature = "test-utils"))]
 pub mod memory;
-pub mod message;
-pub mod nats;
-pub mod oauth;
+pub(crate) mod message;
+pub(crate) mod nats;
+pub(crate) mod oauth;
 pub mod private;
-pub mod rest_hook;
-pub mod signing;
+pub(crate) mod rest_hook;
+pub(crate) mod signing;
 pub mod websocket;
 
 use async_trait::async_trait;
@@ -28,20 +28,20 @@ use crate::fhir::subscription::ChannelType;
 /// A built notification Bundle.
 #[derive(Debug, Clone)]
 pub struct Notification {
-    pub kind: Kind,
-    pub subscription_id: String,
-    pub topic: String,
+    pub(crate) kind: Kind,
+    pub(crate) subscription_id: String,
+    pub(crate) topic: String,
     /// The eventNumbers it carries (none for a handshake or heartbeat).
-    pub event_numbers: Vec<i64>,
-    pub content: crate::fhir::subscription::Content,
+    pub(crate) event_numbers: Vec<i64>,
+    pub(crate) content: crate::fhir::subscription::Content,
     /// The Bundle as JSON, written once (`fhir::wire`) and sent as it is.
-    pub body: bytes::Bytes,
+    pub(crate) body: bytes::Bytes,
 }
 
 impl Notification {
     /// The Bundle as a JSON value, for channels that wrap or reformat it (message, email)
     /// and for tests.
-    pub fn bundle(&self) -> Value {
+    pub(crate) fn bundle(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
@@ -49,19 +49,19 @@ impl Notification {
 /// Where and how a subscription wants its notifications: its channel settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Destination {
-    pub endpoint: String,
-    pub headers: Vec<(String, String)>,
-    pub content_type: String,
-    pub timeout: Duration,
+    pub(crate) endpoint: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) content_type: String,
+    pub(crate) timeout: Duration,
     /// The subscription's signing secret: rest-hook requests then carry signature headers.
-    pub signing_secret: Option<String>,
+    pub(crate) signing_secret: Option<String>,
 }
 
 /// What a receiver said when it took a notification: the HTTP status for the channels that
 /// have one (rest-hook, message), for the console's attempt list.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Accepted {
-    pub status: Option<u16>,
+pub(crate) struct Accepted {
+    pub(crate) status: Option<u16>,
 }
 
 /// Why a send failed. Texts name the endpoint's answer, never the payload. None stops the
@@ -69,7 +69,7 @@ pub struct Accepted {
 /// permanent refusal ([`SendError::is_permanent`]) dead-letters its events at once and
 /// turns the subscription to `error` without waiting for more failures.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     /// The answer's status and its `Retry-After`, if any.
@@ -96,7 +96,7 @@ impl SendError {
     /// Retrying the same notification cannot succeed: the endpoint refused it as a client
     /// error (4xx other than 408 Request Timeout and 429 Too Many Requests), or this server
     /// refuses the destination.
-    pub fn is_permanent(&self) -> bool {
+    pub(crate) fn is_permanent(&self) -> bool {
         match self {
             SendError::Status(c, _) => (400..500).contains(c) && *c != 408 && *c != 429,
             SendError::Refused(_) | SendError::Encode(_) => true,
@@ -105,7 +105,7 @@ impl SendError {
     }
 
     /// How long the endpoint asked us to wait (`Retry-After`).
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
             SendError::Status(_, r) => *r,
             _ => None,
@@ -114,7 +114,7 @@ impl SendError {
 }
 
 #[async_trait]
-pub trait Channel: Send + Sync {
+pub(crate) trait Channel: Send + Sync {
     fn channel_type(&self) -> ChannelType;
 
     /// Sends one notification; `Ok` means the receiver accepted it.
@@ -183,17 +183,17 @@ impl Channels {
         Ok(channels)
     }
 
-    pub fn with(mut self, c: Arc<dyn Channel>) -> Self {
+    pub(crate) fn with(mut self, c: Arc<dyn Channel>) -> Self {
         self.by_type.insert(c.channel_type(), c);
         self
     }
 
     /// Every subscription bound to this process by any channel.
-    pub fn bound_ids(&self) -> Vec<String> {
+    pub(crate) fn bound_ids(&self) -> Vec<String> {
         self.by_type.values().flat_map(|c| c.bound_ids()).collect()
     }
 
-    pub fn get(&self, t: Option<ChannelType>) -> Result<&Arc<dyn Channel>, SendError> {
+    pub(crate) fn get(&self, t: Option<ChannelType>) -> Result<&Arc<dyn Channel>, SendError> {
         let t = t.ok_or_else(|| SendError::Unavailable("(unknown)".into()))?;
         self.by_type
             .get(&t)

@@ -26,13 +26,13 @@ struct Target {
 }
 
 /// The NATS destinations of the config file, by id.
-pub struct Nats {
+pub(crate) struct Nats {
     targets: HashMap<String, Arc<Target>>,
 }
 
 impl Nats {
     /// The `kind = "nats"` destinations; fails when a secret they name is not set.
-    pub fn from_config(all: &[DestinationConfig]) -> Result<Self, BrokerConfigError> {
+    pub(crate) fn from_config(all: &[DestinationConfig]) -> Result<Self, BrokerConfigError> {
         let mut targets = HashMap::new();
         for d in all.iter().filter(|d| d.kind == BrokerKind::Nats) {
             let t = Target {
@@ -45,7 +45,7 @@ impl Nats {
         Ok(Nats { targets })
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.targets.is_empty()
     }
 }
@@ -98,7 +98,7 @@ async fn publish(t: &Target, n: &Notification, timeout: Duration) -> Result<(), 
 }
 
 /// Connects to the destination's server with its credentials and TLS settings.
-pub async fn connect(
+pub(crate) async fn connect(
     d: &DestinationConfig,
     password: Option<&str>,
     timeout: Duration,
@@ -148,7 +148,7 @@ fn publish_error(kind: PublishErrorKind, text: &str, subject: &str, t: Duration)
 }
 
 /// `check`: connects and finds the stream that covers the subject.
-pub async fn probe(d: &DestinationConfig) -> Result<String, String> {
+pub(crate) async fn probe(d: &DestinationConfig) -> Result<String, String> {
     let password = broker::password(d).map_err(|e| e.to_string())?;
     let t = Duration::from_secs(5);
     let client = connect(d, password.as_deref(), t)

@@ -50,7 +50,7 @@ struct Token {
     renew_at: Instant,
 }
 
-pub struct OAuth {
+pub(crate) struct OAuth {
     token_url: String,
     client_id: String,
     scope: Option<String>,
@@ -86,7 +86,7 @@ struct TokenError {
 
 impl OAuth {
     /// `http`: the client for the token endpoint (the prefix's CA applies to it too).
-    pub fn from_config(
+    pub(crate) fn from_config(
         e: &EndpointAuthConfig,
         http: reqwest::Client,
     ) -> Result<Self, OAuthConfigError> {
@@ -112,7 +112,7 @@ impl OAuth {
     }
 
     /// A valid token: the cached one, or a new one.
-    pub async fn token(&self) -> Result<String, SendError> {
+    pub(crate) async fn token(&self) -> Result<String, SendError> {
         let mut cached = self.cached.lock().await;
         if let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.renew_at) {
             return Ok(t.value.clone());
@@ -125,7 +125,7 @@ impl OAuth {
 
     /// The endpoint refused `stale` (401): forget it unless another send already replaced
     /// it, and return a valid token.
-    pub async fn refresh(&self, stale: &str) -> Result<String, SendError> {
+    pub(crate) async fn refresh(&self, stale: &str) -> Result<String, SendError> {
         {
             let mut cached = self.cached.lock().await;
             if cached.as_ref().is_some_and(|t| t.value == stale) {

@@ -12,7 +12,7 @@ pub fn rule(allow_private: bool) -> Option<fn(&url::Url) -> bool> {
 }
 
 /// A host that is `localhost`, a private address literal, or missing.
-pub fn is_private_host(url: &url::Url) -> bool {
+pub(crate) fn is_private_host(url: &url::Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => {
             let d = d.trim_end_matches('.');
@@ -27,7 +27,7 @@ pub fn is_private_host(url: &url::Url) -> bool {
 /// Loopback, private, link-local, unspecified, broadcast or multicast: addresses a
 /// notification must not reach unless private endpoints are allowed. IPv4-mapped and
 /// IPv4-compatible IPv6 addresses are judged as the IPv4 address they carry.
-pub fn is_private_ip(ip: IpAddr) -> bool {
+pub(crate) fn is_private_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v) => {
             v.is_loopback()

@@ -19,7 +19,7 @@ use crate::config::{EndpointAuthConfig, EndpointAuthKind};
 use crate::fhir::subscription::ChannelType;
 
 #[derive(Clone)]
-pub struct RestHook {
+pub(crate) struct RestHook {
     client: reqwest::Client,
     allow_private: bool,
     routes: Arc<Routes>,
@@ -71,7 +71,7 @@ impl RestHook {
     /// kept open between sends. Fewer made every send beyond them open and close a TCP (and
     /// TLS) connection of its own: with 100 subscriptions on one receiver that was most of
     /// the fan-out's cost.
-    pub fn new(allow_private: bool, concurrency: usize) -> Self {
+    pub(crate) fn new(allow_private: bool, concurrency: usize) -> Self {
         let client = builder(allow_private, concurrency)
             .build()
             .expect("static HTTP client configuration");
@@ -83,7 +83,7 @@ impl RestHook {
     }
 
     /// The same, with OAuth2 and mutual TLS toward the endpoints the entries name.
-    pub fn with_endpoint_auth(
+    pub(crate) fn with_endpoint_auth(
         allow_private: bool,
         concurrency: usize,
         entries: &[EndpointAuthConfig],
@@ -114,7 +114,11 @@ impl RestHook {
 
     /// POSTs `body` to `to`; shared with the message channel. With OAuth2 for the endpoint,
     /// a 401 fetches a new token and tries once more before the send counts as failed.
-    pub async fn post(&self, body: bytes::Bytes, to: &Destination) -> Result<Accepted, SendError> {
+    pub(crate) async fn post(
+        &self,
+        body: bytes::Bytes,
+        to: &Destination,
+    ) -> Result<Accepted, SendError> {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }

@@ -11,7 +11,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The signature headers for `body` sent at `timestamp`.
-pub fn headers(secret: &str, body: &[u8], timestamp: i64) -> [(&'static str, String); 3] {
+pub(crate) fn headers(secret: &str, body: &[u8], timestamp: i64) -> [(&'static str, String); 3] {
     let ts = timestamp.to_string();
     [
         ("X-Signature", hmac_hex(secret, &[body])),

@@ -17,11 +17,11 @@ use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::fhir::subscription::ChannelType;
 
 /// Text frames a socket may have waiting before it counts as too slow and is closed.
-pub const SOCKET_QUEUE: usize = 1024;
+pub(crate) const SOCKET_QUEUE: usize = 1024;
 
 /// What the hub asks a socket task to do.
 #[derive(Debug)]
-pub enum Frame {
+pub(crate) enum Frame {
     /// Write this text; say on the sender whether it was written to the socket.
     Text(String, tokio::sync::oneshot::Sender<bool>),
     /// Close with this code and reason.
@@ -39,7 +39,7 @@ struct Socket {
 
 /// Why a bind was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum BindError {
+pub(crate) enum BindError {
     #[error("subscription {0} is bound to sockets on another instance; connect there or wait until they close")]
     Elsewhere(String),
     #[error("queue: {0}")]
@@ -55,10 +55,10 @@ pub struct Hub {
 }
 
 /// A socket's handles for the hub: frames to write and control (close) requests.
-pub struct SocketHandle {
-    pub id: u64,
-    pub frames: mpsc::Receiver<Frame>,
-    pub control: mpsc::UnboundedReceiver<Frame>,
+pub(crate) struct SocketHandle {
+    pub(crate) id: u64,
+    pub(crate) frames: mpsc::Receiver<Frame>,
+    pub(crate) control: mpsc::UnboundedReceiver<Frame>,
     tx: mpsc::Sender<Frame>,
     ctl: mpsc::UnboundedSender<Frame>,
 }
@@ -83,7 +83,7 @@ impl Hub {
     }
 
     /// A new socket's channels.
-    pub fn socket(&self) -> SocketHandle {
+    pub(crate) fn socket(&self) -> SocketHandle {
         let (tx, frames) = mpsc::channel(SOCKET_QUEUE);
         let (ctl, control) = mpsc::unbounded_channel();
         SocketHandle {
@@ -96,7 +96,7 @@ impl Hub {
     }
 
     /// Binds socket `s` to `sub` (not ready yet: its handshake goes first).
-    pub async fn bind(&self, sub: &str, s: &SocketHandle) -> Result<(), BindError> {
+    pub(crate) async fn bind(&self, sub: &str, s: &SocketHandle) -> Result<(), BindError> {
         let here = self.subs().contains_key(sub);
         if !here {
             self.lock(sub).await?;
@@ -140,7 +140,7 @@ impl Hub {
     }
 
     /// The socket's handshake went out: it gets notifications from now on.
-    pub fn ready(&self, sub: &str, socket: u64) {
+    pub(crate) fn ready(&self, sub: &str, socket: u64) {
         if let Some(v) = self.subs().get_mut(sub) {
             v.iter_mut()
                 .filter(|s| s.id == socket)
@@ -150,7 +150,7 @@ impl Hub {
 
     /// Takes socket `socket` off every subscription; gives back the binding lock of those
     /// it was the last socket of.
-    pub async fn unbind_socket(&self, socket: u64) {
+    pub(crate) async fn unbind_socket(&self, socket: u64) {
         let emptied: Vec<String> = {
             let mut subs = self.subs();
             subs.values_mut().for_each(|v| v.retain(|s| s.id != socket));
@@ -173,7 +173,7 @@ impl Hub {
     }
 
     /// Closes every socket of `sub` with `reason` (the subscription was deleted or ended).
-    pub fn close(&self, sub: &str, reason: &str) {
+    pub(crate) fn close(&self, sub: &str, reason: &str) {
         if let Some(v) = self.subs().get(sub) {
             for s in v {
                 let _ = s.control.send(Frame::Close(1000, reason.to_string()));

@@ -63,7 +63,7 @@ pub struct StaticToken {
 }
 
 impl ApiConfig {
-    pub fn base_url(&self) -> String {
+    pub(crate) fn base_url(&self) -> String {
         self.base_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", self.listen))

@@ -15,7 +15,7 @@ pub struct ChannelsConfig {
 
 impl ChannelsConfig {
     /// What Subscription validation accepts for the email channel.
-    pub fn email_rules(&self) -> crate::fhir::subscription::EmailRules {
+    pub(crate) fn email_rules(&self) -> crate::fhir::subscription::EmailRules {
         match &self.email {
             None => Default::default(),
             Some(e) => crate::fhir::subscription::EmailRules {
@@ -30,30 +30,30 @@ impl ChannelsConfig {
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `smtp://host:port` (plain), `smtp+starttls://host:port` or `smtps://host:port`.
-    pub smtp: String,
+    pub(crate) smtp: String,
     /// The sender address, unless a subscription sets `From`.
-    pub from: String,
-    pub username: Option<String>,
+    pub(crate) from: String,
+    pub(crate) username: Option<String>,
     /// The environment variable holding the SMTP password; it is never read from the file.
-    pub password_env: Option<String>,
+    pub(crate) password_env: Option<String>,
     /// The subject, unless a subscription sets `Subject`.
     #[serde(default = "default_subject")]
-    pub subject: String,
+    pub(crate) subject: String,
     /// PEM file of extra CA certificates for the SMTP server (a private CA).
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Let full-resource notifications go over an SMTP connection without TLS (default false:
     /// such subscriptions are refused).
     #[serde(default)]
-    pub allow_full_resource_without_tls: bool,
+    pub(crate) allow_full_resource_without_tls: bool,
     /// Send handshake and heartbeat mails (default false: a handshake by mail is optional in
     /// the Backport IG; an email subscription turns active without one).
     #[serde(default)]
-    pub handshake_and_heartbeat: bool,
+    pub(crate) handshake_and_heartbeat: bool,
 }
 
 impl EmailConfig {
     /// Whether the connection to the SMTP server is encrypted.
-    pub fn uses_tls(&self) -> bool {
+    pub(crate) fn uses_tls(&self) -> bool {
         self.smtp.starts_with("smtps://") || self.smtp.starts_with("smtp+starttls://")
     }
 }

@@ -36,7 +36,7 @@ impl Default for QueueConfig {
 pub struct DeliveryConfig {
     /// Allow endpoints on loopback / private networks (default false).
     #[serde(default)]
-    pub allow_private_endpoints: bool,
+    pub(crate) allow_private_endpoints: bool,
     /// Refuse `http://` endpoints for full-resource payloads (default true).
     #[serde(default = "super::yes")]
     pub require_https_for_full_resource: bool,
@@ -45,7 +45,7 @@ pub struct DeliveryConfig {
     pub timeout_secs: u64,
     /// First retry delay, milliseconds; doubles per attempt with jitter.
     #[serde(default = "default_backoff_ms")]
-    pub retry_initial_ms: u64,
+    pub(crate) retry_initial_ms: u64,
     /// Largest retry delay, milliseconds.
     #[serde(default = "default_backoff_max_ms")]
     pub retry_max_ms: u64,
@@ -57,14 +57,14 @@ pub struct DeliveryConfig {
     pub error_after_failures: i32,
     /// Consecutive failures that turn it `off` (pending events go to `dead_letter`).
     #[serde(default = "default_off_after")]
-    pub off_after_failures: i32,
+    pub(crate) off_after_failures: i32,
     /// Subscriptions of one topic sent at once when the topic does not say (default 64).
     /// Each send holds no database connection, so a hanging endpoint costs one slot.
     #[serde(default = "default_workers")]
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Queue connections shared by the sends of every topic (default 8).
     #[serde(default = "default_pool_size")]
-    pub pool_size: usize,
+    pub(crate) pool_size: usize,
     /// On SIGTERM, how long sends under way may take to finish before the process exits;
     /// unfinished ones stay pending and go out again (default 10).
     #[serde(default = "default_grace")]
@@ -85,7 +85,7 @@ impl Default for DeliveryConfig {
 }
 
 impl DeliveryConfig {
-    pub fn default_timeout(&self) -> Duration {
+    pub(crate) fn default_timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
 }

@@ -23,13 +23,13 @@ pub enum BrokerKind {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationFilter {
-    pub resource_type: Option<String>,
-    pub parameter: String,
+    pub(crate) resource_type: Option<String>,
+    pub(crate) parameter: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comparator: Option<String>,
+    pub(crate) comparator: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub modifier: Option<String>,
-    pub value: String,
+    pub(crate) modifier: Option<String>,
+    pub(crate) value: String,
 }
 
 /// One `[[destination]]` as written.
@@ -37,45 +37,45 @@ pub struct DestinationFilter {
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// The id of the Subscription this destination is (`$status`, `$events`, dead letters).
-    pub id: String,
+    pub(crate) id: String,
     /// The SubscriptionTopic's canonical URL.
     pub topic: String,
     pub kind: BrokerKind,
     /// `nats://host:4222` (`tls://` for TLS); `amqp://user@host:5672/%2f` (`amqps://`).
     /// A user name may be in it, a password never (`password_env`).
-    pub url: String,
+    pub(crate) url: String,
     /// nats: the subject published to; an existing stream must cover it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
+    pub(crate) subject: Option<String>,
     /// amqp: an existing exchange (`""`: the default exchange, routing by queue name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exchange: Option<String>,
+    pub(crate) exchange: Option<String>,
     /// amqp: the routing key (default empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub routing_key: Option<String>,
+    pub(crate) routing_key: Option<String>,
     /// empty | id-only | full-resource (default id-only).
     #[serde(default = "default_content")]
-    pub content: String,
+    pub(crate) content: String,
     /// Events per notification (default 1).
     #[serde(default = "one")]
     pub max_count: i32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filter: Vec<DestinationFilter>,
+    pub(crate) filter: Vec<DestinationFilter>,
     /// The environment variable holding the broker password (or, for NATS without a user
     /// in the URL, its token).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
     /// nats: a `.creds` file (JWT and NKey seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials_file: Option<PathBuf>,
+    pub(crate) credentials_file: Option<PathBuf>,
     /// PEM file of the CA that signed the broker's certificate (else the system's roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_ca_file: Option<PathBuf>,
+    pub(crate) tls_ca_file: Option<PathBuf>,
     /// nats: a client certificate and key (PEM) for mutual TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_cert_file: Option<PathBuf>,
+    pub(crate) tls_cert_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_key_file: Option<PathBuf>,
+    pub(crate) tls_key_file: Option<PathBuf>,
     /// Send a handshake notification before events (default false: the operator owns it).
     #[serde(default)]
     pub handshake: bool,
@@ -84,7 +84,7 @@ pub struct DestinationConfig {
     pub heartbeat_period: Option<i32>,
     /// Seconds to wait for the broker's acknowledgement (default `[delivery]`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<i32>,
+    pub(crate) timeout: Option<i32>,
 }
 
 fn default_content() -> String {
@@ -96,12 +96,12 @@ fn one() -> i32 {
 }
 
 impl DestinationConfig {
-    pub fn content(&self) -> Content {
+    pub(crate) fn content(&self) -> Content {
         Content::parse(&self.content).unwrap_or(Content::IdOnly)
     }
 
     /// The URL as shown in `$status` and the Subscription resource: without user info.
-    pub fn public_url(&self) -> String {
+    pub(crate) fn public_url(&self) -> String {
         match reqwest::Url::parse(&self.url) {
             Ok(mut u) => {
                 let _ = u.set_username("");
@@ -113,7 +113,7 @@ impl DestinationConfig {
     }
 
     /// Where messages go, for logs and `check`: the subject, or exchange and routing key.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         match self.kind {
             BrokerKind::Nats => format!("subject {:?}", self.subject.as_deref().unwrap_or("")),
             BrokerKind::Amqp => format!(

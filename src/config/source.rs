@@ -25,10 +25,10 @@ pub struct SourceConfig {
     #[serde(default = "default_slot")]
     pub slot: String,
     #[serde(default = "default_slot")]
-    pub publication: String,
+    pub(crate) publication: String,
     /// Schema holding the store's resource tables (aidbox profile).
     #[serde(default = "default_schema")]
-    pub schema: String,
+    pub(crate) schema: String,
     /// Tables for the `generic` profile.
     #[serde(default)]
     pub tables: Vec<GenericTable>,
@@ -59,11 +59,11 @@ pub struct SourceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LagConfig {
     /// WAL bytes behind the slot's confirmed position that log a warning (default 1 GiB).
-    pub warn_bytes: u64,
+    pub(crate) warn_bytes: u64,
     /// Seconds the oldest unqueued store commit may wait before a warning (default 60).
     pub warn_secs: u64,
     /// Bytes above which `/readyz` reports degraded and an error is logged (default 8 GiB).
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
     /// Seconds above which `/readyz` reports degraded (default 600).
     pub max_secs: u64,
     /// How often the slot is read (default 5).

@@ -10,16 +10,16 @@ use crate::fhir::trigger::OnCriteriaError;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TopicEntry {
     /// Path of a SubscriptionTopic JSON file, relative to the config file.
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Send workers for this topic.
-    pub workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
     /// The most a notification of this topic may carry: empty | id-only | full-resource.
-    pub max_content: Option<String>,
+    pub(crate) max_content: Option<String>,
     /// When criteria give no decision: use-query-criteria (default) | skip | notify.
-    pub on_criteria_error: Option<String>,
+    pub(crate) on_criteria_error: Option<String>,
     /// Inline topic: the same fields as the resource.
     #[serde(flatten)]
-    pub inline: serde_json::Map<String, serde_json::Value>,
+    pub(crate) inline: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Reads, checks and compiles the `[[topic]]` entries; `default_workers` is

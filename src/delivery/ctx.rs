@@ -12,17 +12,17 @@ use crate::fhir::notification::Format;
 use crate::queue::QueueError;
 
 pub(super) struct Ctx {
-    pub cfg: Arc<Config>,
-    pub policy: SendPolicy,
-    pub payloads: Payloads,
-    pub channels: Channels,
-    pub topics: Arc<crate::topic_registry::TopicRegistry>,
-    pub base_url: String,
-    pub format: Format,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) policy: SendPolicy,
+    pub(crate) payloads: Payloads,
+    pub(crate) channels: Channels,
+    pub(crate) topics: Arc<crate::topic_registry::TopicRegistry>,
+    pub(crate) base_url: String,
+    pub(crate) format: Format,
     /// Queue connections for the sends' reads and writes; none is held across a send.
-    pub pool: Pool,
+    pub(crate) pool: Pool,
     /// This process's recent attempts, for the console.
-    pub journal: Arc<super::journal::Journal>,
+    pub(crate) journal: Arc<super::journal::Journal>,
 }
 
 impl Ctx {

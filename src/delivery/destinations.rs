@@ -17,11 +17,11 @@ use crate::fhir::topic::Topic;
 use crate::queue::subscriptions;
 
 /// The code system of the channel types this server adds (`nats`, `amqp`).
-pub const CHANNEL_SYSTEM: &str = "https://fhir-cdc.dev/CodeSystem/channel-type";
+pub(crate) const CHANNEL_SYSTEM: &str = "https://fhir-cdc.dev/CodeSystem/channel-type";
 const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
 
 /// Writes the configured destinations and turns off those no longer configured.
-pub async fn sync<C: GenericClient>(
+pub(crate) async fn sync<C: GenericClient>(
     c: &C,
     cfg: &Config,
     topics: &[Topic],

@@ -16,7 +16,7 @@ use crate::channel::{Accepted, SendError};
 use crate::fhir::notification::Kind;
 
 /// Attempts kept per subscription.
-pub const PER_SUBSCRIPTION: usize = 20;
+pub(crate) const PER_SUBSCRIPTION: usize = 20;
 
 /// Subscriptions kept; beyond it the journal stops taking new subscriptions (memory stays
 /// bounded: about 2.5 KB per subscription).
@@ -24,19 +24,19 @@ const MAX_SUBSCRIPTIONS: usize = 50_000;
 
 /// One send of a notification. References and numbers only: never the Bundle.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Attempt {
-    pub at: DateTime<Utc>,
+pub(crate) struct Attempt {
+    pub(crate) at: DateTime<Utc>,
     /// `event-notification`, `handshake` or `heartbeat`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The eventNumbers carried, first and last (none for a handshake or heartbeat).
-    pub first_event: Option<i64>,
-    pub last_event: Option<i64>,
-    pub ok: bool,
+    pub(crate) first_event: Option<i64>,
+    pub(crate) last_event: Option<i64>,
+    pub(crate) ok: bool,
     /// The HTTP status (rest-hook, message), accepted or not.
-    pub status_code: Option<u16>,
-    pub duration_ms: f64,
+    pub(crate) status_code: Option<u16>,
+    pub(crate) duration_ms: f64,
     /// Why it failed, as `$status` says it (the receiver's answer, never the payload).
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Default)]
@@ -48,7 +48,7 @@ pub struct Journal {
 impl Journal {
     /// Records a send of `kind` carrying `events` that took `took`. A websocket send with
     /// no client bound is not an attempt (the events wait for a bind) and is not recorded.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         subscription: &str,
         kind: Kind,
@@ -97,7 +97,7 @@ impl Journal {
     }
 
     /// The subscription's last attempts, newest first.
-    pub fn last(&self, subscription: &str) -> Vec<Attempt> {
+    pub(crate) fn last(&self, subscription: &str) -> Vec<Attempt> {
         let all = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
         all.get(subscription)
             .map(|l| l.iter().rev().cloned().collect())
@@ -105,7 +105,7 @@ impl Journal {
     }
 
     /// Event notifications accepted by receivers since the process started.
-    pub fn sent(&self) -> u64 {
+    pub(crate) fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
 }

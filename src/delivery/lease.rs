@@ -15,7 +15,7 @@ type Result<T> = std::result::Result<T, DeliveryError>;
 /// and the set of ids held, because session locks nest and would let two of our own sends
 /// take one subscription.
 pub(super) struct Leases {
-    pub conn: Client,
+    pub(crate) conn: Client,
     held: Mutex<HashSet<String>>,
 }
 

@@ -5,7 +5,7 @@
 //! cover retries and a missed notification.
 
 mod ctx;
-pub mod destinations;
+pub(crate) mod destinations;
 pub mod journal;
 mod lease;
 mod listen;
@@ -13,7 +13,7 @@ mod marks;
 mod notify;
 mod outcome;
 pub mod payload;
-pub mod policy;
+pub(crate) mod policy;
 mod send;
 mod window;
 mod worker;
@@ -31,7 +31,7 @@ use crate::topic_registry::TopicRegistry;
 
 /// Delivery's one error type: everything that stops a worker is the queue going away.
 #[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
+pub(crate) enum DeliveryError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("LISTEN connection closed")]
@@ -63,16 +63,16 @@ impl Classify for DeliveryError {
 /// Wake-ups of one topic's send loop: capture queued events, or a subscription has new
 /// work (created, changed, requeued).
 #[derive(Clone, Default)]
-pub struct TopicWakers {
-    pub events: Arc<Notify>,
-    pub deliveries: Arc<Notify>,
+pub(crate) struct TopicWakers {
+    pub(crate) events: Arc<Notify>,
+    pub(crate) deliveries: Arc<Notify>,
 }
 
 /// Per-topic wake-ups fed by the LISTEN connection; topics come and go at run time.
-pub struct Wakers {
+pub(crate) struct Wakers {
     topics: Mutex<HashMap<String, TopicWakers>>,
     /// A store topic appeared, changed or went.
-    pub topics_changed: Notify,
+    pub(crate) topics_changed: Notify,
     registry: Arc<TopicRegistry>,
 }
 

@@ -138,7 +138,6 @@ mod tests {
             head_attempts: 0,
             start_event_id: 0,
             start_number: 0,
-            handshake_done: true,
             failures: 0,
             last_error: None,
             created_at: Utc::now(),

@@ -29,12 +29,12 @@ impl Payloads {
     }
 
     /// The search parameters filters are checked and evaluated with.
-    pub fn search_registry(&self) -> &crate::fhir::search::registry::Registry {
+    pub(crate) fn search_registry(&self) -> &crate::fhir::search::registry::Registry {
         &self.searcher.registry
     }
 
     /// The event as a notification carries it. `shapes` are the topic's notificationShapes.
-    pub async fn event(&self, content: Content, shapes: &[Shape], p: &Pending) -> Event {
+    pub(crate) async fn event(&self, content: Content, shapes: &[Shape], p: &Pending) -> Event {
         let number = p.event_number;
         let p = &*p.event;
         let mut resource = p.resource.clone();

@@ -11,14 +11,14 @@ use crate::fhir::subscription::Status;
 
 /// Failure thresholds and retry timing, from `[delivery]`.
 #[derive(Debug, Clone, Copy)]
-pub struct SendPolicy {
-    pub max_attempts: i32,
-    pub error_after: i32,
-    pub off_after: i32,
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
-    pub batch_window: chrono::Duration,
-    pub default_timeout: Duration,
+pub(crate) struct SendPolicy {
+    pub(crate) max_attempts: i32,
+    pub(crate) error_after: i32,
+    pub(crate) off_after: i32,
+    pub(crate) retry_initial_ms: u64,
+    pub(crate) retry_max_ms: u64,
+    pub(crate) batch_window: chrono::Duration,
+    pub(crate) default_timeout: Duration,
 }
 
 impl From<&DeliveryConfig> for SendPolicy {
@@ -37,7 +37,7 @@ impl From<&DeliveryConfig> for SendPolicy {
 
 /// Whether a batch of pending events goes out now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Batch {
+pub(crate) enum Batch {
     Send,
     /// Fewer than maxCount events are ready and the batch window is still open.
     WaitUntil(DateTime<Utc>),
@@ -45,7 +45,7 @@ pub enum Batch {
 
 impl SendPolicy {
     /// The subscription's `timeout` when it sets one, else the default.
-    pub fn timeout(&self, subscription_timeout: Option<i32>) -> Duration {
+    pub(crate) fn timeout(&self, subscription_timeout: Option<i32>) -> Duration {
         subscription_timeout
             .filter(|t| *t > 0)
             .map(|t| Duration::from_secs(t as u64))
@@ -53,12 +53,12 @@ impl SendPolicy {
     }
 
     /// At most `maxCount` events per notification (1 when the subscription sets none).
-    pub fn max_count(max_count: Option<i32>) -> i64 {
+    pub(crate) fn max_count(max_count: Option<i32>) -> i64 {
         i64::from(max_count.filter(|m| *m > 0).unwrap_or(1))
     }
 
     /// A full batch goes at once; a partial one waits for the window from its oldest event.
-    pub fn batch(
+    pub(crate) fn batch(
         &self,
         ready: usize,
         max: i64,
@@ -75,7 +75,7 @@ impl SendPolicy {
 
     /// Exponential backoff with jitter: initial × 2^failures, capped, times `jitter` in
     /// [0.5, 1].
-    pub fn backoff(&self, failures: i32, jitter: f64) -> Duration {
+    pub(crate) fn backoff(&self, failures: i32, jitter: f64) -> Duration {
         let exp = 2u64.saturating_pow(failures.clamp(0, 30) as u32);
         let ms = self
             .retry_initial_ms
@@ -86,7 +86,7 @@ impl SendPolicy {
 
     /// The delay before a retry: the backoff, or longer when the endpoint's `Retry-After`
     /// asks for it (at most an hour, so a bad header cannot park a subscription for days).
-    pub fn retry_delay(&self, backoff: Duration, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn retry_delay(&self, backoff: Duration, retry_after: Option<Duration>) -> Duration {
         match retry_after {
             Some(r) => backoff.max(r.min(Duration::from_secs(3600))),
             None => backoff,
@@ -95,7 +95,7 @@ impl SendPolicy {
 
     /// The status after one more consecutive failure: `error` from `error_after` (at once
     /// for a permanent refusal), `off` from `off_after`, else unchanged.
-    pub fn status_after_failure(
+    pub(crate) fn status_after_failure(
         &self,
         failures_before: i32,
         status: Status,
@@ -114,7 +114,7 @@ impl SendPolicy {
 
 /// A heartbeat is due when the subscription has a `heartbeatPeriod` and nothing went out
 /// for that long.
-pub fn heartbeat_due(
+pub(crate) fn heartbeat_due(
     period: Option<i32>,
     last_sent: Option<DateTime<Utc>>,
     now: DateTime<Utc>,

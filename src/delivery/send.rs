@@ -27,10 +27,10 @@ type Result<T> = std::result::Result<T, DeliveryError>;
 /// One leased subscription's send: its row as read under the lease, its requeued dead
 /// letters, the topic's events and the writer of its delivered marks.
 pub(super) struct Job {
-    pub sub: SubscriptionRow,
-    pub backlog: Backlog,
-    pub window: Arc<Window>,
-    pub marks: Marks,
+    pub(crate) sub: SubscriptionRow,
+    pub(crate) backlog: Backlog,
+    pub(crate) window: Arc<Window>,
+    pub(crate) marks: Marks,
 }
 
 /// What a turn found: `Idle` when there was nothing to send up to `scanned` from `cursor`,

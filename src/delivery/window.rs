@@ -33,11 +33,11 @@ fn behind_chunk(filters: &[Filter], wanted: usize) -> i64 {
 
 /// A subscription's next matches, and how far the scan for them got.
 pub(super) struct Matches {
-    pub events: Vec<Pending>,
+    pub(crate) events: Vec<Pending>,
     /// The id of the last event looked at.
-    pub scanned: i64,
+    pub(crate) scanned: i64,
     /// Every event known to the window was looked at.
-    pub complete: bool,
+    pub(crate) complete: bool,
 }
 
 pub(super) struct Window {

@@ -17,7 +17,7 @@ use super::FhirVersion;
 
 /// A compiled criterion.
 #[derive(Debug, Clone)]
-pub struct Fast(Expr);
+pub(crate) struct Fast(Expr);
 
 #[derive(Debug, Clone)]
 enum Expr {
@@ -69,7 +69,7 @@ fn kind_of(fhir_type: &str) -> Option<Kind> {
 
 impl Fast {
     /// The criterion for changes of `resource_type`, when it has the shape decided here.
-    pub fn compile(expr: &str, resource_type: &str, version: FhirVersion) -> Option<Fast> {
+    pub(crate) fn compile(expr: &str, resource_type: &str, version: FhirVersion) -> Option<Fast> {
         let tokens = lex(expr)?;
         let mut p = Parser {
             t: &tokens,
@@ -82,7 +82,7 @@ impl Fast {
     }
 
     /// The top-level members of `%current` / `%previous` the criterion reads.
-    pub fn top_keys(&self) -> Option<Vec<String>> {
+    pub(crate) fn top_keys(&self) -> Option<Vec<String>> {
         let mut out = Vec::new();
         keys(&self.0, &mut out)?;
         Some(out)
@@ -90,7 +90,11 @@ impl Fast {
 
     /// `Some(Some(b))` true/false, `Some(None)` empty (no decision), `None`: the engine must
     /// decide.
-    pub fn eval(&self, previous: Option<&Value>, current: Option<&Value>) -> Option<Option<bool>> {
+    pub(crate) fn eval(
+        &self,
+        previous: Option<&Value>,
+        current: Option<&Value>,
+    ) -> Option<Option<bool>> {
         eval(&self.0, previous, current)
     }
 }

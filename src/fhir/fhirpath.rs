@@ -16,7 +16,7 @@ pub struct FhirPath {
 }
 
 /// A resource made ready for many evaluations, with `%previous` and `%current` bound.
-pub struct Prepared {
+pub(crate) struct Prepared {
     ctx: EvaluationContext,
     /// `%previous`/`%current` that are absent: the engine binds every variable as a
     /// one-item collection, so these are rewritten to the empty literal `{}` instead.
@@ -40,7 +40,7 @@ impl FhirPath {
     }
 
     /// Checks that `expr` parses.
-    pub fn compile(&self, expr: &str) -> Result<(), String> {
+    pub(crate) fn compile(&self, expr: &str) -> Result<(), String> {
         self.engine
             .compile_plan(expr)
             .map(|_| ())
@@ -49,7 +49,7 @@ impl FhirPath {
 
     /// `focus` is the evaluation input (`%resource`); `previous`/`current` bind `%previous`
     /// and `%current` (an absent one is the empty collection).
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         focus: &Value,
         previous: Option<&Value>,
@@ -65,7 +65,7 @@ impl FhirPath {
 
     /// As [`FhirPath::prepare`], sharing the caller's JSON instead of copying it. `focus`
     /// `None` means the current version, else the previous one.
-    pub fn prepare_arcs(
+    pub(crate) fn prepare_arcs(
         &self,
         focus: Option<&Arc<Value>>,
         previous: Option<&Arc<Value>>,
@@ -98,7 +98,7 @@ impl FhirPath {
     }
 
     /// Evaluates `expr`; the results as JSON.
-    pub async fn eval(&self, p: &Prepared, expr: &str) -> Result<Vec<Value>, String> {
+    pub(crate) async fn eval(&self, p: &Prepared, expr: &str) -> Result<Vec<Value>, String> {
         let rewritten;
         let expr = if p.absent.iter().any(|n| expr.contains(&format!("%{n}"))) {
             rewritten = without_absent(expr, &p.absent);
@@ -114,23 +114,14 @@ impl FhirPath {
         Ok(r.value.iter().map(|v| v.to_json_value()).collect())
     }
 
-    /// Evaluates a criterion: exactly one boolean, else an error saying what came back.
-    pub async fn eval_bool(&self, p: &Prepared, expr: &str) -> Result<bool, String> {
-        let out = self.eval(p, expr).await?;
-        match out.as_slice() {
-            [Value::Bool(b)] => Ok(*b),
-            [] => Ok(false),
-            other => Err(format!(
-                "expected one boolean, got {} value(s) of another kind",
-                other.len()
-            )),
-        }
-    }
-
     /// A criterion: exactly one boolean, or why not. An empty result counts as "no boolean"
     /// (a strict engine raises an error for what this one returns empty, e.g. `and` over a
     /// two-item collection), so that the topic's policy decides rather than silence.
-    pub async fn eval_criterion(&self, p: &Prepared, expr: &str) -> Result<bool, CriterionError> {
+    pub(crate) async fn eval_criterion(
+        &self,
+        p: &Prepared,
+        expr: &str,
+    ) -> Result<bool, CriterionError> {
         let out = self.eval(p, expr).await.map_err(CriterionError::Engine)?;
         match out.as_slice() {
             [Value::Bool(b)] => Ok(*b),
@@ -143,7 +134,7 @@ impl FhirPath {
 
 /// Why a fhirPathCriteria gave no decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CriterionError {
+pub(crate) enum CriterionError {
     Engine(String),
     Empty,
     NotBoolean,
@@ -152,7 +143,7 @@ pub enum CriterionError {
 
 impl CriterionError {
     /// The kind, for logging once per topic per kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             CriterionError::Engine(_) => "error",
             CriterionError::Empty => "empty",

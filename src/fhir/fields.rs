@@ -36,7 +36,7 @@ impl Fields {
     }
 
     /// Adds the members one reader reads; `None` means it reads the whole resource.
-    pub fn add<I: IntoIterator<Item = String>>(&mut self, keys: Option<I>) {
+    pub(crate) fn add<I: IntoIterator<Item = String>>(&mut self, keys: Option<I>) {
         match keys {
             None => self.all = true,
             Some(k) => {
@@ -52,26 +52,20 @@ impl Fields {
         }
     }
 
-    /// Both readers' members.
-    pub fn union(&mut self, other: &Fields) {
-        self.all |= other.all;
-        self.keys.extend(other.keys.iter().cloned());
-    }
-
     /// Whether the whole resource must be parsed.
     pub fn is_all(&self) -> bool {
         self.all
     }
 
     /// Whether `key` is kept.
-    pub fn keeps(&self, key: &str) -> bool {
+    pub(crate) fn keeps(&self, key: &str) -> bool {
         self.all || ALWAYS.contains(&key) || self.keys.contains(key)
     }
 
     /// Parses a JSON object keeping only the members this set keeps; the others are read
     /// through without being built. Errors as `serde_json::from_slice` would, and a body
     /// that is not an object gives `Ok(None)`.
-    pub fn parse(&self, text: &[u8]) -> serde_json::Result<Option<Map<String, Value>>> {
+    pub(crate) fn parse(&self, text: &[u8]) -> serde_json::Result<Option<Map<String, Value>>> {
         if self.all {
             return match serde_json::from_slice(text)? {
                 Value::Object(m) => Ok(Some(m)),

@@ -1,16 +1,16 @@
 //! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
 
-pub mod criterion;
+pub(crate) mod criterion;
 pub mod fhirpath;
 pub mod fields;
 pub mod notification;
-pub mod resource_types;
+pub(crate) mod resource_types;
 pub mod search;
 pub mod subscription;
 pub mod topic;
 pub mod trigger;
-pub mod vocab;
-pub mod wire;
+pub(crate) mod vocab;
+pub(crate) mod wire;
 
 /// The FHIR release of the store: decides the search parameters, the FHIRPath model and the
 /// notification format.
@@ -24,7 +24,7 @@ pub enum FhirVersion {
 
 impl FhirVersion {
     /// The embedded FHIR model of this release (octofhir-fhirschema).
-    pub fn schema(self) -> octofhir_fhirschema::embedded::FhirVersion {
+    pub(crate) fn schema(self) -> octofhir_fhirschema::embedded::FhirVersion {
         use octofhir_fhirschema::embedded::FhirVersion as S;
         match self {
             FhirVersion::R4 => S::R4,

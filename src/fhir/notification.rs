@@ -17,7 +17,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Handshake => "handshake",
             Kind::Heartbeat => "heartbeat",
@@ -55,7 +55,7 @@ pub struct Event {
     pub related: Vec<Value>,
 }
 
-pub fn fhir_instant(t: DateTime<Utc>) -> String {
+pub(crate) fn fhir_instant(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
@@ -73,7 +73,7 @@ pub(crate) fn shows_topic(kind: Kind, content: Content) -> bool {
 }
 
 /// The status resource: `SubscriptionStatus` (R4B, R5) or the backport `Parameters` (R4).
-pub fn status_resource(
+pub(crate) fn status_resource(
     format: Format,
     kind: Kind,
     info: &StatusInfo,
@@ -270,7 +270,7 @@ fn event_entry(e: &Event, content: Content, base_url: &str) -> Value {
 
 /// An OperationOutcome with one error issue; `expression` names the element or parameter
 /// (`Subscription.filterBy[0]`, `eventsSinceNumber`).
-pub fn operation_outcome(code: &str, message: &str, expression: Option<&str>) -> Value {
+pub(crate) fn operation_outcome(code: &str, message: &str, expression: Option<&str>) -> Value {
     let mut issue = json!({"severity": "error", "code": code, "diagnostics": message});
     if let Some(e) = expression {
         issue["expression"] = json!([e]);

@@ -3,7 +3,7 @@
 //! A row whose type is not here is "an unknown resource type" and is skipped with a log line.
 
 /// Sorted, so lookups are a binary search.
-pub const RESOURCE_TYPES: &[&str] = &[
+pub(crate) const RESOURCE_TYPES: &[&str] = &[
     "Account",
     "ActivityDefinition",
     "ActorDefinition",
@@ -176,7 +176,7 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "VisionPrescription",
 ];
 
-pub fn is_resource_type(name: &str) -> bool {
+pub(crate) fn is_resource_type(name: &str) -> bool {
     RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 

@@ -12,7 +12,7 @@ pub use super::vocab::Interaction;
 pub struct Interactions(u8);
 
 impl Interactions {
-    pub const ALL: Interactions = Interactions(7);
+    pub(crate) const ALL: Interactions = Interactions(7);
 
     pub fn contains(self, i: Interaction) -> bool {
         self.0 & i.bit() != 0
@@ -24,8 +24,8 @@ impl Interactions {
 pub struct QueryCriteria {
     pub previous: Option<String>,
     pub current: Option<String>,
-    pub result_for_create: Option<String>,
-    pub result_for_delete: Option<String>,
+    pub(crate) result_for_create: Option<String>,
+    pub(crate) result_for_delete: Option<String>,
     pub require_both: Option<bool>,
 }
 
@@ -39,44 +39,44 @@ pub struct ResourceTrigger {
 
 /// One `canFilterBy` entry: a filter parameter a subscription may use for a resource type.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CanFilterBy {
-    pub resource_type: Option<String>,
-    pub parameter: String,
+pub(crate) struct CanFilterBy {
+    pub(crate) resource_type: Option<String>,
+    pub(crate) parameter: String,
     /// Comparators a subscription may use (empty: any the type allows).
-    pub comparators: Vec<String>,
+    pub(crate) comparators: Vec<String>,
     /// Modifiers a subscription may use (empty: any the type allows; `=` means none).
-    pub modifiers: Vec<String>,
+    pub(crate) modifiers: Vec<String>,
     /// `filterDefinition`: the canonical of the SearchParameter that defines the filter.
-    pub filter_definition: Option<String>,
+    pub(crate) filter_definition: Option<String>,
     /// An explicit FHIRPath (TOML topics: `expression` with `type`) for a filter that no
     /// SearchParameter defines.
-    pub expression: Option<(String, String)>,
+    pub(crate) expression: Option<(String, String)>,
 }
 
 /// One `notificationShape`: for a focus of `resource_type`, the resources to add.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Shape {
-    pub resource_type: String,
+pub(crate) struct Shape {
+    pub(crate) resource_type: String,
     /// `Encounter:patient` (source type, reference parameter, optional target type).
-    pub include: Vec<String>,
+    pub(crate) include: Vec<String>,
     /// `Observation:encounter`: resources of that type whose parameter refers to the focus.
-    pub rev_include: Vec<String>,
+    pub(crate) rev_include: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Topic {
     pub url: String,
     /// The id the API serves it under (`SubscriptionTopic/{id}`).
-    pub id: String,
+    pub(crate) id: String,
     pub triggers: Vec<ResourceTrigger>,
-    pub can_filter_by: Vec<CanFilterBy>,
+    pub(crate) can_filter_by: Vec<CanFilterBy>,
     /// The most a notification of this topic may carry (`maxContent`; TOML `max_content`):
     /// subscriptions asking for more get this.
-    pub max_content: Option<Content>,
+    pub(crate) max_content: Option<Content>,
     /// `notificationShape`: what full-resource notifications add per focus type.
-    pub shapes: Vec<Shape>,
+    pub(crate) shapes: Vec<Shape>,
     /// The resource as given, for `GET /SubscriptionTopic`.
-    pub resource: Value,
+    pub(crate) resource: Value,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -210,7 +210,7 @@ fn read_shapes(v: &Value) -> Vec<Shape> {
 }
 
 /// `http://hl7.org/fhir/StructureDefinition/Encounter` → `Encounter`.
-pub fn resource_type_of(canonical: &str) -> &str {
+pub(crate) fn resource_type_of(canonical: &str) -> &str {
     canonical.rsplit('/').next().unwrap_or(canonical)
 }
 
@@ -355,7 +355,7 @@ fn complex(e: &Value) -> Value {
 }
 
 /// The Backport IG's R4 topic (`Basic` with cross-version extensions) as a SubscriptionTopic.
-pub fn basic_to_topic(v: &Value) -> Value {
+pub(crate) fn basic_to_topic(v: &Value) -> Value {
     let mut t = serde_json::Map::new();
     t.insert("resourceType".into(), "SubscriptionTopic".into());
     if let Some(id) = v.get("id") {

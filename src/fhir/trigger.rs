@@ -14,32 +14,32 @@ use super::topic::{Interaction, Interactions, Topic};
 
 /// A `resourceTrigger` ready to evaluate.
 #[derive(Debug, Clone)]
-pub struct Trigger {
-    pub resource_type: String,
-    pub interactions: Interactions,
-    pub query: Option<Query>,
-    pub fhirpath: Option<String>,
+pub(crate) struct Trigger {
+    pub(crate) resource_type: String,
+    pub(crate) interactions: Interactions,
+    pub(crate) query: Option<Query>,
+    pub(crate) fhirpath: Option<String>,
     /// The fhirPathCriteria decided on the JSON when it has the common shape.
-    pub fast: Option<super::criterion::Fast>,
+    pub(crate) fast: Option<super::criterion::Fast>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Query {
-    pub previous: Option<Vec<Criterion>>,
-    pub current: Option<Vec<Criterion>>,
+pub(crate) struct Query {
+    pub(crate) previous: Option<Vec<Criterion>>,
+    pub(crate) current: Option<Vec<Criterion>>,
     /// The previous test's result when there is no previous state (a create).
-    pub result_for_create: bool,
+    pub(crate) result_for_create: bool,
     /// The current test's result when there is no current state (a delete).
-    pub result_for_delete: bool,
-    pub require_both: bool,
+    pub(crate) result_for_delete: bool,
+    pub(crate) require_both: bool,
 }
 
 /// A `canFilterBy` parameter, resolved to its definition.
 #[derive(Debug, Clone)]
 pub struct FilterParam {
-    pub resource_type: Option<String>,
-    pub name: String,
-    pub param: std::sync::Arc<super::search::registry::SearchParam>,
+    pub(crate) resource_type: Option<String>,
+    pub(crate) name: String,
+    pub(crate) param: std::sync::Arc<super::search::registry::SearchParam>,
 }
 
 /// What a trigger does when its criteria cannot be evaluated (`[[topic]]
@@ -57,7 +57,7 @@ pub enum OnCriteriaError {
 }
 
 impl OnCriteriaError {
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "use-query-criteria" => Some(Self::UseQueryCriteria),
             "skip" => Some(Self::Skip),
@@ -70,7 +70,7 @@ impl OnCriteriaError {
 /// A topic compiled for capture.
 #[derive(Debug, Clone)]
 pub struct Compiled {
-    pub triggers: Vec<Trigger>,
+    pub(crate) triggers: Vec<Trigger>,
     pub filters: Vec<FilterParam>,
     pub on_error: OnCriteriaError,
 }
@@ -201,7 +201,7 @@ impl Compiled {
     /// The top-level members of a `resource_type` resource that this topic's plans and
     /// plain-path criteria read. Expressions the FHIRPath engine evaluates add nothing: the
     /// engine is given the complete resource (see [`ChangeEval`]).
-    pub fn fields(&self, resource_type: &str, out: &mut Fields) {
+    pub(crate) fn fields(&self, resource_type: &str, out: &mut Fields) {
         let param = |p: &SearchParam, out: &mut Fields| {
             if let Some(plan) = &p.plan {
                 out.add(plan.top_keys());
@@ -270,7 +270,7 @@ impl Compiled {
     /// Criteria that fail statically: each fhirPathCriteria evaluated on a minimal resource
     /// of its type as both versions. Engine errors and results that are not one boolean are
     /// reported; an empty result is not (a minimal resource lacks the elements).
-    pub async fn probe(&self, searcher: &Searcher) -> Vec<String> {
+    pub(crate) async fn probe(&self, searcher: &Searcher) -> Vec<String> {
         let mut out = Vec::new();
         for (i, t) in self.triggers.iter().enumerate() {
             let Some(expr) = &t.fhirpath else { continue };
@@ -315,9 +315,9 @@ impl Compiled {
 /// converted for the FHIRPath engine once, and a search parameter's values are computed
 /// once whatever number of topics ask for them.
 pub struct ChangeEval<'a> {
-    pub searcher: &'a Searcher,
-    pub previous: Option<Arc<Value>>,
-    pub current: Option<Arc<Value>>,
+    pub(crate) searcher: &'a Searcher,
+    pub(crate) previous: Option<Arc<Value>>,
+    pub(crate) current: Option<Arc<Value>>,
     /// Focus: the current version (the previous one for a delete); `%previous`/`%current`
     /// bound. Made on first use: parameters with a plain-path plan never need the engine.
     main: std::sync::OnceLock<Prepared>,
@@ -331,10 +331,10 @@ pub struct ChangeEval<'a> {
 }
 
 /// The previous and current version of a change.
-pub type Versions = (Option<Arc<Value>>, Option<Arc<Value>>);
+pub(crate) type Versions = (Option<Arc<Value>>, Option<Arc<Value>>);
 
 /// How the complete versions of a partially parsed change are had.
-pub type Reparse<'a> = dyn Fn() -> Versions + Sync + 'a;
+pub(crate) type Reparse<'a> = dyn Fn() -> Versions + Sync + 'a;
 
 impl<'a> ChangeEval<'a> {
     pub fn new(searcher: &'a Searcher, previous: Option<&Value>, current: Option<&Value>) -> Self {
@@ -362,7 +362,7 @@ impl<'a> ChangeEval<'a> {
 
     /// `previous` and `current` are partial: `reparse` gives the complete versions, parsed
     /// the first time the FHIRPath engine needs them.
-    pub fn partial(mut self, reparse: &'a Reparse<'a>) -> Self {
+    pub(crate) fn partial(mut self, reparse: &'a Reparse<'a>) -> Self {
         self.reparse = Some(reparse);
         self
     }
@@ -407,7 +407,11 @@ impl<'a> ChangeEval<'a> {
     }
 
     /// Values of `param` on the previous or the current version, computed once.
-    pub async fn values(&self, previous_side: bool, param: &SearchParam) -> Result<Values, String> {
+    pub(crate) async fn values(
+        &self,
+        previous_side: bool,
+        param: &SearchParam,
+    ) -> Result<Values, String> {
         let slot = &self.cache[usize::from(previous_side)];
         if let Some(v) = slot
             .lock()

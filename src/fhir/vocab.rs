@@ -14,7 +14,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Requested => "requested",
             Status::Active => "active",
@@ -22,7 +22,7 @@ impl Status {
             Status::Off => "off",
         }
     }
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "requested" => Status::Requested,
             "active" => Status::Active,
@@ -49,7 +49,7 @@ impl Content {
             Content::FullResource => "full-resource",
         }
     }
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "empty" => Content::Empty,
             "id-only" => Content::IdOnly,
@@ -88,7 +88,7 @@ pub enum Interaction {
 }
 
 impl Interaction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Interaction::Create => "create",
             Interaction::Update => "update",
@@ -96,7 +96,7 @@ impl Interaction {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "create" => Some(Interaction::Create),
             "update" => Some(Interaction::Update),

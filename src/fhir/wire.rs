@@ -115,7 +115,7 @@ struct Coding {
 }
 
 /// The notification Bundle as JSON bytes.
-pub fn bundle_bytes(
+pub(crate) fn bundle_bytes(
     format: Format,
     kind: Kind,
     info: &StatusInfo,

@@ -19,25 +19,25 @@ use crate::fhir::topic::Interaction;
 pub struct QueuedEvent {
     /// The topics it fired, in configuration order; never empty.
     pub topics: Vec<Arc<str>>,
-    pub resource_type: String,
-    pub resource_id: String,
-    pub version_id: Option<String>,
-    pub interaction: Interaction,
+    pub(crate) resource_type: String,
+    pub(crate) resource_id: String,
+    pub(crate) version_id: Option<String>,
+    pub(crate) interaction: Interaction,
     /// The resource as the store wrote it (the WAL bytes, no copy): rendered as FHIR JSON
     /// only when the batch is written and a full-resource subscription reads one of its
     /// topics. Most batches need no body, and a parsed value is several times bigger than
     /// the text a 30,000-row transaction holds.
-    pub resource: Option<Arc<dyn ResourceBody>>,
+    pub(crate) resource: Option<Arc<dyn ResourceBody>>,
     /// The canFilterBy values of this resource for its topics, as JSON text
     /// (`{param: Values}`, and `@topic: {url: {param: Values}}` for a topic whose parameter
     /// of that name differs): written as they were serialised, without a `Value` tree.
     pub filters: Option<String>,
-    pub commit_lsn: u64,
-    pub xid: u32,
-    pub commit_time: DateTime<Utc>,
+    pub(crate) commit_lsn: u64,
+    pub(crate) xid: u32,
+    pub(crate) commit_time: DateTime<Utc>,
 }
 
-pub use super::events::OWN_FILTERS;
+pub(crate) use super::events::OWN_FILTERS;
 
 /// What a store transaction contributes to the queue, in stream order.
 #[derive(Debug, Clone)]
@@ -71,7 +71,9 @@ pub enum Item {
 }
 
 /// Topics that a full-resource subscription reads: only their events carry bodies.
-pub async fn full_topics<C: tokio_postgres::GenericClient>(c: &C) -> Result<HashSet<String>> {
+pub(crate) async fn full_topics<C: tokio_postgres::GenericClient>(
+    c: &C,
+) -> Result<HashSet<String>> {
     Ok(c.query_typed(
         "SELECT DISTINCT topic FROM fhir_cdc.subscription
          WHERE content = 'full-resource' AND status <> 'off'",
@@ -85,7 +87,12 @@ pub async fn full_topics<C: tokio_postgres::GenericClient>(c: &C) -> Result<Hash
 
 /// Writes `items` and moves the checkpoint of `slot` to `end_lsn`, atomically.
 /// Returns the number of events written.
-pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64) -> Result<usize> {
+pub(crate) async fn write(
+    client: &mut Client,
+    slot: &str,
+    items: &[Item],
+    end_lsn: u64,
+) -> Result<usize> {
     let mut open = Open::begin(client).await?;
     open.items(items).await?;
     open.commit(slot, end_lsn).await
@@ -95,7 +102,7 @@ pub async fn write(client: &mut Client, slot: &str, items: &[Item], end_lsn: u64
 /// transactions, or chunk by chunk for one large store transaction, so capture never holds
 /// a whole large transaction in memory. Nothing is visible, and the checkpoint does not
 /// move, until [`Open::commit`]; dropping it rolls everything back.
-pub struct Open<'a> {
+pub(crate) struct Open<'a> {
     tx: tokio_postgres::Transaction<'a>,
     /// Topics that a full-resource subscription reads: only their events carry bodies.
     full: HashSet<String>,
@@ -105,7 +112,7 @@ pub struct Open<'a> {
 }
 
 impl<'a> Open<'a> {
-    pub async fn begin(client: &'a mut Client) -> Result<Open<'a>> {
+    pub(crate) async fn begin(client: &'a mut Client) -> Result<Open<'a>> {
         let tx = client.transaction().await?;
         // Bodies stay out of the queue unless a full-resource subscription needs them.
         let full = full_topics(&tx).await?;
@@ -118,7 +125,7 @@ impl<'a> Open<'a> {
     }
 
     /// Writes items in stream order: runs of events as one multi-row insert each.
-    pub async fn items(&mut self, items: &[Item]) -> Result<()> {
+    pub(crate) async fn items(&mut self, items: &[Item]) -> Result<()> {
         let mut run: Vec<&QueuedEvent> = Vec::new();
         for item in items {
             if let Item::Event(e) = item {
@@ -136,7 +143,7 @@ impl<'a> Open<'a> {
 
     /// Moves the checkpoint of `slot` to `end_lsn` and commits. Returns the number of
     /// events written.
-    pub async fn commit(self, slot: &str, end_lsn: u64) -> Result<usize> {
+    pub(crate) async fn commit(self, slot: &str, end_lsn: u64) -> Result<usize> {
         // The checkpoint and the wake-ups in one round trip.
         let tx = &self.tx;
         let notify = self.topics.iter().map(|t| async move {
@@ -304,7 +311,7 @@ impl ToSql for RawJson<'_> {
 
 /// A resource body as capture hands it over: rendered as FHIR JSON only when a batch needs
 /// it. The queue does not know the store's row formats; capture implements this for them.
-pub trait ResourceBody: Send + Sync + std::fmt::Debug {
+pub(crate) trait ResourceBody: Send + Sync + std::fmt::Debug {
     fn render(&self) -> Option<String>;
 }
 
@@ -316,7 +323,7 @@ fn render(row: Option<&dyn ResourceBody>) -> Option<String> {
 /// Moves the checkpoint of `slot` to `lsn` when nothing is waiting to be queued: every store
 /// commit up to `lsn` is queued or has nothing for us (or, inside a batch's transaction,
 /// with the events it covers). Never moves it back.
-pub async fn advance<C: tokio_postgres::GenericClient>(
+pub(crate) async fn advance<C: tokio_postgres::GenericClient>(
     client: &C,
     slot: &str,
     lsn: u64,
@@ -333,7 +340,7 @@ pub async fn advance<C: tokio_postgres::GenericClient>(
 }
 
 /// The end LSN of the last queued store commit for `slot`.
-pub async fn checkpoint(client: &Client, slot: &str) -> Result<Option<u64>> {
+pub(crate) async fn checkpoint(client: &Client, slot: &str) -> Result<Option<u64>> {
     let row = client
         .query_opt(
             "SELECT lsn::text FROM fhir_cdc.checkpoint WHERE slot = $1",

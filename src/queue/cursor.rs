@@ -19,16 +19,16 @@ pub struct Cursor {
 
 /// A notification of `subscription` reached its endpoint: its cursor moves to `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Advance {
-    pub subscription: String,
-    pub to: Cursor,
+pub(crate) struct Advance {
+    pub(crate) subscription: String,
+    pub(crate) to: Cursor,
 }
 
 /// Moves the cursors of several subscriptions in one statement, and clears their failure
 /// state. A cursor never moves back (a stale mark is ignored); of several marks of one
 /// subscription the furthest counts. Rows are locked in id order so two writers of one
 /// topic cannot deadlock.
-pub async fn advance_many<C: GenericClient>(c: &C, marks: &[Advance]) -> Result<u64> {
+pub(crate) async fn advance_many<C: GenericClient>(c: &C, marks: &[Advance]) -> Result<u64> {
     let mut best: std::collections::BTreeMap<&str, Cursor> = Default::default();
     for m in marks {
         let e = best.entry(m.subscription.as_str()).or_insert(m.to);
@@ -63,7 +63,7 @@ pub async fn advance_many<C: GenericClient>(c: &C, marks: &[Advance]) -> Result<
 
 /// Requeued dead letters of `subscription` that reached the endpoint: they are no longer
 /// dead. Also clears the subscription's failure state.
-pub async fn requeued_delivered<C: GenericClient>(
+pub(crate) async fn requeued_delivered<C: GenericClient>(
     c: &C,
     subscription: &str,
     numbers: &[i64],
@@ -84,17 +84,17 @@ pub async fn requeued_delivered<C: GenericClient>(
 
 /// A failed send as delivery's policy decided it.
 #[derive(Debug, Clone)]
-pub struct Failure<'a> {
-    pub error: &'a str,
-    pub retry_in: std::time::Duration,
+pub(crate) struct Failure<'a> {
+    pub(crate) error: &'a str,
+    pub(crate) retry_in: std::time::Duration,
     /// The subscription's status after this failure.
-    pub new_status: Status,
+    pub(crate) new_status: Status,
     /// The send carried events (a heartbeat does not count against the head's attempts).
-    pub had_events: bool,
+    pub(crate) had_events: bool,
 }
 
 /// Counts a failed attempt of the head notification and schedules the retry.
-pub async fn failed(tx: &Transaction<'_>, id: &str, f: &Failure<'_>) -> Result<()> {
+pub(crate) async fn failed(tx: &Transaction<'_>, id: &str, f: &Failure<'_>) -> Result<()> {
     tx.execute(
         "UPDATE fhir_cdc.subscription SET failures = failures + 1, last_error = $2,
              head_attempts = head_attempts + $5::int4, updated_at = now(), last_sent_at = now(),
@@ -115,7 +115,7 @@ pub async fn failed(tx: &Transaction<'_>, id: &str, f: &Failure<'_>) -> Result<(
 /// Gives up on `events` (`(eventNumber, event id)`, in order) of subscription `id`: one
 /// dead letter each, and the cursor moves past them to `to` (a requeued dead letter given
 /// up on again only stops being requeued).
-pub async fn dead_letter(
+pub(crate) async fn dead_letter(
     tx: &Transaction<'_>,
     id: &str,
     events: &[(i64, i64)],
@@ -153,7 +153,7 @@ pub async fn dead_letter(
 
 /// Requeued dead letters of `ids`, oldest eventNumber first, at most `limit` each:
 /// `(subscription, eventNumber, event id)`.
-pub async fn requeued_many<C: GenericClient>(
+pub(crate) async fn requeued_many<C: GenericClient>(
     c: &C,
     ids: &[String],
     limit: i64,

@@ -82,7 +82,10 @@ pub async fn requeue(
 }
 
 /// Dead letters per subscription, for `$status`.
-pub async fn counts<C: GenericClient>(c: &C, ids: &[String]) -> Result<HashMap<String, i64>> {
+pub(crate) async fn counts<C: GenericClient>(
+    c: &C,
+    ids: &[String],
+) -> Result<HashMap<String, i64>> {
     Ok(c.query(
         "SELECT subscription_id, count(*) FROM fhir_cdc.dead_letter
          WHERE subscription_id = ANY($1) AND NOT requeued GROUP BY subscription_id",
@@ -95,7 +98,7 @@ pub async fn counts<C: GenericClient>(c: &C, ids: &[String]) -> Result<HashMap<S
 }
 
 /// Dead letters of a topic's subscriptions, for the metrics gauge.
-pub async fn count_by_topic<C: GenericClient>(c: &C, topic: &str) -> Result<i64> {
+pub(crate) async fn count_by_topic<C: GenericClient>(c: &C, topic: &str) -> Result<i64> {
     Ok(c.query_one(
         "SELECT count(*) FROM fhir_cdc.dead_letter x
          JOIN fhir_cdc.subscription s ON s.id = x.subscription_id

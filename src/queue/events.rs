@@ -20,21 +20,21 @@ use crate::fhir::topic::Interaction;
 
 /// The key of topic-specific filter values in an event's `filters` (capture writes them,
 /// sends read them).
-pub const OWN_FILTERS: &str = "@topic";
+pub(crate) const OWN_FILTERS: &str = "@topic";
 
 /// One queued event of a topic, with that topic's canFilterBy values parsed.
 #[derive(Debug, Clone)]
-pub struct TopicEvent {
-    pub id: i64,
-    pub resource_type: String,
-    pub resource_id: String,
+pub(crate) struct TopicEvent {
+    pub(crate) id: i64,
+    pub(crate) resource_type: String,
+    pub(crate) resource_id: String,
     /// The store's version id of the change, when the store has one.
-    pub version_id: Option<String>,
-    pub interaction: Interaction,
-    pub commit_time: DateTime<Utc>,
-    pub resource: Option<Value>,
-    pub queued_at: DateTime<Utc>,
-    pub filters: HashMap<String, Values>,
+    pub(crate) version_id: Option<String>,
+    pub(crate) interaction: Interaction,
+    pub(crate) commit_time: DateTime<Utc>,
+    pub(crate) resource: Option<Value>,
+    pub(crate) queued_at: DateTime<Utc>,
+    pub(crate) filters: HashMap<String, Values>,
 }
 
 impl TopicEvent {
@@ -58,7 +58,7 @@ impl TopicEvent {
     }
 
     /// Does this event pass every one of `filters` (AND across filters)?
-    pub fn passes(&self, filters: &[Filter]) -> bool {
+    pub(crate) fn passes(&self, filters: &[Filter]) -> bool {
         filters
             .iter()
             .all(|f| f.matches(&self.resource_type, &self.filters))
@@ -67,16 +67,16 @@ impl TopicEvent {
 
 /// An event numbered for one subscription.
 #[derive(Debug, Clone)]
-pub struct Pending {
-    pub event_number: i64,
-    pub event: Arc<TopicEvent>,
+pub(crate) struct Pending {
+    pub(crate) event_number: i64,
+    pub(crate) event: Arc<TopicEvent>,
 }
 
 const COLUMNS: &str = "id, resource_type, resource_id, version_id, interaction, commit_time,
     resource, queued_at, filters";
 
 /// Events of `topic` with ids in `(after, until]`, oldest first, at most `limit`.
-pub async fn after<C: GenericClient>(
+pub(crate) async fn after<C: GenericClient>(
     c: &C,
     topic: &str,
     after: i64,
@@ -88,7 +88,7 @@ pub async fn after<C: GenericClient>(
 }
 
 /// Events of `topic` with ids in `(floor, before]`, newest first, at most `limit`.
-pub async fn before<C: GenericClient>(
+pub(crate) async fn before<C: GenericClient>(
     c: &C,
     topic: &str,
     before: i64,
@@ -128,7 +128,11 @@ async fn range<C: GenericClient>(
 }
 
 /// Events of `topic` by id (dead letters sent again), in id order.
-pub async fn by_ids<C: GenericClient>(c: &C, topic: &str, ids: &[i64]) -> Result<Vec<TopicEvent>> {
+pub(crate) async fn by_ids<C: GenericClient>(
+    c: &C,
+    topic: &str,
+    ids: &[i64],
+) -> Result<Vec<TopicEvent>> {
     let sql = format!("SELECT {COLUMNS} FROM fhir_cdc.event WHERE id = ANY($1) ORDER BY id");
     let rows = c.query_typed(&sql, &[(&ids, Type::INT8_ARRAY)]).await?;
     Ok(rows
@@ -139,7 +143,7 @@ pub async fn by_ids<C: GenericClient>(c: &C, topic: &str, ids: &[i64]) -> Result
 
 /// The newest event id of any topic, and the events of `topic` after `after` up to it
 /// (oldest first, at most `limit`), in one round trip.
-pub async fn newest_and_after<C: GenericClient>(
+pub(crate) async fn newest_and_after<C: GenericClient>(
     c: &C,
     topic: &str,
     after: i64,
@@ -168,7 +172,7 @@ pub async fn newest_and_after<C: GenericClient>(
 }
 
 /// The newest event id of any topic (0 for an empty queue).
-pub async fn newest_id<C: GenericClient>(c: &C) -> Result<i64> {
+pub(crate) async fn newest_id<C: GenericClient>(c: &C) -> Result<i64> {
     Ok(
         c.query_one("SELECT coalesce(max(id), 0) FROM fhir_cdc.event", &[])
             .await?

@@ -20,7 +20,7 @@ pub async fn record<C: GenericClient>(c: &C, f: &Fatal) -> Result<()> {
 }
 
 /// The task runs again: its old record goes (a statement that finds no row writes nothing).
-pub async fn clear<C: GenericClient>(c: &C, task: &str) -> Result<()> {
+pub(crate) async fn clear<C: GenericClient>(c: &C, task: &str) -> Result<()> {
     c.execute("DELETE FROM fhir_cdc.fatal_error WHERE task = $1", &[&task])
         .await?;
     Ok(())
@@ -28,15 +28,15 @@ pub async fn clear<C: GenericClient>(c: &C, task: &str) -> Result<()> {
 
 /// One recorded stop.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Stopped {
-    pub task: String,
-    pub at: DateTime<Utc>,
-    pub error: String,
-    pub remedy: Option<String>,
+pub(crate) struct Stopped {
+    pub(crate) task: String,
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) error: String,
+    pub(crate) remedy: Option<String>,
 }
 
 /// Every recorded stop, newest first.
-pub async fn all<C: GenericClient>(c: &C) -> Result<Vec<Stopped>> {
+pub(crate) async fn all<C: GenericClient>(c: &C) -> Result<Vec<Stopped>> {
     Ok(c.query(
         "SELECT task, at, error, remedy FROM fhir_cdc.fatal_error ORDER BY at DESC",
         &[],

@@ -8,7 +8,7 @@ use super::{lsn_text, Result};
 
 /// Records a gap: changes after `checkpoint` and before `resumed_at` (an LSN's text) were
 /// never read, for `reason`.
-pub async fn record<C: GenericClient>(
+pub(crate) async fn record<C: GenericClient>(
     c: &C,
     slot: &str,
     checkpoint: u64,
@@ -26,13 +26,13 @@ pub async fn record<C: GenericClient>(
 
 /// One recorded gap.
 #[derive(Debug, Clone)]
-pub struct Gap {
-    pub at: DateTime<Utc>,
-    pub message: String,
+pub(crate) struct Gap {
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) message: String,
 }
 
 /// The most recent gaps (newest first), as the text of a status `error`.
-pub async fn recent<C: GenericClient>(c: &C) -> Result<Vec<Gap>> {
+pub(crate) async fn recent<C: GenericClient>(c: &C) -> Result<Vec<Gap>> {
     let rows = c
         .query(
             "SELECT at, slot, lost_after::text, resumed_at::text, reason
@@ -60,7 +60,7 @@ pub async fn recent<C: GenericClient>(c: &C) -> Result<Vec<Gap>> {
 }
 
 /// The gaps that happened while a subscription created at `created_at` existed.
-pub fn affecting(gaps: &[Gap], created_at: DateTime<Utc>) -> Vec<String> {
+pub(crate) fn affecting(gaps: &[Gap], created_at: DateTime<Utc>) -> Vec<String> {
     gaps.iter()
         .filter(|g| g.at > created_at)
         .map(|g| g.message.clone())

@@ -16,7 +16,7 @@ use super::Result;
 /// still have a heartbeat due or requeued dead letters). A websocket
 /// subscription has work only where one of its sockets is bound, so only ids in `bound` are
 /// taken for that channel.
-pub async fn with_work<C: GenericClient>(
+pub(crate) async fn with_work<C: GenericClient>(
     c: &C,
     topic: &str,
     newest: i64,
@@ -61,7 +61,7 @@ pub async fn with_work<C: GenericClient>(
 /// (which keeps its order), and a process that dies loses its leases with its connection,
 /// at once. Session locks nest within one session, so the caller keeps its own set of what
 /// it holds. Give them back with [`release_many`].
-pub async fn lease_and_read(
+pub(crate) async fn lease_and_read(
     c: &Client,
     ids: &[String],
 ) -> Result<(Vec<String>, Vec<(SubscriptionRow, bool)>)> {
@@ -102,7 +102,7 @@ fn lock_key(id: &str) -> i64 {
 
 /// The earliest time a subscription of `topic` will have retry work (`newest` as in
 /// [`with_work`]).
-pub async fn next_retry<C: GenericClient>(
+pub(crate) async fn next_retry<C: GenericClient>(
     c: &C,
     topic: &str,
     newest: i64,
@@ -127,7 +127,7 @@ pub async fn next_retry<C: GenericClient>(
 }
 
 /// Gives the leases of `ids` back, in one round trip.
-pub async fn release_many(c: &Client, ids: &[String]) -> Result<()> {
+pub(crate) async fn release_many(c: &Client, ids: &[String]) -> Result<()> {
     let keys: Vec<i64> = ids.iter().map(|id| lock_key(id)).collect();
     c.execute_typed(
         "SELECT count(pg_advisory_unlock(k)) FROM unnest($1::int8[]) AS u(k)",

@@ -12,12 +12,12 @@ use crate::fhir::subscription::Filter;
 /// What numbering needs to know of a subscription.
 #[derive(Debug, Clone)]
 pub struct Track {
-    pub topic: String,
-    pub filters: Vec<Filter>,
-    pub cursor: Cursor,
+    pub(crate) topic: String,
+    pub(crate) filters: Vec<Filter>,
+    pub(crate) cursor: Cursor,
     /// Numbering looking back is exact down to this event id and eventNumber.
-    pub start_event_id: i64,
-    pub start_number: i64,
+    pub(crate) start_event_id: i64,
+    pub(crate) start_number: i64,
 }
 
 /// Events read per query while scanning.
@@ -26,7 +26,7 @@ const CHUNK: i64 = 1000;
 /// Numbers the events of `events` (id order, all after `from.event_id`) that pass
 /// `filters`, on from `from.number`; at most `limit`. Returns them and how far the scan
 /// got: the id of the last event looked at.
-pub fn number<'a>(
+pub(crate) fn number<'a>(
     from: Cursor,
     filters: &[Filter],
     events: impl IntoIterator<Item = &'a Arc<TopicEvent>>,
@@ -52,7 +52,11 @@ pub fn number<'a>(
 }
 
 /// The next `limit` matches after the cursor, read from the queue.
-pub async fn pending<C: GenericClient>(c: &C, t: &Track, limit: usize) -> Result<Vec<Pending>> {
+pub(crate) async fn pending<C: GenericClient>(
+    c: &C,
+    t: &Track,
+    limit: usize,
+) -> Result<Vec<Pending>> {
     let newest = events::newest_id(c).await?;
     let mut from = t.cursor;
     let mut out: Vec<Pending> = Vec::new();
@@ -87,7 +91,7 @@ pub async fn count_pending<C: GenericClient>(c: &C, t: &Track) -> Result<i64> {
 /// The matches numbered `since..=until`, at most `limit`, oldest first: settled ones
 /// found looking back from the cursor (down to the start of exact numbering and what
 /// retention left, `floor`), pending ones looking forward.
-pub async fn between<C: GenericClient>(
+pub(crate) async fn between<C: GenericClient>(
     c: &C,
     t: &Track,
     floor: i64,

@@ -3,26 +3,26 @@
 //! lives under this module.
 
 pub mod batch;
-pub mod cursor;
+pub(crate) mod cursor;
 pub mod dead;
-pub mod events;
+pub(crate) mod events;
 pub mod fatal;
-pub mod gaps;
-pub mod leases;
+pub(crate) mod gaps;
+pub(crate) mod leases;
 pub mod matched;
 pub mod migrate;
-pub mod retention;
+pub(crate) mod retention;
 pub mod sealed;
-pub mod store_topics;
+pub(crate) mod store_topics;
 pub mod subscriptions;
 
 use tokio_postgres::Client;
 
 /// Channel capture notifies after each batch commit; the payload is the topic url.
-pub const EVENT_CHANNEL: &str = "fhir_cdc_event";
+pub(crate) const EVENT_CHANNEL: &str = "fhir_cdc_event";
 /// Channel notified when a subscription has new work (created, changed, requeued); the
 /// payload is the topic url.
-pub const DELIVERY_CHANNEL: &str = "fhir_cdc_delivery";
+pub(crate) const DELIVERY_CHANNEL: &str = "fhir_cdc_delivery";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -43,7 +43,7 @@ impl From<crate::db::ConnectError> for QueueError {
     }
 }
 
-pub type Result<T> = std::result::Result<T, QueueError>;
+pub(crate) type Result<T> = std::result::Result<T, QueueError>;
 
 impl crate::error::Classify for QueueError {
     fn kind(&self) -> crate::error::ErrorKind {
@@ -73,7 +73,7 @@ impl crate::error::Classify for QueueError {
 }
 
 /// Tries to take the capture lock of `slot` on this session: one active capture per slot.
-pub async fn capture_lock(c: &Client, slot: &str) -> Result<bool> {
+pub(crate) async fn capture_lock(c: &Client, slot: &str) -> Result<bool> {
     let key = format!("fhir_cdc.capture.{slot}");
     Ok(c.query_one(
         "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
@@ -92,7 +92,7 @@ pub async fn connect(url: &str) -> Result<Client> {
 
 /// WAL bytes the slot holds back, when the slot exists (the queue may live elsewhere than
 /// the store: then this reads nothing).
-pub async fn slot_lag_bytes<C: tokio_postgres::GenericClient>(
+pub(crate) async fn slot_lag_bytes<C: tokio_postgres::GenericClient>(
     c: &C,
     slot: &str,
 ) -> Result<Option<f64>> {
@@ -107,7 +107,7 @@ pub async fn slot_lag_bytes<C: tokio_postgres::GenericClient>(
 
 /// Events after the cursor of each topic's furthest-behind subscription that still
 /// receives events: the backlog delivery has (before filters, which only delivery applies).
-pub async fn pending_by_topic<C: tokio_postgres::GenericClient>(
+pub(crate) async fn pending_by_topic<C: tokio_postgres::GenericClient>(
     c: &C,
 ) -> Result<Vec<(String, f64)>> {
     Ok(c.query(
@@ -125,7 +125,7 @@ pub async fn pending_by_topic<C: tokio_postgres::GenericClient>(
 }
 
 /// Subscriptions per status, every status listed (0 when none has it).
-pub async fn subscriptions_by_status<C: tokio_postgres::GenericClient>(
+pub(crate) async fn subscriptions_by_status<C: tokio_postgres::GenericClient>(
     c: &C,
 ) -> Result<Vec<(String, f64)>> {
     Ok(c.query(
@@ -141,7 +141,7 @@ pub async fn subscriptions_by_status<C: tokio_postgres::GenericClient>(
 }
 
 /// Whether the user may create schema `fhir_cdc` (or it exists already).
-pub async fn can_hold_schema(c: &Client) -> Result<bool> {
+pub(crate) async fn can_hold_schema(c: &Client) -> Result<bool> {
     Ok(c.query_one(
         "SELECT has_database_privilege(current_database(), 'CREATE')
              OR EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'fhir_cdc')",
@@ -152,7 +152,7 @@ pub async fn can_hold_schema(c: &Client) -> Result<bool> {
 }
 
 /// A round trip to the queue database (readiness).
-pub async fn ping<C: tokio_postgres::GenericClient>(c: &C) -> Result<()> {
+pub(crate) async fn ping<C: tokio_postgres::GenericClient>(c: &C) -> Result<()> {
     c.execute("SELECT 1", &[]).await?;
     Ok(())
 }
@@ -163,11 +163,11 @@ pub fn pool(url: &str, size: usize) -> anyhow::Result<deadpool_postgres::Pool> {
 }
 
 /// `0/16B3748` text form of an LSN, as Postgres prints and parses it.
-pub fn lsn_text(lsn: u64) -> String {
+pub(crate) fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
-pub fn parse_lsn(s: &str) -> Option<u64> {
+pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }

@@ -9,7 +9,7 @@ use super::Result;
 /// Removes what retention lets go among the events of `topic`; returns how many went. The
 /// topic's bound is recorded in `fhir_cdc.retention`: numbering looking back (`$events`)
 /// stops there.
-pub async fn retain<C: GenericClient>(c: &C, topic: &str, hours: u64) -> Result<u64> {
+pub(crate) async fn retain<C: GenericClient>(c: &C, topic: &str, hours: u64) -> Result<u64> {
     let hours = hours as f64;
     c.execute(
         "WITH young AS (
@@ -46,7 +46,7 @@ pub async fn retain<C: GenericClient>(c: &C, topic: &str, hours: u64) -> Result<
 }
 
 /// The bound retention recorded for `topic` (0: nothing removed).
-pub async fn floor<C: GenericClient>(c: &C, topic: &str) -> Result<i64> {
+pub(crate) async fn floor<C: GenericClient>(c: &C, topic: &str) -> Result<i64> {
     Ok(c.query_opt(
         "SELECT through_event_id FROM fhir_cdc.retention WHERE topic = $1",
         &[&topic],

@@ -67,12 +67,12 @@ fn key() -> Option<&'static Aes256Gcm> {
     KEY.get().and_then(Option::as_ref)
 }
 
-pub fn is_sealed(s: &str) -> bool {
+pub(crate) fn is_sealed(s: &str) -> bool {
     s.starts_with(PREFIX)
 }
 
 /// Seals `plain` for subscription `id`; unchanged without a key or when already sealed.
-pub fn seal(id: &str, plain: &str) -> String {
+pub(crate) fn seal(id: &str, plain: &str) -> String {
     match key() {
         Some(k) if !is_sealed(plain) => seal_with(k, id, plain),
         _ => plain.to_string(),
@@ -99,7 +99,7 @@ fn seal_with(k: &Aes256Gcm, id: &str, plain: &str) -> String {
 }
 
 /// Opens a value of subscription `id`; a value that is not sealed is returned as it is.
-pub fn open(id: &str, stored: &str) -> Result<String, SealError> {
+pub(crate) fn open(id: &str, stored: &str) -> Result<String, SealError> {
     let Some(b64) = stored.strip_prefix(PREFIX) else {
         return Ok(stored.to_string());
     };
@@ -125,7 +125,7 @@ pub fn open(id: &str, stored: &str) -> Result<String, SealError> {
 }
 
 /// Seals the header values of a `headers` column value (`[[name, value], …]`).
-pub fn seal_headers(id: &str, headers: &mut Value) {
+pub(crate) fn seal_headers(id: &str, headers: &mut Value) {
     for h in headers.as_array_mut().into_iter().flatten() {
         if let Some(v) = h.get_mut(1) {
             if let Some(s) = v.as_str() {
@@ -136,14 +136,14 @@ pub fn seal_headers(id: &str, headers: &mut Value) {
 }
 
 /// Seals the secrets inside a stored Subscription resource.
-pub fn seal_resource(id: &str, resource: &mut Value) {
+pub(crate) fn seal_resource(id: &str, resource: &mut Value) {
     map_secrets(resource, |s| seal(id, s));
 }
 
 /// Seals what was written before a key was configured, and proves the key opens what is
 /// sealed. Run at delivery start. Without a key, sealed values are an error (sends would
 /// carry ciphertext). Returns how many rows it sealed.
-pub async fn seal_existing<C: GenericClient>(c: &C) -> Result<u64, SealError> {
+pub(crate) async fn seal_existing<C: GenericClient>(c: &C) -> Result<u64, SealError> {
     let rows = c
         .query(
             "SELECT id, headers, signing_secret, resource FROM fhir_cdc.subscription",

@@ -8,9 +8,9 @@ use super::Result;
 use crate::fhir::topic::Topic;
 
 /// Channel capture notifies when a store topic appears, changes or goes.
-pub const TOPIC_CHANNEL: &str = "fhir_cdc_topic";
+pub(crate) const TOPIC_CHANNEL: &str = "fhir_cdc_topic";
 
-pub async fn upsert<C: GenericClient>(
+pub(crate) async fn upsert<C: GenericClient>(
     c: &C,
     store_id: &str,
     url: &str,
@@ -28,7 +28,7 @@ pub async fn upsert<C: GenericClient>(
     Ok(())
 }
 
-pub async fn delete<C: GenericClient>(c: &C, store_id: &str) -> Result<()> {
+pub(crate) async fn delete<C: GenericClient>(c: &C, store_id: &str) -> Result<()> {
     c.execute(
         "DELETE FROM fhir_cdc.topic WHERE store_id = $1",
         &[&store_id],
@@ -41,7 +41,7 @@ pub async fn delete<C: GenericClient>(c: &C, store_id: &str) -> Result<()> {
 
 /// Store topics as `(store id, topic)`. Rows that no longer read (or evaluate) are skipped
 /// with a log line.
-pub async fn load_store<C: GenericClient>(c: &C) -> Result<Vec<(String, Topic)>> {
+pub(crate) async fn load_store<C: GenericClient>(c: &C) -> Result<Vec<(String, Topic)>> {
     let rows = c
         .query(
             "SELECT store_id, resource FROM fhir_cdc.topic ORDER BY store_id",

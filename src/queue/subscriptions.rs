@@ -12,43 +12,42 @@ use crate::fhir::subscription::{ChannelType, Content, Filter, Status, Subscripti
 /// A subscription row as delivery and the API read it.
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {
-    pub id: String,
-    pub origin: String,
-    pub topic: String,
+    pub(crate) id: String,
+    pub(crate) origin: String,
+    pub(crate) topic: String,
     pub status: Status,
     /// `None`: a channel this version does not deliver (a row written by a newer one).
-    pub channel: Option<ChannelType>,
-    pub endpoint: String,
-    pub content: Content,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
+    pub(crate) channel: Option<ChannelType>,
+    pub(crate) endpoint: String,
+    pub(crate) content: Content,
+    pub(crate) content_type: String,
+    pub(crate) headers: Vec<(String, String)>,
     /// The secret notifications are signed with, when the subscription has one.
-    pub signing_secret: Option<String>,
-    pub timeout: Option<i32>,
-    pub max_count: Option<i32>,
-    pub heartbeat_period: Option<i32>,
-    pub next_attempt_at: DateTime<Utc>,
-    pub last_sent_at: Option<DateTime<Utc>>,
-    pub resource: Value,
+    pub(crate) signing_secret: Option<String>,
+    pub(crate) timeout: Option<i32>,
+    pub(crate) max_count: Option<i32>,
+    pub(crate) heartbeat_period: Option<i32>,
+    pub(crate) next_attempt_at: DateTime<Utc>,
+    pub(crate) last_sent_at: Option<DateTime<Utc>>,
+    pub(crate) resource: Value,
     /// The checked filterBy entries (AND across them).
-    pub filters: Vec<Filter>,
+    pub(crate) filters: Vec<Filter>,
     /// How far its events are settled.
     pub cursor: Cursor,
     /// Failed attempts of the head-of-line notification.
     pub head_attempts: i32,
     /// Numbering looking back is exact down to this event id and eventNumber.
-    pub start_event_id: i64,
-    pub start_number: i64,
-    pub handshake_done: bool,
-    pub failures: i32,
-    pub last_error: Option<String>,
-    pub created_at: DateTime<Utc>,
+    pub(crate) start_event_id: i64,
+    pub(crate) start_number: i64,
+    pub(crate) failures: i32,
+    pub(crate) last_error: Option<String>,
+    pub(crate) created_at: DateTime<Utc>,
 }
 
 pub(super) const COLUMNS: &str =
     "id, origin, topic, status, channel, endpoint, content, content_type, headers, signing_secret, timeout,
     max_count, heartbeat_period, next_attempt_at, last_sent_at, resource, filters, cursor_number,
-    cursor_event_id, head_attempts, start_event_id, start_number, handshake_done, failures,
+    cursor_event_id, head_attempts, start_event_id, start_number, failures,
     last_error, created_at";
 
 impl SubscriptionRow {
@@ -94,7 +93,6 @@ impl SubscriptionRow {
             head_attempts: r.get("head_attempts"),
             start_event_id: r.get("start_event_id"),
             start_number: r.get("start_number"),
-            handshake_done: r.get("handshake_done"),
             failures: r.get("failures"),
             last_error: r.get("last_error"),
             created_at: r.get("created_at"),
@@ -114,7 +112,7 @@ impl SubscriptionRow {
 
     /// The resource as the API serves it: the stored one with the server-owned status, and
     /// header values (the subscriber's secrets) redacted.
-    pub fn to_resource(&self) -> Value {
+    pub(crate) fn to_resource(&self) -> Value {
         let mut r = self.resource.clone();
         crate::fhir::subscription::secrets::redact_headers(&mut r);
         r["id"] = Value::String(self.id.clone());
@@ -141,7 +139,7 @@ fn opened(id: &str, stored: &str) -> String {
 }
 
 /// Records a Subscription from the store that was refused, in `error` with the reason.
-pub async fn refuse<C: GenericClient>(
+pub(crate) async fn refuse<C: GenericClient>(
     c: &C,
     id: &str,
     topic: &str,
@@ -203,7 +201,7 @@ const UPSERT: &str = "INSERT INTO fhir_cdc.subscription
              refused = false, next_attempt_at = now(), updated_at = now()";
 
 /// Creates or replaces a subscription. Setting `requested` again re-arms the handshake.
-pub async fn upsert<C: GenericClient>(
+pub(crate) async fn upsert<C: GenericClient>(
     c: &C,
     id: &str,
     origin: &str,
@@ -279,7 +277,7 @@ pub async fn search<C: GenericClient>(
         .collect())
 }
 
-pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
+pub(crate) async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
     Ok(
         c.execute("DELETE FROM fhir_cdc.subscription WHERE id = $1", &[&id])
             .await?
@@ -288,7 +286,7 @@ pub async fn delete<C: GenericClient>(c: &C, id: &str) -> Result<bool> {
 }
 
 /// Turns subscriptions whose `end` has passed off. Returns their ids.
-pub async fn expire<C: GenericClient>(c: &C) -> Result<Vec<String>> {
+pub(crate) async fn expire<C: GenericClient>(c: &C) -> Result<Vec<String>> {
     Ok(c.query(
         "UPDATE fhir_cdc.subscription SET status = 'off', updated_at = now(),
                  last_error = 'subscription end reached'
@@ -302,7 +300,7 @@ pub async fn expire<C: GenericClient>(c: &C) -> Result<Vec<String>> {
 }
 
 /// Records that something went out (or was tried) now; heartbeats count from it.
-pub async fn touched<C: GenericClient>(c: &C, id: &str) -> Result<()> {
+pub(crate) async fn touched<C: GenericClient>(c: &C, id: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET last_sent_at = now() WHERE id = $1",
         &[&id],
@@ -312,7 +310,7 @@ pub async fn touched<C: GenericClient>(c: &C, id: &str) -> Result<()> {
 }
 
 /// Holds a subscription's next send until `at` (a batch window filling up).
-pub async fn defer<C: GenericClient>(c: &C, id: &str, at: DateTime<Utc>) -> Result<()> {
+pub(crate) async fn defer<C: GenericClient>(c: &C, id: &str, at: DateTime<Utc>) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET next_attempt_at = $2 WHERE id = $1",
         &[&id, &at],
@@ -322,7 +320,7 @@ pub async fn defer<C: GenericClient>(c: &C, id: &str, at: DateTime<Utc>) -> Resu
 }
 
 /// A handshake went through: the subscription is active.
-pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
+pub(crate) async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET status = 'active', handshake_done = true, failures = 0,
              last_error = NULL, last_sent_at = now(), updated_at = now()
@@ -334,7 +332,7 @@ pub async fn handshake_ok<C: GenericClient>(c: &C, id: &str) -> Result<()> {
 }
 
 /// A handshake failed: the subscription goes to `error` until the client asks again.
-pub async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) -> Result<()> {
+pub(crate) async fn handshake_failed<C: GenericClient>(c: &C, id: &str, error: &str) -> Result<()> {
     c.execute(
         "UPDATE fhir_cdc.subscription SET status = 'error', last_error = $2,
              failures = failures + 1, updated_at = now()

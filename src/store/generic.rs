@@ -15,14 +15,14 @@ use super::{
 use crate::config::GenericTable;
 use crate::fhir::topic::Interaction;
 
-pub struct Generic {
+pub(crate) struct Generic {
     schema: String,
     tables: Vec<GenericTable>,
     pool: Option<deadpool_postgres::Pool>,
 }
 
 impl Generic {
-    pub fn new(
+    pub(crate) fn new(
         schema: &str,
         tables: Vec<GenericTable>,
         pool: Option<deadpool_postgres::Pool>,

@@ -32,14 +32,14 @@ const RESOURCES: &str = "hfj_resource";
 /// Ids resolved from `res_id` are kept (they never change); the map is cleared past this.
 const ID_CACHE: usize = 100_000;
 
-pub struct Hapi {
+pub(crate) struct Hapi {
     schema: String,
     pool: Option<deadpool_postgres::Pool>,
     ids: Mutex<HashMap<i64, String>>,
 }
 
 impl Hapi {
-    pub fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
+    pub(crate) fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
         Hapi {
             schema: schema.to_string(),
             pool,

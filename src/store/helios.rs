@@ -28,13 +28,13 @@ use crate::fhir::topic::Interaction;
 const MAIN: &str = "resources";
 const HISTORY: &str = "resource_history";
 
-pub struct Helios {
+pub(crate) struct Helios {
     schema: String,
     pool: Option<deadpool_postgres::Pool>,
 }
 
 impl Helios {
-    pub fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
+    pub(crate) fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
         Helios {
             schema: schema.to_string(),
             pool,

@@ -24,13 +24,13 @@ use super::{
 use crate::fhir::resource_types::is_resource_type;
 use crate::fhir::topic::Interaction;
 
-pub struct Medplum {
+pub(crate) struct Medplum {
     schema: String,
     pool: Option<deadpool_postgres::Pool>,
 }
 
 impl Medplum {
-    pub fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
+    pub(crate) fn new(schema: &str, pool: Option<deadpool_postgres::Pool>) -> Self {
         Medplum {
             schema: schema.to_string(),
             pool,

@@ -5,16 +5,16 @@
 //! branches on the kind of store, so a new store is one new file here.
 
 pub mod aidbox;
-pub mod generic;
-pub mod hapi;
-pub mod helios;
+pub(crate) mod generic;
+pub(crate) mod hapi;
+pub(crate) mod helios;
 pub mod init;
-pub mod medplum;
+pub(crate) mod medplum;
 /// An in-memory store for tests (not in the release binary).
 #[cfg(any(test, feature = "test-utils"))]
 pub mod memory;
 mod row;
-pub mod setup;
+pub(crate) mod setup;
 
 use async_trait::async_trait;
 use pg_walstream::TupleData;
@@ -28,14 +28,14 @@ pub use row::{pg_timestamptz_to_fhir, AidboxFormat, Body, Format, RowChange, Row
 /// A table as pgoutput (Relation message) or the catalog describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableInfo {
-    pub schema: String,
-    pub name: String,
+    pub(crate) schema: String,
+    pub(crate) name: String,
     /// Column names in attribute order, the order of pgoutput tuples.
-    pub columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
 }
 
 impl TableInfo {
-    pub fn column(&self, name: &str) -> Option<usize> {
+    pub(crate) fn column(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c == name)
     }
 }
@@ -43,8 +43,8 @@ impl TableInfo {
 /// `schema.table`, printed quoted for SQL.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TableName {
-    pub schema: String,
-    pub name: String,
+    pub(crate) schema: String,
+    pub(crate) name: String,
 }
 
 impl fmt::Display for TableName {
@@ -54,7 +54,7 @@ impl fmt::Display for TableName {
 }
 
 /// Quotes an identifier for SQL.
-pub fn ident(s: &str) -> String {
+pub(crate) fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
@@ -110,7 +110,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn kind(&self) -> crate::error::ErrorKind {
+    pub(crate) fn kind(&self) -> crate::error::ErrorKind {
         match self {
             StoreError::Db(_) | StoreError::Pool(_) => crate::error::ErrorKind::Retryable,
             StoreError::Config(_) | StoreError::Row(_) | StoreError::SlotLost(_) => {
@@ -120,7 +120,7 @@ impl StoreError {
     }
 
     /// What the operator should do about a fatal one.
-    pub fn remedy(&self) -> Option<String> {
+    pub(crate) fn remedy(&self) -> Option<String> {
         match self {
             StoreError::Db(_) | StoreError::Pool(_) => None,
             StoreError::SlotLost(_) => Some(
@@ -258,7 +258,7 @@ pub(crate) fn tables_named(catalog: &[TableInfo], schema: &str, names: &[&str]) 
 
 /// A write whose previous version is a deletion is a create (re-create after delete), with
 /// no previous version: FHIR's view, whatever the store did to its rows.
-pub fn settle(change: &mut RowChange, previous: &mut Option<RowChange>) {
+pub(crate) fn settle(change: &mut RowChange, previous: &mut Option<RowChange>) {
     let after_delete = previous
         .as_ref()
         .is_some_and(|p| p.interaction == crate::fhir::topic::Interaction::Delete);

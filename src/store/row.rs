@@ -51,8 +51,8 @@ pub enum Format {
 /// Attribute definitions (first-class extensions).
 #[derive(Debug, Clone)]
 pub struct AidboxFormat {
-    pub version: crate::fhir::FhirVersion,
-    pub attributes: super::aidbox::format::Attributes,
+    pub(crate) version: crate::fhir::FhirVersion,
+    pub(crate) attributes: super::aidbox::format::Attributes,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -76,13 +76,13 @@ impl RowChange {
 
     /// The resource JSON with `id`, `resourceType` and `meta` filled from the columns.
     /// `Ok(None)` when the row carries no body.
-    pub fn resource(&self) -> Result<Option<Value>, RowError> {
+    pub(crate) fn resource(&self) -> Result<Option<Value>, RowError> {
         self.resource_with(&Fields::all())
     }
 
     /// The resource with only the top-level members `fields` keeps (plus `id`,
     /// `resourceType` and `meta`): what capture's plans read, without building the rest.
-    pub fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
+    pub(crate) fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
         let Body::Text(text) = &self.body else {
             return Ok(None);
         };

@@ -13,7 +13,7 @@ const PUBLISH: &str = "WITH (publish = 'insert, update, delete')";
 
 /// Tables (and partitioned tables) of the database outside the system schemas and our own,
 /// with their columns in attribute order.
-pub async fn catalog(c: &Client) -> Result<Vec<TableInfo>> {
+pub(crate) async fn catalog(c: &Client) -> Result<Vec<TableInfo>> {
     let rows = c
         .query(
             "SELECT n.nspname::text, c.relname::text,
@@ -40,16 +40,16 @@ pub async fn catalog(c: &Client) -> Result<Vec<TableInfo>> {
 
 /// What a publication covers now.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Publication {
-    pub exists: bool,
-    pub all_tables: bool,
+pub(crate) struct Publication {
+    pub(crate) exists: bool,
+    pub(crate) all_tables: bool,
     /// Schemas published whole (`FOR TABLES IN SCHEMA`, Postgres 15+).
-    pub schemas: Vec<String>,
+    pub(crate) schemas: Vec<String>,
     /// Tables named one by one.
-    pub tables: Vec<TableName>,
+    pub(crate) tables: Vec<TableName>,
 }
 
-pub async fn publication(c: &Client, name: &str) -> Result<Publication> {
+pub(crate) async fn publication(c: &Client, name: &str) -> Result<Publication> {
     let Some(row) = c
         .query_opt(
             "SELECT puballtables FROM pg_publication WHERE pubname = $1",
@@ -106,7 +106,7 @@ pub async fn publication(c: &Client, name: &str) -> Result<Publication> {
 /// profile reads; replacing whole-schema or all-tables coverage, which would make Postgres
 /// refuse the store's own UPDATE/DELETE on tables without a replica identity). Tables named
 /// by hand beyond `wanted` are left alone. Empty when nothing needs to change.
-pub fn plan(name: &str, now: &Publication, wanted: &[TableName]) -> Vec<String> {
+pub(crate) fn plan(name: &str, now: &Publication, wanted: &[TableName]) -> Vec<String> {
     let list = |t: &[&TableName]| {
         t.iter()
             .map(ToString::to_string)
@@ -151,7 +151,7 @@ pub fn plan(name: &str, now: &Publication, wanted: &[TableName]) -> Vec<String> 
 }
 
 /// What the publication should become, from the catalog and the profile.
-pub async fn publication_plan(
+pub(crate) async fn publication_plan(
     c: &Client,
     profile: &dyn StoreProfile,
     name: &str,
@@ -163,7 +163,7 @@ pub async fn publication_plan(
 /// Brings the publication in line with the profile's tables: run when capture starts and
 /// periodically, so resource tables created later are added. Refuses with the SQL to run
 /// when `create_missing` is off.
-pub async fn sync_publication(
+pub(crate) async fn sync_publication(
     c: &mut Client,
     profile: &dyn StoreProfile,
     name: &str,
@@ -191,7 +191,7 @@ pub async fn sync_publication(
 }
 
 /// The slot's plugin, if the slot exists.
-pub async fn slot_plugin(c: &Client, slot: &str) -> Result<Option<String>> {
+pub(crate) async fn slot_plugin(c: &Client, slot: &str) -> Result<Option<String>> {
     Ok(c.query_opt(
         "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
         &[&slot],
@@ -200,19 +200,19 @@ pub async fn slot_plugin(c: &Client, slot: &str) -> Result<Option<String>> {
     .map(|r| r.get(0)))
 }
 
-pub fn slot_sql(slot: &str) -> String {
+pub(crate) fn slot_sql(slot: &str) -> String {
     format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
 }
 
 /// A slot as the server reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotState {
-    pub plugin: String,
+pub(crate) struct SlotState {
+    pub(crate) plugin: String,
     /// `reserved`, `extended`, `unreserved` or `lost` (Postgres 13+).
-    pub wal_status: Option<String>,
+    pub(crate) wal_status: Option<String>,
 }
 
-pub async fn slot_state(c: &Client, slot: &str) -> Result<Option<SlotState>> {
+pub(crate) async fn slot_state(c: &Client, slot: &str) -> Result<Option<SlotState>> {
     Ok(c.query_opt(
         "SELECT plugin::text, wal_status::text FROM pg_replication_slots WHERE slot_name = $1",
         &[&slot],
@@ -226,28 +226,32 @@ pub async fn slot_state(c: &Client, slot: &str) -> Result<Option<SlotState>> {
 
 /// How capture may treat the slot at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotPolicy {
-    pub create_missing: bool,
+pub(crate) struct SlotPolicy {
+    pub(crate) create_missing: bool,
     /// Capture ran on this slot before (a checkpoint exists): a missing slot means lost
     /// changes, never a first start.
-    pub streamed_before: bool,
+    pub(crate) streamed_before: bool,
     /// `--resync-from-now`: replace a lost or missing slot with a new one, knowingly.
-    pub resync_from_now: bool,
+    pub(crate) resync_from_now: bool,
 }
 
 /// A slot replaced on request (`--resync-from-now`): what was lost, and the WAL position
 /// capture resumes from. Changes committed before it and after the last checkpoint were
 /// never read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resync {
-    pub reason: String,
-    pub resumed_at: String,
+pub(crate) struct Resync {
+    pub(crate) reason: String,
+    pub(crate) resumed_at: String,
 }
 
 /// Creates the slot on a first start, checks its plugin and health, and refuses to go on
 /// silently when it was lost: changes would be missing without anyone knowing. `Some` when
 /// a lost slot was replaced on request.
-pub async fn ensure_slot(c: &Client, slot: &str, policy: SlotPolicy) -> Result<Option<Resync>> {
+pub(crate) async fn ensure_slot(
+    c: &Client,
+    slot: &str,
+    policy: SlotPolicy,
+) -> Result<Option<Resync>> {
     let state = slot_state(c, slot).await?;
     let lost = state
         .as_ref()
@@ -316,26 +320,26 @@ async fn resync_or_stop(
 /// Writes a non-transactional logical message of ours into the store database's WAL, so the
 /// slot sees a position to confirm even when nothing in the publication changes while the
 /// cluster writes WAL elsewhere. Capture ignores the message itself.
-pub async fn emit_heartbeat(c: &Client, prefix: &str) -> Result<()> {
+pub(crate) async fn emit_heartbeat(c: &Client, prefix: &str) -> Result<()> {
     c.execute("SELECT pg_logical_emit_message(false, $1, '')", &[&prefix])
         .await?;
     Ok(())
 }
 
 /// `max_slot_wal_keep_size` (`-1`: unlimited) and the slot's `wal_status`, for `check`.
-pub async fn wal_keep(c: &Client) -> Result<String> {
+pub(crate) async fn wal_keep(c: &Client) -> Result<String> {
     Ok(c.query_one("SHOW max_slot_wal_keep_size", &[])
         .await?
         .get(0))
 }
 
 /// `wal_level` as the server reports it.
-pub async fn wal_level(c: &Client) -> Result<String> {
+pub(crate) async fn wal_level(c: &Client) -> Result<String> {
     Ok(c.query_one("SHOW wal_level", &[]).await?.get(0))
 }
 
 /// Whether the connected user may open a replication connection.
-pub async fn may_replicate(c: &Client) -> Result<bool> {
+pub(crate) async fn may_replicate(c: &Client) -> Result<bool> {
     Ok(c.query_one(
         "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
         &[],
@@ -345,7 +349,7 @@ pub async fn may_replicate(c: &Client) -> Result<bool> {
 }
 
 /// Replication slots still free on the server.
-pub async fn free_slots(c: &Client) -> Result<i32> {
+pub(crate) async fn free_slots(c: &Client) -> Result<i32> {
     Ok(c.query_one(
         "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
         &[],
@@ -355,7 +359,7 @@ pub async fn free_slots(c: &Client) -> Result<i32> {
 }
 
 /// `wal_level` must be logical for a slot to decode anything.
-pub async fn check_wal_level(c: &Client) -> Result<()> {
+pub(crate) async fn check_wal_level(c: &Client) -> Result<()> {
     let level = wal_level(c).await?;
     if level == "logical" {
         Ok(())

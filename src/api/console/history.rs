@@ -16,15 +16,15 @@ use crate::config::Config;
 use crate::delivery::journal::Journal;
 use crate::queue;
 
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 const MINUTES: usize = 60;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Minute {
-    pub at: DateTime<Utc>,
-    pub events_queued: u64,
-    pub notifications_sent: u64,
-    pub slot_lag_bytes: u64,
+pub(crate) struct Minute {
+    pub(crate) at: DateTime<Utc>,
+    pub(crate) events_queued: u64,
+    pub(crate) notifications_sent: u64,
+    pub(crate) slot_lag_bytes: u64,
 }
 
 /// One reading of the counters.
@@ -35,14 +35,14 @@ struct Sample {
 }
 
 #[derive(Default)]
-pub struct History {
+pub(crate) struct History {
     minutes: Mutex<VecDeque<Minute>>,
     last: Mutex<Option<Sample>>,
 }
 
 impl History {
     /// The last hour, oldest first.
-    pub fn minutes(&self) -> Vec<Minute> {
+    pub(crate) fn minutes(&self) -> Vec<Minute> {
         let m = self.minutes.lock().unwrap_or_else(|e| e.into_inner());
         m.iter().cloned().collect()
     }
@@ -81,7 +81,7 @@ impl History {
 }
 
 /// Samples until `shutdown`; a database that does not answer skips the reading.
-pub async fn run(
+pub(crate) async fn run(
     cfg: Arc<Config>,
     history: Arc<History>,
     journal: Arc<Journal>,

@@ -7,7 +7,7 @@
 //! serves holds resource content, endpoint paths or header values: references, hosts,
 //! numbers and the receivers' status codes only.
 
-pub mod history;
+pub(crate) mod history;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -27,15 +27,15 @@ const SCRIPT: &str = include_str!("console.js");
 const STYLE: &str = include_str!("console.css");
 
 /// What the console reads besides the API's own state.
-pub struct Console {
-    pub journal: Arc<Journal>,
-    pub history: Arc<History>,
+pub(crate) struct Console {
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) history: Arc<History>,
     /// The store's database, for the slot (two connections at most).
     store: deadpool_postgres::Pool,
 }
 
 impl Console {
-    pub fn new(store_url: &str, journal: Arc<Journal>) -> anyhow::Result<Self> {
+    pub(crate) fn new(store_url: &str, journal: Arc<Journal>) -> anyhow::Result<Self> {
         Ok(Console {
             journal,
             history: Arc::default(),
@@ -67,21 +67,21 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     r
 }
 
-pub async fn page() -> Response {
+pub(crate) async fn page() -> Response {
     asset("text/html; charset=utf-8", PAGE)
 }
 
-pub async fn script() -> Response {
+pub(crate) async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
-pub async fn style() -> Response {
+pub(crate) async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
 /// The status report and the last hour. 503 with the reason when a database does not
 /// answer (the page says so).
-pub async fn state(State(s): State<Shared>) -> Result<Response, Fhir> {
+pub(crate) async fn state(State(s): State<Shared>) -> Result<Response, Fhir> {
     let c = &s.console;
     let (src, q) = match (c.store.get().await, s.pool.get().await) {
         (Ok(src), Ok(q)) => (src, q),
@@ -109,7 +109,10 @@ fn unavailable(why: &str) -> Response {
 }
 
 /// The last attempts this process made for one subscription, newest first.
-pub async fn attempts(State(s): State<Shared>, Path(id): Path<String>) -> Result<Response, Fhir> {
+pub(crate) async fn attempts(
+    State(s): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, Fhir> {
     if id.len() > 64 {
         return Err(bad_request("id", "a FHIR id has at most 64 characters"));
     }

@@ -2,9 +2,9 @@
 //! a resource has for a parameter, and matching a search value against them. Used for
 //! canFilterBy extraction, filterBy matching and queryCriteria.
 
-pub mod path;
+pub(crate) mod path;
 pub mod registry;
-pub mod value;
+pub(crate) mod value;
 
 use std::sync::Arc;
 
@@ -14,14 +14,14 @@ use value::Values;
 
 /// One `param[:modifier]=value` of a search string.
 #[derive(Debug, Clone)]
-pub struct Criterion {
-    pub param: Arc<SearchParam>,
-    pub modifier: Option<String>,
-    pub value: String,
+pub(crate) struct Criterion {
+    pub(crate) param: Arc<SearchParam>,
+    pub(crate) modifier: Option<String>,
+    pub(crate) value: String,
 }
 
 /// Parses and checks a search string (`status=finished&class:not=AMB`) for `resource_type`.
-pub fn parse_query(
+pub(crate) fn parse_query(
     registry: &Registry,
     resource_type: &str,
     query: &str,
@@ -61,7 +61,7 @@ pub struct Searcher {
 }
 
 impl Searcher {
-    pub async fn values(&self, p: &Prepared, param: &SearchParam) -> Result<Values, String> {
+    pub(crate) async fn values(&self, p: &Prepared, param: &SearchParam) -> Result<Values, String> {
         let items = self.fp.eval(p, &param.expression).await?;
         Ok(value::extract(param.kind, &items))
     }

@@ -47,7 +47,7 @@ pub struct Plan(Vec<Branch>);
 
 impl Plan {
     /// The FHIR type of what a single-branch plan selects (`code`, `decimal`, `Quantity`, …).
-    pub fn single_type(&self) -> Option<&str> {
+    pub(crate) fn single_type(&self) -> Option<&str> {
         match self.0.as_slice() {
             [b] => b.ty.as_deref(),
             _ => None,
@@ -70,7 +70,7 @@ impl Plan {
     }
 
     /// The values the expression selects on `resource`, as the engine would return them.
-    pub fn eval(&self, resource: &Value) -> Vec<Value> {
+    pub(crate) fn eval(&self, resource: &Value) -> Vec<Value> {
         let ty = resource.get("resourceType").and_then(Value::as_str);
         let mut out = Vec::new();
         for b in &self.0 {
@@ -146,7 +146,7 @@ fn lookup(v: SchemaVersion, scope: &Scope, name: &str) -> Option<&'static FhirSc
 
 /// The plan of `expr` for `resource_type`, when every part of it is a plain path the model
 /// confirms; `None` sends the parameter to the FHIRPath engine.
-pub fn compile(expr: &str, resource_type: &str, version: FhirVersion) -> Option<Plan> {
+pub(crate) fn compile(expr: &str, resource_type: &str, version: FhirVersion) -> Option<Plan> {
     let v = version.schema();
     let branches = split_top(expr, '|')
         .into_iter()

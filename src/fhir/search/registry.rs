@@ -16,7 +16,7 @@ const R5: &[u8] = include_bytes!("../../../fhir/searchparams/r5.json.gz");
 /// A search parameter's type, which decides how its values are normalised and matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ParamType {
+pub(crate) enum ParamType {
     Number,
     Date,
     String,
@@ -44,11 +44,11 @@ struct Raw {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParam {
     pub code: String,
-    pub resource_type: String,
-    pub kind: ParamType,
+    pub(crate) resource_type: String,
+    pub(crate) kind: ParamType,
     /// FHIRPath for this resource type only, `resolve()` rewritten.
-    pub expression: String,
-    pub target: Vec<String>,
+    pub(crate) expression: String,
+    pub(crate) target: Vec<String>,
     /// The expression as a JSON walk, when it is a plain path (see [`super::path`]).
     pub plan: Option<super::path::Plan>,
 }
@@ -134,14 +134,14 @@ impl Registry {
     }
 
     /// The parameter a canonical URL names, for `resource_type`.
-    pub fn by_url(&self, url: &str, resource_type: &str) -> Option<Arc<SearchParam>> {
+    pub(crate) fn by_url(&self, url: &str, resource_type: &str) -> Option<Arc<SearchParam>> {
         let code = self.by_url.get(url.split('|').next().unwrap_or(url))?;
         self.get(resource_type, code)
     }
 
     /// The definition of a canFilterBy entry for `resource_type`: its explicit FHIRPath, its
     /// filterDefinition, or the search parameter of that name.
-    pub fn for_filter(
+    pub(crate) fn for_filter(
         &self,
         c: &crate::fhir::topic::CanFilterBy,
         resource_type: &str,
@@ -164,12 +164,9 @@ impl Registry {
         self.get(resource_type, &c.parameter)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.by_key.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
     }
 }
 
@@ -206,7 +203,7 @@ fn root_of(part: &str) -> &str {
 
 /// The union parts of `expr` that apply to `base`. Parts rooted at Resource or
 /// DomainResource apply to every type; `None` when nothing applies.
-pub fn expression_for(expr: &str, base: &str) -> Option<String> {
+pub(crate) fn expression_for(expr: &str, base: &str) -> Option<String> {
     let parts: Vec<&str> = split_union(expr)
         .into_iter()
         .filter(|p| {
@@ -219,7 +216,7 @@ pub fn expression_for(expr: &str, base: &str) -> Option<String> {
 
 /// `resolve() is Patient` reads the referenced resource; here it is answered from the
 /// reference's type prefix (relative or absolute), so evaluation never reads the store.
-pub fn rewrite_resolve(expr: &str) -> String {
+pub(crate) fn rewrite_resolve(expr: &str) -> String {
     let mut out = String::with_capacity(expr.len());
     let mut rest = expr;
     while let Some(i) = rest.find("resolve() is ") {

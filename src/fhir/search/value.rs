@@ -11,8 +11,8 @@ use super::registry::ParamType;
 /// A half-open time range `[lo, hi)` in milliseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Range {
-    pub lo: i64,
-    pub hi: i64,
+    pub(crate) lo: i64,
+    pub(crate) hi: i64,
 }
 
 /// A resource's values for one parameter, normalised for matching. This is what an event
@@ -34,7 +34,7 @@ pub enum Values {
 }
 
 impl Values {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         match self {
             Values::Token(v) => v.is_empty(),
             Values::Reference(v) | Values::Uri(v) => v.is_empty(),
@@ -47,7 +47,7 @@ impl Values {
 }
 
 /// Lower-case and strip accents (the string search normalisation).
-pub fn fold(s: &str) -> String {
+pub(crate) fn fold(s: &str) -> String {
     s.chars()
         .flat_map(char::to_lowercase)
         .map(|c| match c {
@@ -70,7 +70,7 @@ pub fn fold(s: &str) -> String {
 
 /// `http://x/fhir/Patient/1/_history/2` → `Patient/1`; `Patient/1` stays; other strings
 /// (canonicals, URNs) stay as written, without a `|version`.
-pub fn normalize_reference(r: &str) -> String {
+pub(crate) fn normalize_reference(r: &str) -> String {
     let r = r.split('|').next().unwrap_or(r);
     let r = match r.find("/_history/") {
         Some(i) => &r[..i],
@@ -90,7 +90,7 @@ pub fn normalize_reference(r: &str) -> String {
 }
 
 /// A FHIR date/dateTime/instant as the range its precision covers.
-pub fn date_range(s: &str) -> Option<Range> {
+pub(crate) fn date_range(s: &str) -> Option<Range> {
     let s = s.trim();
     let ms = |d: DateTime<Utc>| d.timestamp_millis();
     let day = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
@@ -146,7 +146,7 @@ pub fn date_range(s: &str) -> Option<Range> {
 }
 
 /// Normalises FHIRPath results (as JSON) for a parameter of type `kind`.
-pub fn extract(kind: ParamType, items: &[Value]) -> Values {
+pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
     match kind {
         ParamType::Token => {
             let mut out = Vec::new();
@@ -315,7 +315,7 @@ fn string_values(v: &Value, out: &mut Vec<String>) {
 
 /// Search prefixes for ordered types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prefix {
+pub(crate) enum Prefix {
     Eq,
     Ne,
     Gt,
@@ -328,7 +328,7 @@ pub enum Prefix {
 }
 
 /// Splits `ge2024-01-01` into (Ge, "2024-01-01"); no prefix means Eq.
-pub fn split_prefix(v: &str) -> (Prefix, &str) {
+pub(crate) fn split_prefix(v: &str) -> (Prefix, &str) {
     let table = [
         ("eq", Prefix::Eq),
         ("ne", Prefix::Ne),
@@ -393,7 +393,7 @@ fn number_matches(p: Prefix, x: f64, s: &str) -> bool {
 
 /// Why a search value cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SearchError {
+pub(crate) enum SearchError {
     #[error("modifier :{0} is not supported for this parameter type")]
     Modifier(String),
     #[error("value {0:?} is not valid for this parameter type")]
@@ -401,7 +401,11 @@ pub enum SearchError {
 }
 
 /// Checks a search value and modifier before any resource is seen (subscription time).
-pub fn validate(kind: ParamType, modifier: Option<&str>, value: &str) -> Result<(), SearchError> {
+pub(crate) fn validate(
+    kind: ParamType,
+    modifier: Option<&str>,
+    value: &str,
+) -> Result<(), SearchError> {
     match (kind, modifier) {
         (_, None) | (_, Some("missing")) => {}
         (ParamType::Token, Some("not" | "text")) => {}
@@ -428,7 +432,7 @@ pub fn validate(kind: ParamType, modifier: Option<&str>, value: &str) -> Result<
 }
 
 /// Does `values` match the search `value` (comma = OR) under `modifier`?
-pub fn matches(values: &Values, modifier: Option<&str>, value: &str) -> bool {
+pub(crate) fn matches(values: &Values, modifier: Option<&str>, value: &str) -> bool {
     if modifier == Some("missing") {
         return (value == "true") == values.is_empty();
     }

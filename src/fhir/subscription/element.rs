@@ -135,7 +135,7 @@ fn printable(k: &str) -> String {
 
 /// A JSON object being read: keys not claimed by the time [`Obj::finish`] runs are refused.
 pub(super) struct Obj<'a> {
-    pub path: String,
+    pub(crate) path: String,
     map: &'a Map<String, Value>,
     claimed: HashSet<&'a str>,
 }
@@ -365,10 +365,10 @@ pub(super) fn integer(path: &str, v: &Value, min: i64) -> Result<i32, Invalid> {
 
 /// One extension: its url and its `value[x]`, if any.
 pub(super) struct Extension<'a> {
-    pub path: String,
-    pub url: &'a str,
+    pub(crate) path: String,
+    pub(crate) url: &'a str,
     /// `("valueString", value)`.
-    pub value: Option<(&'a str, &'a Value)>,
+    pub(crate) value: Option<(&'a str, &'a Value)>,
 }
 
 impl<'a> Extension<'a> {

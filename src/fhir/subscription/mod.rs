@@ -6,7 +6,7 @@ use serde_json::Value;
 mod element;
 mod filter;
 mod read;
-pub mod secrets;
+pub(crate) mod secrets;
 
 use super::topic::Topic;
 use super::vocab::Format;
@@ -28,7 +28,7 @@ pub enum ChannelType {
 }
 
 impl ChannelType {
-    pub const ALL: &'static [ChannelType] = &[
+    pub(crate) const ALL: &'static [ChannelType] = &[
         ChannelType::RestHook,
         ChannelType::Websocket,
         ChannelType::Email,
@@ -39,11 +39,11 @@ impl ChannelType {
 
     /// Brokers are destinations the operator configures; a client cannot subscribe with
     /// them through the API (they would publish into the operator's streams).
-    pub fn is_broker(self) -> bool {
+    pub(crate) fn is_broker(self) -> bool {
         matches!(self, ChannelType::Nats | ChannelType::Amqp)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ChannelType::RestHook => "rest-hook",
             ChannelType::Websocket => "websocket",
@@ -54,7 +54,7 @@ impl ChannelType {
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|c| c.as_str() == s)
     }
 }
@@ -62,20 +62,20 @@ impl ChannelType {
 /// A validated subscription, as delivery needs it.
 #[derive(Debug, Clone)]
 pub struct SubscriptionSpec {
-    pub status: Status,
-    pub topic_url: String,
-    pub channel: ChannelType,
-    pub endpoint: String,
-    pub content: Content,
-    pub content_type: String,
-    pub headers: Vec<(String, String)>,
-    pub heartbeat_period: Option<i32>,
-    pub timeout: Option<i32>,
+    pub(crate) status: Status,
+    pub(crate) topic_url: String,
+    pub(crate) channel: ChannelType,
+    pub(crate) endpoint: String,
+    pub(crate) content: Content,
+    pub(crate) content_type: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) heartbeat_period: Option<i32>,
+    pub(crate) timeout: Option<i32>,
     pub max_count: Option<i32>,
-    pub end: Option<chrono::DateTime<chrono::Utc>>,
-    pub filters: Vec<Filter>,
+    pub(crate) end: Option<chrono::DateTime<chrono::Utc>>,
+    pub(crate) filters: Vec<Filter>,
     /// Notifications carry an HMAC-SHA256 of their body with this secret.
-    pub signing_secret: Option<String>,
+    pub(crate) signing_secret: Option<String>,
 }
 
 /// What validation needs from the daemon's configuration.
@@ -96,9 +96,9 @@ pub struct Rules<'a> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EmailRules {
     /// `[channels.email]` is present.
-    pub configured: bool,
+    pub(crate) configured: bool,
     /// TLS to the SMTP server, or full-resource without it allowed.
-    pub full_resource_ok: bool,
+    pub(crate) full_resource_ok: bool,
 }
 
 /// Why a Subscription is refused; `code` is the OperationOutcome issue code. From [`read`]
@@ -106,7 +106,7 @@ pub struct EmailRules {
 /// take it (422).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invalid {
-    pub code: &'static str,
+    pub(crate) code: &'static str,
     pub message: String,
     /// FHIRPath of the offending element (`Subscription.filterBy[0]`).
     pub expression: String,
@@ -126,7 +126,7 @@ pub fn parse(v: &Value, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> 
 }
 
 /// The policy: a known topic, a supported channel, an acceptable endpoint, allowed filters.
-pub fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
+pub(crate) fn check(r: Read, rules: &Rules<'_>) -> Result<SubscriptionSpec, Invalid> {
     let status =
         match r.status {
             // A client cannot declare a subscription active: the handshake decides.
@@ -238,7 +238,7 @@ fn channel_endpoint(
 }
 
 /// The addresses of a `mailto:` endpoint (comma-separated), without query parameters.
-pub fn mailto_addresses(endpoint: &str) -> Option<Vec<String>> {
+pub(crate) fn mailto_addresses(endpoint: &str) -> Option<Vec<String>> {
     let rest = endpoint.strip_prefix("mailto:")?;
     let rest = rest.split('?').next().unwrap_or_default();
     let addrs: Vec<String> = rest

@@ -42,11 +42,11 @@ const MODIFIERS: &[&str] = &[
 /// Where the elements the policy checks live in the form read, for its refusals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Paths {
-    pub topic: &'static str,
-    pub channel: &'static str,
-    pub endpoint: &'static str,
-    pub content_type: &'static str,
-    pub status: &'static str,
+    pub(crate) topic: &'static str,
+    pub(crate) channel: &'static str,
+    pub(crate) endpoint: &'static str,
+    pub(crate) content_type: &'static str,
+    pub(crate) status: &'static str,
 }
 
 const R5_PATHS: Paths = Paths {
@@ -74,15 +74,15 @@ pub struct Read {
     pub endpoint: Option<String>,
     pub content: Content,
     pub content_type: String,
-    pub headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
     pub heartbeat_period: Option<i32>,
     pub timeout: Option<i32>,
     pub max_count: Option<i32>,
     pub end: Option<chrono::DateTime<chrono::Utc>>,
     pub filters: Vec<Filter>,
     /// The secret notifications are signed with (the signing-secret extension).
-    pub signing_secret: Option<String>,
-    pub paths: Paths,
+    pub(crate) signing_secret: Option<String>,
+    pub(crate) paths: Paths,
 }
 
 /// The extension that carries a subscription's signing secret: Medplum's, so receivers

@@ -9,11 +9,11 @@ use serde_json::Value;
 use super::read::SECRET_EXTENSION;
 
 /// What a read shows instead of a header value.
-pub const REDACTED: &str = "***";
+pub(crate) const REDACTED: &str = "***";
 
 /// Replaces every header value and the signing secret of a Subscription resource with
 /// [`REDACTED`].
-pub fn redact_headers(resource: &mut Value) {
+pub(crate) fn redact_headers(resource: &mut Value) {
     if let Some(e) = secret_extension(resource) {
         e["valueString"] = Value::String(REDACTED.into());
     }
@@ -34,7 +34,7 @@ pub fn redact_headers(resource: &mut Value) {
 /// Where `incoming` sends [`REDACTED`] as a header's value, puts back the value `stored`
 /// holds for a header of the same name (names compare without case, as HTTP's do). A
 /// redacted header with no stored value of that name is left as sent.
-pub fn restore_headers(incoming: &mut Value, stored: &Value) {
+pub(crate) fn restore_headers(incoming: &mut Value, stored: &Value) {
     let kept = secret_extension(&mut stored.clone()).and_then(|e| e.get("valueString").cloned());
     if let (Some(e), Some(kept)) = (secret_extension(incoming), kept) {
         if e.get("valueString").and_then(Value::as_str) == Some(REDACTED) {
@@ -88,7 +88,7 @@ pub fn restore_headers(incoming: &mut Value, stored: &Value) {
 /// Applies `f` to every secret a Subscription resource holds: header values (R5
 /// `parameter[].value`, the value part of R4/R4B `channel.header[]`) and the signing
 /// secret. Sealing at rest uses it.
-pub fn map_secrets(resource: &mut Value, mut f: impl FnMut(&str) -> String) {
+pub(crate) fn map_secrets(resource: &mut Value, mut f: impl FnMut(&str) -> String) {
     if let Some(e) = secret_extension(resource) {
         if let Some(v) = e.get("valueString").and_then(Value::as_str) {
             e["valueString"] = Value::String(f(v));

@@ -22,23 +22,23 @@ type Elements = HashMap<String, FhirSchemaElement>;
 
 /// An Attribute: a first-class extension stored under `key` of `resource_type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attribute {
-    pub resource_type: String,
+pub(crate) struct Attribute {
+    pub(crate) resource_type: String,
     /// The key in the resource (`race`); only top-level attributes are mapped.
-    pub key: String,
-    pub url: String,
+    pub(crate) key: String,
+    pub(crate) url: String,
     /// The value type (`string`, `Coding`, …); `None` for a complex attribute whose members
     /// are nested attributes (`{"text": …}` → nested extensions named by member).
-    pub value_type: Option<String>,
+    pub(crate) value_type: Option<String>,
 }
 
 /// The store's Attribute definitions, by resource type, then key (looked up by `&str`: this
 /// runs for every key of every captured resource).
 #[derive(Debug, Clone, Default)]
-pub struct Attributes(HashMap<String, HashMap<String, Attribute>>);
+pub(crate) struct Attributes(HashMap<String, HashMap<String, Attribute>>);
 
 impl Attributes {
-    pub fn new(list: Vec<Attribute>) -> Self {
+    pub(crate) fn new(list: Vec<Attribute>) -> Self {
         let mut by_type: HashMap<String, HashMap<String, Attribute>> = HashMap::new();
         for a in list {
             by_type
@@ -67,7 +67,11 @@ struct Converter<'a> {
 }
 
 /// Converts `resource` in place. A resource without a known `resourceType` is left alone.
-pub fn to_fhir(resource: &mut Map<String, Value>, version: FhirVersion, attributes: &Attributes) {
+pub(crate) fn to_fhir(
+    resource: &mut Map<String, Value>,
+    version: FhirVersion,
+    attributes: &Attributes,
+) {
     let c = Converter {
         version: version.schema(),
         attributes,

@@ -4,7 +4,7 @@
 //! the change. `id`, `resourceType`, `meta.versionId` (txid) and `meta.lastUpdated` (ts) come
 //! from the columns.
 
-pub mod format;
+pub(crate) mod format;
 
 use async_trait::async_trait;
 use pg_walstream::TupleData;
