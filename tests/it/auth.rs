@@ -313,13 +313,7 @@ async fn jwts_and_static_tokens_with_scopes_decide_and_events_never_exceed_the_s
         !rx.bodies("full").is_empty() && !rx.bodies("ids").is_empty()
     })
     .await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'e1', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", "e1", &json!({"status": "planned"})).await;
     wait_until("both events", Duration::from_secs(30), || async {
         rx.events("full").len() == 1 && rx.events("ids").len() == 1
     })

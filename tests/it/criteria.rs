@@ -185,14 +185,8 @@ async fn criteria_and_filters_end_to_end() {
         obs("p1", "2339-0", 100.0, "2024-07-02T08:00:00Z"),
     )
     .await;
-    store
-        .execute("SELECT aidbox_delete('Encounter', 'e1')", &[])
-        .await
-        .unwrap();
-    store
-        .execute("SELECT aidbox_delete('Encounter', 'e3')", &[])
-        .await
-        .unwrap();
+    aidbox_delete(store, "Encounter", "e1").await;
+    aidbox_delete(store, "Encounter", "e3").await;
     // A last change every subscription of the multi topic sees marks the end of the stream.
     put("Encounter", "last", json!({"status": "planned"})).await;
     wait_until("end marker", Duration::from_secs(60), || async {

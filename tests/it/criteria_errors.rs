@@ -84,10 +84,7 @@ async fn the_official_example_topic_notifies_once_per_completion_and_logs_the_er
         let mut body = enc(status, patient);
         body.as_object_mut().unwrap().remove("id");
         body.as_object_mut().unwrap().remove("resourceType");
-        store
-            .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-            .await
-            .unwrap();
+        aidbox_put(store, "Encounter", id, &body).await;
     };
     put("e1", "planned", "Patient/p1").await; // a create: not a supported interaction
     put("e1", "in-progress", "Patient/p1").await; // not completed: the query fails

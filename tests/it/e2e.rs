@@ -97,14 +97,8 @@ async fn create_update_delete_notify_in_commit_order() {
         )
         .await
         .unwrap();
-    store
-        .execute("SELECT aidbox_delete('Encounter', 'e1')", &[])
-        .await
-        .unwrap();
-    store
-        .execute("SELECT aidbox_delete('Observation', 'o1')", &[])
-        .await
-        .unwrap();
+    aidbox_delete(store, "Encounter", "e1").await;
+    aidbox_delete(store, "Observation", "o1").await;
     put("Encounter", "e3", json!({"status": "planned"})).await;
 
     wait_until(
@@ -250,10 +244,7 @@ async fn a_change_for_two_topics_is_one_queue_row_and_each_topic_filters_it() {
     }
     for (id, patient) in [("x1", "Patient/1"), ("x2", "Patient/2")] {
         let body = json!({"resourceType": "Encounter", "status": "planned", "subject": {"reference": patient}});
-        store
-            .execute("SELECT aidbox_put('Encounter', $1, $2)", &[&id, &body])
-            .await
-            .unwrap();
+        aidbox_put(store, "Encounter", id, &body).await;
     }
     wait_until("the notifications", Duration::from_secs(30), || async {
         rx.events("a1").len() == 1 && rx.events("b1").len() == 1 && rx.events("b2").len() == 1

@@ -141,13 +141,7 @@ async fn postgres_crash_is_ridden_out() {
         !rx.bodies("r").is_empty()
     })
     .await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'before', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&store, "Encounter", "before", &json!({"status": "planned"})).await;
     wait_until("first event", Duration::from_secs(30), || async {
         rx.events("r").len() == 1
     })
@@ -156,13 +150,7 @@ async fn postgres_crash_is_ridden_out() {
 
     env.pg.restart(Duration::from_secs(2));
     let store = env.client().await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'after', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&store, "Encounter", "after", &json!({"status": "planned"})).await;
     wait_until("event after the crash", Duration::from_secs(90), || async {
         rx.events("r").len() >= 2
     })
@@ -203,13 +191,7 @@ async fn retention_removes_only_delivered_events() {
         !rx.bodies("ok").is_empty()
     })
     .await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'r1', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", "r1", &json!({"status": "planned"})).await;
     wait_until("delivered", Duration::from_secs(30), || async {
         rx.events("ok").len() == 1
     })
@@ -227,13 +209,7 @@ async fn retention_removes_only_delivered_events() {
     })
     .await;
     rx.answer("down", 503);
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'r2', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", "r2", &json!({"status": "planned"})).await;
     wait_until("ok got r2", Duration::from_secs(30), || async {
         rx.events("ok").len() == 2
     })

@@ -49,28 +49,13 @@ async fn run(version: &str, validator: &str) {
     })
     .await;
 
-    store
-        .execute(
-            "SELECT aidbox_put('Patient', 'p1', $1)",
-            &[&json!({"active": true})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Patient", "p1", &json!({"active": true})).await;
     let obs = json!({"status": "final", "code": {"text": "x"}, "encounter": {"reference": "Encounter/e1"}});
-    store
-        .execute("SELECT aidbox_put('Observation', 'o1', $1)", &[&obs])
-        .await
-        .unwrap();
+    aidbox_put(store, "Observation", "o1", &obs).await;
     let other = json!({"status": "final", "code": {"text": "y"}, "encounter": {"reference": "Encounter/e9"}});
-    store
-        .execute("SELECT aidbox_put('Observation', 'o2', $1)", &[&other])
-        .await
-        .unwrap();
+    aidbox_put(store, "Observation", "o2", &other).await;
     let enc = json!({"status": "planned", "class": class, "subject": {"reference": "Patient/p1"}});
-    store
-        .execute("SELECT aidbox_put('Encounter', 'e1', $1)", &[&enc])
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", "e1", &enc).await;
     wait_until("event", Duration::from_secs(30), || async {
         rx.bodies("full").len() >= 2
     })

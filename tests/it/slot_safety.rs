@@ -121,13 +121,7 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         json!({}),
     )
     .await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'before', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&store, "Encounter", "before", &json!({"status": "planned"})).await;
     wait_until("the first event", Duration::from_secs(30), || async {
         rx.events("r").len() == 1
     })
@@ -139,13 +133,7 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         .batch_execute("CREATE TABLE junk (x text)")
         .await
         .unwrap();
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'lost', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&store, "Encounter", "lost", &json!({"status": "planned"})).await;
     wait_until("the slot invalidated", Duration::from_secs(120), || async {
         for sql in [
             "INSERT INTO junk SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
@@ -197,13 +185,7 @@ async fn an_invalidated_slot_stops_capture_clearly_and_resync_from_now_recovers(
         "{}",
         env.log_text()
     );
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'after', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&store, "Encounter", "after", &json!({"status": "planned"})).await;
     wait_until(
         "the event after the resync",
         Duration::from_secs(30),
@@ -314,13 +296,13 @@ async fn lag_in_seconds_warns_degrades_readiness_above_the_limit_and_recovers() 
     lock.batch_execute("LOCK TABLE fhir_cdc.checkpoint IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    env.store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'lagging', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(
+        &env.store,
+        "Encounter",
+        "lagging",
+        &json!({"status": "planned"}),
+    )
+    .await;
     wait_until(
         "readiness degraded by lag",
         Duration::from_secs(30),

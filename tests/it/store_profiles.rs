@@ -418,13 +418,7 @@ async fn payloads_read_later_carry_the_version_of_the_event() {
     )
     .await;
     for status in ["planned", "in-progress"] {
-        store
-            .execute(
-                "SELECT aidbox_put('Encounter', 'e-late', $1)",
-                &[&json!({ "status": status })],
-            )
-            .await
-            .unwrap();
+        aidbox_put(store, "Encounter", "e-late", &json!({ "status": status })).await;
     }
     wait_settled(&env).await;
     wait_until("two events queued", Duration::from_secs(30), || async {
@@ -450,13 +444,13 @@ async fn payloads_read_later_carry_the_version_of_the_event() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'e-late', $1)",
-            &[&json!({"status": "completed"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(
+        store,
+        "Encounter",
+        "e-late",
+        &json!({"status": "completed"}),
+    )
+    .await;
     wait_until("the third event", Duration::from_secs(30), || async {
         queued(store, "http://fhir-cdc.test/topic/all").await.len() == 3
     })

@@ -58,13 +58,7 @@ async fn encounter_notifies(store: &tokio_postgres::Client, rx: &Receiver, api: 
         json!({}),
     )
     .await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', $1, $2)",
-            &[&id, &json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", id, &json!({"status": "planned"})).await;
     wait_until(
         "the encounter notification",
         Duration::from_secs(30),

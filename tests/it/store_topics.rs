@@ -94,10 +94,7 @@ async fn store_topics_take_effect_in_stream_order() {
     wait_settled(&env).await;
     d.kill9();
     d = env.start().await;
-    store
-        .execute("SELECT aidbox_put('Encounter', 'e2', $1)", &[&enc])
-        .await
-        .unwrap();
+    aidbox_put(store, "Encounter", "e2", &enc).await;
     wait_until("e2 to both", Duration::from_secs(30), || async {
         rx.events("store").len() == 2 && rx.events("api").len() == 1
     })
@@ -110,24 +107,12 @@ async fn store_topics_take_effect_in_stream_order() {
     // A topic whose criteria do not compile is refused, with the reason in the log.
     let bad = topic(json!({"url": "http://fhir-cdc.test/topic/criteria",
         "resourceTrigger": [{"resource": "Encounter", "queryCriteria": {"current": "nonsense=finished"}}]}));
-    store
-        .execute("SELECT aidbox_put('SubscriptionTopic', 'bad', $1)", &[&bad])
-        .await
-        .unwrap();
+    aidbox_put(store, "SubscriptionTopic", "bad", &bad).await;
     // Deleting the topic stops its events at that point.
-    store
-        .execute("SELECT aidbox_delete('SubscriptionTopic', 'st')", &[])
-        .await
-        .unwrap();
-    store
-        .execute("SELECT aidbox_put('Encounter', 'e3', $1)", &[&enc])
-        .await
-        .unwrap();
+    aidbox_delete(store, "SubscriptionTopic", "st").await;
+    aidbox_put(store, "Encounter", "e3", &enc).await;
     let marker = json!({"status": "finished"});
-    store
-        .execute("SELECT aidbox_put('Patient', 'marker', $1)", &[&marker])
-        .await
-        .unwrap();
+    aidbox_put(store, "Patient", "marker", &marker).await;
     wait_until("capture past e3", Duration::from_secs(30), || async {
         d.log_text().contains("store topic removed")
     })

@@ -847,13 +847,13 @@ async fn thousands_of_generated_requests_never_get_a_5xx_nor_stop_delivery() {
     // Still up, and still delivering to a well-formed subscription.
     wait_api(api).await;
     subscribe_active(api, TOPIC_URL, &rx.url("after"), "id-only", json!({})).await;
-    store
-        .execute(
-            "SELECT aidbox_put('Encounter', 'after-fuzz', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(
+        store,
+        "Encounter",
+        "after-fuzz",
+        &json!({"status": "planned"}),
+    )
+    .await;
     wait_until(
         "the notification after the generated requests",
         Duration::from_secs(30),

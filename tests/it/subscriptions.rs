@@ -214,10 +214,7 @@ async fn api_crud_refusals_and_store_subscriptions() {
     );
     assert_eq!(status_of(&rx.bodies("store")[0])["type"], "handshake");
     // Deleting it in the store removes it.
-    store
-        .execute("SELECT aidbox_delete('Subscription', 'store-sub-1')", &[])
-        .await
-        .unwrap();
+    aidbox_delete(store, "Subscription", "store-sub-1").await;
     wait_until(
         "store subscription gone",
         Duration::from_secs(30),

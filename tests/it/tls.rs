@@ -178,13 +178,7 @@ async fn every_connection_runs_over_verified_tls_and_a_wrong_ca_stops_with_a_cle
     .await;
     // The test's own writes also go through the daemon's TLS code.
     let writer = fhir_cdc::db::connect(&url).await.expect("TLS connect");
-    writer
-        .execute(
-            "SELECT aidbox_put('Encounter', 'e-tls', $1)",
-            &[&json!({"status": "planned"})],
-        )
-        .await
-        .unwrap();
+    aidbox_put(&writer, "Encounter", "e-tls", &json!({"status": "planned"})).await;
     wait_until("the notification", Duration::from_secs(30), || async {
         env.rx.events("tls").len() == 1
     })

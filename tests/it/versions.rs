@@ -105,13 +105,7 @@ async fn run_version(version: &str, validator: &str) {
     assert_eq!(created["criteria"], "http://fhir-cdc.test/topic/encounter");
     // Through the store's own tables, in the same backport form.
     let stored = backport_sub(&rx.url("store"), "id-only", None, None);
-    store
-        .execute(
-            "SELECT aidbox_put('Subscription', 'store-sub', $1)",
-            &[&stored],
-        )
-        .await
-        .unwrap();
+    aidbox_put(store, "Subscription", "store-sub", &stored).await;
     wait_until("both handshakes", Duration::from_secs(30), || async {
         !rx.bodies("api").is_empty() && !rx.bodies("store").is_empty()
     })

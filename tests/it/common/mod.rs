@@ -828,6 +828,15 @@ pub async fn aidbox_put(store: &Client, rtype: &str, id: &str, body: &Value) {
         .unwrap();
 }
 
+/// Deletes resource `rtype/id` from the Aidbox-style store, as the store's own
+/// `aidbox_delete` does.
+pub async fn aidbox_delete(store: &Client, rtype: &str, id: &str) {
+    store
+        .execute("SELECT aidbox_delete($1, $2)", &[&rtype, &id])
+        .await
+        .unwrap();
+}
+
 /// Writes an in-progress Encounter `id` into the Aidbox-style store.
 pub async fn put_encounter(store: &Client, id: &str) {
     let body = serde_json::json!({"resourceType": "Encounter", "status": "in-progress", "class": [{"coding": [{"code": "AMB"}]}]});
