@@ -289,7 +289,11 @@ fn exported_metrics() -> Vec<String> {
         std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/metrics.rs"))
             .unwrap();
     src.lines()
-        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("pub const ")
+                .or_else(|| l.strip_prefix("pub(crate) const "))
+        })
         .filter_map(|l| l.split('"').nth(1))
         .filter(|n| n.starts_with("fhir_cdc_"))
         .map(str::to_string)
