@@ -11,10 +11,11 @@
 //! FHIR JSON passes through unchanged: `valueQuantity` is an element of its own, and a
 //! reference with `reference` is left as it is. Elements the model does not know are kept.
 
-use octofhir_fhirschema::embedded::{get_schema, FhirVersion as SchemaVersion};
-use octofhir_fhirschema::types::{FhirSchema, FhirSchemaElement};
+use octofhir_fhirschema::embedded::{get_schema, get_schemas, FhirVersion as SchemaVersion};
+use octofhir_fhirschema::types::FhirSchemaElement;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use crate::fhir::FhirVersion;
 
@@ -54,15 +55,77 @@ impl Attributes {
     }
 }
 
-/// Where a JSON object sits in the model: a type's schema, or a backbone element's members.
+/// A type's elements with its base types' folded in (the derived type's first), so that one
+/// lookup answers what walking `base` schemas by name did: this runs for every key of every
+/// object of every captured resource, and the walk was most of the conversion's cost.
+struct TypeIndex {
+    elements: foldhash::HashMap<&'static str, &'static FhirSchemaElement>,
+}
+
+/// Every type of one FHIR version, indexed once per process.
+struct ModelIndex {
+    types: foldhash::HashMap<&'static str, TypeIndex>,
+}
+
+impl ModelIndex {
+    fn of(version: SchemaVersion) -> &'static ModelIndex {
+        static R4: OnceLock<ModelIndex> = OnceLock::new();
+        static R4B: OnceLock<ModelIndex> = OnceLock::new();
+        static R5: OnceLock<ModelIndex> = OnceLock::new();
+        static R6: OnceLock<ModelIndex> = OnceLock::new();
+        let cell = match version {
+            SchemaVersion::R4 => &R4,
+            SchemaVersion::R4B => &R4B,
+            SchemaVersion::R5 => &R5,
+            SchemaVersion::R6 => &R6,
+        };
+        cell.get_or_init(|| ModelIndex::build(version))
+    }
+
+    fn build(version: SchemaVersion) -> ModelIndex {
+        let types = get_schemas(version)
+            .keys()
+            .map(|name| (name.as_str(), TypeIndex::build(version, name)))
+            .collect();
+        ModelIndex { types }
+    }
+
+    fn get(&self, type_name: &str) -> Option<&TypeIndex> {
+        self.types.get(type_name)
+    }
+}
+
+impl TypeIndex {
+    /// `name`'s elements, then each base type's that the derived ones do not override.
+    fn build(version: SchemaVersion, name: &str) -> TypeIndex {
+        let mut elements = foldhash::HashMap::default();
+        let mut next = get_schema(version, name);
+        // The chain is short (Observation → DomainResource → Resource); the bound guards a
+        // cycle in the embedded model.
+        for _ in 0..16 {
+            let Some(schema) = next else { break };
+            for (k, e) in schema.elements.iter().flatten() {
+                elements.entry(k.as_str()).or_insert(e);
+            }
+            next = schema
+                .base
+                .as_deref()
+                .and_then(|b| b.rsplit('/').next())
+                .and_then(|b| get_schema(version, b));
+        }
+        TypeIndex { elements }
+    }
+}
+
+/// Where a JSON object sits in the model: a type, or a backbone element's members.
 #[derive(Clone, Copy)]
 enum Scope<'a> {
-    Type(&'a FhirSchema),
+    Type(&'a TypeIndex),
     Backbone(&'a Elements),
 }
 
 struct Converter<'a> {
-    version: SchemaVersion,
+    model: &'static ModelIndex,
     attributes: &'a Attributes,
 }
 
@@ -73,13 +136,13 @@ pub(crate) fn to_fhir(
     attributes: &Attributes,
 ) {
     let c = Converter {
-        version: version.schema(),
+        model: ModelIndex::of(version.schema()),
         attributes,
     };
     let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else {
         return;
     };
-    let Some(schema) = get_schema(c.version, ty) else {
+    let Some(schema) = c.model.get(ty) else {
         return;
     };
     if let Some(attrs) = c.attributes.of_type(ty) {
@@ -91,21 +154,12 @@ pub(crate) fn to_fhir(
 impl<'a> Converter<'a> {
     /// The element `name` of `scope`, looking through base types (`meta` is Resource's).
     fn element(&self, scope: Scope<'a>, name: &str) -> Option<&'a FhirSchemaElement> {
-        let mut schema = match scope {
-            Scope::Backbone(elements) => {
-                if let Some(e) = elements.get(name) {
-                    return Some(e);
-                }
-                get_schema(self.version, "BackboneElement")?
-            }
-            Scope::Type(s) => s,
-        };
-        loop {
-            if let Some(e) = schema.elements.as_ref().and_then(|m| m.get(name)) {
-                return Some(e);
-            }
-            let base = schema.base.as_deref()?.rsplit('/').next()?;
-            schema = get_schema(self.version, base)?;
+        match scope {
+            Scope::Backbone(elements) => elements.get(name).or_else(|| {
+                let backbone = self.model.get("BackboneElement")?;
+                backbone.elements.get(name).copied()
+            }),
+            Scope::Type(t) => t.elements.get(name).copied(),
         }
     }
 
@@ -172,9 +226,9 @@ impl<'a> Converter<'a> {
             // A contained resource: its own type decides.
             obj.get("resourceType")
                 .and_then(Value::as_str)
-                .and_then(|t| get_schema(self.version, t))
+                .and_then(|t| self.model.get(t))
         } else {
-            get_schema(self.version, ty)
+            self.model.get(ty)
         };
         if let Some(schema) = schema {
             self.object(obj, Scope::Type(schema));
