@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Checks that docker/Dockerfile builds from this repository without a Docker engine:
 # assembles exactly the files its build stage COPYs (honouring .dockerignore) into a temp
-# dir and runs `cargo check --locked` there, sharing this checkout's target dir so it costs
-# little: the dependencies are the ones `cargo clippy` checked just before (a release-profile
-# check re-checked every dependency, 3.5 minutes of a cold CI run). Which files the build
-# needs does not depend on the profile. Also checks that what the runtime stage copies exists and that the config
-# file its CMD names is in it and loads. Run by .ci/run.
+# dir and runs `cargo build --locked --bin fhir-cdc` there, sharing this checkout's target dir
+# so it costs little: the dependencies are the ones .ci/run's test build compiled just before
+# (a release-profile build compiled every dependency again, 3.5 minutes of a cold CI run).
+# Which files the build needs does not depend on the profile. Also checks that what the
+# runtime stage copies exists and that the config file its CMD names is in it and loads.
+# Run by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -98,6 +99,6 @@ print(f"check-docker-context: {copied} COPY sources assembled in {ctx}")
 PY
 
 # The build stage's build, on exactly those files.
-(cd "$ctx" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}" cargo check --locked --quiet --bin fhir-cdc)
+(cd "$ctx" && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}" cargo build --locked --quiet --bin fhir-cdc)
 # (The config files under config/ are loaded by tests/it/examples.rs.)
 echo "check-docker-context: ok"

@@ -32,4 +32,6 @@ fi
 # NATS (JetStream) and RabbitMQ for tests/it/brokers.rs: the local ones, or started here.
 source scripts/brokers.sh
 
-cargo test --all-targets --features failpoints "$@"
+# All features: `failpoints` (src/failpoints.rs) and `test-utils` (the doubles); the same
+# build .ci/run lints, so CI compiles it once.
+cargo test --all-targets --all-features "$@"
