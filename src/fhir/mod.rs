@@ -3,6 +3,7 @@
 pub(crate) mod criterion;
 pub mod fhirpath;
 pub mod fields;
+pub(crate) mod model;
 pub mod notification;
 pub(crate) mod resource_types;
 pub mod search;

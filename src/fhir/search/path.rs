@@ -11,11 +11,11 @@
 //! `exists()`, extensions by URL, …) has no plan and goes to the engine. Unit tests compare
 //! both on the same resources.
 
-use octofhir_fhirschema::embedded::{get_schema, FhirVersion as SchemaVersion};
+use octofhir_fhirschema::embedded::FhirVersion as SchemaVersion;
 use octofhir_fhirschema::types::FhirSchemaElement;
 use serde_json::Value;
-use std::collections::HashMap;
 
+use crate::fhir::model::{Members, ModelIndex};
 use crate::fhir::FhirVersion;
 
 /// One compiled alternative of a union.
@@ -124,23 +124,14 @@ fn step<'a>(items: Vec<&'a Value>, s: &Step) -> Vec<&'a Value> {
 /// Where a step's name is looked up: a type (with its bases) or a backbone's members.
 enum Scope {
     Type(String),
-    Backbone(&'static HashMap<String, FhirSchemaElement>),
+    Backbone(&'static Members),
 }
 
 fn lookup(v: SchemaVersion, scope: &Scope, name: &str) -> Option<&'static FhirSchemaElement> {
-    let mut ty = match scope {
-        Scope::Backbone(m) => match m.get(name) {
-            Some(e) => return Some(e),
-            None => "BackboneElement".to_string(),
-        },
-        Scope::Type(t) => t.clone(),
-    };
-    loop {
-        let s = get_schema(v, &ty)?;
-        if let Some(e) = s.elements.as_ref().and_then(|m| m.get(name)) {
-            return Some(e);
-        }
-        ty = s.base.as_deref()?.rsplit('/').next()?.to_string();
+    let model = ModelIndex::of(v);
+    match scope {
+        Scope::Backbone(members) => model.backbone_member(members, name),
+        Scope::Type(t) => model.get(t)?.element(name),
     }
 }
 

@@ -11,15 +11,12 @@
 //! FHIR JSON passes through unchanged: `valueQuantity` is an element of its own, and a
 //! reference with `reference` is left as it is. Elements the model does not know are kept.
 
-use octofhir_fhirschema::embedded::{get_schema, get_schemas, FhirVersion as SchemaVersion};
 use octofhir_fhirschema::types::FhirSchemaElement;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
+use crate::fhir::model::{Members, ModelIndex, TypeIndex};
 use crate::fhir::FhirVersion;
-
-type Elements = HashMap<String, FhirSchemaElement>;
 
 /// An Attribute: a first-class extension stored under `key` of `resource_type`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,73 +52,11 @@ impl Attributes {
     }
 }
 
-/// A type's elements with its base types' folded in (the derived type's first), so that one
-/// lookup answers what walking `base` schemas by name did: this runs for every key of every
-/// object of every captured resource, and the walk was most of the conversion's cost.
-struct TypeIndex {
-    elements: foldhash::HashMap<&'static str, &'static FhirSchemaElement>,
-}
-
-/// Every type of one FHIR version, indexed once per process.
-struct ModelIndex {
-    types: foldhash::HashMap<&'static str, TypeIndex>,
-}
-
-impl ModelIndex {
-    fn of(version: SchemaVersion) -> &'static ModelIndex {
-        static R4: OnceLock<ModelIndex> = OnceLock::new();
-        static R4B: OnceLock<ModelIndex> = OnceLock::new();
-        static R5: OnceLock<ModelIndex> = OnceLock::new();
-        static R6: OnceLock<ModelIndex> = OnceLock::new();
-        let cell = match version {
-            SchemaVersion::R4 => &R4,
-            SchemaVersion::R4B => &R4B,
-            SchemaVersion::R5 => &R5,
-            SchemaVersion::R6 => &R6,
-        };
-        cell.get_or_init(|| ModelIndex::build(version))
-    }
-
-    fn build(version: SchemaVersion) -> ModelIndex {
-        let types = get_schemas(version)
-            .keys()
-            .map(|name| (name.as_str(), TypeIndex::build(version, name)))
-            .collect();
-        ModelIndex { types }
-    }
-
-    fn get(&self, type_name: &str) -> Option<&TypeIndex> {
-        self.types.get(type_name)
-    }
-}
-
-impl TypeIndex {
-    /// `name`'s elements, then each base type's that the derived ones do not override.
-    fn build(version: SchemaVersion, name: &str) -> TypeIndex {
-        let mut elements = foldhash::HashMap::default();
-        let mut next = get_schema(version, name);
-        // The chain is short (Observation → DomainResource → Resource); the bound guards a
-        // cycle in the embedded model.
-        for _ in 0..16 {
-            let Some(schema) = next else { break };
-            for (k, e) in schema.elements.iter().flatten() {
-                elements.entry(k.as_str()).or_insert(e);
-            }
-            next = schema
-                .base
-                .as_deref()
-                .and_then(|b| b.rsplit('/').next())
-                .and_then(|b| get_schema(version, b));
-        }
-        TypeIndex { elements }
-    }
-}
-
 /// Where a JSON object sits in the model: a type, or a backbone element's members.
 #[derive(Clone, Copy)]
 enum Scope<'a> {
     Type(&'a TypeIndex),
-    Backbone(&'a Elements),
+    Backbone(&'static Members),
 }
 
 struct Converter<'a> {
@@ -153,13 +88,10 @@ pub(crate) fn to_fhir(
 
 impl<'a> Converter<'a> {
     /// The element `name` of `scope`, looking through base types (`meta` is Resource's).
-    fn element(&self, scope: Scope<'a>, name: &str) -> Option<&'a FhirSchemaElement> {
+    fn element(&self, scope: Scope<'a>, name: &str) -> Option<&'static FhirSchemaElement> {
         match scope {
-            Scope::Backbone(elements) => elements.get(name).or_else(|| {
-                let backbone = self.model.get("BackboneElement")?;
-                backbone.elements.get(name).copied()
-            }),
-            Scope::Type(t) => t.elements.get(name).copied(),
+            Scope::Backbone(members) => self.model.backbone_member(members, name),
+            Scope::Type(t) => t.element(name),
         }
     }
 
@@ -204,7 +136,7 @@ impl<'a> Converter<'a> {
     }
 
     /// One element's value (each item of an array).
-    fn value(&self, v: &mut Value, el: &'a FhirSchemaElement) {
+    fn value(&self, v: &mut Value, el: &'static FhirSchemaElement) {
         if let Value::Array(items) = v {
             for item in items {
                 self.value(item, el);
