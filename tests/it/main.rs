@@ -13,6 +13,7 @@ mod auth;
 mod bad_input;
 mod brokers;
 mod channels;
+mod conformance;
 mod console;
 mod crash;
 mod criteria;
