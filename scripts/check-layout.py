@@ -5,7 +5,9 @@
    not, naming A, where neither is the other's parent module (a parent re-exporting its
    child is not a circle);
 3. no function outside tests is longer than 80 lines;
-4. no source file is longer than 600 lines.
+4. no source file is longer than 600 lines;
+5. `fhir/` (the FHIR logic without I/O) imports nothing outside `fhir/`: the boundary a
+   crate of its own would give, checked without a second crate (docs/architecture.md).
 Prints what breaks a rule and exits 1; prints the module graph with -v."""
 import os, re, sys
 from collections import defaultdict
@@ -167,6 +169,10 @@ def long_files():
             yield os.path.relpath(path, os.path.join(ROOT, "..")), n
 
 
+# Top-level modules that must stay leaves of the import graph.
+LEAVES = ("fhir",)
+
+
 def main():
     graph = imports()
     if "-v" in sys.argv:
@@ -179,6 +185,10 @@ def main():
     for c in cycles(file_graph()):
         ok = False
         print("circle of files: " + " -> ".join("/".join(m) for m in c))
+    for leaf in LEAVES:
+        for other in sorted(graph.get(leaf, ())):
+            ok = False
+            print(f"{leaf}/ imports crate::{other}: it must import nothing outside {leaf}/")
     for path, line, name, n in long_functions():
         ok = False
         print(f"{path}:{line}: fn {name} is {n} lines (limit {FN_LIMIT})")
