@@ -60,7 +60,9 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 cargo build --release --quiet
 cargo build --release --quiet --example bench_receiver
-bin=target/release/fhir-cdc
+# BENCH_BIN: another build of the daemon, e.g. one with frame pointers for BENCH_PERF's call
+# graphs (RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=/tmp/fp cargo build --release).
+bin=${BENCH_BIN:-target/release/fhir-cdc}
 eval "$(scripts/pg-cluster.sh start)"
 work=$(mktemp -d /tmp/fhir-cdc-bench.XXXXXX)
 pids=()
@@ -153,6 +155,10 @@ prime() { # config
   "$bin" capture --config "$work/$1.toml" 2>"$work/$1.prime.log" &
   local p=$!
   for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/$1.prime.log" && break; sleep 0.1; done
+  sleep 0.5
+  # Start-up with nothing to drain (connect, the FHIR model, topics, catalog): the drains
+  # below subtract it to give CPU per row.
+  cpu_s "$p" >"$work/$1.startup_cpu"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 prime c1; prime c20; prime cbig
@@ -202,7 +208,11 @@ drain() { # config queue-db label [markers]
   echo "$3_peak_rss_mb=$(peak_rss_mb "$p")"
   # Where the time went: the daemon's CPU, and how busy both cores were (Postgres's
   # walsender and queue backend use the rest).
-  echo "$3_daemon_cpu_s=$(cpu_s "$p")"
+  local cpu; cpu=$(cpu_s "$p")
+  local startup; startup=$(cat "$work/$1.startup_cpu")
+  echo "$3_daemon_cpu_s=$cpu"
+  echo "$3_daemon_startup_cpu_s=$startup      # the same config starting with nothing to drain"
+  echo "$3_daemon_cpu_us_per_row=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[1]) - float(sys.argv[2])) / int(sys.argv[3]), 1))" "$cpu" "$startup" "$ROWS")   # (drain - start-up) / rows"
   echo "$3_machine_busy_pct=$(busy_pct "$j0" "$j1")"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
