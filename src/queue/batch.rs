@@ -224,7 +224,7 @@ async fn insert_events(
     if run.is_empty() {
         return Ok(0);
     }
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(copy_capacity(run));
     encode_events(run, full, &mut buf)?;
     let sink = tx
         .copy_in(&format!(
@@ -234,6 +234,19 @@ async fn insert_events(
     futures::pin_mut!(sink);
     sink.send(buf.freeze()).await?;
     Ok(sink.finish().await? as usize)
+}
+
+/// About the size of a run's binary `COPY` stream without bodies: the buffer is sized once
+/// instead of doubling from empty (its reallocations were 3% of capture's CPU in a drain).
+fn copy_capacity(run: &[&QueuedEvent]) -> usize {
+    const HEADER_AND_TRAILER: usize = 21;
+    // 10 length words, the fixed-width columns, and the short texts around them.
+    const ROW: usize = 160;
+    let variable: usize = run
+        .iter()
+        .map(|e| e.filters.as_ref().map_or(0, String::len) + e.resource_id.len())
+        .sum();
+    HEADER_AND_TRAILER + run.len() * ROW + variable
 }
 
 /// The binary `COPY` stream of a run of events (header, rows, trailer) in one buffer: the
