@@ -27,6 +27,8 @@
 #                                slot lag at the end read from Postgres and from /metrics
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
+#   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
+#                                with nothing to drain, per row
 #   e2e_<rate>_*                 `fhir-cdc run` with 100 subscriptions (one patient each): single-row
 #                                writes at 500 and 2,000/s for E2E_SECS; store commit → webhook
 #                                arrival p50/p95/p99/max (ms), and the slot lag at the end
