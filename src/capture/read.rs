@@ -7,8 +7,9 @@
 //! reader did not parse (a type no topic wanted when it passed, a profile that completes
 //! rows from the store, a body that is not JSON), the matcher parses as before.
 
+use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -19,6 +20,10 @@ use crate::fhir::fields::Fields;
 
 /// Events the reader hands on, in stream order.
 const AHEAD: usize = 512;
+
+/// Events handed on at once when more are already waiting: one channel send and at most one
+/// wake-up of the stream per batch rather than per row.
+const BATCH: usize = 64;
 
 /// A replication event as the stream needs it.
 pub(crate) enum Event {
@@ -67,7 +72,9 @@ pub(crate) struct Setup {
 
 /// The stream's handle on the reader task.
 pub(crate) struct Reader {
-    events: mpsc::Receiver<Result<Event>>,
+    events: mpsc::Receiver<Result<Vec<Event>>>,
+    /// The rest of the last batch received.
+    ready: VecDeque<Event>,
     applied: watch::Sender<u64>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -75,24 +82,32 @@ pub(crate) struct Reader {
 
 impl Reader {
     pub(crate) fn spawn(repl: ReplicationClient, setup: Setup) -> Reader {
-        let (tx, events) = mpsc::channel(AHEAD);
+        let (tx, events) = mpsc::channel(AHEAD / BATCH);
         let (applied, applied_rx) = watch::channel(0);
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(repl, setup, tx, applied_rx, stop_rx));
         Reader {
             events,
+            ready: VecDeque::new(),
             applied,
             stop: Some(stop),
             task,
         }
     }
 
-    /// The next event; an error when the stream failed or ended.
+    /// The next event; an error when the stream failed or ended. Cancel-safe (the stream
+    /// selects on it): nothing is taken from the channel unless it is returned or kept.
     pub(crate) async fn recv(&mut self) -> Result<Event> {
-        self.events
-            .recv()
-            .await
-            .unwrap_or_else(|| Err(CaptureError::Replication("replication stream ended".into())))
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Ok(e);
+            }
+            match self.events.recv().await {
+                Some(Ok(batch)) => self.ready.extend(batch),
+                Some(Err(e)) => return Err(e),
+                None => return Err(CaptureError::Replication("replication stream ended".into())),
+            }
+        }
     }
 
     /// Everything up to `lsn` is queued: the server may forget it.
@@ -113,7 +128,7 @@ impl Reader {
 async fn run(
     mut repl: ReplicationClient,
     mut setup: Setup,
-    tx: mpsc::Sender<Result<Event>>,
+    tx: mpsc::Sender<Result<Vec<Event>>>,
     mut applied: watch::Receiver<u64>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -128,20 +143,48 @@ async fn run(
                 }
             }
             ev = repl.recv() => {
-                let out = match ev {
-                    Ok(Some(ev)) => convert(ev, &mut setup, &mut skip).transpose(),
-                    Ok(None) => Some(Err(CaptureError::Replication("replication stream ended".into()))),
-                    Err(e) => Some(Err(CaptureError::Replication(e.to_string()))),
-                };
-                let Some(out) = out else { continue };
-                let failed = out.is_err();
-                if tx.send(out).await.is_err() || failed {
+                let (batch, failed) = take_batch(ev, &mut repl, &mut setup, &mut skip);
+                if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+                    break;
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e)).await;
                     break;
                 }
             }
         }
     }
     repl.shutdown().await.ok();
+}
+
+/// Converts `first` and then the events already waiting (at most [`BATCH`]), without
+/// waiting for more: the events, and the error that ended the batch, if one did.
+fn take_batch(
+    first: pgwire_replication::Result<Option<ReplicationEvent>>,
+    repl: &mut ReplicationClient,
+    setup: &mut Setup,
+    skip: &mut bool,
+) -> (Vec<Event>, Option<CaptureError>) {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(ev) = next.take() {
+        let converted = match ev {
+            Ok(Some(ev)) => convert(ev, setup, skip),
+            Ok(None) => Err(CaptureError::Replication("replication stream ended".into())),
+            Err(e) => Err(CaptureError::Replication(e.to_string())),
+        };
+        match converted {
+            Ok(Some(e)) => batch.push(e),
+            Ok(None) => {}
+            Err(e) => return (batch, Some(e)),
+        }
+        if batch.len() < BATCH {
+            // `recv` takes from the client's channel: dropping it when nothing is waiting
+            // loses nothing (the select above drops it the same way).
+            next = repl.recv().now_or_never();
+        }
+    }
+    (batch, None)
 }
 
 /// One replication event; `None` for what the stream does not need.
