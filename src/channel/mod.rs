@@ -5,6 +5,7 @@
 pub(crate) mod amqp;
 pub(crate) mod broker;
 pub(crate) mod email;
+pub(crate) mod http1;
 /// A recording channel for tests (not in the release binary).
 #[cfg(any(test, feature = "test-utils"))]
 pub mod memory;

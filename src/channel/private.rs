@@ -6,6 +6,11 @@
 
 use std::net::IpAddr;
 
+/// Why a send is refused: the host resolves to no public address.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves only to loopback, private or link-local addresses (delivery.allow_private_endpoints is false)")]
+pub(crate) struct PrivateAddress(pub(crate) String);
+
 /// The rule for `Rules::refuse_private`: `None` when private endpoints are allowed.
 pub fn rule(allow_private: bool) -> Option<fn(&url::Url) -> bool> {
     (!allow_private).then_some(is_private_host as fn(&url::Url) -> bool)

@@ -12,8 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::http1::{Http1, Post};
 use super::oauth::{OAuth, OAuthConfigError};
-use super::private::is_private_ip;
+use super::private::{is_private_ip, PrivateAddress};
 use super::{Accepted, Channel, Destination, Notification, SendError};
 use crate::config::{EndpointAuthConfig, EndpointAuthKind};
 use crate::fhir::subscription::ChannelType;
@@ -21,6 +22,9 @@ use crate::fhir::subscription::ChannelType;
 #[derive(Clone)]
 pub(crate) struct RestHook {
     client: reqwest::Client,
+    /// The lean client most sends go through; `None` when a proxy is configured in the
+    /// environment (reqwest honours it).
+    lean: Option<Arc<Http1>>,
     allow_private: bool,
     routes: Arc<Routes>,
 }
@@ -75,8 +79,16 @@ impl RestHook {
         let client = builder(allow_private, concurrency)
             .build()
             .expect("static HTTP client configuration");
+        let lean = match proxy_in_environment() {
+            Some(var) => {
+                tracing::info!(%var, "a proxy is set in the environment: rest-hook sends go through reqwest, which uses it");
+                None
+            }
+            None => Some(Arc::new(Http1::new(allow_private, concurrency.max(8)))),
+        };
         RestHook {
             client,
+            lean,
             allow_private,
             routes: Arc::default(),
         }
@@ -122,19 +134,121 @@ impl RestHook {
         if !self.allow_private {
             refuse_private_literal(&to.endpoint)?;
         }
-        let client = self.routes.client_for(&to.endpoint).unwrap_or(&self.client);
+        let via = self.via(&to.endpoint)?;
         let Some(oauth) = self.routes.oauth_for(&to.endpoint) else {
-            return send_once(client, &body, to, None).await;
+            return via.send(&body, to, None).await;
         };
         let token = oauth.token().await?;
-        match send_once(client, &body, to, Some(&token)).await {
+        match via.send(&body, to, Some(&token)).await {
             Err(SendError::Status(401, _)) => {
                 let fresh = oauth.refresh(&token).await?;
-                send_once(client, &body, to, Some(&fresh)).await
+                via.send(&body, to, Some(&fresh)).await
             }
             other => other,
         }
     }
+
+    /// The client for `endpoint`: its route's client certificate needs reqwest, and so do a
+    /// proxy and credentials in the URL; everything else goes through the lean client.
+    fn via(&self, endpoint: &str) -> Result<Via<'_>, SendError> {
+        if let Some(client) = self.routes.client_for(endpoint) {
+            return Ok(Via::Reqwest(client));
+        }
+        if let Some(lean) = &self.lean {
+            if let Some(target) = lean.target(endpoint)? {
+                return Ok(Via::Lean(lean, target));
+            }
+        }
+        Ok(Via::Reqwest(&self.client))
+    }
+}
+
+/// The first proxy variable reqwest would use, if any is set.
+fn proxy_in_environment() -> Option<&'static str> {
+    [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .find(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
+/// The client one send goes through.
+enum Via<'a> {
+    Lean(&'a Http1, Arc<super::http1::Target>),
+    Reqwest(&'a reqwest::Client),
+}
+
+impl Via<'_> {
+    async fn send(
+        &self,
+        body: &bytes::Bytes,
+        to: &Destination,
+        token: Option<&str>,
+    ) -> Result<Accepted, SendError> {
+        match self {
+            Via::Reqwest(client) => send_once(client, body, to, token).await,
+            Via::Lean(http, target) => send_lean(http, target, body, to, token).await,
+        }
+    }
+}
+
+/// The headers beyond the subscription's own, when there are any: the signature, and the
+/// OAuth2 token, which replaces any `Authorization` the subscription's headers set.
+fn lean_headers(
+    to: &Destination,
+    body: &[u8],
+    token: Option<&str>,
+) -> Option<Vec<(String, String)>> {
+    if to.signing_secret.is_none() && token.is_none() {
+        return None;
+    }
+    let mut h = Vec::with_capacity(to.headers.len() + 4);
+    if let Some(secret) = &to.signing_secret {
+        for (name, value) in super::signing::headers(secret, body, Utc::now().timestamp()) {
+            h.push((name.to_string(), value));
+        }
+    }
+    let own = to
+        .headers
+        .iter()
+        .filter(|(k, _)| token.is_none() || !k.eq_ignore_ascii_case("authorization"));
+    h.extend(own.cloned());
+    if let Some(t) = token {
+        h.push(("Authorization".into(), format!("Bearer {t}")));
+    }
+    Some(h)
+}
+
+/// One POST through the lean client; the same headers as [`send_once`] writes.
+async fn send_lean(
+    http: &Http1,
+    target: &super::http1::Target,
+    body: &bytes::Bytes,
+    to: &Destination,
+    token: Option<&str>,
+) -> Result<Accepted, SendError> {
+    let extra = lean_headers(to, body, token);
+    let post = Post {
+        target,
+        content_type: &to.content_type,
+        headers: extra.as_deref().unwrap_or(&to.headers),
+        body,
+    };
+    let answer = tokio::time::timeout(to.timeout, http.post(&post))
+        .await
+        .map_err(|_| SendError::Timeout(to.timeout))??;
+    if (200..300).contains(&answer.status) {
+        return Ok(Accepted {
+            status: Some(answer.status),
+        });
+    }
+    let wait = answer.retry_after.as_deref().and_then(retry_after_value);
+    Err(SendError::Status(answer.status, wait))
 }
 
 fn builder(allow_private: bool, concurrency: usize) -> reqwest::ClientBuilder {
@@ -248,10 +362,6 @@ impl Channel for RestHook {
 /// fails the connection.
 struct PublicOnly;
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0} resolves only to loopback, private or link-local addresses (delivery.allow_private_endpoints is false)")]
-struct PrivateAddress(String);
-
 impl Resolve for PublicOnly {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
@@ -307,7 +417,11 @@ fn connect_error(e: reqwest::Error) -> SendError {
 
 /// `Retry-After` as a delay: delta-seconds or an HTTP date.
 fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    retry_after_value(h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?)
+}
+
+fn retry_after_value(v: &str) -> Option<Duration> {
+    let v = v.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
