@@ -1,6 +1,7 @@
 //! The webhook receiver of `scripts/bench.sh`: answers 200 to every POST and, for each event a
 //! notification carries, records how long after the store commit (the event's `timestamp`) it
-//! arrived. `GET /stats` prints the counts and latency percentiles; `POST /reset` clears them.
+//! arrived. `GET /stats` prints the counts, latency percentiles and the last arrival's time,
+//! `GET /events` the events received; `POST /reset` clears them.
 //! A benchmark tool, not part of the daemon.
 //!
 //!   cargo run --release --example bench_receiver -- 127.0.0.1:9999
@@ -21,6 +22,9 @@ struct Stats {
     requests: u64,
     /// Milliseconds from store commit to arrival, one per event.
     latencies: Vec<f64>,
+    /// When the last notification arrived (Unix seconds): a run's end, without the
+    /// polling's delay.
+    last_at: f64,
 }
 
 type Shared = Arc<Mutex<Stats>>;
@@ -34,6 +38,7 @@ async fn main() {
     let app = Router::new()
         .route("/hook/{name}", post(hook))
         .route("/stats", get(report))
+        .route("/events", get(events))
         .route("/reset", post(reset))
         .with_state(stats);
     let l = tokio::net::TcpListener::bind(&addr).await.expect("bind");
@@ -51,6 +56,7 @@ async fn hook(State(s): State<Shared>, body: axum::body::Bytes) -> &'static str 
     let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
     s.requests += 1;
     s.latencies.extend(ms);
+    s.last_at = now.timestamp_micros() as f64 / 1e6;
     "ok"
 }
 
@@ -95,8 +101,18 @@ async fn report(State(s): State<Shared>) -> String {
         "p95_ms": pct(0.95),
         "p99_ms": pct(0.99),
         "max_ms": l.last().copied().unwrap_or(0.0),
+        "last_at": s.last_at,
     })
     .to_string()
+}
+
+/// The events received so far, as a bare number: what the bench polls, cheaply.
+async fn events(State(s): State<Shared>) -> String {
+    s.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .latencies
+        .len()
+        .to_string()
 }
 
 async fn reset(State(s): State<Shared>) -> &'static str {
