@@ -25,6 +25,8 @@ struct Stats {
     /// When the last notification arrived (Unix seconds): a run's end, without the
     /// polling's delay.
     last_at: f64,
+    /// … and the first.
+    first_at: f64,
 }
 
 type Shared = Arc<Mutex<Stats>>;
@@ -57,6 +59,9 @@ async fn hook(State(s): State<Shared>, body: axum::body::Bytes) -> &'static str 
     s.requests += 1;
     s.latencies.extend(ms);
     s.last_at = now.timestamp_micros() as f64 / 1e6;
+    if s.requests == 1 {
+        s.first_at = s.last_at;
+    }
     "ok"
 }
 
@@ -102,6 +107,7 @@ async fn report(State(s): State<Shared>) -> String {
         "p99_ms": pct(0.99),
         "max_ms": l.last().copied().unwrap_or(0.0),
         "last_at": s.last_at,
+        "first_at": s.first_at,
     })
     .to_string()
 }

@@ -8,7 +8,7 @@
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
 #   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (BENCH_BROKER_KINDS=nats: JetStream only)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
-#   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh
+#   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh   (BENCH_PERF_ALL=1: the whole machine, fan-out cases)
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
 #                                    # fanout_1|fanout_100|fanout_10000|fanout_100x100 with
@@ -33,7 +33,9 @@
 #                                writes at 500 and 2,000/s for E2E_SECS; store commit → webhook
 #                                arrival p50/p95/p99/max (ms), and the slot lag at the end
 #   fanout_<n>_*                 notifications/s with 1, 100 and 10,000 subscriptions that all
-#                                match, and the longest commit → arrival wait (max_ms);
+#                                match, from the store commit of the first write to the last
+#                                arrival; the longest commit → arrival wait (max_ms), and the
+#                                first arrival after the first commit (first_arrival_ms);
 #                                fanout_100x100: 100 subscriptions with maxCount 100
 #   *_daemon_cpu_us_per_notification   the daemon's CPU (capture and sends) per notification
 #   *_queue_rows_per_event_delivered   rows the queue inserted, updated and deleted (schema
@@ -419,14 +421,17 @@ for case in 1 100 10000 100x100; do
   t0=$(now); c0=$(cpu_s "$run"); j0=$(machine_jiffies)
   perf=
   if [ -n "${BENCH_PERF:-}" ] && [ "fanout_$case" = "${BENCH_PERF_CASE:-}" ]; then
-    perf record -q -F 999 -g -p "$run" -o "$BENCH_PERF" 2>/dev/null & perf=$!
+    perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$run") -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
   writes 100000 "$(python3 -c "print($events / 100000)")" "f$case-"
   waited=0
   while [ "$(revents)" -lt "$want" ] && [ "$waited" -lt 3000 ]; do sleep 0.1; waited=$((waited + 1)); done
   c1=$(cpu_s "$run"); j1=$(machine_jiffies)
-  # The run ends when the last notification arrived, not when the poll saw it (up to
-  # 0.1 s later: a fifth of a 20,000-notification run).
+  # The run is from the store commit of its first write (the events' commit_time) to the
+  # last notification's arrival (the receiver's clock): not from before the writer's Python
+  # and psql started (~0.17 s, a third of a 20,000-notification run), nor to the poll that
+  # saw the end (up to 0.1 s later).
+  t0=$(psql -d qe -c "SELECT extract(epoch FROM min(commit_time)) FROM fhir_cdc.event WHERE resource_id LIKE 'f$case-%'")
   t1=$(rget last_at)
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   w1=$(wal); q1=$(qrows)
@@ -434,6 +439,9 @@ for case in 1 100 10000 100x100; do
   echo "fanout_${case}_notifications_per_s=$(rate "$sent" "$t0" "$t1") ($(rget events)/$want events in $sent notifications)"
   echo "fanout_${case}_events_per_s=$(rate "$(rget events)" "$t0" "$t1")"
   echo "fanout_${case}_max_ms=$(rget max_ms)"
+  # From the store commit of the case's first write to the first arrival: capture and the
+  # first send.
+  echo "fanout_${case}_first_arrival_ms=$(python3 -c "import sys; print(round(1000 * (float(sys.argv[2]) - float(sys.argv[1]))))" "$t0" "$(rget first_at)")"
   # The daemon's CPU per notification and per event delivered (capture and sends), and
   # how busy both cores were (the receiver and Postgres use the rest).
   echo "fanout_${case}_daemon_cpu_us_per_notification=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[2]) - float(sys.argv[1])) / int(sys.argv[3])))" "$c0" "$c1" "$sent")"
