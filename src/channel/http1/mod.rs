@@ -132,6 +132,14 @@ impl Http1 {
         }
     }
 
+    /// The same, also trusting `root` (tests: a CA of their own).
+    #[cfg(test)]
+    fn trusting(allow_private: bool, root: rustls::pki_types::CertificateDer<'static>) -> Self {
+        let http = Self::new(allow_private, 8);
+        let _ = http.tls.set(connector_trusting(vec![root]));
+        http
+    }
+
     /// The parsed endpoint, `None` when reqwest must send to it.
     pub(crate) fn target(&self, endpoint: &str) -> Result<Option<Arc<Target>>, SendError> {
         let mut kept = self.targets.lock().unwrap_or_else(|e| e.into_inner());
@@ -257,9 +265,19 @@ impl Http1 {
 
 /// The system's trust store, as reqwest uses it (rustls-platform-verifier).
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+    connector_trusting(Vec::new())
+}
+
+/// The system's trust store and `extra` roots.
+fn connector_trusting(
+    extra: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<tokio_rustls::TlsConnector, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
-        .map_err(|e| format!("the system's trust store: {e}"))?;
+    let verifier = match extra.is_empty() {
+        true => rustls_platform_verifier::Verifier::new(provider.clone()),
+        false => rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone()),
+    }
+    .map_err(|e| format!("the system's trust store: {e}"))?;
     let mut c = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -236,3 +236,132 @@ fn targets_keep_the_url_as_written() {
         Err(SendError::Refused(_))
     ));
 }
+
+/// A TLS receiver on 127.0.0.1 with a certificate of a CA made here (openssl); answers OK
+/// to every request. Returns its URL, its accepted TLS sessions and the CA's certificate.
+async fn tls_receiver() -> (
+    String,
+    Arc<AtomicUsize>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            ok.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "s.key",
+        "-out",
+        "s.csr",
+    ]);
+    std::fs::write(d.join("s.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "s.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "s.ext",
+        "-out",
+        "s.crt",
+    ]);
+    let ca = CertificateDer::from_pem_file(d.join("ca.crt")).unwrap();
+    let chain = vec![CertificateDer::from_pem_file(d.join("s.crt")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(d.join("s.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}/hook", l.local_addr().unwrap().port());
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let s = sessions.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = l.accept().await.unwrap();
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                s.fetch_add(1, Ordering::SeqCst);
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                loop {
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    // One request per read is enough here: the bodies are small.
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                        got.clear();
+                        tls.write_all(OK.as_bytes()).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let _ = dir.keep();
+    (url, sessions, ca)
+}
+
+#[tokio::test]
+async fn tls_is_verified_and_kept_alive() {
+    let (url, sessions, ca) = tls_receiver().await;
+    // The system's trust store does not know the test's CA: refused in the handshake.
+    let e = post(&Http1::new(true, 8), &url, &[]).await.unwrap_err();
+    assert!(matches!(e, SendError::Connect(_)), "{e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    assert_eq!(sessions.load(Ordering::SeqCst), 0, "no session was set up");
+    // Trusting it: three requests on one TLS session.
+    let http = Http1::trusting(true, ca);
+    for _ in 0..3 {
+        assert_eq!(post(&http, &url, &[]).await.unwrap().status, 200);
+    }
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+}
