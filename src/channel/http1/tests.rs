@@ -237,20 +237,19 @@ fn targets_keep_the_url_as_written() {
     ));
 }
 
-/// A TLS receiver on 127.0.0.1 with a certificate of a CA made here (openssl); answers OK
-/// to every request. Returns its URL, its accepted TLS sessions and the CA's certificate.
-async fn tls_receiver() -> (
-    String,
-    Arc<AtomicUsize>,
-    rustls::pki_types::CertificateDer<'static>,
-) {
+type Der = rustls::pki_types::CertificateDer<'static>;
+
+/// A CA made here (openssl) and a server certificate for 127.0.0.1 it signed: the CA's
+/// certificate and the server's config.
+fn test_ca_and_server() -> (Der, rustls::ServerConfig) {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let run = |args: &[&str]| {
+    let run = |args: &str| {
+        let args: Vec<&str> = args.split(' ').collect();
         let ok = std::process::Command::new("openssl")
-            .args(args)
+            .args(&args)
             .current_dir(d)
             .output()
             .unwrap();
@@ -260,53 +259,12 @@ async fn tls_receiver() -> (
             String::from_utf8_lossy(&ok.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "s.key",
-        "-out",
-        "s.csr",
-    ]);
+    run("req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=test-ca -keyout ca.key -out ca.crt");
+    run("req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout s.key -out s.csr");
     std::fs::write(d.join("s.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "s.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "s.ext",
-        "-out",
-        "s.crt",
-    ]);
-    let ca = CertificateDer::from_pem_file(d.join("ca.crt")).unwrap();
-    let chain = vec![CertificateDer::from_pem_file(d.join("s.crt")).unwrap()];
+    run("x509 -req -in s.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile s.ext -out s.crt");
+    let ca = Der::from_pem_file(d.join("ca.crt")).unwrap();
+    let chain = vec![Der::from_pem_file(d.join("s.crt")).unwrap()];
     let key = PrivateKeyDer::from_pem_file(d.join("s.key")).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -315,6 +273,13 @@ async fn tls_receiver() -> (
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
+    (ca, cfg)
+}
+
+/// A TLS receiver on 127.0.0.1 that answers OK to every request. Returns its URL, its
+/// established TLS sessions and its CA's certificate.
+async fn tls_receiver() -> (String, Arc<AtomicUsize>, Der) {
+    let (ca, cfg) = test_ca_and_server();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}/hook", l.local_addr().unwrap().port());
@@ -325,29 +290,31 @@ async fn tls_receiver() -> (
             let (sock, _) = l.accept().await.unwrap();
             let (acceptor, s) = (acceptor.clone(), s.clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(sock).await else {
-                    return;
-                };
-                s.fetch_add(1, Ordering::SeqCst);
-                let mut buf = vec![0u8; 65536];
-                let mut got = Vec::new();
-                loop {
-                    let n = tls.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    // One request per read is enough here: the bodies are small.
-                    if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
-                        got.clear();
-                        tls.write_all(OK.as_bytes()).await.unwrap();
-                    }
+                if let Ok(tls) = acceptor.accept(sock).await {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    answer_each(tls).await;
                 }
             });
         }
     });
-    let _ = dir.keep();
     (url, sessions, ca)
+}
+
+/// Answers OK to each request (small ones: a head and a JSON body) until the client closes.
+async fn answer_each(mut io: impl AsyncReadExt + AsyncWriteExt + Unpin) {
+    let mut buf = vec![0u8; 65536];
+    let mut got = Vec::new();
+    loop {
+        let n = io.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+            got.clear();
+            io.write_all(OK.as_bytes()).await.unwrap();
+        }
+    }
 }
 
 #[tokio::test]
