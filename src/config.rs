@@ -222,7 +222,7 @@ resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create"] }
         assert!(c.delivery.require_https_for_full_resource);
         assert_eq!(c.topics.len(), 1);
         assert_eq!(c.topics[0].topic.url, "http://example.org/topic/enc");
-        assert_eq!(c.topics[0].workers, 64);
+        assert_eq!(c.topics[0].workers, 128);
         assert_eq!(c.api.base_url(), "http://127.0.0.1:8090");
     }
 
