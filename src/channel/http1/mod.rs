@@ -113,8 +113,10 @@ pub(crate) struct Answer {
 
 /// Kept-alive connections per origin, and the TLS settings new ones use.
 pub(crate) struct Http1 {
-    idle: Mutex<HashMap<Origin, Vec<Conn>>>,
+    idle: Mutex<Idle>,
     max_idle: usize,
+    /// [`IDLE_FOR`]; shorter in tests.
+    idle_for: Duration,
     allow_private: bool,
     targets: Mutex<HashMap<String, Arc<Target>>>,
     tls: OnceLock<Result<tokio_rustls::TlsConnector, String>>,
@@ -124,8 +126,12 @@ impl Http1 {
     /// `max_idle`: connections kept per origin between sends.
     pub(crate) fn new(allow_private: bool, max_idle: usize) -> Self {
         Http1 {
-            idle: Mutex::default(),
+            idle: Mutex::new(Idle {
+                by_origin: HashMap::new(),
+                swept: Instant::now(),
+            }),
             max_idle,
+            idle_for: IDLE_FOR,
             allow_private,
             targets: Mutex::default(),
             tls: OnceLock::new(),
@@ -190,9 +196,9 @@ impl Http1 {
 
     fn take_idle(&self, origin: &Origin) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(origin)?;
+        let list = idle.by_origin.get_mut(origin)?;
         while let Some(mut c) = list.pop() {
-            if c.since.elapsed() < IDLE_FOR && !c.io.readable_now() {
+            if c.usable(self.idle_for) {
                 c.reused = true;
                 return Some(c);
             }
@@ -203,10 +209,20 @@ impl Http1 {
     fn put_idle(&self, origin: &Origin, mut conn: Conn) {
         conn.since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.entry(origin.clone()).or_default();
+        if idle.swept.elapsed() >= self.idle_for / 2 {
+            idle.sweep(self.idle_for);
+        }
+        let list = idle.by_origin.entry(origin.clone()).or_default();
         if list.len() < self.max_idle {
             list.push(conn);
         }
+    }
+
+    /// Idle connections kept, over all origins.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.by_origin.values().map(Vec::len).sum()
     }
 
     async fn connect(&self, o: &Origin) -> Result<Conn, SendError> {
@@ -288,6 +304,25 @@ fn connector_trusting(
     Ok(tokio_rustls::TlsConnector::from(Arc::new(c)))
 }
 
+/// Idle connections by origin. The most recently used is taken first, so the others age;
+/// a sweep, at most every half [`IDLE_FOR`] when a connection is put back, closes the aged
+/// and the closed ones of every origin: with many receivers, those no longer sent to would
+/// otherwise keep their sockets open for the life of the process.
+struct Idle {
+    by_origin: HashMap<Origin, Vec<Conn>>,
+    swept: Instant,
+}
+
+impl Idle {
+    fn sweep(&mut self, idle_for: Duration) {
+        for list in self.by_origin.values_mut() {
+            list.retain(|c| c.usable(idle_for));
+        }
+        self.by_origin.retain(|_, list| !list.is_empty());
+        self.swept = Instant::now();
+    }
+}
+
 /// A connection and what was read on it beyond the last answer.
 struct Conn {
     io: Io,
@@ -296,6 +331,13 @@ struct Conn {
     since: Instant,
     /// It carried a request before.
     reused: bool,
+}
+
+impl Conn {
+    /// Not idle too long, and nothing arrived on it meanwhile.
+    fn usable(&self, idle_for: Duration) -> bool {
+        self.since.elapsed() < idle_for && !self.io.readable_now()
+    }
 }
 
 enum Io {

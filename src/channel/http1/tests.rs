@@ -332,3 +332,18 @@ async fn tls_is_verified_and_kept_alive() {
     }
     assert_eq!(sessions.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn connections_idle_too_long_are_closed_for_every_receiver() {
+    let (a, _, _) = receiver(vec![Reply::Raw(OK)]).await;
+    let (b, _, _) = receiver(vec![Reply::Raw(OK)]).await;
+    let mut http = Http1::new(true, 8);
+    http.idle_for = Duration::from_millis(200);
+    post(&http, &a, &[]).await.unwrap();
+    post(&http, &b, &[]).await.unwrap();
+    assert_eq!(http.idle_count(), 2, "both kept alive");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // A send to b sweeps: a's connection, aged, is closed although a is not sent to.
+    post(&http, &b, &[]).await.unwrap();
+    assert_eq!(http.idle_count(), 1, "only b's fresh connection is kept");
+}
