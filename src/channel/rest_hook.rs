@@ -131,10 +131,10 @@ impl RestHook {
         body: bytes::Bytes,
         to: &Destination,
     ) -> Result<Accepted, SendError> {
-        if !self.allow_private {
-            refuse_private_literal(&to.endpoint)?;
-        }
         let via = self.via(&to.endpoint)?;
+        if !self.allow_private {
+            via.refuse_private_literal(&to.endpoint)?;
+        }
         let Some(oauth) = self.routes.oauth_for(&to.endpoint) else {
             return via.send(&body, to, None).await;
         };
@@ -184,6 +184,21 @@ enum Via<'a> {
 }
 
 impl Via<'_> {
+    /// A literal IP host bypasses the resolver, so it is checked here; the lean client
+    /// parsed the endpoint once and kept its literal.
+    fn refuse_private_literal(&self, endpoint: &str) -> Result<(), SendError> {
+        let ip = match self {
+            Via::Lean(_, target) => target.literal(),
+            Via::Reqwest(_) => literal_host(endpoint)?,
+        };
+        match ip {
+            Some(ip) if is_private_ip(ip) => Err(SendError::Refused(
+                PrivateAddress(ip.to_string()).to_string(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn send(
         &self,
         body: &bytes::Bytes,
@@ -379,20 +394,10 @@ impl Resolve for PublicOnly {
     }
 }
 
-/// A literal IP host bypasses the resolver, so it is checked here.
-fn refuse_private_literal(endpoint: &str) -> Result<(), SendError> {
+/// The endpoint's host when it is an IP literal.
+fn literal_host(endpoint: &str) -> Result<Option<IpAddr>, SendError> {
     let url = url::Url::parse(endpoint).map_err(|e| SendError::Refused(e.to_string()))?;
-    let ip = match url.host() {
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
-        _ => return Ok(()),
-    };
-    if is_private_ip(ip) {
-        return Err(SendError::Refused(
-            PrivateAddress(ip.to_string()).to_string(),
-        ));
-    }
-    Ok(())
+    Ok(super::http1::literal(&url))
 }
 
 /// A connection error; the private-address refusal is told apart because retrying it is
@@ -462,6 +467,16 @@ mod tests {
 
     #[test]
     fn literal_private_addresses_in_every_form_are_refused() {
+        let client = reqwest::Client::new();
+        let lean = Http1::new(false, 8);
+        let refused = |u: &str| {
+            let target = lean.target(u).unwrap().unwrap();
+            let both = [
+                Via::Reqwest(&client).refuse_private_literal(u),
+                Via::Lean(&lean, target).refuse_private_literal(u),
+            ];
+            both.map(|r| matches!(r, Err(SendError::Refused(_))))
+        };
         for u in [
             "http://127.0.0.1:9/x",
             "http://10.1.2.3/x",
@@ -473,13 +488,10 @@ mod tests {
             "http://[fd00::1]/x",
             "http://0.0.0.0/x",
         ] {
-            assert!(
-                matches!(refuse_private_literal(u), Err(SendError::Refused(_))),
-                "{u}"
-            );
+            assert_eq!(refused(u), [true, true], "{u}");
         }
-        assert!(refuse_private_literal("https://93.184.216.34/x").is_ok());
-        assert!(refuse_private_literal("https://example.org/x").is_ok());
+        assert_eq!(refused("https://93.184.216.34/x"), [false, false]);
+        assert_eq!(refused("https://example.org/x"), [false, false]);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@
 
 use bytes::BytesMut;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
@@ -55,6 +55,9 @@ pub(crate) struct Target {
     host_header: String,
     /// Path and query.
     path: String,
+    /// The host, when the URL gives it as an IP literal: the private-address rule checks it
+    /// before any connection, without parsing the URL again.
+    literal: Option<IpAddr>,
 }
 
 impl Target {
@@ -83,6 +86,7 @@ impl Target {
             Some(p) => format!("{name}:{p}"),
             None => name.to_string(),
         };
+        let literal = literal(&url);
         let mut path = url.path().to_string();
         if let Some(q) = url.query() {
             path.push('?');
@@ -92,7 +96,21 @@ impl Target {
             origin: Origin { tls, host, port },
             host_header,
             path,
+            literal,
         }))
+    }
+
+    pub(crate) fn literal(&self) -> Option<IpAddr> {
+        self.literal
+    }
+}
+
+/// The URL's host when it is an IP literal.
+pub(crate) fn literal(url: &url::Url) -> Option<IpAddr> {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+        _ => None,
     }
 }
 

@@ -220,7 +220,9 @@ fn targets_keep_the_url_as_written() {
         (t.host_header.as_str(), t.path.as_str()),
         ("[::1]:8443", "/a/b?c=d")
     );
+    assert_eq!(t.literal(), Some("::1".parse().unwrap()));
     let t = Target::parse("http://example.org").unwrap().unwrap();
+    assert_eq!(t.literal(), None);
     assert_eq!(
         (t.origin.port, t.host_header.as_str(), t.path.as_str()),
         (80, "example.org", "/")
