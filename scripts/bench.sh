@@ -418,7 +418,7 @@ for case in 1 100 10000 100x100; do
   want=$((events * n))
   curl -fs -X POST "http://127.0.0.1:$rport/reset" >/dev/null
   q0=$(qrows); w0=$(wal)
-  t0=$(now); c0=$(cpu_s "$run"); j0=$(machine_jiffies)
+  c0=$(cpu_s "$run"); j0=$(machine_jiffies)
   perf=
   if [ -n "${BENCH_PERF:-}" ] && [ "fanout_$case" = "${BENCH_PERF_CASE:-}" ]; then
     perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$run") -o "$BENCH_PERF" 2>/dev/null & perf=$!
