@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::decode::{Ahead, RowEvent};
 use super::error::{CaptureError, Result};
@@ -33,7 +34,8 @@ pub struct Commit {
 #[derive(Debug, Clone)]
 pub struct ResourceChange {
     pub relation_id: u32,
-    pub current: RowChange,
+    /// Shared with the event that carries its body to the queue writer (no copy per row).
+    pub current: Arc<RowChange>,
     pub previous: Option<RowChange>,
     pub commit: Commit,
     /// `current` and `previous` as JSON, where the reader parsed them ahead.
@@ -123,7 +125,7 @@ impl Assembler {
         };
         Ok(Some(ResourceChange {
             relation_id: ev.relation_id,
-            current,
+            current: Arc::new(current),
             previous,
             commit: open.commit,
             parsed: Parsed {

@@ -4,7 +4,7 @@
 //! changes some topic wants.
 
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use super::assemble::ResourceChange;
@@ -14,6 +14,7 @@ use super::read::Wanted;
 use crate::fhir::fields::Fields;
 use crate::fhir::search::registry::SearchParam;
 use crate::fhir::search::value::Values;
+use crate::fhir::search::value_json::{write_str, write_values};
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
 use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
@@ -32,24 +33,16 @@ pub struct Matcher {
 /// The canFilterBy values of one change for all the topics it fired: one map by parameter
 /// name, as topics naming the same parameter of a resource type get the same values. A
 /// topic whose values differ under a name another topic used (its own filterDefinition)
-/// keeps its map under `@topic`, keyed by its url.
+/// keeps its map under `@topic`, keyed by its url. Names and definitions are borrowed from
+/// the topics and values shared with the change's cache: nothing is copied per row.
 #[derive(Default)]
-struct Filters {
-    shared: BTreeMap<String, Values>,
-    own: BTreeMap<Arc<str>, BTreeMap<String, Values>>,
-    /// The search parameter each name in `shared` was computed from.
-    sources: HashMap<String, Arc<SearchParam>>,
+struct Filters<'t> {
+    /// By name, each with the search parameter it was computed from.
+    shared: BTreeMap<&'t str, (Arc<Values>, Option<&'t Arc<SearchParam>>)>,
+    own: BTreeMap<&'t str, BTreeMap<&'t str, Arc<Values>>>,
 }
 
-/// A member of an event's `filters` JSON.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum Entry<'a> {
-    Values(&'a Values),
-    Own(&'a BTreeMap<Arc<str>, BTreeMap<String, Values>>),
-}
-
-impl Filters {
+impl<'t> Filters<'t> {
     /// Whether every canFilterBy parameter of `filters` for `resource_type` is already in
     /// `shared`, computed from the same definition: its values would be the same, so they
     /// need not be extracted again (topics commonly share patient, code, …).
@@ -58,66 +51,102 @@ impl Filters {
             .iter()
             .filter(|f| f.resource_type.as_deref() == Some(resource_type))
             .all(|f| {
-                self.sources.get(&f.name).is_some_and(|p| {
-                    Arc::ptr_eq(p, &f.param)
-                        || (p.expression == f.param.expression && p.kind == f.param.kind)
-                })
+                self.shared
+                    .get(f.name.as_str())
+                    .and_then(|(_, p)| *p)
+                    .is_some_and(|p| {
+                        Arc::ptr_eq(p, &f.param)
+                            || (p.expression == f.param.expression && p.kind == f.param.kind)
+                    })
             })
     }
 
-    /// Notes where the names of `filters` came from, once they are in `shared`.
-    fn note_sources(&mut self, filters: &[FilterParam], resource_type: &str) {
-        for f in filters {
-            if f.resource_type.as_deref() == Some(resource_type)
-                && self.shared.contains_key(&f.name)
-            {
-                self.sources
-                    .entry(f.name.clone())
-                    .or_insert_with(|| f.param.clone());
+    /// Adds a topic's values; under `@topic` when one differs from a value of the same name.
+    fn add(&mut self, a: &'t Active, values: Vec<(&'t str, Arc<Values>)>, resource_type: &str) {
+        let clash = values.iter().any(|(k, v)| {
+            self.shared
+                .get(k)
+                .is_some_and(|(old, _)| !Arc::ptr_eq(old, v) && old != v)
+        });
+        if clash {
+            self.own.insert(&*a.url, values.into_iter().collect());
+            return;
+        }
+        for (name, v) in values {
+            let source = a
+                .compiled
+                .filters
+                .iter()
+                .find(|f| f.name == name && f.resource_type.as_deref() == Some(resource_type))
+                .map(|f| &f.param);
+            let entry = self.shared.entry(name).or_insert((v.clone(), source));
+            entry.0 = v;
+            if entry.1.is_none() {
+                entry.1 = source;
             }
         }
     }
 
-    /// Adds a topic's values; `false` when they went under `@topic` (a name clashed).
-    fn add(&mut self, topic: &Arc<str>, values: BTreeMap<String, Values>) -> bool {
-        let clash = values
-            .iter()
-            .any(|(k, v)| self.shared.get(k).is_some_and(|old| old != v));
-        if clash {
-            self.own.insert(topic.clone(), values);
-        } else {
-            self.shared.extend(values);
-        }
-        !clash
-    }
-
     /// Adds a topic's values unless `shared` already holds them.
-    async fn add_topic(&mut self, a: &Active, ev: &ChangeEval<'_>, resource_type: &str) {
+    async fn add_topic(&mut self, a: &'t Active, ev: &ChangeEval<'_>, resource_type: &str) {
         let filters = &a.compiled.filters;
         if filters.is_empty() || self.covers(filters, resource_type) {
             return;
         }
-        let values = a.compiled.filter_values(ev, resource_type).await;
-        if self.add(&a.url, values) {
-            self.note_sources(filters, resource_type);
-        }
+        let values = a.compiled.filter_values_shared(ev, resource_type).await;
+        self.add(a, values, resource_type);
     }
 
-    /// The event's `filters` JSON, written straight from the values (no `Value` tree).
+    /// The event's `filters` JSON, written straight from the values (no `Value` tree, no
+    /// serde: `value_json`). Names in order, as the map they were.
     fn into_json(self) -> Option<String> {
         if self.shared.is_empty() && self.own.is_empty() {
             return None;
         }
-        let mut out: BTreeMap<&str, Entry> = self
-            .shared
-            .iter()
-            .map(|(k, v)| (k.as_str(), Entry::Values(v)))
-            .collect();
+        let mut out = String::with_capacity(256);
+        out.push('{');
+        let mut first = true;
+        let mut member = |out: &mut String, name: &str| {
+            if !std::mem::take(&mut first) {
+                out.push(',');
+            }
+            write_str(name, out);
+            out.push(':');
+        };
+        // `@topic` sorts before every parameter name (`@` is below letters and `_`).
         if !self.own.is_empty() {
-            out.insert(OWN_FILTERS, Entry::Own(&self.own));
+            member(&mut out, OWN_FILTERS);
+            write_map(
+                self.own.iter().map(|(url, m)| (*url, m)),
+                &mut out,
+                |m, out| write_map(m.iter().map(|(k, v)| (*k, &**v)), out, write_values),
+            );
         }
-        serde_json::to_string(&out).ok()
+        for (name, (v, _)) in &self.shared {
+            member(&mut out, name);
+            write_values(v, &mut out);
+        }
+        out.push('}');
+        Some(out)
     }
+}
+
+/// A JSON object of `entries`, each value written by `value`.
+fn write_map<'a, V: ?Sized + 'a>(
+    entries: impl Iterator<Item = (&'a str, &'a V)>,
+    out: &mut String,
+    value: impl Fn(&V, &mut String),
+) {
+    out.push('{');
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_str(k, out);
+        out.push(':');
+        value(v, out);
+    }
+    out.push('}');
 }
 
 /// The two versions of a change as JSON, with only the members `fields` keeps.
@@ -193,7 +222,7 @@ impl Matcher {
         let resource = v
             .current
             .is_some()
-            .then(|| Arc::new(change.current.clone()) as Arc<dyn ResourceBody>);
+            .then(|| change.current.clone() as Arc<dyn ResourceBody>);
         Some(event(fired, change, resource, filters.into_json()))
     }
 

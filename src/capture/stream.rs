@@ -233,7 +233,7 @@ impl<'a> Stream<'a> {
             }
         }
         if self.profile.completes() {
-            let (current, previous) = (&mut change.current, &mut change.previous);
+            let (current, previous) = (Arc::make_mut(&mut change.current), &mut change.previous);
             match self.profile.complete(current, previous).await {
                 // A row whose resource the store no longer knows (HAPI: no hfj_resource
                 // row for its res_id) has no logical id to notify about.

@@ -158,11 +158,11 @@ fn single(o: &Operand, prev: Option<&Value>, cur: Option<&Value>) -> Option<Opti
     let Some(resource) = (if *previous { prev } else { cur }) else {
         return Some(None);
     };
-    let mut items = plan.eval(resource);
+    let mut items = plan.select(resource);
     match items.len() {
         0 => Some(None),
         1 => {
-            let v = items.pop()?;
+            let v = items.pop()?.clone();
             let fits = match kind {
                 Kind::Text => v.is_string(),
                 Kind::Number => v.is_number(),

@@ -14,9 +14,10 @@ use serde_json::{Map, Value};
 use std::collections::BTreeSet;
 use std::fmt;
 
-/// Members every partial resource keeps: what identifies it, and what `Resource.*`
-/// parameters (`_lastUpdated`, `_tag`, `_profile`) read.
-const ALWAYS: [&str; 3] = ["resourceType", "id", "meta"];
+/// Members every partial resource keeps: its type, which plans check their root against.
+/// `id` and `meta` are kept when a reader names them (`Resource.id`, `_lastUpdated`, `_tag`,
+/// `_profile` do); filling them from the row's columns cost allocations on every row.
+const ALWAYS: [&str; 1] = ["resourceType"];
 
 /// Which top-level members of a resource type's JSON the topics read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -72,6 +73,15 @@ impl Fields {
                 _ => Ok(None),
             };
         }
+        if let Some(members) = super::scan::members(text, |k| self.keeps(k)) {
+            let mut out = Map::new();
+            for m in members {
+                // The scanner checked the whole text is UTF-8: `from_str` does not again.
+                out.insert(m.key.to_string(), serde_json::from_str(m.value)?);
+            }
+            return Ok(Some(out));
+        }
+        // Not JSON, not an object, or escaped names: serde decides, and words the error.
         let mut de = serde_json::Deserializer::from_slice(text);
         let out = Partial(self).deserialize(&mut de)?;
         de.end()?;
@@ -173,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_only_the_named_members_and_the_identity() {
+    fn keeps_only_the_named_members_and_the_type() {
         let body = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "1"},
             "status": "final", "code": {"text": "x"}, "note": [{"text": "long"}],
             "valueQuantity": {"value": 1}});
@@ -182,12 +192,17 @@ mod tests {
             .unwrap()
             .unwrap();
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            vec!["code", "id", "meta", "resourceType", "valueQuantity"]
-        );
+        assert_eq!(keys, vec!["code", "resourceType", "valueQuantity"]);
         assert_eq!(m["code"], body["code"]);
         assert_eq!(m["valueQuantity"], body["valueQuantity"]);
+        // `id` and `meta` only when a reader names them (`Resource.id`, `_lastUpdated`).
+        let m = fields(&["id", "meta"])
+            .parse(body.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["id", "meta", "resourceType"]);
+        assert_eq!(m["meta"], body["meta"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod fields;
 pub(crate) mod model;
 pub mod notification;
 pub(crate) mod resource_types;
+pub(crate) mod scan;
 pub mod search;
 pub mod subscription;
 pub mod topic;

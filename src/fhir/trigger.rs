@@ -2,7 +2,7 @@
 //! evaluated on a change the way the R5 SubscriptionTopic page defines them.
 
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::fhirpath::{CriterionError, Prepared};
@@ -290,7 +290,21 @@ impl Compiled {
         change: &ChangeEval<'_>,
         resource_type: &str,
     ) -> BTreeMap<String, Values> {
-        let mut out = BTreeMap::new();
+        self.filter_values_shared(change, resource_type)
+            .await
+            .into_iter()
+            .map(|(name, v)| (name.to_string(), Values::clone(&v)))
+            .collect()
+    }
+
+    /// [`Self::filter_values`] without copying: names borrowed from the topic, values shared
+    /// with the change's cache (capture builds one event's filters from them per row).
+    pub(crate) async fn filter_values_shared(
+        &self,
+        change: &ChangeEval<'_>,
+        resource_type: &str,
+    ) -> Vec<(&str, Arc<Values>)> {
+        let mut out: Vec<(&str, Arc<Values>)> = Vec::with_capacity(self.filters.len());
         if change.current.is_none() && change.previous.is_none() {
             return out;
         }
@@ -299,9 +313,11 @@ impl Compiled {
                 continue;
             }
             match change.values(false, &f.param).await {
-                Ok(v) => {
-                    out.insert(f.name.clone(), v);
-                }
+                // A later parameter of the same name wins, as a map insert would.
+                Ok(v) => match out.iter_mut().find(|(n, _)| *n == f.name) {
+                    Some(slot) => slot.1 = v,
+                    None => out.push((f.name.as_str(), v)),
+                },
                 Err(e) => {
                     tracing::warn!(parameter = %f.name, error = %e, "canFilterBy value not extracted")
                 }
@@ -323,12 +339,17 @@ pub struct ChangeEval<'a> {
     main: std::sync::OnceLock<Prepared>,
     /// Focus: the previous version, when there is also a current one.
     prev: std::sync::OnceLock<Prepared>,
-    cache: [Mutex<HashMap<String, Values>>; 2],
+    /// Values computed so far, per side: a handful of parameters, found by definition (or
+    /// by expression, for the same one defined twice).
+    cache: [Mutex<Computed>; 2],
     /// Parses the complete versions when `previous` and `current` hold only the members
     /// plans read ([`Fields`]); the engine is never given a partial resource.
     reparse: Option<&'a Reparse<'a>>,
     complete: std::sync::OnceLock<Versions>,
 }
+
+/// A side's values computed so far, with the definition each came from.
+type Computed = Vec<(Arc<SearchParam>, Arc<Values>)>;
 
 /// The previous and current version of a change.
 pub(crate) type Versions = (Option<Arc<Value>>, Option<Arc<Value>>);
@@ -410,24 +431,25 @@ impl<'a> ChangeEval<'a> {
     pub(crate) async fn values(
         &self,
         previous_side: bool,
-        param: &SearchParam,
-    ) -> Result<Values, String> {
+        param: &Arc<SearchParam>,
+    ) -> Result<Arc<Values>, String> {
         let slot = &self.cache[usize::from(previous_side)];
-        if let Some(v) = slot
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&param.expression).cloned())
-        {
+        let cached = slot.lock().ok().and_then(|m| {
+            m.iter()
+                .find(|(p, _)| Arc::ptr_eq(p, param) || p.expression == param.expression)
+                .map(|(_, v)| v.clone())
+        });
+        if let Some(v) = cached {
             return Ok(v);
         }
-        let v = match (&param.plan, self.focus(previous_side)) {
+        let v = Arc::new(match (&param.plan, self.focus(previous_side)) {
             (Some(plan), Some(focus)) => {
-                super::search::value::extract(param.kind, &plan.eval(focus))
+                super::search::value::extract(param.kind, plan.select(focus))
             }
             _ => self.searcher.values(self.ctx(previous_side), param).await?,
-        };
+        });
         if let Ok(mut m) = slot.lock() {
-            m.insert(param.expression.clone(), v.clone());
+            m.push((param.clone(), v.clone()));
         }
         Ok(v)
     }

@@ -80,8 +80,9 @@ impl RowChange {
         self.resource_with(&Fields::all())
     }
 
-    /// The resource with only the top-level members `fields` keeps (plus `id`,
-    /// `resourceType` and `meta`): what capture's plans read, without building the rest.
+    /// The resource with only the top-level members `fields` keeps (with `resourceType`,
+    /// and `id` and `meta` from the columns when it keeps those): what capture's plans
+    /// read, without building the rest.
     pub(crate) fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
         let Body::Text(text) = &self.body else {
             return Ok(None);
@@ -103,8 +104,10 @@ impl RowChange {
             }
         };
         obj.insert("resourceType".into(), self.resource_type.clone().into());
-        obj.insert("id".into(), self.id.clone().into());
-        if self.version_id.is_some() || self.last_updated.is_some() {
+        if fields.keeps("id") {
+            obj.insert("id".into(), self.id.clone().into());
+        }
+        if fields.keeps("meta") && (self.version_id.is_some() || self.last_updated.is_some()) {
             let meta = obj
                 .entry("meta")
                 .or_insert_with(|| Value::Object(Map::new()));

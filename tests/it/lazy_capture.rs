@@ -104,7 +104,7 @@ fn change(current: &Value, previous: Option<&Value>, n: usize) -> ResourceChange
     };
     ResourceChange {
         relation_id: 1,
-        current: row(current, interaction),
+        current: std::sync::Arc::new(row(current, interaction)),
         previous: previous.map(|p| row(p, Interaction::Update)),
         commit: Commit {
             lsn: n as u64,

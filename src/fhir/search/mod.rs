@@ -5,6 +5,7 @@
 pub(crate) mod path;
 pub mod registry;
 pub(crate) mod value;
+pub(crate) mod value_json;
 
 use std::sync::Arc;
 

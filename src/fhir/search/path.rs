@@ -69,8 +69,9 @@ impl Plan {
         Some(out)
     }
 
-    /// The values the expression selects on `resource`, as the engine would return them.
-    pub(crate) fn eval(&self, resource: &Value) -> Vec<Value> {
+    /// The values the expression selects on `resource`, as the engine would return them
+    /// (borrowed: capture reads them once, to extract search values).
+    pub(crate) fn select<'v>(&self, resource: &'v Value) -> Vec<&'v Value> {
         let ty = resource.get("resourceType").and_then(Value::as_str);
         let mut out = Vec::new();
         for b in &self.0 {
@@ -81,7 +82,7 @@ impl Plan {
             for s in &b.steps {
                 items = step(items, s);
             }
-            out.extend(items.into_iter().cloned());
+            out.extend(items);
         }
         out
     }
@@ -112,13 +113,19 @@ fn step<'a>(items: Vec<&'a Value>, s: &Step) -> Vec<&'a Value> {
             }
             Step::RefersTo(t) => {
                 let r = it.get("reference").and_then(Value::as_str).unwrap_or("");
-                if r.starts_with(&format!("{t}/")) || r.contains(&format!("/{t}/")) {
+                if refers_to(r, t) {
                     out.push(it);
                 }
             }
         }
     }
     out
+}
+
+/// Whether reference `r` names a `t` (`T/…` or `…/T/…`), without building the patterns.
+fn refers_to(r: &str, t: &str) -> bool {
+    let typed_at = |i: usize| r[i..].starts_with(t) && r[i + t.len()..].starts_with('/');
+    (r.starts_with(t) && typed_at(0)) || r.match_indices('/').any(|(i, _)| typed_at(i + 1))
 }
 
 /// Where a step's name is looked up: a type (with its bases) or a backbone's members.
@@ -323,6 +330,18 @@ mod tests {
     }
 
     #[test]
+    fn references_name_their_target_type() {
+        assert!(refers_to("Patient/p1", "Patient"));
+        assert!(refers_to("http://h/fhir/Patient/p2", "Patient"));
+        assert!(refers_to("Patient/p1/_history/2", "Patient"));
+        assert!(!refers_to("PatientX/p1", "Patient"));
+        assert!(!refers_to("Group/Patient", "Patient"));
+        assert!(!refers_to("http://h/fhir/APatient/p", "Patient"));
+        assert!(!refers_to("Patient", "Patient"));
+        assert!(!refers_to("", "Patient"));
+    }
+
+    #[test]
     fn walks_select_what_the_paths_name() {
         let o = json!({
             "resourceType": "Observation", "id": "o1",
@@ -333,7 +352,14 @@ mod tests {
             "effectivePeriod": {"start": "2024-01-01"},
             "component": [{"code": {"text": "a"}}, {"code": {"text": "b"}}]
         });
-        let run = |e: &str| plan(e, "Observation").unwrap().eval(&o);
+        let run = |e: &str| -> Vec<Value> {
+            plan(e, "Observation")
+                .unwrap()
+                .select(&o)
+                .into_iter()
+                .cloned()
+                .collect()
+        };
         assert_eq!(
             run("Observation.subject.where(resolve() is Patient)"),
             vec![json!({"reference": "Patient/p1"})]
@@ -412,7 +438,7 @@ mod equivalence {
                     Ok(items) => extract(param.kind, &items),
                     Err(_) => continue,
                 };
-                let walked = extract(param.kind, &plan.eval(&r));
+                let walked = extract(param.kind, plan.select(&r));
                 assert_eq!(walked, engine, "{ty}.{} = {}", param.code, param.expression);
                 compared += 1;
             }

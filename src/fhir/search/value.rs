@@ -71,6 +71,12 @@ pub(crate) fn fold(s: &str) -> String {
 /// `http://x/fhir/Patient/1/_history/2` → `Patient/1`; `Patient/1` stays; other strings
 /// (canonicals, URNs) stay as written, without a `|version`.
 pub(crate) fn normalize_reference(r: &str) -> String {
+    if let Some((ty, id)) = r.split_once('/') {
+        // The common form, already relative: `Type/id`.
+        if is_type_name(ty) && !id.is_empty() && !id.contains(['/', '|']) {
+            return r.to_string();
+        }
+    }
     let r = r.split('|').next().unwrap_or(r);
     let r = match r.find("/_history/") {
         Some(i) => &r[..i],
@@ -79,14 +85,17 @@ pub(crate) fn normalize_reference(r: &str) -> String {
     let parts: Vec<&str> = r.trim_end_matches('/').rsplitn(3, '/').collect();
     if parts.len() >= 2 {
         let (id, ty) = (parts[0], parts[1]);
-        if ty.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-            && ty.chars().all(|c| c.is_ascii_alphanumeric())
-            && !id.is_empty()
-        {
+        if is_type_name(ty) && !id.is_empty() {
             return format!("{ty}/{id}");
         }
     }
     r.to_string()
+}
+
+/// A resource type's shape: an upper-case ASCII letter, then letters and digits.
+fn is_type_name(ty: &str) -> bool {
+    ty.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && ty.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// A FHIR date/dateTime/instant as the range its precision covers.
@@ -146,7 +155,11 @@ pub(crate) fn date_range(s: &str) -> Option<Range> {
 }
 
 /// Normalises FHIRPath results (as JSON) for a parameter of type `kind`.
-pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
+pub(crate) fn extract<'v, I>(kind: ParamType, items: I) -> Values
+where
+    I: IntoIterator<Item = &'v Value>,
+{
+    let items = items.into_iter();
     match kind {
         ParamType::Token => {
             let mut out = Vec::new();
@@ -157,7 +170,6 @@ pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
         }
         ParamType::Reference => Values::Reference(
             items
-                .iter()
                 .filter_map(|v| match v {
                     Value::String(s) => Some(normalize_reference(s)),
                     Value::Object(o) => o
@@ -179,7 +191,6 @@ pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
         ParamType::Quantity => Values::Quantity(quantity_values(items)),
         ParamType::Number => Values::Number(
             items
-                .iter()
                 .filter_map(|v| match v {
                     Value::Number(n) => n.as_f64(),
                     Value::String(s) => s.parse().ok(),
@@ -190,7 +201,6 @@ pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
         ),
         ParamType::Uri | ParamType::Special | ParamType::Composite => Values::Uri(
             items
-                .iter()
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect(),
         ),
@@ -199,7 +209,7 @@ pub(crate) fn extract(kind: ParamType, items: &[Value]) -> Values {
 
 /// Date values: dates and instants at their precision, Periods (an open end is unbounded),
 /// Timing events.
-fn date_values(items: &[Value]) -> Vec<Range> {
+fn date_values<'v>(items: impl Iterator<Item = &'v Value>) -> Vec<Range> {
     let mut out = Vec::new();
     for v in items {
         match v {
@@ -230,9 +240,10 @@ fn date_values(items: &[Value]) -> Vec<Range> {
 }
 
 /// Quantity values: (value, system, code or unit); a bare number has neither.
-fn quantity_values(items: &[Value]) -> Vec<(f64, Option<String>, Option<String>)> {
+fn quantity_values<'v>(
+    items: impl Iterator<Item = &'v Value>,
+) -> Vec<(f64, Option<String>, Option<String>)> {
     items
-        .iter()
         .filter_map(|v| match v {
             Value::Number(n) => Some((n.as_f64()?, None, None)),
             Value::Object(o) => Some((
