@@ -19,8 +19,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use fhir_cdc::capture::assemble::Assembler;
 use fhir_cdc::capture::control::{Active, ActiveTopics, Role};
 use fhir_cdc::capture::decode::Decoder;
-use fhir_cdc::capture::matcher::Matcher;
-use fhir_cdc::capture::read::Wanted;
+use fhir_cdc::capture::matcher::{Matcher, Wanted};
 use fhir_cdc::config::Config;
 use fhir_cdc::fhir::search::Searcher;
 use fhir_cdc::fhir::trigger;
@@ -178,12 +177,9 @@ async fn pass(
         assembler.begin(1000 + t as u64, t as u32, 0);
         let mut items: Vec<Item> = Vec::new();
         for m in txn {
-            let Some(mut row) = decoder.decode(m.clone()).expect("decode") else {
+            let Some(row) = decoder.decode(m.clone()).expect("decode") else {
                 continue;
             };
-            if let Some(fields) = row.resource_type().and_then(|t| wanted.get(t)) {
-                row.parse_ahead(fields);
-            }
             let Some(change) = assembler.row(row).expect("assemble") else {
                 continue;
             };

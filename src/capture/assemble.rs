@@ -8,7 +8,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::decode::{Ahead, RowEvent};
+use super::decode::RowEvent;
 use super::error::{CaptureError, Result};
 use crate::fhir::topic::Interaction;
 use crate::store::{Decoded, RowChange};
@@ -38,27 +38,14 @@ pub struct ResourceChange {
     pub current: Arc<RowChange>,
     pub previous: Option<RowChange>,
     pub commit: Commit,
-    /// `current` and `previous` as JSON, where the reader parsed them ahead.
-    pub parsed: Parsed,
 }
-
-/// Resources parsed ahead of matching (see [`super::read`]).
-#[derive(Debug, Clone, Default)]
-pub struct Parsed {
-    pub(crate) current: Option<Ahead>,
-    pub(crate) previous: Option<Ahead>,
-}
-
-/// A prior version and its JSON when the reader parsed it ahead.
-type Prior = (RowChange, Option<Ahead>);
 
 struct Open {
     commit: Commit,
     /// Queued before the crash: its end LSN is at or below the checkpoint.
     skip: bool,
-    /// Prior versions seen in this transaction (and their JSON when parsed ahead), by
-    /// `(type, id)`.
-    prior: HashMap<(String, String), Prior>,
+    /// Prior versions seen in this transaction, by `(type, id)`.
+    prior: HashMap<(String, String), RowChange>,
 }
 
 pub struct Assembler {
@@ -103,7 +90,7 @@ impl Assembler {
             Ok(Decoded::Change(c)) => c,
             Ok(Decoded::PriorVersion(v)) => {
                 open.prior
-                    .insert((v.resource_type.clone(), v.id.clone()), (v, ev.parsed));
+                    .insert((v.resource_type.clone(), v.id.clone()), v);
                 return Ok(None);
             }
             Ok(Decoded::Skip) => return Ok(None),
@@ -113,14 +100,14 @@ impl Assembler {
                 return Ok(None);
             }
         };
-        let (previous, parsed_previous) = match current.interaction {
-            Interaction::Create => (None, None),
+        let previous = match current.interaction {
+            Interaction::Create => None,
             _ => match open
                 .prior
                 .remove(&(current.resource_type.clone(), current.id.clone()))
             {
-                Some((v, parsed)) => (Some(v), parsed),
-                None => (full_old_tuple(&ev), None),
+                Some(v) => Some(v),
+                None => full_old_tuple(&ev),
             },
         };
         Ok(Some(ResourceChange {
@@ -128,10 +115,6 @@ impl Assembler {
             current: Arc::new(current),
             previous,
             commit: open.commit,
-            parsed: Parsed {
-                current: ev.parsed,
-                previous: parsed_previous,
-            },
         }))
     }
 

@@ -4,12 +4,10 @@
 
 use bytes::Bytes;
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser, TupleData};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::error::{CaptureError, Result};
-use crate::fhir::fields::Fields;
 use crate::store::{Decoded, RowError, RowOp, StoreProfile, TableDecoder, TableInfo};
 
 /// One row operation of a table the profile reads, decoded by the profile.
@@ -22,42 +20,6 @@ pub struct RowEvent {
     pub(crate) old: Option<TupleData>,
     /// What the profile makes of the row.
     pub(crate) decoded: std::result::Result<Decoded, RowError>,
-    /// The resource of `decoded` as JSON, when the reader parsed it ahead (see
-    /// [`super::read`]); otherwise the matcher parses it if a topic wants it.
-    pub(crate) parsed: Option<Ahead>,
-}
-
-/// A resource parsed ahead of matching, with only the members `fields` keeps.
-#[derive(Debug, Clone)]
-pub(crate) struct Ahead {
-    pub(crate) json: Arc<Value>,
-    pub(crate) fields: Arc<Fields>,
-}
-
-impl RowEvent {
-    /// Parses the decoded version's resource ahead of matching, keeping the members
-    /// `fields` names. A body that is not a JSON object is left for the matcher, which
-    /// counts and logs it.
-    pub fn parse_ahead(&mut self, fields: Arc<Fields>) {
-        let row = match &self.decoded {
-            Ok(Decoded::Change(c) | Decoded::PriorVersion(c)) => c,
-            _ => return,
-        };
-        if let Ok(Some(v)) = row.resource_with(&fields) {
-            self.parsed = Some(Ahead {
-                json: Arc::new(v),
-                fields,
-            });
-        }
-    }
-
-    /// The decoded version's resource type, if any.
-    pub fn resource_type(&self) -> Option<&str> {
-        match &self.decoded {
-            Ok(Decoded::Change(c) | Decoded::PriorVersion(c)) => Some(&c.resource_type),
-            _ => None,
-        }
-    }
 }
 
 pub struct Decoder {
@@ -137,7 +99,6 @@ impl Decoder {
             table,
             old,
             decoded,
-            parsed: None,
         }))
     }
 }

@@ -4,13 +4,11 @@
 //! changes some topic wants.
 
 use serde_json::Value;
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use super::assemble::ResourceChange;
 use super::control::Active;
-use super::decode::Ahead;
-use super::read::Wanted;
 use crate::fhir::fields::Fields;
 use crate::fhir::search::registry::SearchParam;
 use crate::fhir::search::value::Values;
@@ -20,6 +18,24 @@ use crate::fhir::topic::Interaction;
 use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
 use crate::queue::batch::{QueuedEvent, ResourceBody, OWN_FILTERS};
 use crate::store::RowChange;
+
+/// The resource types some active topic triggers on, each with the members its topics
+/// read; the stream changes it when topics do.
+#[derive(Clone, Default)]
+pub struct Wanted(Arc<RwLock<HashMap<String, Arc<Fields>>>>);
+
+impl Wanted {
+    pub fn set(&self, types: HashMap<String, Arc<Fields>>) {
+        if let Ok(mut w) = self.0.write() {
+            *w = types;
+        }
+    }
+
+    /// The members to parse of a `resource_type` resource; `None` when no topic wants it.
+    pub fn get(&self, resource_type: &str) -> Option<Arc<Fields>> {
+        self.0.read().ok()?.get(resource_type).cloned()
+    }
+}
 
 pub struct Matcher {
     searcher: Arc<Searcher>,
@@ -241,30 +257,20 @@ impl Matcher {
     }
 }
 
-/// Parses both versions with the members `fields` keeps (or takes them as the reader
-/// parsed them, when it kept the same); `None` (with a log line) when the current one is not
-/// a resource.
+/// Parses both versions with the members `fields` keeps; `None` (with a log line) when the
+/// current one is not a resource.
 fn parse(change: &ResourceChange, fields: Arc<Fields>) -> Option<Versions> {
-    let ahead = |a: &Option<Ahead>| {
-        a.as_ref()
-            .filter(|a| Arc::ptr_eq(&a.fields, &fields) || a.fields == fields)
-            .map(|a| a.json.clone())
+    let current = match change.current.resource_with(&fields) {
+        Ok(r) => r.map(Arc::new),
+        Err(e) => {
+            metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
+            tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
+            return None;
+        }
     };
-    let current = match ahead(&change.parsed.current) {
-        Some(v) => Some(v),
-        None => match change.current.resource_with(&fields) {
-            Ok(r) => r.map(Arc::new),
-            Err(e) => {
-                metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
-                tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
-                return None;
-            }
-        },
-    };
-    let previous = match (ahead(&change.parsed.previous), change.previous.as_ref()) {
-        (Some(v), _) => Some(v),
-        (None, None) => None,
-        (None, Some(p)) => match p.resource_with(&fields) {
+    let previous = match change.previous.as_ref() {
+        None => None,
+        Some(p) => match p.resource_with(&fields) {
             Ok(r) => r.map(Arc::new),
             Err(e) => {
                 tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");

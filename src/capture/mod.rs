@@ -2,7 +2,7 @@
 //!
 //! The data path, one stage per module, in the order a change flows:
 //! 1. [`decode`]: pgoutput messages → row events of the tables the store profile reads,
-//!    on a task of its own ([`read`]) that also parses the JSON topics will need;
+//!    on a task of its own ([`read`]) that reads the slot;
 //! 2. [`assemble`]: row events → resource changes of store transactions, each paired with
 //!    the version it replaces; transactions already queued before a restart are skipped;
 //! 3. [`control`]: Subscription / SubscriptionTopic rows change what is subscribed;

@@ -1,22 +1,21 @@
-//! Stage 1, on a task of its own: reads the slot, decodes pgoutput and the profile's rows
-//! ([`super::decode`]) and parses the JSON of resources some topic wants, so that work runs
-//! on the other core while the stream matches and queues the changes before them. Parsing
-//! was about half of capture's CPU (`BENCH_PERF` in scripts/bench.sh).
+//! Stage 1, on a task of its own: reads the slot and decodes pgoutput and the profile's rows
+//! ([`super::decode`]), handing them to the stream in batches. Order is kept: one task, one
+//! FIFO channel.
 //!
-//! Order is kept: one task, one FIFO channel. A parse ahead is only a cache: where the
-//! reader did not parse (a type no topic wanted when it passed, a profile that completes
-//! rows from the store, a body that is not JSON), the matcher parses as before.
+//! The JSON is parsed by the matcher, on the stream's task. It was parsed here, ahead, to
+//! use the other core; but the parsed values were then freed on another thread than the
+//! one that built them, and the allocator's cross-thread frees cost more CPU than the
+//! overlap saved (three interleaved `BENCH_ONLY=capture` pairs: 13–37% less daemon CPU per
+//! row without it, at the same drain rate). Postgres uses the other core anyway.
 
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::collections::VecDeque;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::decode::{Decoder, RowEvent};
 use super::error::{CaptureError, Result};
-use crate::fhir::fields::Fields;
 
 /// Events the reader hands on, in stream order.
 const AHEAD: usize = 512;
@@ -41,35 +40,6 @@ pub(crate) enum Event {
     Position(u64),
 }
 
-/// The resource types some active topic triggers on, each with the members its topics
-/// read; shared with the stream, which changes it when topics do.
-#[derive(Clone, Default)]
-pub struct Wanted(Arc<RwLock<HashMap<String, Arc<Fields>>>>);
-
-impl Wanted {
-    pub fn set(&self, types: HashMap<String, Arc<Fields>>) {
-        if let Ok(mut w) = self.0.write() {
-            *w = types;
-        }
-    }
-
-    /// The members to parse of a `resource_type` resource; `None` when no topic wants it.
-    pub fn get(&self, resource_type: &str) -> Option<Arc<Fields>> {
-        self.0.read().ok()?.get(resource_type).cloned()
-    }
-}
-
-/// What the reader task needs besides the replication client.
-pub(crate) struct Setup {
-    pub(crate) decoder: Decoder,
-    pub(crate) wanted: Wanted,
-    /// The checkpoint the stream started at: transactions ending before it are skipped by
-    /// the assembler, so they are not parsed.
-    pub(crate) checkpoint: u64,
-    /// False for profiles that complete rows from the store (the id or body may change).
-    pub(crate) parse_ahead: bool,
-}
-
 /// The stream's handle on the reader task.
 pub(crate) struct Reader {
     events: mpsc::Receiver<Result<Vec<Event>>>,
@@ -81,11 +51,11 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    pub(crate) fn spawn(repl: ReplicationClient, setup: Setup) -> Reader {
+    pub(crate) fn spawn(repl: ReplicationClient, decoder: Decoder) -> Reader {
         let (tx, events) = mpsc::channel(AHEAD / BATCH);
         let (applied, applied_rx) = watch::channel(0);
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(repl, setup, tx, applied_rx, stop_rx));
+        let task = tokio::spawn(run(repl, decoder, tx, applied_rx, stop_rx));
         Reader {
             events,
             ready: VecDeque::new(),
@@ -127,12 +97,11 @@ impl Reader {
 
 async fn run(
     mut repl: ReplicationClient,
-    mut setup: Setup,
+    mut decoder: Decoder,
     tx: mpsc::Sender<Result<Vec<Event>>>,
     mut applied: watch::Receiver<u64>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut skip = false;
     loop {
         tokio::select! {
             biased;
@@ -143,7 +112,7 @@ async fn run(
                 }
             }
             ev = repl.recv() => {
-                let (batch, failed) = take_batch(ev, &mut repl, &mut setup, &mut skip);
+                let (batch, failed) = take_batch(ev, &mut repl, &mut decoder);
                 if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
                     break;
                 }
@@ -162,14 +131,13 @@ async fn run(
 fn take_batch(
     first: pgwire_replication::Result<Option<ReplicationEvent>>,
     repl: &mut ReplicationClient,
-    setup: &mut Setup,
-    skip: &mut bool,
+    decoder: &mut Decoder,
 ) -> (Vec<Event>, Option<CaptureError>) {
     let mut batch = Vec::new();
     let mut next = Some(first);
     while let Some(ev) = next.take() {
         let converted = match ev {
-            Ok(Some(ev)) => convert(ev, setup, skip),
+            Ok(Some(ev)) => convert(ev, decoder),
             Ok(None) => Err(CaptureError::Replication("replication stream ended".into())),
             Err(e) => Err(CaptureError::Replication(e.to_string())),
         };
@@ -188,28 +156,21 @@ fn take_batch(
 }
 
 /// One replication event; `None` for what the stream does not need.
-fn convert(ev: ReplicationEvent, setup: &mut Setup, skip: &mut bool) -> Result<Option<Event>> {
+fn convert(ev: ReplicationEvent, decoder: &mut Decoder) -> Result<Option<Event>> {
     Ok(Some(match ev {
         ReplicationEvent::Begin {
             final_lsn,
             xid,
             commit_time_micros,
-        } => {
-            *skip = final_lsn.0 < setup.checkpoint;
-            Event::Begin {
-                final_lsn: final_lsn.0,
-                xid,
-                commit_time_micros,
-            }
-        }
+        } => Event::Begin {
+            final_lsn: final_lsn.0,
+            xid,
+            commit_time_micros,
+        },
         ReplicationEvent::XLogData { data, .. } => {
-            let Some(mut row) = setup.decoder.decode(data)? else {
+            let Some(row) = decoder.decode(data)? else {
                 return Ok(None);
             };
-            let wanted = row.resource_type().and_then(|t| setup.wanted.get(t));
-            if let (true, false, Some(fields)) = (setup.parse_ahead, *skip, wanted) {
-                row.parse_ahead(fields);
-            }
             Event::Row(Box::new(row))
         }
         ReplicationEvent::Commit { end_lsn, .. } => Event::Commit { end_lsn: end_lsn.0 },

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::control::{ActiveTopics, Role};
 use super::error::{CaptureError, Result};
-use super::read::{self, Event, Reader};
+use super::read::{Event, Reader};
 use super::{assemble, decode, flush, lag, matcher};
 use crate::config::Config;
 use crate::fhir::search::Searcher;
@@ -37,8 +37,8 @@ enum Step {
 pub(super) struct Stream<'a> {
     cfg: &'a Config,
     profile: Arc<dyn StoreProfile>,
-    /// The resource types topics trigger on, for the reader's parse ahead.
-    wanted: read::Wanted,
+    /// The resource types topics trigger on and the members they read, for the matcher.
+    wanted: matcher::Wanted,
     assembler: assemble::Assembler,
     topics: ActiveTopics,
     matcher: matcher::Matcher,
@@ -71,7 +71,7 @@ impl<'a> Stream<'a> {
         checkpoint: u64,
         health: Arc<lag::Health>,
     ) -> Self {
-        let wanted = read::Wanted::default();
+        let wanted = matcher::Wanted::default();
         Stream {
             cfg,
             matcher: matcher::Matcher::new(searcher.clone(), wanted.clone()),
@@ -109,15 +109,7 @@ impl<'a> Stream<'a> {
         // `jobs` is dropped when the stream returns: the writer finishes what it was sent
         // (what it commits is checkpointed and a restart skips it), then ends.
         self.wanted.set(self.topics.fields());
-        let reader = Reader::spawn(
-            repl,
-            read::Setup {
-                decoder: decode::Decoder::new(self.profile.clone()),
-                wanted: self.wanted.clone(),
-                checkpoint: self.confirmed,
-                parse_ahead: !self.profile.completes(),
-            },
-        );
+        let reader = Reader::spawn(repl, decode::Decoder::new(self.profile.clone()));
         let r = self.stream(reader, shutdown, jobs, acks).await;
         if let Err(e) = writer.await {
             tracing::error!(error = %e, "queue writer task failed");
@@ -256,7 +248,7 @@ impl<'a> Stream<'a> {
             change.current.resource_type.as_str(),
             "Subscription" | "SubscriptionTopic" | "Basic"
         ) {
-            // Topics may have changed: the reader parses ahead what they now want.
+            // Topics may have changed: the matcher parses what they now read.
             self.wanted.set(self.topics.fields());
         }
         match role {

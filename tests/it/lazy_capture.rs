@@ -7,10 +7,10 @@
 
 use bytes::Bytes;
 use chrono::Utc;
-use fhir_cdc::capture::assemble::{Commit, Parsed, ResourceChange};
+use fhir_cdc::capture::assemble::{Commit, ResourceChange};
 use fhir_cdc::capture::control::{Active, ActiveTopics};
 use fhir_cdc::capture::matcher::Matcher;
-use fhir_cdc::capture::read::Wanted;
+use fhir_cdc::capture::matcher::Wanted;
 use fhir_cdc::config::FhirVersion;
 use fhir_cdc::fhir::fhirpath::FhirPath;
 use fhir_cdc::fhir::fields::Fields;
@@ -111,7 +111,6 @@ fn change(current: &Value, previous: Option<&Value>, n: usize) -> ResourceChange
             xid: n as u32,
             time: Utc::now(),
         },
-        parsed: Parsed::default(),
     }
 }
 
