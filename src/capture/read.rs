@@ -152,6 +152,7 @@ fn take_batch(
             next = repl.recv().now_or_never();
         }
     }
+    metrics::counter!(crate::metrics::ROWS).increment(decoder.take_rows());
     (batch, None)
 }
 

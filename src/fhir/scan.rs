@@ -91,6 +91,38 @@ fn has_controls(b: &[u8]) -> bool {
     acc & HIGH != 0 || words.remainder().iter().any(|&c| c < 0x20)
 }
 
+/// Where the run of string bytes from `i` that need no escaping ends: at the first `"`,
+/// `\\` or (with `controls`) byte below 0x20, eight bytes at a time where it can.
+fn run_end(b: &[u8], mut i: usize, controls: bool) -> usize {
+    let low = if controls { ONES * 0x20 } else { 0 };
+    while i + 8 <= b.len() {
+        let x = word(b, i);
+        // A byte is zero in `q`/`s` where it was `"`/`\\`; `x - 0x20..` borrows where a
+        // byte is below 0x20. Bytes of 0x80 and up (UTF-8) are excluded from the test. Only
+        // the lowest flagged byte is certain (a borrow may flag bytes above it): it is the
+        // first, as the word is little-endian.
+        let q = x ^ (ONES * u64::from(b'"'));
+        let s = x ^ (ONES * u64::from(b'\\'));
+        let special = ((q.wrapping_sub(ONES) & !q)
+            | (s.wrapping_sub(ONES) & !s)
+            | (x.wrapping_sub(low) & !x))
+            & HIGH;
+        if special != 0 {
+            return i + (special.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < b.len() && !(b[i] == b'"' || b[i] == b'\\' || (controls && b[i] < 0x20)) {
+        i += 1;
+    }
+    i
+}
+
+/// Where the bytes of `s` from `from` that a JSON string holds as they are end.
+pub(crate) fn plain_end(s: &[u8], from: usize) -> usize {
+    run_end(s, from, true)
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -247,33 +279,9 @@ impl Scanner<'_> {
     }
 
     /// Steps over string bytes that need no attention (not `"`, `\\` or a control
-    /// character), eight at a time where it can.
+    /// character); without control bytes in the text only `"` and `\\` end a run.
     fn plain_run(&mut self) {
-        let b = self.b;
-        let mut i = self.i;
-        // Without control bytes in the text only `"` and `\\` end a run.
-        let low = if self.controls { ONES * 0x20 } else { 0 };
-        while i + 8 <= b.len() {
-            let x = word(b, i);
-            // A byte is zero in `q`/`s` where it was `"`/`\\`; `x - 0x20..` borrows where a
-            // byte is below 0x20. Bytes of 0x80 and up (UTF-8) are excluded from the test.
-            let q = x ^ (ONES * u64::from(b'"'));
-            let s = x ^ (ONES * u64::from(b'\\'));
-            let special = ((q.wrapping_sub(ONES) & !q)
-                | (s.wrapping_sub(ONES) & !s)
-                | (x.wrapping_sub(low) & !x))
-                & HIGH;
-            if special != 0 {
-                // The first special byte (little-endian: the lowest set bit's byte).
-                self.i = i + (special.trailing_zeros() / 8) as usize;
-                return;
-            }
-            i += 8;
-        }
-        while i < b.len() && !matches!(b[i], b'"' | b'\\' | 0..=0x1f) {
-            i += 1;
-        }
-        self.i = i;
+        self.i = run_end(self.b, self.i, self.controls);
     }
 
     /// An escape after its backslash. `\u` takes four hex digits; serde refuses a lone

@@ -89,8 +89,11 @@ fn write_f64(x: f64, out: &mut String) {
 /// A JSON string: `"` and `\` escaped, control characters as serde_json writes them.
 pub(crate) fn write_str(s: &str, out: &mut String) {
     out.push('"');
+    let bytes = s.as_bytes();
     let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
+    loop {
+        let i = crate::fhir::scan::plain_end(bytes, plain);
+        let Some(&b) = bytes.get(i) else { break };
         let esc = match b {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -99,8 +102,7 @@ pub(crate) fn write_str(s: &str, out: &mut String) {
             b'\t' => "\\t",
             0x08 => "\\b",
             0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
+            _ => "",
         };
         out.push_str(&s[plain..i]);
         if esc.is_empty() {
