@@ -120,7 +120,7 @@ fn keys(e: &Expr, out: &mut Vec<String>) -> Option<()> {
     }
 }
 
-fn eval(e: &Expr, prev: Option<&Value>, cur: Option<&Value>) -> Option<Option<bool>> {
+fn eval<'a>(e: &'a Expr, prev: Option<&'a Value>, cur: Option<&'a Value>) -> Option<Option<bool>> {
     Some(match e {
         Expr::Or(a, b) => match (eval(a, prev, cur)?, eval(b, prev, cur)?) {
             (Some(true), _) | (_, Some(true)) => Some(true),
@@ -134,11 +134,11 @@ fn eval(e: &Expr, prev: Option<&Value>, cur: Option<&Value>) -> Option<Option<bo
         },
         Expr::Truth(o) => match single(o, prev, cur)? {
             None => None,
-            Some(Value::Bool(b)) => Some(b),
+            Some(Value::Bool(b)) => Some(*b),
             Some(_) => return None,
         },
         Expr::Cmp(op, a, b) => match (single(a, prev, cur)?, single(b, prev, cur)?) {
-            (Some(x), Some(y)) => Some(compare(*op, &x, &y)?),
+            (Some(x), Some(y)) => Some(compare(*op, x, y)?),
             _ => None,
         },
     })
@@ -146,9 +146,14 @@ fn eval(e: &Expr, prev: Option<&Value>, cur: Option<&Value>) -> Option<Option<bo
 
 /// The operand's one value: `Some(None)` when empty, `None` when several or of a type not
 /// compared here.
-fn single(o: &Operand, prev: Option<&Value>, cur: Option<&Value>) -> Option<Option<Value>> {
+/// Borrowed: nothing is copied to compare.
+fn single<'a>(
+    o: &'a Operand,
+    prev: Option<&'a Value>,
+    cur: Option<&'a Value>,
+) -> Option<Option<&'a Value>> {
     let (previous, plan, kind) = match o {
-        Operand::Lit(v) => return Some(Some(v.clone())),
+        Operand::Lit(v) => return Some(Some(v)),
         Operand::Path {
             previous,
             plan,
@@ -162,7 +167,7 @@ fn single(o: &Operand, prev: Option<&Value>, cur: Option<&Value>) -> Option<Opti
     match items.len() {
         0 => Some(None),
         1 => {
-            let v = items.pop()?.clone();
+            let v = items.pop()?;
             let fits = match kind {
                 Kind::Text => v.is_string(),
                 Kind::Number => v.is_number(),

@@ -78,9 +78,13 @@ impl Plan {
             if b.root.is_some() && b.root.as_deref() != ty {
                 continue;
             }
-            let mut items = vec![resource];
+            // Two buffers, swapped at each step; inline for the few items paths select.
+            let mut items: Items<'v> = smallvec::smallvec![resource];
+            let mut next = Items::new();
             for s in &b.steps {
-                items = step(items, s);
+                step(&items, s, &mut next);
+                std::mem::swap(&mut items, &mut next);
+                next.clear();
             }
             out.extend(items);
         }
@@ -88,26 +92,28 @@ impl Plan {
     }
 }
 
-fn step<'a>(items: Vec<&'a Value>, s: &Step) -> Vec<&'a Value> {
-    fn push<'a>(out: &mut Vec<&'a Value>, v: &'a Value) {
+/// The values a step of a path holds.
+type Items<'v> = smallvec::SmallVec<[&'v Value; 8]>;
+
+fn step<'a>(items: &[&'a Value], s: &Step, out: &mut Items<'a>) {
+    fn push<'a>(out: &mut Items<'a>, v: &'a Value) {
         match v {
             Value::Array(a) => out.extend(a.iter()),
             Value::Null => {}
             v => out.push(v),
         }
     }
-    let mut out = Vec::new();
-    for it in items {
+    for &it in items {
         match s {
             Step::Field(k) => {
                 if let Some(v) = it.get(k) {
-                    push(&mut out, v);
+                    push(out, v);
                 }
             }
             Step::Choice(keys) => {
                 for k in keys {
                     if let Some(v) = it.get(k) {
-                        push(&mut out, v);
+                        push(out, v);
                     }
                 }
             }
@@ -119,7 +125,6 @@ fn step<'a>(items: Vec<&'a Value>, s: &Step) -> Vec<&'a Value> {
             }
         }
     }
-    out
 }
 
 /// Whether reference `r` names a `t` (`T/…` or `…/T/…`), without building the patterns.
