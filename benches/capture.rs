@@ -6,8 +6,9 @@
 //!   cargo bench --bench capture -- resources.jsonl [ROWS]
 //!
 //! The stream is what the walsender sends for an Aidbox-style `observation` table: a Relation
-//! message, then Insert messages of ~1.3 KB Observations (gen.py, without id and meta, as
-//! Aidbox stores them) in transactions of 100, the same setup as bench.sh's drains. Prints
+//! message (the columns' real types: `resource` is jsonb), then Insert messages of ~1.3 KB
+//! Observations (gen.py, without id and meta, as Aidbox stores them, in jsonb's text form)
+//! in transactions of 100, the same setup as bench.sh's drains. Prints
 //! ns and heap allocations per row for 1 topic and for bench.sh's 20 topics, beside
 //! `serde_json` parsing the same bodies into a `Value` (the cost the lazy path avoids).
 
@@ -54,14 +55,16 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 const RELID: u32 = 16385;
-const COLUMNS: [&str; 7] = [
-    "id",
-    "txid",
-    "cts",
-    "ts",
-    "resource_type",
-    "status",
-    "resource",
+/// Aidbox's columns and their type OIDs, as the Relation message names them: text, bigint,
+/// timestamptz, an enum (sent as text) and jsonb.
+const COLUMNS: [(&str, u32); 7] = [
+    ("id", 25),
+    ("txid", 20),
+    ("cts", 1184),
+    ("ts", 1184),
+    ("resource_type", 25),
+    ("status", 25),
+    ("resource", 3802),
 ];
 
 fn cstr(b: &mut BytesMut, s: &str) {
@@ -77,10 +80,10 @@ fn relation() -> Bytes {
     cstr(&mut b, "observation");
     b.put_u8(b'd');
     b.put_u16(COLUMNS.len() as u16);
-    for (i, c) in COLUMNS.iter().enumerate() {
+    for (i, (c, oid)) in COLUMNS.iter().enumerate() {
         b.put_u8(u8::from(i == 0));
         cstr(&mut b, c);
-        b.put_u32(25);
+        b.put_u32(*oid);
         b.put_i32(-1);
     }
     b.freeze()
@@ -232,7 +235,7 @@ fn load(path: &str, rows: usize) -> (Vec<Vec<Bytes>>, Vec<String>) {
                 o.remove("meta");
                 o.remove("resourceType");
             }
-            r.to_string()
+            jsonb_text(&r)
         })
         .collect();
     assert!(!bodies.is_empty(), "no Observations in {path}");
@@ -240,6 +243,28 @@ fn load(path: &str, rows: usize) -> (Vec<Vec<Bytes>>, Vec<String>) {
         .map(|i| insert(&format!("o{i}"), &bodies[i % bodies.len()]))
         .collect();
     (msgs.chunks(100).map(<[Bytes]>::to_vec).collect(), bodies)
+}
+
+/// A value as Postgres prints a jsonb: keys shortest first (then by bytes), `, ` and `: `
+/// between items. That is the text pgoutput sends for Aidbox's `resource` column.
+fn jsonb_text(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
+            let items: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}: {}", Value::from(k.as_str()), jsonb_text(&m[*k])))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(jsonb_text).collect();
+            format!("[{}]", items.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// What building a `serde_json::Value` of each body costs, measured in the same run.

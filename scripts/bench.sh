@@ -6,6 +6,7 @@
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_ONLY=lag scripts/bench.sh               # the capture figures, the big transaction and the lag case
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
+#   BENCH_ONLY=instructions BENCH_ROWS=20000 scripts/bench.sh   # capture's instructions per row (callgrind)
 #   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (BENCH_BROKER_KINDS=nats: JetStream only)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh   (BENCH_PERF_ALL=1: the whole machine, fan-out cases)
@@ -166,6 +167,46 @@ prime() { # config
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 prime c1; prime c20; prime cbig
+
+# BENCH_ONLY=instructions: the daemon's own instructions per drained row, under callgrind
+# (the whole process: the replication client, decoding, matching, the queue writer and the
+# runtime; not the kernel). It does not move with the machine's load, as CPU time does.
+# Start-up with nothing to drain is measured the same way and subtracted.
+if [ "${BENCH_ONLY:-}" = instructions ]; then
+  if ! command -v valgrind >/dev/null 2>&1; then
+    echo "bench.sh: installing valgrind with apt" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+  fi
+  ir() { awk '/^summary:/ {print $2}' "$1"; }
+  cg_run() { # config out-file [queue-db markers]: under callgrind until streaming (or queued)
+    valgrind --tool=callgrind --callgrind-out-file="$2" "$bin" capture --config "$work/$1.toml" 2>"$2.log" &
+    local p=$!
+    if [ -n "${3:-}" ]; then
+      until [ "$(psql -d "$3" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "$4" ]; do sleep 0.2; done
+    else
+      until grep -qs "capture streaming" "$2.log"; do sleep 0.2; done
+      sleep 1
+    fi
+    kill "$p"; wait "$p" 2>/dev/null || true
+  }
+  cg_run c1 "$work/start1.cg"; cg_run c20 "$work/start20.cg"
+  python3 - "$ROWS" "$src_n" <<'PY' | psql -d fhir -f -
+import sys
+rows, n = int(sys.argv[1]), int(sys.argv[2])
+for start in range(0, rows, 100):
+    print("BEGIN;")
+    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) "
+          f"SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body "
+          f"FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
+    print("COMMIT;")
+PY
+  psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end\"}}')" >/dev/null
+  cg_run c1 "$work/drain1.cg" q1 1; cg_run c20 "$work/drain20.cg" q20 1
+  for t in 1 20; do
+    echo "capture_${t}topic_daemon_instructions_per_row=$(( ($(ir "$work/drain$t.cg") - $(ir "$work/start$t.cg")) / ROWS ))   # callgrind, whole process, (drain - start-up) / rows"
+  done
+  exit 0
+fi
 psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
 
 if [ "${BENCH_ONLY:-}" != e2e ] && [ "${BENCH_ONLY:-}" != brokers ]; then

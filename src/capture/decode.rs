@@ -65,6 +65,7 @@ impl Decoder {
                     schema: namespace.to_string(),
                     name: relation_name.to_string(),
                     columns: columns.iter().map(|c| c.name.to_string()).collect(),
+                    types: columns.iter().map(|c| c.type_id).collect(),
                 };
                 self.relations
                     .insert(relation_id, self.profile.table(&info));

@@ -80,6 +80,11 @@ impl Reader {
         }
     }
 
+    /// The next event of the batch already received, without waiting.
+    pub(crate) fn ready(&mut self) -> Option<Event> {
+        self.ready.pop_front()
+    }
+
     /// Everything up to `lsn` is queued: the server may forget it.
     pub(crate) fn applied(&self, lsn: u64) {
         self.applied.send_replace(lsn);

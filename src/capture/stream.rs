@@ -147,11 +147,22 @@ impl<'a> Stream<'a> {
             }
             tokio::select! {
                 ev = repl.recv() => {
-                    match self.handle(ev?).await? {
-                        Step::Nothing => {}
-                        Step::Flush => self.flush(&jobs, &mut acks).await?,
-                        Step::Chunk => self.chunk(&jobs, &mut acks).await?,
-                        Step::Position(lsn) => self.advance(&jobs, &mut acks, lsn).await?,
+                    // The rest of the reader's batch is handled here too, not one event per
+                    // turn of this select (which polls every branch, timers included): up
+                    // to the first step that writes, so acknowledgements are still read
+                    // between two jobs.
+                    let mut ev = ev?;
+                    loop {
+                        match self.handle(ev).await? {
+                            Step::Nothing => {}
+                            Step::Flush => { self.flush(&jobs, &mut acks).await?; break }
+                            Step::Chunk => { self.chunk(&jobs, &mut acks).await?; break }
+                            Step::Position(lsn) => { self.advance(&jobs, &mut acks, lsn).await?; break }
+                        }
+                        match repl.ready() {
+                            Some(next) => ev = next,
+                            None => break,
+                        }
                     }
                 }
                 ack = acks.recv() => {

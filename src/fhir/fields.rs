@@ -66,14 +66,18 @@ impl Fields {
     /// Parses a JSON object keeping only the members this set keeps; the others are read
     /// through without being built. Errors as `serde_json::from_slice` would, and a body
     /// that is not an object gives `Ok(None)`.
-    pub(crate) fn parse(&self, text: &[u8]) -> serde_json::Result<Option<Map<String, Value>>> {
+    pub(crate) fn parse(
+        &self,
+        text: &[u8],
+        source: super::scan::Source,
+    ) -> serde_json::Result<Option<Map<String, Value>>> {
         if self.all {
             return match serde_json::from_slice(text)? {
                 Value::Object(m) => Ok(Some(m)),
                 _ => Ok(None),
             };
         }
-        if let Some(members) = super::scan::members(text, |k| self.keeps(k)) {
+        if let Some(members) = super::scan::members(text, source, |k| self.keeps(k)) {
             let mut out = Map::new();
             for m in members {
                 // The scanner checked the whole text is UTF-8: `from_str` does not again.
@@ -174,6 +178,7 @@ impl<'de> Visitor<'de> for Partial<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fhir::scan::Source::Unchecked;
     use serde_json::json;
 
     fn fields(keys: &[&str]) -> Fields {
@@ -188,7 +193,7 @@ mod tests {
             "status": "final", "code": {"text": "x"}, "note": [{"text": "long"}],
             "valueQuantity": {"value": 1}});
         let m = fields(&["code", "valueQuantity"])
-            .parse(body.to_string().as_bytes())
+            .parse(body.to_string().as_bytes(), Unchecked)
             .unwrap()
             .unwrap();
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
@@ -197,7 +202,7 @@ mod tests {
         assert_eq!(m["valueQuantity"], body["valueQuantity"]);
         // `id` and `meta` only when a reader names them (`Resource.id`, `_lastUpdated`).
         let m = fields(&["id", "meta"])
-            .parse(body.to_string().as_bytes())
+            .parse(body.to_string().as_bytes(), Unchecked)
             .unwrap()
             .unwrap();
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
@@ -208,10 +213,12 @@ mod tests {
     #[test]
     fn bad_json_is_refused_even_in_members_not_kept() {
         let f = fields(&["code"]);
-        assert!(f.parse(br#"{"code": {}, "note": [1, }"#).is_err());
-        assert!(f.parse(br#"{"code": {}} trailing"#).is_err());
-        assert_eq!(f.parse(b"[1, 2]").unwrap(), None);
-        assert_eq!(f.parse(b"\"text\"").unwrap(), None);
+        assert!(f
+            .parse(br#"{"code": {}, "note": [1, }"#, Unchecked)
+            .is_err());
+        assert!(f.parse(br#"{"code": {}} trailing"#, Unchecked).is_err());
+        assert_eq!(f.parse(b"[1, 2]", Unchecked).unwrap(), None);
+        assert_eq!(f.parse(b"\"text\"", Unchecked).unwrap(), None);
     }
 
     #[test]
@@ -225,7 +232,7 @@ mod tests {
         assert!(g.is_all());
         let body = br#"{"a": 1, "b": {"c": 2}}"#;
         assert_eq!(
-            Fields::all().parse(body).unwrap().unwrap(),
+            Fields::all().parse(body, Unchecked).unwrap().unwrap(),
             serde_json::from_slice::<Map<String, Value>>(body).unwrap()
         );
     }
@@ -233,7 +240,7 @@ mod tests {
     #[test]
     fn escaped_keys_are_read() {
         let m = fields(&["code"])
-            .parse(br#"{"co\u0064e": 1, "n\u006fte": 2}"#)
+            .parse(br#"{"co\u0064e": 1, "n\u006fte": 2}"#, Unchecked)
             .unwrap()
             .unwrap();
         assert_eq!(m.get("code"), Some(&json!(1)));

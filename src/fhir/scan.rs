@@ -12,16 +12,34 @@
 /// starts; no FHIR resource comes near it.
 const MAX_DEPTH: usize = 100;
 
+mod blocks;
+
 /// A top-level member: its name as written (no escapes in it) and its value's text.
 pub(crate) struct Member<'a> {
     pub(crate) key: &'a str,
     pub(crate) value: &'a str,
 }
 
+/// What is known of a text before it is scanned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Anything: every value is checked against JSON's grammar.
+    Unchecked,
+    /// Postgres's text output of a `jsonb` value, which Postgres checked when it stored it:
+    /// the values no one reads are stepped over by their brackets and quotes alone,
+    /// without checking their grammar again (that check was half of capture's parsing).
+    /// The members kept are still parsed by serde, and the top level is still checked.
+    Jsonb,
+}
+
 /// The members of the JSON object `text` whose names `keep` accepts, in order; `None` when
 /// `text` is not valid JSON, not an object, or has a member name with escapes (the caller
 /// then reads it with serde).
-pub(crate) fn members<'a>(text: &'a [u8], keep: impl Fn(&str) -> bool) -> Option<Vec<Member<'a>>> {
+pub(crate) fn members<'a>(
+    text: &'a [u8],
+    source: Source,
+    keep: impl Fn(&str) -> bool,
+) -> Option<Vec<Member<'a>>> {
     // Once the whole text is UTF-8, every slice between ASCII delimiters is too.
     let text = std::str::from_utf8(text).ok()?;
     let mut s = Scanner {
@@ -49,7 +67,10 @@ pub(crate) fn members<'a>(text: &'a [u8], keep: impl Fn(&str) -> bool) -> Option
             s.eat(b':')?;
             s.ws();
             let at = s.i;
-            s.value()?;
+            match source {
+                Source::Unchecked => s.value()?,
+                Source::Jsonb => s.skip()?,
+            }
             if keep(key) {
                 out.push(Member {
                     key,
@@ -212,6 +233,41 @@ impl Scanner<'_> {
         }
     }
 
+    /// One value of checked JSON ([`Source::Jsonb`]), stepped over by its brackets and
+    /// quotes: nothing in it is checked, as Postgres did that.
+    fn skip(&mut self) -> Option<()> {
+        match self.next()? {
+            b'"' => self.skip_string(),
+            b'{' | b'[' => {
+                // `None` only when the text ends inside it: then serde words the error.
+                self.i = blocks::container_end(self.b, self.i)?;
+                Some(())
+            }
+            // A number or a literal: up to what may follow a value.
+            _ => {
+                while let Some(c) = self.peek() {
+                    if matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+                        break;
+                    }
+                    self.i += 1;
+                }
+                Some(())
+            }
+        }
+    }
+
+    /// The rest of a checked string after its opening quote, through the closing one.
+    fn skip_string(&mut self) -> Option<()> {
+        loop {
+            self.i = run_end(self.b, self.i, false);
+            if self.next()? == b'"' {
+                return Some(());
+            }
+            // A backslash: the escaped byte cannot end the string.
+            self.next()?;
+        }
+    }
+
     /// A member's name and colon inside a nested object, up to its value.
     fn member_name(&mut self) -> Option<()> {
         self.eat(b'"')?;
@@ -327,7 +383,7 @@ mod tests {
     }
 
     fn scan_view(text: &[u8], keep: &dyn Fn(&str) -> bool) -> Option<Vec<(String, Value)>> {
-        let members = members(text, keep)?;
+        let members = members(text, Source::Unchecked, keep)?;
         // A repeated name: the last one wins, as in serde's map.
         let out: std::collections::BTreeMap<String, Value> = members
             .into_iter()
@@ -400,14 +456,115 @@ mod tests {
         );
     }
 
+    fn members_unchecked<'a>(text: &'a [u8], keep: fn(&str) -> bool) -> Option<Vec<Member<'a>>> {
+        members(text, Source::Unchecked, keep)
+    }
+
+    /// Postgres's text form of a jsonb value: `, ` and `: ` between items.
+    fn jsonb_text(v: &Value) -> String {
+        match v {
+            Value::Object(m) => {
+                let items: Vec<String> = m
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), jsonb_text(v)))
+                    .collect();
+                format!("{{{}}}", items.join(", "))
+            }
+            Value::Array(a) => {
+                let items: Vec<String> = a.iter().map(jsonb_text).collect();
+                format!("[{}]", items.join(", "))
+            }
+            other => other.to_string(),
+        }
+    }
+
+    fn pairs(m: Vec<Member<'_>>) -> Vec<(&str, &str)> {
+        m.into_iter().map(|m| (m.key, m.value)).collect()
+    }
+
+    /// On valid JSON, stepping over by brackets and quotes finds the members that checking
+    /// every value finds: the corpus as written, in jsonb's layout, and every one-byte change
+    /// of them that is still valid JSON (escapes, brackets and quotes inside strings).
+    #[test]
+    fn jsonb_skip_finds_what_the_checked_scan_finds() {
+        let mut texts = corpus();
+        for t in corpus() {
+            let v: Value = serde_json::from_str(&t).expect("corpus is JSON");
+            texts.push(jsonb_text(&v));
+        }
+        texts.push(
+            r#"{"a": "x{[\"]}", "b": ["}", {"c": "]\\"}], "code": [1, -2.5e3, true, null]}"#.into(),
+        );
+        let (mut compared, mut kept) = (0, 0);
+        for text in &texts {
+            let b = text.as_bytes();
+            let mut variants = vec![b.to_vec()];
+            for i in 0..b.len() {
+                for &c in b"\"{}[]\\ ,:" {
+                    let mut v = b.to_vec();
+                    v[i] = c;
+                    variants.push(v);
+                }
+            }
+            for v in variants {
+                if serde_view(&v, &keep).is_none() {
+                    continue;
+                }
+                let checked = members(&v, Source::Unchecked, keep);
+                let Some(checked) = checked else { continue };
+                let skipped = members(&v, Source::Jsonb, keep)
+                    .unwrap_or_else(|| panic!("refused: {}", String::from_utf8_lossy(&v)));
+                kept += checked.len();
+                assert_eq!(
+                    pairs(skipped),
+                    pairs(checked),
+                    "{}",
+                    String::from_utf8_lossy(&v)
+                );
+                compared += 1;
+            }
+        }
+        assert!(
+            compared > 500 && kept > 500,
+            "{compared} texts, {kept} members compared"
+        );
+    }
+
+    /// Quotes, backslash runs and brackets at every offset from a 64-byte block's edge.
+    #[test]
+    fn jsonb_blocks_carry_strings_and_escapes_across_their_edges() {
+        let pieces = [
+            r#""a\\\"b""#,
+            r#""\\""#,
+            r#""x\"]}{[""#,
+            r#"{"c": [1, {"d": "}"}]}"#,
+            r#""\u005c""#,
+        ];
+        let mut compared = 0;
+        for pad in 0..140 {
+            for piece in pieces {
+                let text = format!(
+                    r#"{{"a": ["{}", {piece}, {piece}], "code": {{"b": [{piece}]}}, "value": 1}}"#,
+                    "p".repeat(pad)
+                );
+                serde_json::from_str::<Value>(&text).expect("test text is JSON");
+                let checked = members(text.as_bytes(), Source::Unchecked, keep).expect("checked");
+                let skipped = members(text.as_bytes(), Source::Jsonb, keep).expect("skipped");
+                assert_eq!(pairs(skipped), pairs(checked), "{text}");
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 140 * pieces.len());
+    }
+
     #[test]
     fn escaped_names_and_other_tops_go_to_serde() {
-        assert!(members(br#"{"co\u0064e": 1}"#, keep).is_none());
-        assert!(members(b"[1, 2]", keep).is_none());
-        assert!(members(b"\"text\"", keep).is_none());
-        assert!(members(b"{\"a\": 1} x", keep).is_none());
-        assert!(members(b"{\"a\": \xff}", keep).is_none());
+        assert!(members_unchecked(br#"{"co\u0064e": 1}"#, keep).is_none());
+        assert!(members_unchecked(b"[1, 2]", keep).is_none());
+        assert!(members_unchecked(b"\"text\"", keep).is_none());
+        assert!(members_unchecked(b"{\"a\": 1} x", keep).is_none());
+        assert!(members_unchecked(b"{\"a\": \xff}", keep).is_none());
         let too_deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
-        assert!(members(too_deep.as_bytes(), keep).is_none());
+        assert!(members_unchecked(too_deep.as_bytes(), keep).is_none());
     }
 }

@@ -60,6 +60,8 @@ struct Layout {
     type_col: Option<usize>,
     id: usize,
     resource: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    resource_jsonb: bool,
     version: Option<usize>,
     deleted: Option<usize>,
 }
@@ -80,7 +82,11 @@ impl Layout {
             .and_then(|i| text(row.get_column(i)))
             .is_some_and(|v| v == "t" || v == "true");
         let interaction = if deleted { Interaction::Delete } else { op };
-        let body = body_for(interaction, row.get_column(self.resource));
+        let body = body_for(
+            interaction,
+            row.get_column(self.resource),
+            self.resource_jsonb,
+        );
         Ok(RowChange {
             resource_type,
             id,
@@ -140,6 +146,7 @@ impl StoreProfile for Generic {
             type_col: g.type_column.as_deref().and_then(|c| t.column(c)),
             id,
             resource,
+            resource_jsonb: t.is_jsonb(resource),
             version: g.version_column.as_deref().and_then(|c| t.column(c)),
             deleted: g.deleted_column.as_deref().and_then(|c| t.column(c)),
         }))
@@ -279,6 +286,7 @@ deleted_column = "gone"
             columns: ["id", "rtype", "resource", "gone"]
                 .map(String::from)
                 .to_vec(),
+            types: Vec::new(),
         };
         let d = p.table(&info).unwrap();
         let row = TupleData::new(

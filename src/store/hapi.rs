@@ -148,18 +148,22 @@ struct Versions {
     resource_type: usize,
     encoding: usize,
     text: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    text_jsonb: bool,
     updated: usize,
     partition: Option<usize>,
 }
 
 impl Versions {
     fn of(t: &TableInfo) -> Option<Self> {
+        let text = t.column("res_text_vc")?;
         Some(Versions {
             res_id: t.column("res_id")?,
             version: t.column("res_ver")?,
             resource_type: t.column("res_type")?,
             encoding: t.column("res_encoding")?,
-            text: t.column("res_text_vc")?,
+            text,
+            text_jsonb: t.is_jsonb(text),
             updated: t.column("res_updated")?,
             partition: t.column("partition_id"),
         })
@@ -175,7 +179,7 @@ impl Versions {
         };
         let body = match (interaction, encoding.as_str()) {
             (Interaction::Delete, _) => Body::Absent,
-            (_, "JSON") => body_of(row.get_column(self.text)),
+            (_, "JSON") => body_of(row.get_column(self.text), self.text_jsonb),
             // JSONC (a large object) and ESR bodies are read by key, or not at all.
             _ => Body::Absent,
         };
@@ -270,7 +274,7 @@ impl StoreProfile for Hapi {
         };
         change.id = id;
         change.key = None;
-        let needs_body = !matches!(change.body, Body::Text(_));
+        let needs_body = change.body.text().is_none();
         if change.interaction != Interaction::Delete && needs_body {
             if let Some((_, body)) = self.version_row(&c, res_id, version).await? {
                 change.body = body;

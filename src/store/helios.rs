@@ -58,18 +58,22 @@ struct Resources {
     id: usize,
     version: usize,
     data: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    data_jsonb: bool,
     last_updated: usize,
     deleted: usize,
 }
 
 impl Resources {
     fn of(t: &TableInfo) -> Option<Self> {
+        let data = t.column("data")?;
         Some(Resources {
             tenant: t.column("tenant_id")?,
             resource_type: t.column("resource_type")?,
             id: t.column("id")?,
             version: t.column("version_id")?,
-            data: t.column("data")?,
+            data,
+            data_jsonb: t.is_jsonb(data),
             last_updated: t.column("last_updated")?,
             deleted: t.column("is_deleted")?,
         })
@@ -86,7 +90,7 @@ impl Resources {
             last_updated: text(row.get_column(self.last_updated))
                 .map(|s| pg_timestamptz_to_fhir(&s)),
             interaction,
-            body: body_for(interaction, row.get_column(self.data)),
+            body: body_for(interaction, row.get_column(self.data), self.data_jsonb),
             tenant: text(row.get_column(self.tenant)),
             key: None,
             format: super::Format::Fhir,

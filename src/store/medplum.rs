@@ -55,6 +55,8 @@ struct MainTable {
     resource_type: String,
     id: usize,
     content: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    content_jsonb: bool,
     last_updated: usize,
     deleted: usize,
     project: Option<usize>,
@@ -62,10 +64,12 @@ struct MainTable {
 
 impl MainTable {
     fn of(t: &TableInfo) -> Option<Self> {
+        let content = t.column("content")?;
         Some(MainTable {
             resource_type: t.name.clone(),
             id: t.column("id")?,
-            content: t.column("content")?,
+            content,
+            content_jsonb: t.is_jsonb(content),
             last_updated: t.column("lastUpdated")?,
             deleted: t.column("deleted")?,
             project: t.column("projectId"),
@@ -76,7 +80,11 @@ impl MainTable {
         let table = self.resource_type.as_str();
         let deleted = text(row.get_column(self.deleted)).is_some_and(|v| v == "t");
         let interaction = if deleted { Interaction::Delete } else { op };
-        let body = body_for(interaction, row.get_column(self.content));
+        let body = body_for(
+            interaction,
+            row.get_column(self.content),
+            self.content_jsonb,
+        );
         Ok(RowChange {
             resource_type: self.resource_type.clone(),
             id: required(table, row, self.id, "id")?,
@@ -103,7 +111,7 @@ fn version_of(body: &Body) -> Option<String> {
     struct Head {
         meta: Option<Meta>,
     }
-    let Body::Text(t) = body else { return None };
+    let t = body.text()?;
     serde_json::from_slice::<Head>(t).ok()?.meta?.version_id
 }
 

@@ -54,6 +54,8 @@ struct Layout {
     id: usize,
     version: Option<usize>,
     resource: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    resource_jsonb: bool,
 }
 
 impl Layout {
@@ -66,7 +68,7 @@ impl Layout {
             version_id: self.version.and_then(|i| text(row.get_column(i))),
             last_updated: None,
             interaction: op,
-            body: body_for(op, row.get_column(self.resource)),
+            body: body_for(op, row.get_column(self.resource), self.resource_jsonb),
             tenant: None,
             key: None,
             format: super::Format::Fhir,
@@ -130,6 +132,7 @@ impl StoreProfile for MemoryStore {
             history,
             id: t.column("id")?,
             version: t.column("version"),
+            resource_jsonb: t.is_jsonb(t.column("resource")?),
             resource: t.column("resource")?,
         }))
     }

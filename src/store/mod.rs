@@ -32,11 +32,22 @@ pub struct TableInfo {
     pub(crate) name: String,
     /// Column names in attribute order, the order of pgoutput tuples.
     pub(crate) columns: Vec<String>,
+    /// Column type OIDs in the same order, from the Relation message; empty when read
+    /// from the catalog (where only names are needed).
+    pub(crate) types: Vec<u32>,
 }
+
+/// `jsonb`'s type OID (fixed in Postgres's catalog).
+const JSONB_OID: u32 = 3802;
 
 impl TableInfo {
     pub(crate) fn column(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c == name)
+    }
+
+    /// Whether column `i` is `jsonb`: its text is JSON Postgres has already checked.
+    pub(crate) fn is_jsonb(&self, i: usize) -> bool {
+        self.types.get(i) == Some(&JSONB_OID)
     }
 }
 
@@ -305,19 +316,22 @@ pub(crate) fn required(
 pub(crate) fn body_for(
     interaction: crate::fhir::topic::Interaction,
     c: Option<&pg_walstream::ColumnData>,
+    jsonb: bool,
 ) -> Body {
     if interaction == crate::fhir::topic::Interaction::Delete {
         Body::Absent
     } else {
-        body_of(c)
+        body_of(c, jsonb)
     }
 }
 
-pub(crate) fn body_of(c: Option<&pg_walstream::ColumnData>) -> Body {
+/// The body in column `c`; `jsonb` when the column's type is (see [`TableInfo::is_jsonb`]).
+pub(crate) fn body_of(c: Option<&pg_walstream::ColumnData>, jsonb: bool) -> Body {
     match c {
         None => Body::Absent,
         Some(c) if c.is_unchanged() => Body::UnchangedToast,
         Some(c) if c.is_null() => Body::Absent,
+        Some(c) if jsonb => Body::Jsonb(c.raw_bytes()),
         Some(c) => Body::Text(c.raw_bytes()),
     }
 }

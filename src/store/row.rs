@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use crate::fhir::fields::Fields;
+use crate::fhir::scan::Source;
 use crate::fhir::topic::Interaction;
 
 /// The body of the row as it came in the WAL.
@@ -17,6 +18,19 @@ pub enum Body {
     /// unknown and must be read from the store, never taken for "empty".
     UnchangedToast,
     Text(Bytes),
+    /// The text of a `jsonb` column: JSON Postgres checked when it stored it, so capture
+    /// steps over the members it does not read without checking them again.
+    Jsonb(Bytes),
+}
+
+impl Body {
+    /// The body's text, whatever the column's type.
+    pub fn text(&self) -> Option<&Bytes> {
+        match self {
+            Body::Text(t) | Body::Jsonb(t) => Some(t),
+            Body::Absent | Body::UnchangedToast => None,
+        }
+    }
 }
 
 /// A row change in resource terms, before topic matching. The JSON is parsed only for
@@ -84,10 +98,12 @@ impl RowChange {
     /// and `id` and `meta` from the columns when it keeps those): what capture's plans
     /// read, without building the rest.
     pub(crate) fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
-        let Body::Text(text) = &self.body else {
-            return Ok(None);
+        let (text, source) = match &self.body {
+            Body::Text(t) => (t, Source::Unchecked),
+            Body::Jsonb(t) => (t, Source::Jsonb),
+            Body::Absent | Body::UnchangedToast => return Ok(None),
         };
-        let mut obj: Map<String, Value> = match fields.parse(text) {
+        let mut obj: Map<String, Value> = match fields.parse(text, source) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 return Err(RowError::BadJson {

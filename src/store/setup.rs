@@ -34,6 +34,7 @@ pub(crate) async fn catalog(c: &Client) -> Result<Vec<TableInfo>> {
             schema: r.get(0),
             name: r.get(1),
             columns: r.get(2),
+            types: Vec::new(),
         })
         .collect())
 }

@@ -80,6 +80,7 @@ impl Aidbox {
         // Only FHIR resource types: Aidbox keeps its own entities (attribute, client, …) in
         // tables of the same layout, and they are no resources to notify about.
         let table_type = Some(*self.lower_types.get(base)?);
+        let resource = t.column("resource")?;
         let layout = Layout {
             format: self.format(),
             table: t.name.clone(),
@@ -89,7 +90,8 @@ impl Aidbox {
             ts: t.column("ts"),
             resource_type: t.column("resource_type")?,
             status: t.column("status"),
-            resource: t.column("resource")?,
+            resource,
+            resource_jsonb: t.is_jsonb(resource),
         };
         Some((layout, history))
     }
@@ -122,6 +124,8 @@ struct Layout {
     resource_type: usize,
     status: Option<usize>,
     resource: usize,
+    /// The body column is `jsonb` (see `Body::Jsonb`).
+    resource_jsonb: bool,
 }
 
 #[derive(Debug)]
@@ -152,7 +156,11 @@ impl Layout {
                 .and_then(|i| text(row.get_column(i)))
                 .is_some_and(|s| s == "deleted");
         let interaction = if deleted { Interaction::Delete } else { op };
-        let body = body_for(interaction, row.get_column(self.resource));
+        let body = body_for(
+            interaction,
+            row.get_column(self.resource),
+            self.resource_jsonb,
+        );
         Ok(RowChange {
             resource_type,
             id,
@@ -417,6 +425,7 @@ mod tests {
             schema: schema.into(),
             name: name.into(),
             columns: cols.iter().map(|c| c.to_string()).collect(),
+            types: Vec::new(),
         }
     }
 
