@@ -35,8 +35,10 @@ struct Branch {
 enum Step {
     /// A member, arrays flattened.
     Field(String),
-    /// A choice element: whichever of these keys is present.
-    Choice(Vec<String>),
+    /// A choice element: whichever of these keys (each the prefix and a type) is present.
+    /// Found by one pass over the object's members with the prefix, not by a lookup per
+    /// type (Observation.value[x] has 11).
+    Choice { prefix: String, keys: Vec<String> },
     /// References whose target type is this one (`where(resolve() is T)`).
     RefersTo(String),
 }
@@ -61,7 +63,7 @@ impl Plan {
         for b in &self.0 {
             match b.steps.first()? {
                 Step::Field(k) => out.push(k.clone()),
-                Step::Choice(keys) => out.extend(keys.iter().cloned()),
+                Step::Choice { keys, .. } => out.extend(keys.iter().cloned()),
                 Step::RefersTo(_) => return None,
             }
             out.extend(b.top.clone());
@@ -110,9 +112,11 @@ fn step<'a>(items: &[&'a Value], s: &Step, out: &mut Items<'a>) {
                     push(out, v);
                 }
             }
-            Step::Choice(keys) => {
-                for k in keys {
-                    if let Some(v) = it.get(k) {
+            Step::Choice { prefix, keys } => {
+                let Value::Object(m) = it else { continue };
+                for (k, v) in m {
+                    if k.len() > prefix.len() && k.starts_with(prefix.as_str()) && keys.contains(k)
+                    {
                         push(out, v);
                     }
                 }
@@ -208,7 +212,16 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
             if last && cast.is_none() {
                 let keys = el.choices.clone()?;
                 pending = None;
-                steps.push(Step::Choice(keys));
+                // Every key is the prefix and a type; were one not, all members are looked at.
+                let prefix = if keys.iter().all(|k| k.starts_with(seg)) {
+                    seg
+                } else {
+                    ""
+                };
+                steps.push(Step::Choice {
+                    prefix: prefix.to_string(),
+                    keys,
+                });
                 ty = None;
             }
             continue;
