@@ -6,7 +6,8 @@
 #   BENCH_ONLY=capture scripts/bench.sh           # the capture figures only (about 2 minutes)
 #   BENCH_ONLY=lag scripts/bench.sh               # the capture figures, the big transaction and the lag case
 #   BENCH_ONLY=e2e scripts/bench.sh               # end to end and fan-out only
-#   BENCH_ONLY=instructions BENCH_ROWS=20000 scripts/bench.sh   # capture's instructions per row (callgrind)
+#   BENCH_ONLY=instructions BENCH_ROWS=20000 scripts/bench.sh   # capture's instructions per row (callgrind;
+#                                    # BENCH_CALLGRIND_KEEP=dir keeps the profiles)
 #   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (BENCH_BROKER_KINDS=nats: JetStream only)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
 #   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh   (BENCH_PERF_ALL=1: the whole machine, fan-out cases)
@@ -202,6 +203,8 @@ for start in range(0, rows, 100):
 PY
   psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end\"}}')" >/dev/null
   cg_run c1 "$work/drain1.cg" q1 1; cg_run c20 "$work/drain20.cg" q20 1
+  # BENCH_CALLGRIND_KEEP=dir: keep the callgrind files there (callgrind_annotate reads them).
+  if [ -n "${BENCH_CALLGRIND_KEEP:-}" ]; then cp "$work"/*.cg "$BENCH_CALLGRIND_KEEP"/; fi
   for t in 1 20; do
     echo "capture_${t}topic_daemon_instructions_per_row=$(( ($(ir "$work/drain$t.cg") - $(ir "$work/start$t.cg")) / ROWS ))   # callgrind, whole process, (drain - start-up) / rows"
   done
