@@ -210,18 +210,8 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
             pending = Some((el, seg.to_string()));
             let last = i + 1 == segs.len();
             if last && cast.is_none() {
-                let keys = el.choices.clone()?;
                 pending = None;
-                // Every key is the prefix and a type; were one not, all members are looked at.
-                let prefix = if keys.iter().all(|k| k.starts_with(seg)) {
-                    seg
-                } else {
-                    ""
-                };
-                steps.push(Step::Choice {
-                    prefix: prefix.to_string(),
-                    keys,
-                });
+                steps.push(choice(seg, el.choices.clone()?));
                 ty = None;
             }
             continue;
@@ -248,6 +238,20 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
         ty,
         top: segs.first().map(|s| s.to_string()),
     })
+}
+
+/// Every choice of element `name` (a path's last step without a type).
+fn choice(name: &str, keys: Vec<String>) -> Step {
+    // Every key is the prefix and a type; were one not, all members are looked at.
+    let prefix = if keys.iter().all(|k| k.starts_with(name)) {
+        name
+    } else {
+        ""
+    };
+    Step::Choice {
+        prefix: prefix.to_string(),
+        keys,
+    }
 }
 
 /// `value` + `Quantity` → `valueQuantity`, when that is one of the element's choices.
