@@ -167,6 +167,19 @@ prime() { # config
   cpu_s "$p" >"$work/$1.startup_cpu"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
+# The backlog's SQL: ROWS Observations in 100-row transactions, for one client.
+backlog_sql() {
+  python3 - "$ROWS" "$src_n" <<'PY'
+import sys
+rows, n = int(sys.argv[1]), int(sys.argv[2])
+for start in range(0, rows, 100):
+    print("BEGIN;")
+    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) "
+          f"SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body "
+          f"FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
+    print("COMMIT;")
+PY
+}
 prime c1; prime c20; prime cbig
 
 # BENCH_ONLY=instructions: the daemon's own instructions per drained row, under callgrind
@@ -191,16 +204,7 @@ if [ "${BENCH_ONLY:-}" = instructions ]; then
     kill "$p"; wait "$p" 2>/dev/null || true
   }
   cg_run c1 "$work/start1.cg"; cg_run c20 "$work/start20.cg"
-  python3 - "$ROWS" "$src_n" <<'PY' | psql -d fhir -f -
-import sys
-rows, n = int(sys.argv[1]), int(sys.argv[2])
-for start in range(0, rows, 100):
-    print("BEGIN;")
-    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) "
-          f"SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body "
-          f"FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
-    print("COMMIT;")
-PY
+  backlog_sql | psql -d fhir -f -
   psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end\"}}')" >/dev/null
   cg_run c1 "$work/drain1.cg" q1 1; cg_run c20 "$work/drain20.cg" q20 1
   # BENCH_CALLGRIND_KEEP=dir: keep the callgrind files there (callgrind_annotate reads them).
@@ -214,16 +218,7 @@ psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" 
 
 if [ "${BENCH_ONLY:-}" != e2e ] && [ "${BENCH_ONLY:-}" != brokers ]; then
 # The backlog: ROWS Observations in 100-row transactions, one client.
-python3 - "$ROWS" "$src_n" >"$work/write.sql" <<'PY'
-import sys
-rows, n = int(sys.argv[1]), int(sys.argv[2])
-for start in range(0, rows, 100):
-    print("BEGIN;")
-    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) "
-          f"SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body "
-          f"FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
-    print("COMMIT;")
-PY
+backlog_sql >"$work/write.sql"
 t0=$(now); psql -d fhir -f "$work/write.sql"; t1=$(now)
 store_rate=$(rate "$ROWS" "$t0" "$t1")
 echo "store_insert_rows_per_s=$store_rate"
