@@ -126,14 +126,15 @@ impl StoreProfile for MemoryStore {
         let table_type = RESOURCE_TYPES
             .iter()
             .find(|ty| ty.eq_ignore_ascii_case(base))?;
+        let resource = t.column("resource")?;
         Some(Arc::new(Layout {
             table: t.name.clone(),
             table_type: table_type.to_string(),
             history,
             id: t.column("id")?,
             version: t.column("version"),
-            resource_jsonb: t.is_jsonb(t.column("resource")?),
-            resource: t.column("resource")?,
+            resource_jsonb: t.is_jsonb(resource),
+            resource,
         }))
     }
 
