@@ -205,10 +205,13 @@ struct Auth {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     issued: Mutex<HashMap<String, usize>>,
     jtis: Mutex<HashSet<String>>,
-    /// The first token of the secret client is revoked after this many uses.
+    /// The secret client's token is revoked at its request number `revoke_after` (counted
+    /// from 0 over all its tokens): uses, not time, so a live token is revoked in every run
+    /// however slowly the machine goes.
     revoke_after: usize,
-    first_token: Mutex<Option<String>>,
-    first_uses: AtomicUsize,
+    secret_uses: AtomicUsize,
+    /// Tokens revoked before they expired.
+    revoked: Mutex<HashSet<String>>,
     unauthorized: AtomicUsize,
     down: AtomicBool,
     /// (hook, body) of accepted notifications.
@@ -313,9 +316,7 @@ async fn receive(
         return StatusCode::UNAUTHORIZED;
     };
     let valid = matches!(a.tokens.lock().unwrap().get(t), Some((c, exp)) if c == client && Instant::now() < *exp);
-    let first = a.issued_first(client, t);
-    let revoked = first && a.first_uses.fetch_add(1, Ordering::SeqCst) >= a.revoke_after;
-    if !valid || revoked {
+    if !valid || a.revoke(client, t) {
         a.unauthorized.fetch_add(1, Ordering::SeqCst);
         return StatusCode::UNAUTHORIZED;
     }
@@ -324,13 +325,21 @@ async fn receive(
 }
 
 impl Auth {
-    /// Whether `t` is the first token issued to the secret client (the one revoked early).
-    fn issued_first(&self, client: &str, t: &str) -> bool {
+    /// Whether the secret client's live token `t` is refused as revoked: it was revoked
+    /// before, or this is the request at which it is revoked.
+    fn revoke(&self, client: &str, t: &str) -> bool {
         if client != "fhir-cdc-secret" {
             return false;
         }
-        let mut f = self.first_token.lock().unwrap();
-        f.get_or_insert_with(|| t.to_string()) == t
+        let mut revoked = self.revoked.lock().unwrap();
+        if revoked.contains(t) {
+            return true;
+        }
+        if self.secret_uses.fetch_add(1, Ordering::SeqCst) == self.revoke_after {
+            revoked.insert(t.to_string());
+            return true;
+        }
+        false
     }
 
     fn bodies(&self, hook: &str) -> Vec<Value> {
@@ -509,6 +518,11 @@ async fn oauth2_and_mtls_receivers_get_every_event_of_a_100_change_run() {
     assert!(
         issued["fhir-cdc-jwt"] >= 2,
         "private_key_jwt client tokens: {issued:?}"
+    );
+    assert_eq!(
+        a.revoked.lock().unwrap().len(),
+        1,
+        "one live token was revoked during the run"
     );
     assert!(
         a.unauthorized.load(Ordering::SeqCst) >= 1,
