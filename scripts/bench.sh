@@ -10,7 +10,7 @@
 #                                    # BENCH_CALLGRIND_KEEP=dir keeps the profiles)
 #   BENCH_ONLY=brokers scripts/bench.sh           # broker destinations only (BENCH_BROKER_KINDS=nats: JetStream only)
 #   BENCH_DELIVERY_EXTRA='workers = 256' ...       # extra [delivery] settings for `run`
-#   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh   (BENCH_PERF_ALL=1: the whole machine, fan-out cases)
+#   BENCH_PERF=/tmp/cap.perf BENCH_ONLY=capture scripts/bench.sh   (BENCH_PERF_ALL=1: the whole machine)
 #                                    # also records a perf profile of the 1-topic drain
 #                                    # (BENCH_PERF_CASE=capture_20topics: of the 20-topic one;
 #                                    # fanout_1|fanout_100|fanout_10000|fanout_100x100 with
@@ -31,6 +31,9 @@
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
 #                                with nothing to drain, per row
+#   *_walsender_cpu_us_per_row   Postgres's CPU in the same drain, per row: the walsender
+#   *_queue_backend_cpu_us_per_row  decoding the slot, the queue database's backends writing
+#   *_other_postgres_cpu_us_per_row  the events, and the rest (WAL writer, checkpointer, …)
 #   e2e_<rate>_*                 `fhir-cdc run` with 100 subscriptions (one patient each): single-row
 #                                writes at 500 and 2,000/s for E2E_SECS; store commit → webhook
 #                                arrival p50/p95/p99/max (ms), and the slot lag at the end
@@ -87,6 +90,44 @@ peak_rss_mb() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
 # CPU seconds a process used so far (user + system), and the machine's busy/total jiffies.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 machine_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+# The cluster's processes: "pid cpu_seconds title" for each child of the postmaster.
+pg_procs() {
+  python3 - "$(head -1 "$PGDATA_DIR/data/postmaster.pid")" "$(getconf CLK_TCK)" <<'PY'
+import os, sys
+master, hz = sys.argv[1], int(sys.argv[2])
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        title = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+    except OSError:
+        continue
+    if stat[1] == master:
+        print(pid, (int(stat[11]) + int(stat[12])) / hz, title)
+PY
+}
+# CPU µs per row of Postgres's processes between two pg_procs snapshots: the walsender, the
+# queue database's backends (the queue writes) and the rest (WAL writer, checkpointer, …).
+pg_cpu_per_row() { # before after queue-db rows label
+  python3 - "$@" <<'PY'
+import sys
+before, after, qdb, rows, label = sys.argv[1:]
+def load(path):
+    out = {}
+    for line in open(path):
+        pid, cpu, title = line.rstrip("\n").split(" ", 2)
+        out[pid] = (float(cpu), title)
+    return out
+b, a = load(before), load(after)
+sums = {"walsender": 0.0, "queue_backend": 0.0, "other_postgres": 0.0}
+for pid, (cpu, title) in a.items():
+    d = cpu - b.get(pid, (0.0, ""))[0]
+    words = title.split()
+    kind = "walsender" if "walsender" in words else "queue_backend" if qdb in words else "other_postgres"
+    sums[kind] += d
+for kind, s in sums.items():
+    print(f"{label}_{kind}_cpu_us_per_row={round(1e6 * s / int(rows), 1)}")
+PY
+}
 busy_pct() { python3 -c "import sys; b0, t0, b1, t1 = map(float, sys.argv[1:]); print(round(100 * (b1 - b0) / (t1 - t0)))" $1 $2; }
 
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -238,13 +279,15 @@ drain() { # config queue-db label [markers]
   local p=$!; pids+=("$p")
   local t0; t0=$(now)
   local j0; j0=$(machine_jiffies)
+  pg_procs >"$work/$3.pg0"
   local perf=
   if [ -n "${BENCH_PERF:-}" ] && [ "$3" = "${BENCH_PERF_CASE:-capture_1topic}" ]; then
-    perf record -q -F 999 -g -p "$p" -o "$BENCH_PERF" 2>/dev/null & perf=$!
+    perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$p") -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
   until [ "$(psql -d "$2" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "${4:-1}" ]; do sleep 0.05; done
   local t1; t1=$(now)
   local j1; j1=$(machine_jiffies)
+  pg_procs >"$work/$3.pg1"
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo "$3_rows_per_s=$(rate "$ROWS" "$t0" "$t1")"
   echo "$3_ratio=$(ratio "$(rate "$ROWS" "$t0" "$t1")" "$recv_rate")"
@@ -257,6 +300,7 @@ drain() { # config queue-db label [markers]
   echo "$3_daemon_startup_cpu_s=$startup      # the same config starting with nothing to drain"
   echo "$3_daemon_cpu_us_per_row=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[1]) - float(sys.argv[2])) / int(sys.argv[3]), 1))" "$cpu" "$startup" "$ROWS")   # (drain - start-up) / rows"
   echo "$3_machine_busy_pct=$(busy_pct "$j0" "$j1")"
+  pg_cpu_per_row "$work/$3.pg0" "$work/$3.pg1" "$2" "$ROWS" "$3"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 drain c1 q1 capture_1topic

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use super::assemble::ResourceChange;
 use super::control::Active;
@@ -19,27 +19,12 @@ use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
 use crate::queue::batch::{QueuedEvent, ResourceBody, OWN_FILTERS};
 use crate::store::RowChange;
 
-/// The resource types some active topic triggers on, each with the members its topics
-/// read; the stream changes it when topics do.
-#[derive(Clone, Default)]
-pub struct Wanted(Arc<RwLock<HashMap<String, Arc<Fields>>>>);
-
-impl Wanted {
-    pub fn set(&self, types: HashMap<String, Arc<Fields>>) {
-        if let Ok(mut w) = self.0.write() {
-            *w = types;
-        }
-    }
-
-    /// The members to parse of a `resource_type` resource; `None` when no topic wants it.
-    pub fn get(&self, resource_type: &str) -> Option<Arc<Fields>> {
-        self.0.read().ok()?.get(resource_type).cloned()
-    }
-}
-
 pub struct Matcher {
     searcher: Arc<Searcher>,
-    wanted: Wanted,
+    /// The resource types some active topic triggers on, each with the members its topics
+    /// read. The matcher runs on the stream's task, which sets it when topics change: a
+    /// plain map, no lock.
+    wanted: HashMap<String, Arc<Fields>>,
     /// Tables already warned about updates without a previous version.
     warned_no_previous: HashSet<u32>,
     /// `(topic, kind)` of criteria errors already logged: once each, the counter counts all.
@@ -173,14 +158,19 @@ struct Versions {
 }
 
 impl Matcher {
-    /// `wanted`: the members of each resource type the topics read, kept by the stream.
-    pub fn new(searcher: Arc<Searcher>, wanted: Wanted) -> Self {
+    pub fn new(searcher: Arc<Searcher>) -> Self {
         Matcher {
             searcher,
-            wanted,
+            wanted: HashMap::new(),
             warned_no_previous: HashSet::new(),
             logged_errors: HashSet::new(),
         }
+    }
+
+    /// The members of each resource type the active topics read; the stream sets it when
+    /// topics change.
+    pub fn set_wanted(&mut self, types: HashMap<String, Arc<Fields>>) {
+        self.wanted = types;
     }
 
     /// The event `change` makes: one whatever the number of topics that fire (their urls
@@ -201,7 +191,8 @@ impl Matcher {
         self.warn_without_previous(&wanted, change);
         let fields = self
             .wanted
-            .get(&row.resource_type)
+            .get(&*row.resource_type)
+            .cloned()
             .unwrap_or_else(|| Arc::new(Fields::all()));
         let v = parse(change, fields)?;
         let searcher = self.searcher.clone();

@@ -37,8 +37,6 @@ enum Step {
 pub(super) struct Stream<'a> {
     cfg: &'a Config,
     profile: Arc<dyn StoreProfile>,
-    /// The resource types topics trigger on and the members they read, for the matcher.
-    wanted: matcher::Wanted,
     assembler: assemble::Assembler,
     topics: ActiveTopics,
     matcher: matcher::Matcher,
@@ -71,12 +69,10 @@ impl<'a> Stream<'a> {
         checkpoint: u64,
         health: Arc<lag::Health>,
     ) -> Self {
-        let wanted = matcher::Wanted::default();
         Stream {
             cfg,
-            matcher: matcher::Matcher::new(searcher.clone(), wanted.clone()),
+            matcher: matcher::Matcher::new(searcher.clone()),
             profile: profile.clone(),
-            wanted,
             assembler: assemble::Assembler::new(checkpoint),
             topics,
             txn_items: Vec::new(),
@@ -108,7 +104,7 @@ impl<'a> Stream<'a> {
             tokio::spawn(async move { flush::writer(&mut qc, &slot, job_rx, ack_tx).await });
         // `jobs` is dropped when the stream returns: the writer finishes what it was sent
         // (what it commits is checkpointed and a restart skips it), then ends.
-        self.wanted.set(self.topics.fields());
+        self.matcher.set_wanted(self.topics.fields());
         let reader = Reader::spawn(repl, decode::Decoder::new(self.profile.clone()));
         let r = self.stream(reader, shutdown, jobs, acks).await;
         if let Err(e) = writer.await {
@@ -260,7 +256,7 @@ impl<'a> Stream<'a> {
             "Subscription" | "SubscriptionTopic" | "Basic"
         ) {
             // Topics may have changed: the matcher parses what they now read.
-            self.wanted.set(self.topics.fields());
+            self.matcher.set_wanted(self.topics.fields());
         }
         match role {
             Role::Control(item) => self.txn_items.extend(item),

@@ -207,8 +207,10 @@ const EVENT_TYPES: [Type; 10] = [
     Type::PG_LSN,
     Type::INT8,
     Type::TIMESTAMPTZ,
-    Type::JSONB,
-    Type::JSONB,
+    // `resource` and `filters`: JSON as text, which the server stores without parsing
+    // (sql/010_event_text.sql).
+    Type::TEXT,
+    Type::TEXT,
 ];
 
 /// Writes a run of events with one binary `COPY`: Postgres spends several times less on
@@ -308,12 +310,7 @@ fn encode_row(e: &QueuedEvent, body: Option<&str>, buf: &mut BytesMut) -> Result
     put_bytes(buf, &micros.to_be_bytes(), 8);
     for json in [body, e.filters.as_deref()] {
         match json {
-            // jsonb's binary format: version 1, then the text.
-            Some(j) => {
-                buf.extend_from_slice(&len(j.len() + 1)?.to_be_bytes());
-                buf.extend_from_slice(&[1]);
-                buf.extend_from_slice(j.as_bytes());
-            }
+            Some(j) => put_bytes(buf, j.as_bytes(), len(j.len())?),
             None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
         }
     }
@@ -372,36 +369,12 @@ mod tests {
     use super::*;
     use tokio_postgres::types::{IsNull, PgLsn, ToSql};
 
-    /// JSON text sent as `jsonb` as it is (the body was rendered once, from the parsed value).
-    #[derive(Debug)]
-    struct RawJson<'a>(&'a str);
-
-    impl ToSql for RawJson<'_> {
-        fn to_sql(
-            &self,
-            _ty: &Type,
-            out: &mut bytes::BytesMut,
-        ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-            // jsonb's binary format: version 1, then the text.
-            out.extend_from_slice(&[1]);
-            out.extend_from_slice(self.0.as_bytes());
-            Ok(IsNull::No)
-        }
-
-        fn accepts(ty: &Type) -> bool {
-            *ty == Type::JSONB
-        }
-
-        tokio_postgres::types::to_sql_checked!();
-    }
-
     /// The rows as tokio-postgres' `ToSql` encodes the same values (the encoder before
     /// `encode_row`).
     fn oracle(e: &QueuedEvent, body: Option<&str>) -> BytesMut {
         let mut buf = BytesMut::new();
         let topics: Vec<&str> = e.topics.iter().map(AsRef::as_ref).collect();
-        let body = body.map(RawJson);
-        let filters = e.filters.as_deref().map(RawJson);
+        let filters = e.filters.as_deref();
         let row: [&(dyn ToSql + Sync); 10] = [
             &topics,
             &e.resource_type,

@@ -44,16 +44,17 @@ impl TopicEvent {
 
     /// [`COLUMNS`] read from column `at` on.
     fn from_row_at(r: &Row, at: usize, topic: &str) -> Self {
+        let id: i64 = r.get(at);
         TopicEvent {
-            id: r.get(at),
+            id,
             resource_type: r.get(at + 1),
             resource_id: r.get(at + 2),
             version_id: r.get(at + 3),
             interaction: Interaction::parse(r.get(at + 4)).unwrap_or(Interaction::Update),
             commit_time: r.get(at + 5),
-            resource: r.get(at + 6),
+            resource: json_column(r, id, at + 6),
             queued_at: r.get(at + 7),
-            filters: filter_values(r.get(at + 8), topic),
+            filters: filter_values(json_column(r, id, at + 8), topic),
         }
     }
 
@@ -178,6 +179,20 @@ pub(crate) async fn newest_id<C: GenericClient>(c: &C) -> Result<i64> {
             .await?
             .get(0),
     )
+}
+
+/// A JSON column stored as text (`resource`, `filters`), parsed; `None` when null. Capture
+/// wrote it from a parsed value, so it is JSON; a row that is not (edited by hand) is logged
+/// by id and read as null rather than stopping delivery.
+fn json_column(r: &Row, id: i64, at: usize) -> Option<Value> {
+    let text: Option<&str> = r.get(at);
+    match serde_json::from_str(text?) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(event_id = id, column = at, error = %e, "queued event column is not JSON; read as absent");
+            None
+        }
+    }
 }
 
 /// The canFilterBy values an event holds for `topic`: its own map under `@topic` when it has

@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("../../sql/007_signing_secret.sql")),
     (8, include_str!("../../sql/008_destinations.sql")),
     (9, include_str!("../../sql/009_fatal_error.sql")),
+    (10, include_str!("../../sql/010_event_text.sql")),
 ];
 
 /// Arbitrary but fixed key for the migration lock.

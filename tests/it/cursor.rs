@@ -2,7 +2,8 @@
 //! its eventNumber and do not move the cursor, a dead letter moves it past, `requeue` sends
 //! a dead letter again with its eventNumber, a subscription in error catches up in order,
 //! and migration 006 turns a queue of per-event delivery rows (the form before it) into
-//! cursors without losing or renumbering anything. Real WAL, a real HTTP receiver, the
+//! cursors without losing or renumbering anything; migration 010 (event `resource` and
+//! `filters` as text) delivers what was queued as jsonb. Real WAL, a real HTTP receiver, the
 //! official validator.
 
 use crate::common::*;
@@ -304,4 +305,94 @@ async fn migration_006_turns_pending_and_dead_deliveries_into_a_cursor() {
     assert_eq!(ids, ["old1", "old2", "old4", "old5", "old6", "old7"]);
     let sub = "http://fhir-cdc.test/fhir/Subscription/old";
     validate(&rx.bodies("old"), "r5", &["--expect-subscription", sub]);
+}
+
+const PATIENT_TOPIC_URL: &str = "http://fhir-cdc.test/topic/enc-patient";
+const PATIENT_TOPIC: &str = r#"
+[[topic]]
+url = "http://fhir-cdc.test/topic/enc-patient"
+status = "active"
+resourceTrigger = [{ resource = "Encounter", supportedInteraction = ["create", "update"] }]
+canFilterBy = [{ resource = "Encounter", filterParameter = "patient" }]
+"#;
+
+/// Migration 010 stores an event's `resource` and `filters` as text. Events queued before
+/// it, as jsonb, are delivered after it with the body and the canFilterBy values they were
+/// queued with (a filtered full-resource subscription gets Patient/p1's and not p2's), and
+/// events captured after it follow them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_010_delivers_events_queued_as_jsonb() {
+    let env = TestEnv::aidbox(PATIENT_TOPIC).build().await;
+    let rx = env.rx.clone();
+    let d = env.start().await;
+    let filter = json!({"filterBy": [{"resourceType": "Encounter", "filterParameter": "patient", "value": "Patient/p1"}]});
+    let id = subscribe_active(
+        env.api,
+        PATIENT_TOPIC_URL,
+        &rx.url("m"),
+        "full-resource",
+        filter,
+    )
+    .await;
+    drop(d);
+
+    // The queue as 009 left it, holding two events capture queued then.
+    let q = env.client().await;
+    q.batch_execute(
+        "ALTER TABLE fhir_cdc.event
+             ALTER COLUMN resource TYPE jsonb USING resource::jsonb,
+             ALTER COLUMN filters TYPE jsonb USING filters::jsonb;
+         DELETE FROM fhir_cdc.schema_migration WHERE version = 10;",
+    )
+    .await
+    .unwrap();
+    for (rid, patient) in [("old-p2", "Patient/p2"), ("old-p1", "Patient/p1")] {
+        let body = json!({"resourceType": "Encounter", "id": rid, "meta": {"versionId": "7"},
+            "status": "completed", "class": [{"coding": [{"code": "AMB"}]}], "subject": {"reference": patient}});
+        let filters = json!({"patient": {"t": "reference", "v": [patient]}});
+        q.execute(
+            "INSERT INTO fhir_cdc.event (topics, resource_type, resource_id, version_id,
+                 interaction, commit_lsn, xid, commit_time, resource, filters)
+             VALUES (ARRAY[$1], 'Encounter', $2, '7', 'create', '0/1', 1, now(), $3, $4)",
+            &[&PATIENT_TOPIC_URL, &rid, &body, &filters],
+        )
+        .await
+        .unwrap();
+    }
+
+    let _d = env.start().await;
+    let types: Vec<String> = q
+        .query(
+            "SELECT data_type FROM information_schema.columns
+             WHERE table_schema = 'fhir_cdc' AND table_name = 'event'
+               AND column_name IN ('resource', 'filters')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["text", "text"], "migrated");
+    let body = json!({"resourceType": "Encounter", "status": "planned", "subject": {"reference": "Patient/p1"}});
+    aidbox_put(&env.store, "Encounter", "new-p1", &body).await;
+    wait_until(
+        "both Patient/p1 events",
+        Duration::from_secs(30),
+        || async { rx.events("m").len() == 2 },
+    )
+    .await;
+    let got = rx.events("m");
+    let entry = |b: &Value| b["entry"][1]["resource"].clone();
+    assert_eq!(event_numbers(&got[0]), [1]);
+    assert_eq!(entry(&got[0])["id"], "old-p1", "p2's event is filtered out");
+    assert_eq!(
+        entry(&got[0])["status"],
+        "completed",
+        "the body queued as jsonb"
+    );
+    assert_eq!(event_numbers(&got[1]), [2]);
+    assert_eq!(entry(&got[1])["id"], "new-p1");
+    let sub = format!("http://fhir-cdc.test/fhir/Subscription/{id}");
+    validate(&rx.bodies("m"), "r5", &["--expect-subscription", &sub]);
 }

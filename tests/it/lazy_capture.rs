@@ -10,7 +10,6 @@ use chrono::Utc;
 use fhir_cdc::capture::assemble::{Commit, ResourceChange};
 use fhir_cdc::capture::control::{Active, ActiveTopics};
 use fhir_cdc::capture::matcher::Matcher;
-use fhir_cdc::capture::matcher::Wanted;
 use fhir_cdc::config::FhirVersion;
 use fhir_cdc::fhir::fhirpath::FhirPath;
 use fhir_cdc::fhir::fields::Fields;
@@ -148,17 +147,15 @@ async fn lazy_and_full_parsing_give_the_same_events_and_filter_values() {
     for (ty, f) in &lazy_fields {
         assert!(!f.is_all(), "{ty}: the plans read a bounded set of members");
     }
-    let lazy = Wanted::default();
-    lazy.set(lazy_fields);
-    let full = Wanted::default();
-    full.set(
+    let mut lazy_m = Matcher::new(searcher.clone());
+    lazy_m.set_wanted(lazy_fields);
+    let mut full_m = Matcher::new(searcher.clone());
+    full_m.set_wanted(
         types
             .iter()
             .map(|t| (t.clone(), Arc::new(Fields::all())))
             .collect::<HashMap<_, _>>(),
     );
-    let mut lazy_m = Matcher::new(searcher.clone(), lazy);
-    let mut full_m = Matcher::new(searcher.clone(), full);
     let (mut compared, mut with_filters) = (0, 0);
     for list in by_type.values() {
         for (i, r) in list.iter().enumerate() {
