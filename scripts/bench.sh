@@ -31,6 +31,10 @@
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
 #                                with nothing to drain, per row
+#   *_daemon_page_faults_per_row the same for its minor page faults (fresh memory the kernel
+#                                zeroes: the allocator handing pages back and taking them again)
+#   *_daemon_syscalls_per_row, *_daemon_context_switches_per_row   perf stat of the daemon in
+#                                the drain (start-up included), per row
 #   *_walsender_cpu_us_per_row   Postgres's CPU in the same drain, per row: the walsender
 #   *_queue_backend_cpu_us_per_row  decoding the slot, the queue database's backends writing
 #   *_other_postgres_cpu_us_per_row  the events, and the rest (WAL writer, checkpointer, …)
@@ -89,6 +93,8 @@ ratio() { python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.arg
 peak_rss_mb() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
 # CPU seconds a process used so far (user + system), and the machine's busy/total jiffies.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Minor page faults a process took so far: the kernel zeroing fresh pages for its allocator.
+minflt() { awk '{print $10}' "/proc/$1/stat"; }
 machine_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
 # The cluster's processes: "pid cpu_seconds title" for each child of the postmaster.
 pg_procs() {
@@ -206,6 +212,7 @@ prime() { # config
   # Start-up with nothing to drain (connect, the FHIR model, topics, catalog): the drains
   # below subtract it to give CPU per row.
   cpu_s "$p" >"$work/$1.startup_cpu"
+  minflt "$p" >"$work/$1.startup_minflt"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
 # The backlog's SQL: ROWS Observations in 100-row transactions, for one client.
@@ -280,6 +287,11 @@ drain() { # config queue-db label [markers]
   local t0; t0=$(now)
   local j0; j0=$(machine_jiffies)
   pg_procs >"$work/$3.pg0"
+  # Syscalls and context switches of the daemon (start-up included), where perf can count.
+  local pstat=
+  if command -v perf >/dev/null 2>&1; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$p" -o "$work/$3.stat" 2>/dev/null & pstat=$!
+  fi
   local perf=
   if [ -n "${BENCH_PERF:-}" ] && [ "$3" = "${BENCH_PERF_CASE:-capture_1topic}" ]; then
     perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$p") -o "$BENCH_PERF" 2>/dev/null & perf=$!
@@ -295,6 +307,19 @@ drain() { # config queue-db label [markers]
   # Where the time went: the daemon's CPU, and how busy both cores were (Postgres's
   # walsender and queue backend use the rest).
   local cpu; cpu=$(cpu_s "$p")
+  echo "$3_daemon_page_faults_per_row=$(python3 -c "import sys; print(round((int(sys.argv[1]) - int(sys.argv[2])) / int(sys.argv[3]), 2))" "$(minflt "$p")" "$(cat "$work/$1.startup_minflt")" "$ROWS")   # (drain - start-up) / rows"
+  if [ -n "$pstat" ]; then
+    kill -INT "$pstat"; wait "$pstat" 2>/dev/null || true
+    python3 - "$ROWS" "$3" "$work/$3.stat" <<'PY'
+import sys
+rows, label, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+names = {"raw_syscalls:sys_enter": "syscalls", "context-switches": "context_switches"}
+for line in open(path):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[2] in names and f[0].isdigit():
+        print(f"{label}_daemon_{names[f[2]]}_per_row={round(int(f[0]) / rows, 3)}")
+PY
+  fi
   local startup; startup=$(cat "$work/$1.startup_cpu")
   echo "$3_daemon_cpu_s=$cpu"
   echo "$3_daemon_startup_cpu_s=$startup      # the same config starting with nothing to drain"

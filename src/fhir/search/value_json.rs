@@ -72,18 +72,14 @@ fn write_opt(s: Option<&str>, out: &mut String) {
     }
 }
 
-/// A number as serde_json writes an `f64`: with a fraction or exponent, `null` when not
-/// finite.
+/// A number as serde_json writes an `f64` (with its formatter, `zmij`): with a fraction or
+/// exponent, `null` when not finite. `Display` took four times as many instructions.
 fn write_f64(x: f64, out: &mut String) {
     if !x.is_finite() {
         out.push_str("null");
         return;
     }
-    let at = out.len();
-    let _ = write!(out, "{x}");
-    if !out[at..].contains(['.', 'e', 'E']) {
-        out.push_str(".0");
-    }
+    out.push_str(zmij::Buffer::new().format_finite(x));
 }
 
 /// A JSON string: `"` and `\` escaped, control characters as serde_json writes them.
