@@ -334,6 +334,10 @@ pub struct ChangeEval<'a> {
     pub(crate) searcher: &'a Searcher,
     pub(crate) previous: Option<Arc<Value>>,
     pub(crate) current: Option<Arc<Value>>,
+    /// The versions' `resourceType` when the caller knows it (capture: the row's): plans
+    /// check their branches' roots against it, a dozen times per change with 20 topics,
+    /// instead of looking it up in the JSON each time.
+    resource_type: Option<&'a str>,
     /// Focus: the current version (the previous one for a delete); `%previous`/`%current`
     /// bound. Made on first use: parameters with a plain-path plan never need the engine.
     main: std::sync::OnceLock<Prepared>,
@@ -373,12 +377,19 @@ impl<'a> ChangeEval<'a> {
             searcher,
             previous,
             current,
+            resource_type: None,
             main: std::sync::OnceLock::new(),
             prev: std::sync::OnceLock::new(),
             cache: Default::default(),
             reparse: None,
             complete: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Both versions are `resource_type` resources (their `resourceType`).
+    pub(crate) fn typed(mut self, resource_type: &'a str) -> Self {
+        self.resource_type = Some(resource_type);
+        self
     }
 
     /// `previous` and `current` are partial: `reparse` gives the complete versions, parsed
@@ -444,7 +455,11 @@ impl<'a> ChangeEval<'a> {
         }
         let v = Arc::new(match (&param.plan, self.focus(previous_side)) {
             (Some(plan), Some(focus)) => {
-                super::search::value::extract(param.kind, plan.select(focus))
+                let selected = match self.resource_type {
+                    Some(ty) => plan.select_as(focus, Some(ty)),
+                    None => plan.select(focus),
+                };
+                super::search::value::extract(param.kind, selected)
             }
             _ => self.searcher.values(self.ctx(previous_side), param).await?,
         });

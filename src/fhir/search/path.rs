@@ -74,7 +74,14 @@ impl Plan {
     /// The values the expression selects on `resource`, as the engine would return them
     /// (borrowed: capture reads them once, to extract search values).
     pub(crate) fn select<'v>(&self, resource: &'v Value) -> Vec<&'v Value> {
-        let ty = resource.get("resourceType").and_then(Value::as_str);
+        self.select_as(
+            resource,
+            resource.get("resourceType").and_then(Value::as_str),
+        )
+    }
+
+    /// [`Plan::select`] on a resource whose `resourceType` the caller has read: `ty`.
+    pub(crate) fn select_as<'v>(&self, resource: &'v Value, ty: Option<&str>) -> Vec<&'v Value> {
         let mut out = Vec::new();
         for b in &self.0 {
             if b.root.is_some() && b.root.as_deref() != ty {
