@@ -455,11 +455,10 @@ impl<'a> ChangeEval<'a> {
         }
         let v = Arc::new(match (&param.plan, self.focus(previous_side)) {
             (Some(plan), Some(focus)) => {
-                let selected = match self.resource_type {
-                    Some(ty) => plan.select_as(focus, Some(ty)),
-                    None => plan.select(focus),
-                };
-                super::search::value::extract(param.kind, selected)
+                let ty = self
+                    .resource_type
+                    .or_else(|| focus.get("resourceType").and_then(Value::as_str));
+                super::search::value::extract(param.kind, plan.select_as(focus, ty))
             }
             _ => self.searcher.values(self.ctx(previous_side), param).await?,
         });
