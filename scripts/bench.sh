@@ -26,7 +26,9 @@
 #                                5 with a fhirPathCriteria)
 #   *_ratio                      capture / recvlogical
 #   lag_*                        4 writers at full rate for LAG_SECS while capture runs; the
-#                                slot lag at the end read from Postgres and from /metrics
+#                                slot lag at the end read from Postgres and from /metrics;
+#                                lag_recvlogical_*: the same load with pg_recvlogical reading
+#                                instead (the limit: Postgres's own decoding)
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
@@ -344,20 +346,25 @@ ROWS=$ROWS_SAVED
 # Lag under load: 4 writers at full rate for LAG_SECS while capture (1 topic) runs. Its
 # /metrics (--health-listen) is scraped at the end of the load: the slot lag it reports is
 # printed beside the one read from pg_replication_slots here.
+lag_writers() { # id-prefix: starts the 4 writers, their pids in `writers`
+  writers=()
+  for w in 1 2 3 4; do
+    ( end=$(( $(date +%s) + LAG_SECS )); k=0
+      while [ "$(date +%s)" -lt "$end" ]; do
+        echo "BEGIN; INSERT INTO observation (id, txid, resource_type, status, resource) SELECT '${1}${w}-${k}-' || g, txid_current(), 'Observation', 'created', s.body FROM generate_series(1, 100) g JOIN bench_src s ON s.n = g % $src_n + 1; COMMIT;"
+        k=$((k + 1))
+      done | psql -d fhir >/dev/null ) &
+    writers+=($!)
+  done
+}
+
+
 hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$bin" capture --config "$work/c1.toml" --health-listen "127.0.0.1:$hport" 2>"$work/c1.lag.log" &
 cap=$!; pids+=("$cap")
 for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
 until [ "$(psql -d q1 -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -gt 1 ]; do sleep 0.2; done
-writers=()
-for w in 1 2 3 4; do
-  ( end=$(( $(date +%s) + LAG_SECS )); k=0
-    while [ "$(date +%s)" -lt "$end" ]; do
-      echo "BEGIN; INSERT INTO observation (id, txid, resource_type, status, resource) SELECT 'w${w}-${k}-' || g, txid_current(), 'Observation', 'created', s.body FROM generate_series(1, 100) g JOIN bench_src s ON s.n = g % $src_n + 1; COMMIT;"
-      k=$((k + 1))
-    done | psql -d fhir >/dev/null ) &
-  writers+=($!)
-done
+lag_writers w
 max_bytes=0; max_secs=0
 t0=$(now)
 while kill -0 "${writers[0]}" 2>/dev/null; do
@@ -394,6 +401,37 @@ else
 fi
 echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
 kill "$cap"; wait "$cap" 2>/dev/null || true
+
+# The physical limit: the same load with pg_recvlogical (pgoutput, the same
+# publication) reading a slot of its own and nothing else running. Postgres decodes the WAL
+# for it as for capture; when the writers outrun that decoding, no client can keep up. Its
+# catch-up ends when the walsender has sent past the WAL written by the load's end.
+psql -d fhir -c "SELECT pg_create_logical_replication_slot('lagrecv', 'pgoutput')" >/dev/null
+"$PG_BIN/pg_recvlogical" -h 127.0.0.1 -p "$PGPORT" -U postgres -d fhir --slot lagrecv --start \
+  -o proto_version=1 -o publication_names=fhir_cdc -f /dev/null 2>"$work/lagrecv.log" &
+recv=$!; pids+=("$recv")
+until [ "$(psql -d fhir -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")" -gt 0 ]; do sleep 0.1; done
+t0=$(now)
+lag_writers lr
+wait "${writers[@]}"
+t1=$(now)
+target=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
+t2=$(now)
+deadline=$(( $(date +%s) + ${BENCH_CATCHUP_SECS:-120} ))
+caught=no
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  if [ "$(psql -d fhir -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical' AND sent_lsn >= '$target'")" -gt 0 ]; then caught=yes; break; fi
+  sleep 0.05
+done
+t3=$(now)
+echo "lag_recvlogical_store_rows_per_s=$(rate "$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'lr%'")" "$t0" "$t1")"
+if [ "$caught" = yes ]; then
+  echo "lag_recvlogical_end_secs=$(python3 -c "print(round($t3 - $t2, 1))")   # the limit: pg_recvlogical's catch-up after the same load"
+else
+  echo "lag_recvlogical_end_secs=>${BENCH_CATCHUP_SECS:-120} (pg_recvlogical not caught up)"
+fi
+kill "$recv"; wait "$recv" 2>/dev/null || true
+psql -d fhir -c "SELECT pg_drop_replication_slot('lagrecv')" >/dev/null
 [ "${BENCH_ONLY:-}" = lag ] && exit 0
 
 fi
