@@ -90,6 +90,28 @@ cleanup() {
 trap cleanup EXIT
 psql() { "$PG_BIN/psql" -q -X -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
 now() { date +%s.%N; }
+# queued DB MARK: SQL that is true once the newest event in queue DB is a `bench-end` marker
+# committed after WAL position MARK (taken just before the marker was written). It reads one
+# row by the primary key: counting markers over the whole event table was a sequential scan
+# per poll (1.7 million rows in the lag case), which took CPU from the drain it timed.
+queued() { echo "SELECT coalesce((SELECT resource_id = 'bench-end' AND commit_lsn >= '$2' FROM fhir_cdc.event ORDER BY id DESC LIMIT 1), false)"; }
+# wait_for DB SQL [SECONDS]: runs SQL (true/false) every 50 ms on one connection until it
+# is true (status 0), or until SECONDS have passed (status 1). One session for the whole
+# wait: a psql started per poll cost the machine a process and a backend 20 times a second,
+# which pg_recvlogical's figures, measured beside these, do not pay.
+wait_for() {
+  local until=$(( $(date +%s) + ${3:-100000} )) line ok=1
+  coproc WAITER { "$PG_BIN/psql" -q -X -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$1" 2>&1; }
+  while [ "$(date +%s)" -lt "$until" ]; do
+    echo "$2;" >&"${WAITER[1]}"
+    IFS= read -r line <&"${WAITER[0]}" || break
+    if [ "$line" = t ]; then ok=0; break; fi
+    sleep 0.05
+  done
+  exec {WAITER[1]}>&-
+  wait "$WAITER_PID" 2>/dev/null || true
+  return $ok
+}
 rate() { python3 -c "import sys; print(round(float(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2]))))" "$@"; }
 ratio() { python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.argv[2]), 2))" "$@"; }
 peak_rss_mb() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
@@ -273,6 +295,7 @@ t0=$(now); psql -d fhir -f "$work/write.sql"; t1=$(now)
 store_rate=$(rate "$ROWS" "$t0" "$t1")
 echo "store_insert_rows_per_s=$store_rate"
 # A marker commit: when it is queued, everything before it is.
+mark=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end\"}}')" >/dev/null
 end_lsn=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 
@@ -283,7 +306,7 @@ t1=$(now)
 recv_rate=$(rate "$ROWS" "$t0" "$t1")
 echo "recvlogical_rows_per_s=$recv_rate"
 
-drain() { # config queue-db label [markers]
+drain() { # config queue-db label mark (the WAL position before the last marker)
   "$bin" capture --config "$work/$1.toml" 2>"$work/$1.log" &
   local p=$!; pids+=("$p")
   local t0; t0=$(now)
@@ -298,7 +321,7 @@ drain() { # config queue-db label [markers]
   if [ -n "${BENCH_PERF:-}" ] && [ "$3" = "${BENCH_PERF_CASE:-capture_1topic}" ]; then
     perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$p") -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
-  until [ "$(psql -d "$2" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "${4:-1}" ]; do sleep 0.05; done
+  wait_for "$2" "$(queued "$2" "$4")"
   local t1; t1=$(now)
   local j1; j1=$(machine_jiffies)
   pg_procs >"$work/$3.pg1"
@@ -330,17 +353,18 @@ PY
   pg_cpu_per_row "$work/$3.pg0" "$work/$3.pg1" "$2" "$ROWS" "$3"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
-drain c1 q1 capture_1topic
-drain c20 q20 capture_20topics
+drain c1 q1 capture_1topic "$mark"
+drain c20 q20 capture_20topics "$mark"
 [ "${BENCH_ONLY:-}" = capture ] && exit 0
 
 # One 30,000-resource transaction (~50 MB), drained by capture alone.
 psql -d fhir -c "BEGIN; INSERT INTO observation (id, txid, resource_type, status, resource)
   SELECT 'big' || g, txid_current(), 'Observation', 'created', s.body || jsonb_build_object('note', jsonb_build_array(jsonb_build_object('text', repeat(md5(g::text), 10))))
   FROM generate_series(1, 30000) g JOIN bench_src s ON s.n = g % $src_n + 1; COMMIT;"
+mark2=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end2\"}}')" >/dev/null
 ROWS_SAVED=$ROWS; ROWS=$((ROWS + 30000 + 2))
-drain cbig qbig big_txn 2
+drain cbig qbig big_txn "$mark2"
 ROWS=$ROWS_SAVED
 
 # Lag under load: 4 writers at full rate for LAG_SECS while capture (1 topic) runs. Its
@@ -363,7 +387,7 @@ hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 "$bin" capture --config "$work/c1.toml" --health-listen "127.0.0.1:$hport" 2>"$work/c1.lag.log" &
 cap=$!; pids+=("$cap")
 for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
-until [ "$(psql -d q1 -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -gt 1 ]; do sleep 0.2; done
+wait_for q1 "$(queued q1 "$mark2")"
 lag_writers w
 max_bytes=0; max_secs=0
 t0=$(now)
@@ -377,15 +401,12 @@ t1=$(now)
 written=$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'w%'")
 end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
 metrics_at_end=$(curl -fs "http://127.0.0.1:$hport/metrics" || true)
+mark3=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end3\"}}')" >/dev/null
 t2=$(now)
 # Time to catch up after the load stops, waited for at most CATCHUP_SECS.
-deadline=$(( $(date +%s) + ${BENCH_CATCHUP_SECS:-120} ))
 caught=no
-while [ "$(date +%s)" -lt "$deadline" ]; do
-  if [ "$(psql -d q1 -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -gt 2 ]; then caught=yes; break; fi
-  sleep 0.05
-done
+if wait_for q1 "$(queued q1 "$mark3")" "${BENCH_CATCHUP_SECS:-120}"; then caught=yes; fi
 t3=$(now)
 echo "lag_store_rows_per_s=$(rate "$written" "$t0" "$t1")"
 echo "lag_max_bytes=$max_bytes"
@@ -417,12 +438,8 @@ wait "${writers[@]}"
 t1=$(now)
 target=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 t2=$(now)
-deadline=$(( $(date +%s) + ${BENCH_CATCHUP_SECS:-120} ))
 caught=no
-while [ "$(date +%s)" -lt "$deadline" ]; do
-  if [ "$(psql -d fhir -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical' AND sent_lsn >= '$target'")" -gt 0 ]; then caught=yes; break; fi
-  sleep 0.05
-done
+if wait_for fhir "SELECT count(*) > 0 FROM pg_stat_replication WHERE application_name = 'pg_recvlogical' AND sent_lsn >= '$target'" "${BENCH_CATCHUP_SECS:-120}"; then caught=yes; fi
 t3=$(now)
 echo "lag_recvlogical_store_rows_per_s=$(rate "$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'lr%'")" "$t0" "$t1")"
 if [ "$caught" = yes ]; then
