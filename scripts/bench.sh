@@ -93,7 +93,7 @@ now() { date +%s.%N; }
 # queued DB MARK: SQL that is true once the newest event in queue DB is a `bench-end` marker
 # committed after WAL position MARK (taken just before the marker was written). It reads one
 # row by the primary key: counting markers over the whole event table was a sequential scan
-# per poll (1.7 million rows in the lag case), which took CPU from the drain it timed.
+# per poll (1.6–2.7 million rows by the end of the lag case), which took CPU from what it timed.
 queued() { echo "SELECT coalesce((SELECT resource_id = 'bench-end' AND commit_lsn >= '$2' FROM fhir_cdc.event ORDER BY id DESC LIMIT 1), false)"; }
 # wait_for DB SQL [SECONDS]: runs SQL (true/false) every 50 ms on one connection until it
 # is true (status 0), or until SECONDS have passed (status 1). One session for the whole
