@@ -158,6 +158,27 @@ for kind, s in sums.items():
     print(f"{label}_{kind}_cpu_us_per_row={round(1e6 * s / int(rows), 1)}")
 PY
 }
+# The same, as percent of one core over SECONDS: where the CPU went during a timed load.
+pg_cpu_pct() { # before after queue-db seconds label
+  python3 - "$@" <<'PY'
+import sys
+before, after, qdb, secs, label = sys.argv[1:]
+def load(path):
+    out = {}
+    for line in open(path):
+        pid, cpu, title = line.rstrip("\n").split(" ", 2)
+        out[pid] = (float(cpu), title)
+    return out
+b, a = load(before), load(after)
+sums = {"walsender": 0.0, "queue_backend": 0.0, "other_postgres": 0.0}
+for pid, (cpu, title) in a.items():
+    d = cpu - b.get(pid, (0.0, ""))[0]
+    words = title.split()
+    kind = "walsender" if "walsender" in words else "queue_backend" if qdb in words else "other_postgres"
+    sums[kind] += d
+print(" ".join(f"{label}_{k}_cpu_pct={round(100 * s / float(secs))}" for k, s in sums.items()))
+PY
+}
 busy_pct() { python3 -c "import sys; b0, t0, b1, t1 = map(float, sys.argv[1:]); print(round(100 * (b1 - b0) / (t1 - t0)))" $1 $2; }
 
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -390,14 +411,14 @@ for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && bre
 wait_for q1 "$(queued q1 "$mark2")"
 lag_writers w
 max_bytes=0; max_secs=0
-t0=$(now)
+t0=$(now); j0=$(machine_jiffies); c0=$(cpu_s "$cap"); pg_procs >"$work/lag.pg0"
 while kill -0 "${writers[0]}" 2>/dev/null; do
   b=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
   [ "$b" -gt "$max_bytes" ] && max_bytes=$b
   sleep 1
 done
 wait "${writers[@]}"
-t1=$(now)
+t1=$(now); j1=$(machine_jiffies); c1=$(cpu_s "$cap"); pg_procs >"$work/lag.pg1"
 written=$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'w%'")
 end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
 metrics_at_end=$(curl -fs "http://127.0.0.1:$hport/metrics" || true)
@@ -421,6 +442,11 @@ else
   echo "lag_end_secs=>${BENCH_CATCHUP_SECS:-120} (not caught up; $(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'") bytes behind)"
 fi
 echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
+# Where the CPU went while the writers ran, in percent of one core: what capture's daemon,
+# walsender and queue backend got of the two cores (the writers and their backends, gone
+# by the second snapshot, are the rest of the machine's busy time).
+load_secs=$(python3 -c "print($t1 - $t0)")
+echo "lag_load_machine_busy_pct=$(busy_pct "$j0" "$j1") lag_load_daemon_cpu_pct=$(python3 -c "print(round(100 * ($c1 - $c0) / $load_secs))") $(pg_cpu_pct "$work/lag.pg0" "$work/lag.pg1" q1 "$load_secs" lag_load)"
 kill "$cap"; wait "$cap" 2>/dev/null || true
 
 # The physical limit: the same load with pg_recvlogical (pgoutput, the same
@@ -432,10 +458,10 @@ psql -d fhir -c "SELECT pg_create_logical_replication_slot('lagrecv', 'pgoutput'
   -o proto_version=1 -o publication_names=fhir_cdc -f /dev/null 2>"$work/lagrecv.log" &
 recv=$!; pids+=("$recv")
 until [ "$(psql -d fhir -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")" -gt 0 ]; do sleep 0.1; done
-t0=$(now)
+t0=$(now); j0=$(machine_jiffies); pg_procs >"$work/lagrecv.pg0"
 lag_writers lr
 wait "${writers[@]}"
-t1=$(now)
+t1=$(now); j1=$(machine_jiffies); pg_procs >"$work/lagrecv.pg1"
 target=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 t2=$(now)
 caught=no
@@ -447,6 +473,7 @@ if [ "$caught" = yes ]; then
 else
   echo "lag_recvlogical_end_secs=>${BENCH_CATCHUP_SECS:-120} (pg_recvlogical not caught up)"
 fi
+echo "lag_recvlogical_load_machine_busy_pct=$(busy_pct "$j0" "$j1") $(pg_cpu_pct "$work/lagrecv.pg0" "$work/lagrecv.pg1" q1 "$(python3 -c "print($t1 - $t0)")" lag_recvlogical_load)"
 kill "$recv"; wait "$recv" 2>/dev/null || true
 psql -d fhir -c "SELECT pg_drop_replication_slot('lagrecv')" >/dev/null
 [ "${BENCH_ONLY:-}" = lag ] && exit 0
