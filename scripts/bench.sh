@@ -28,7 +28,10 @@
 #   lag_*                        4 writers at full rate for LAG_SECS while capture runs; the
 #                                slot lag at the end read from Postgres and from /metrics;
 #                                lag_recvlogical_*: the same load with pg_recvlogical reading
-#                                instead (the limit: Postgres's own decoding)
+#                                instead (the limit: Postgres's own decoding);
+#                                lag_load_* / lag_recvlogical_load_*: percent of one core the
+#                                machine, the daemon, the walsender and the queue backend used
+#                                while the writers ran
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
