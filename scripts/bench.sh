@@ -138,12 +138,14 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         print(pid, (int(stat[11]) + int(stat[12])) / hz, title)
 PY
 }
-# CPU µs per row of Postgres's processes between two pg_procs snapshots: the walsender, the
-# queue database's backends (the queue writes) and the rest (WAL writer, checkpointer, …).
-pg_cpu_per_row() { # before after queue-db rows label
+# Postgres's CPU between two pg_procs snapshots, by process: the walsender, the queue
+# database's backends (the queue writes) and the rest (WAL writer, checkpointer, …).
+# pg_cpu_per_row: µs per row of a drain; pg_cpu_pct: percent of one core over SECONDS (where
+# the CPU went during a timed load).
+pg_cpu() { # per_row|pct before after queue-db rows|seconds label
   python3 - "$@" <<'PY'
 import sys
-before, after, qdb, rows, label = sys.argv[1:]
+mode, before, after, qdb, n, label = sys.argv[1:]
 def load(path):
     out = {}
     for line in open(path):
@@ -157,31 +159,15 @@ for pid, (cpu, title) in a.items():
     words = title.split()
     kind = "walsender" if "walsender" in words else "queue_backend" if qdb in words else "other_postgres"
     sums[kind] += d
-for kind, s in sums.items():
-    print(f"{label}_{kind}_cpu_us_per_row={round(1e6 * s / int(rows), 1)}")
+if mode == "per_row":
+    for kind, s in sums.items():
+        print(f"{label}_{kind}_cpu_us_per_row={round(1e6 * s / int(n), 1)}")
+else:
+    print(" ".join(f"{label}_{k}_cpu_pct={round(100 * s / float(n))}" for k, s in sums.items()))
 PY
 }
-# The same, as percent of one core over SECONDS: where the CPU went during a timed load.
-pg_cpu_pct() { # before after queue-db seconds label
-  python3 - "$@" <<'PY'
-import sys
-before, after, qdb, secs, label = sys.argv[1:]
-def load(path):
-    out = {}
-    for line in open(path):
-        pid, cpu, title = line.rstrip("\n").split(" ", 2)
-        out[pid] = (float(cpu), title)
-    return out
-b, a = load(before), load(after)
-sums = {"walsender": 0.0, "queue_backend": 0.0, "other_postgres": 0.0}
-for pid, (cpu, title) in a.items():
-    d = cpu - b.get(pid, (0.0, ""))[0]
-    words = title.split()
-    kind = "walsender" if "walsender" in words else "queue_backend" if qdb in words else "other_postgres"
-    sums[kind] += d
-print(" ".join(f"{label}_{k}_cpu_pct={round(100 * s / float(secs))}" for k, s in sums.items()))
-PY
-}
+pg_cpu_per_row() { pg_cpu per_row "$@"; } # before after queue-db rows label
+pg_cpu_pct() { pg_cpu pct "$@"; }         # before after queue-db seconds label
 busy_pct() { python3 -c "import sys; b0, t0, b1, t1 = map(float, sys.argv[1:]); print(round(100 * (b1 - b0) / (t1 - t0)))" $1 $2; }
 
 echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
