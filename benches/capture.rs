@@ -32,6 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A value as Postgres prints a jsonb: the text pgoutput sends for Aidbox's `resource` column.
+#[path = "../tests/support/jsonb_text.rs"]
+mod jsonb;
+use jsonb::jsonb_text;
+
 /// The daemon's allocator, counting calls.
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
@@ -242,28 +247,6 @@ fn load(path: &str, rows: usize) -> (Vec<Vec<Bytes>>, Vec<String>) {
         .map(|i| insert(&format!("o{i}"), &bodies[i % bodies.len()]))
         .collect();
     (msgs.chunks(100).map(<[Bytes]>::to_vec).collect(), bodies)
-}
-
-/// A value as Postgres prints a jsonb: keys shortest first (then by bytes), `, ` and `: `
-/// between items. That is the text pgoutput sends for Aidbox's `resource` column.
-fn jsonb_text(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
-            let items: Vec<String> = keys
-                .iter()
-                .map(|k| format!("{}: {}", Value::from(k.as_str()), jsonb_text(&m[*k])))
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(jsonb_text).collect();
-            format!("[{}]", items.join(", "))
-        }
-        other => other.to_string(),
-    }
 }
 
 /// What building a `serde_json::Value` of each body costs, measured in the same run.

@@ -355,6 +355,12 @@ impl Scanner<'_> {
     }
 }
 
+/// Postgres's text form of a jsonb value, for the tests (shared with the integration tests
+/// and the capture benchmark).
+#[cfg(test)]
+#[path = "../../tests/support/jsonb_text.rs"]
+mod jsonb;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,23 +466,7 @@ mod tests {
         members(text, Source::Unchecked, keep)
     }
 
-    /// Postgres's text form of a jsonb value: `, ` and `: ` between items.
-    fn jsonb_text(v: &Value) -> String {
-        match v {
-            Value::Object(m) => {
-                let items: Vec<String> = m
-                    .iter()
-                    .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), jsonb_text(v)))
-                    .collect();
-                format!("{{{}}}", items.join(", "))
-            }
-            Value::Array(a) => {
-                let items: Vec<String> = a.iter().map(jsonb_text).collect();
-                format!("[{}]", items.join(", "))
-            }
-            other => other.to_string(),
-        }
-    }
+    use super::jsonb::jsonb_text;
 
     fn pairs(m: Vec<Member<'_>>) -> Vec<(&str, &str)> {
         m.into_iter().map(|m| (m.key, m.value)).collect()

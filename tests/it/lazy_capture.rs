@@ -23,6 +23,10 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+#[path = "../support/jsonb_text.rs"]
+mod jsonb;
+use jsonb::jsonb_text;
+
 /// Resources of the workload by type, at most `per_type` of each.
 fn resources(per_type: usize) -> BTreeMap<String, Vec<Value>> {
     let path = crate::common::workload_file(&["3000", "7", "resources"]);
@@ -82,27 +86,6 @@ fn topics(registry: &Registry, types: &[String]) -> Vec<Value> {
                 "fhirPathCriteria": "%current.descendants().ofType(Coding).where(code.exists()).count() > 1 or %current.identifier.exists()"}]}));
     }
     out
-}
-
-/// Postgres's text output of a `jsonb` value: members sorted by the byte length of their
-/// names, then by their bytes, with `, ` and `: ` between items (`jsonb_out`).
-fn jsonb_text(v: &Value) -> String {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort_by(|a, b| a.len().cmp(&b.len()).then(a.cmp(b)));
-            let items: Vec<String> = keys
-                .iter()
-                .map(|k| format!("{}: {}", Value::from(k.as_str()), jsonb_text(&m[*k])))
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(jsonb_text).collect();
-            format!("[{}]", items.join(", "))
-        }
-        other => other.to_string(),
-    }
 }
 
 /// A change of `current` (an update from `previous` when given), its body as the store's
