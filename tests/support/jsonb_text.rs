@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-pub fn jsonb_text(v: &Value) -> String {
+pub(crate) fn jsonb_text(v: &Value) -> String {
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
