@@ -93,11 +93,11 @@ cleanup() {
 trap cleanup EXIT
 psql() { "$PG_BIN/psql" -q -X -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres "$@"; }
 now() { date +%s.%N; }
-# queued DB MARK: SQL that is true once the newest event in queue DB is a `bench-end` marker
-# committed after WAL position MARK (taken just before the marker was written). It reads one
+# queued MARK: SQL, for a queue database, that is true once its newest event is a `bench-end`
+# marker committed after WAL position MARK (taken just before the marker was written). It reads one
 # row by the primary key: counting markers over the whole event table was a sequential scan
 # per poll (1.6–2.7 million rows by the end of the lag case), which took CPU from what it timed.
-queued() { echo "SELECT coalesce((SELECT resource_id = 'bench-end' AND commit_lsn >= '$2' FROM fhir_cdc.event ORDER BY id DESC LIMIT 1), false)"; }
+queued() { echo "SELECT coalesce((SELECT resource_id = 'bench-end' AND commit_lsn >= '$1' FROM fhir_cdc.event ORDER BY id DESC LIMIT 1), false)"; }
 # wait_for DB SQL [SECONDS]: runs SQL (true/false) every 50 ms on one connection until it
 # is true (status 0), or until SECONDS have passed (status 1). One session for the whole
 # wait: a psql started per poll cost the machine a process and a backend 20 times a second,
@@ -274,11 +274,11 @@ if [ "${BENCH_ONLY:-}" = instructions ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
   fi
   ir() { awk '/^summary:/ {print $2}' "$1"; }
-  cg_run() { # config out-file [queue-db markers]: under callgrind until streaming (or queued)
+  cg_run() { # config out-file [queue-db mark]: under callgrind until streaming (or queued)
     valgrind --tool=callgrind --callgrind-out-file="$2" "$bin" capture --config "$work/$1.toml" 2>"$2.log" &
     local p=$!
     if [ -n "${3:-}" ]; then
-      until [ "$(psql -d "$3" -c "SELECT count(*) FROM fhir_cdc.event WHERE resource_id = 'bench-end'")" -ge "$4" ]; do sleep 0.2; done
+      wait_for "$3" "$(queued "$4")"
     else
       until grep -qs "capture streaming" "$2.log"; do sleep 0.2; done
       sleep 1
@@ -287,8 +287,9 @@ if [ "${BENCH_ONLY:-}" = instructions ]; then
   }
   cg_run c1 "$work/start1.cg"; cg_run c20 "$work/start20.cg"
   backlog_sql | psql -d fhir -f -
+  mark=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
   psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"final\",\"code\":{\"text\":\"end\"}}')" >/dev/null
-  cg_run c1 "$work/drain1.cg" q1 1; cg_run c20 "$work/drain20.cg" q20 1
+  cg_run c1 "$work/drain1.cg" q1 "$mark"; cg_run c20 "$work/drain20.cg" q20 "$mark"
   # BENCH_CALLGRIND_KEEP=dir: keep the callgrind files there (callgrind_annotate reads them).
   if [ -n "${BENCH_CALLGRIND_KEEP:-}" ]; then cp "$work"/*.cg "$BENCH_CALLGRIND_KEEP"/; fi
   for t in 1 20; do
@@ -331,7 +332,7 @@ drain() { # config queue-db label mark (the WAL position before the last marker)
   if [ -n "${BENCH_PERF:-}" ] && [ "$3" = "${BENCH_PERF_CASE:-capture_1topic}" ]; then
     perf record -q -F 999 -g $( [ -n "${BENCH_PERF_ALL:-}" ] && echo -a || echo -p "$p") -o "$BENCH_PERF" 2>/dev/null & perf=$!
   fi
-  wait_for "$2" "$(queued "$2" "$4")"
+  wait_for "$2" "$(queued "$4")"
   local t1; t1=$(now)
   local j1; j1=$(machine_jiffies)
   pg_procs >"$work/$3.pg1"
@@ -397,7 +398,7 @@ hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 "$bin" capture --config "$work/c1.toml" --health-listen "127.0.0.1:$hport" 2>"$work/c1.lag.log" &
 cap=$!; pids+=("$cap")
 for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && break; sleep 0.1; done
-wait_for q1 "$(queued q1 "$mark2")"
+wait_for q1 "$(queued "$mark2")"
 lag_writers w
 max_bytes=0; max_secs=0
 t0=$(now); j0=$(machine_jiffies); c0=$(cpu_s "$cap"); pg_procs >"$work/lag.pg0"
@@ -416,7 +417,7 @@ psql -d fhir -c "SELECT fhir_put('Observation', 'bench-end', '{\"status\":\"fina
 t2=$(now)
 # Time to catch up after the load stops, waited for at most CATCHUP_SECS.
 caught=no
-if wait_for q1 "$(queued q1 "$mark3")" "${BENCH_CATCHUP_SECS:-120}"; then caught=yes; fi
+if wait_for q1 "$(queued "$mark3")" "${BENCH_CATCHUP_SECS:-120}"; then caught=yes; fi
 t3=$(now)
 echo "lag_store_rows_per_s=$(rate "$written" "$t0" "$t1")"
 echo "lag_max_bytes=$max_bytes"
