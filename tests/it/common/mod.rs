@@ -330,6 +330,43 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Waits until its API on `port` answers `/readyz` (capture streaming), as [`wait_api`]
+    /// does; when it exits first or is not ready within 60 s, the panic carries the end of
+    /// its log, so a failure says why rather than only that it timed out.
+    pub async fn wait_ready(&mut self, port: u16) {
+        let http = reqwest::Client::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            if http
+                .get(url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the daemon exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "timed out after 60s waiting for the daemon to be ready:\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// The last 40 lines of its log.
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -699,8 +736,8 @@ impl TestEnv {
 
     /// `fhir-cdc run`, waited for until the API is ready and capture streams.
     pub async fn start(&self) -> Daemon {
-        let d = self.spawn("run");
-        wait_api(self.api).await;
+        let mut d = self.spawn("run");
+        d.wait_ready(self.api).await;
         d
     }
 
