@@ -115,6 +115,9 @@ wait_for() {
   wait "$WAITER_PID" 2>/dev/null || true
   return $ok
 }
+# Queue transactions in database $1 so far: each writes the checkpoint once (statistics,
+# flushed within a second).
+xacts() { psql -d "$1" -c "SELECT coalesce(sum(n_tup_ins + n_tup_upd), 0) FROM pg_stat_user_tables WHERE schemaname = 'fhir_cdc' AND relname = 'checkpoint'"; }
 rate() { python3 -c "import sys; print(round(float(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2]))))" "$@"; }
 ratio() { python3 -c "import sys; print(round(float(sys.argv[1]) / float(sys.argv[2]), 2))" "$@"; }
 peak_rss_mb() { awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$1/status"; }
@@ -323,6 +326,7 @@ drain() { # config queue-db label mark (the WAL position before the last marker)
   local t0; t0=$(now)
   local j0; j0=$(machine_jiffies)
   pg_procs >"$work/$3.pg0"
+  local x0; x0=$(xacts "$2")
   # Syscalls and context switches of the daemon (start-up included), where perf can count.
   local pstat=
   if command -v perf >/dev/null 2>&1; then
@@ -363,6 +367,11 @@ PY
   echo "$3_machine_busy_pct=$(busy_pct "$j0" "$j1")"
   pg_cpu_per_row "$work/$3.pg0" "$work/$3.pg1" "$2" "$ROWS" "$3"
   kill "$p"; wait "$p" 2>/dev/null || true
+  # Queue transactions (each a COPY of a batch, the checkpoint and its wake-ups; Postgres's
+  # fixed cost per COPY is paid per batch): read after the daemon is gone and the
+  # statistics are flushed.
+  sleep 1.1
+  echo "$3_rows_per_queue_commit=$(python3 -c "import sys; print(round(int(sys.argv[1]) / max(1, int(sys.argv[2]) - int(sys.argv[3]))))" "$ROWS" "$(xacts "$2")" "$x0")"
 }
 drain c1 q1 capture_1topic "$mark"
 drain c20 q20 capture_20topics "$mark"
