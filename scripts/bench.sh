@@ -31,7 +31,10 @@
 #                                instead (the limit: Postgres's own decoding);
 #                                lag_load_* / lag_recvlogical_load_*: percent of one core the
 #                                machine, the daemon, the walsender and the queue backend used
-#                                while the writers ran
+#                                while the writers ran; *_walsender_running|waiting_for_cpu|
+#                                asleep_pct: how the walsender spent the load (schedstat;
+#                                asleep while behind = blocked on a full socket, its client
+#                                not reading), lag_load_daemon_*: the same for the daemon
 #   big_txn_*                    one 30,000-resource (~50 MB) transaction
 #   *_peak_rss_mb                the capture process's peak RSS (VmHWM)
 #   *_daemon_cpu_us_per_row      capture's CPU for the drain, less the same config's start-up
@@ -40,6 +43,7 @@
 #                                zeroes: the allocator handing pages back and taking them again)
 #   *_daemon_syscalls_per_row, *_daemon_context_switches_per_row   perf stat of the daemon in
 #                                the drain (start-up included), per row
+#   *_rows_per_queue_commit      rows per queue transaction in the drain (its checkpoint writes)
 #   *_walsender_cpu_us_per_row   Postgres's CPU in the same drain, per row: the walsender
 #   *_queue_backend_cpu_us_per_row  decoding the slot, the queue database's backends writing
 #   *_other_postgres_cpu_us_per_row  the events, and the rest (WAL writer, checkpointer, …)
@@ -127,6 +131,16 @@ cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/st
 minflt() { awk '{print $10}' "/proc/$1/stat"; }
 machine_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
 # The cluster's processes: "pid cpu_seconds title" for each child of the postmaster.
+# Scheduler time of pid $1 and its threads so far (/proc/…/schedstat): ns on a core, ns
+# runnable but waiting for one.
+sched() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{r += $1; w += $2} END {print r + 0, w + 0}'; }
+# Of SECONDS between two sched snapshots, percent on a core, waiting for one, and asleep (a
+# walsender asleep while its slot is behind is blocked on a full socket: its client is not
+# reading).
+sched_pct() { # label before after seconds
+  python3 -c "import sys; l, t = sys.argv[1], float(sys.argv[4]); r0, w0 = map(int, sys.argv[2].split()); r1, w1 = map(int, sys.argv[3].split()); r, w = (r1 - r0) / 1e9 / t, (w1 - w0) / 1e9 / t; print(f'{l}_running_pct={100 * r:.0f} {l}_waiting_for_cpu_pct={100 * w:.0f} {l}_asleep_pct={100 * max(0.0, 1 - r - w):.0f}')" "$@"
+}
+slot_pid() { psql -d fhir -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$1'"; }
 pg_procs() {
   python3 - "$(head -1 "$PGDATA_DIR/data/postmaster.pid")" "$(getconf CLK_TCK)" <<'PY'
 import os, sys
@@ -410,14 +424,15 @@ for _ in $(seq 1 300); do grep -qs "capture streaming" "$work/c1.lag.log" && bre
 wait_for q1 "$(queued "$mark2")"
 lag_writers w
 max_bytes=0; max_secs=0
-t0=$(now); j0=$(machine_jiffies); c0=$(cpu_s "$cap"); pg_procs >"$work/lag.pg0"
+ws=$(slot_pid s1)
+t0=$(now); j0=$(machine_jiffies); c0=$(cpu_s "$cap"); pg_procs >"$work/lag.pg0"; ws0=$(sched "$ws"); d0=$(sched "$cap")
 while kill -0 "${writers[0]}" 2>/dev/null; do
   b=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
   [ "$b" -gt "$max_bytes" ] && max_bytes=$b
   sleep 1
 done
 wait "${writers[@]}"
-t1=$(now); j1=$(machine_jiffies); c1=$(cpu_s "$cap"); pg_procs >"$work/lag.pg1"
+t1=$(now); j1=$(machine_jiffies); c1=$(cpu_s "$cap"); pg_procs >"$work/lag.pg1"; ws1=$(sched "$ws"); d1=$(sched "$cap")
 written=$(psql -d fhir -c "SELECT count(*) FROM observation WHERE id LIKE 'w%'")
 end_bytes=$(psql -d fhir -c "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint FROM pg_replication_slots WHERE slot_name = 's1'")
 metrics_at_end=$(curl -fs "http://127.0.0.1:$hport/metrics" || true)
@@ -446,6 +461,9 @@ echo "lag_peak_rss_mb=$(peak_rss_mb "$cap")"
 # by the second snapshot, are the rest of the machine's busy time).
 load_secs=$(python3 -c "print($t1 - $t0)")
 echo "lag_load_machine_busy_pct=$(busy_pct "$j0" "$j1") lag_load_daemon_cpu_pct=$(python3 -c "print(round(100 * ($c1 - $c0) / $load_secs))") $(pg_cpu_pct "$work/lag.pg0" "$work/lag.pg1" q1 "$load_secs" lag_load)"
+# How the walsender and the daemon spent the load (schedstat; the daemon's threads summed).
+sched_pct lag_load_walsender "$ws0" "$ws1" "$load_secs"
+sched_pct lag_load_daemon "$d0" "$d1" "$load_secs"
 kill "$cap"; wait "$cap" 2>/dev/null || true
 
 # The physical limit: the same load with pg_recvlogical (pgoutput, the same
@@ -457,10 +475,11 @@ psql -d fhir -c "SELECT pg_create_logical_replication_slot('lagrecv', 'pgoutput'
   -o proto_version=1 -o publication_names=fhir_cdc -f /dev/null 2>"$work/lagrecv.log" &
 recv=$!; pids+=("$recv")
 until [ "$(psql -d fhir -c "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")" -gt 0 ]; do sleep 0.1; done
-t0=$(now); j0=$(machine_jiffies); pg_procs >"$work/lagrecv.pg0"
+ws=$(slot_pid lagrecv)
+t0=$(now); j0=$(machine_jiffies); pg_procs >"$work/lagrecv.pg0"; ws0=$(sched "$ws")
 lag_writers lr
 wait "${writers[@]}"
-t1=$(now); j1=$(machine_jiffies); pg_procs >"$work/lagrecv.pg1"
+t1=$(now); j1=$(machine_jiffies); pg_procs >"$work/lagrecv.pg1"; ws1=$(sched "$ws")
 target=$(psql -d fhir -c "SELECT pg_current_wal_lsn()")
 t2=$(now)
 caught=no
@@ -473,6 +492,7 @@ else
   echo "lag_recvlogical_end_secs=>${BENCH_CATCHUP_SECS:-120} (pg_recvlogical not caught up)"
 fi
 echo "lag_recvlogical_load_machine_busy_pct=$(busy_pct "$j0" "$j1") $(pg_cpu_pct "$work/lagrecv.pg0" "$work/lagrecv.pg1" q1 "$(python3 -c "print($t1 - $t0)")" lag_recvlogical_load)"
+sched_pct lag_recvlogical_load_walsender "$ws0" "$ws1" "$(python3 -c "print($t1 - $t0)")"
 kill "$recv"; wait "$recv" 2>/dev/null || true
 psql -d fhir -c "SELECT pg_drop_replication_slot('lagrecv')" >/dev/null
 [ "${BENCH_ONLY:-}" = lag ] && exit 0
