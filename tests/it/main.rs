@@ -31,6 +31,7 @@ mod lifecycle;
 mod notifications;
 mod operations;
 mod probes;
+mod queue_flow;
 mod secrets;
 mod shape;
 mod slot_safety;
