@@ -130,7 +130,6 @@ cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/st
 # Minor page faults a process took so far: the kernel zeroing fresh pages for its allocator.
 minflt() { awk '{print $10}' "/proc/$1/stat"; }
 machine_jiffies() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
-# The cluster's processes: "pid cpu_seconds title" for each child of the postmaster.
 # Scheduler time of pid $1 and its threads so far (/proc/…/schedstat): ns on a core, ns
 # runnable but waiting for one.
 sched() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{r += $1; w += $2} END {print r + 0, w + 0}'; }
@@ -141,6 +140,7 @@ sched_pct() { # label before after seconds
   python3 -c "import sys; l, t = sys.argv[1], float(sys.argv[4]); r0, w0 = map(int, sys.argv[2].split()); r1, w1 = map(int, sys.argv[3].split()); r, w = (r1 - r0) / 1e9 / t, (w1 - w0) / 1e9 / t; print(f'{l}_running_pct={100 * r:.0f} {l}_waiting_for_cpu_pct={100 * w:.0f} {l}_asleep_pct={100 * max(0.0, 1 - r - w):.0f}')" "$@"
 }
 slot_pid() { psql -d fhir -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$1'"; }
+# The cluster's processes: "pid cpu_seconds title" for each child of the postmaster.
 pg_procs() {
   python3 - "$(head -1 "$PGDATA_DIR/data/postmaster.pid")" "$(getconf CLK_TCK)" <<'PY'
 import os, sys

@@ -31,11 +31,11 @@ impl Pending {
         self.end.is_none()
     }
 
-    /// When the waiting commits go to the writer, which must be idle (`last_flush`: when the
-    /// last batch went to it): at once (latency), but no sooner than `flush_after / 4`
+    /// When the waiting commits go to the writer, which must be idle (`idle_since_flush`:
+    /// when the last batch went to it, `None` while it is busy): at once (latency), but no sooner than `flush_after / 4`
     /// after the last batch, so under a stream of small commits each queue write (and the
     /// dispatch round it wakes) carries several of them; and at the latest `flush_after`
-    /// after the oldest one. `None` while the writer is busy or nothing waits: the batch
+    /// after the oldest one. `None` for a busy writer or when nothing waits: the batch
     /// then grows while the stream reads on, and goes as soon as the writer acknowledges
     /// (or when it holds `batch_events`). Handing a busy writer a second batch made the
     /// stream wait for it with the next one, and stop reading the slot meanwhile: under a
