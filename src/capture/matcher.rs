@@ -14,7 +14,7 @@ use crate::fhir::search::value::Values;
 use crate::fhir::search::value_json::{write_str, write_values};
 use crate::fhir::search::Searcher;
 use crate::fhir::topic::Interaction;
-use crate::fhir::trigger::{ChangeEval, FilterParam, Outcome};
+use crate::fhir::trigger::{ChangeEval, CriteriaKey, FilterParam, Outcome};
 use crate::queue::batch::{QueuedEvent, ResourceBody, OWN_FILTERS};
 use crate::store::RowChange;
 
@@ -44,6 +44,9 @@ struct Filters<'t> {
     /// definitions by pointer first, without a map lookup per entry (those lookups were 7%
     /// of capture's instructions with 20 topics). Inline: a change has a handful.
     sources: smallvec::SmallVec<[&'t FilterParam; 8]>,
+    /// The canFilterBy sets whose values went into `shared` whole: a topic with one of
+    /// them is covered without comparing its parameters one by one.
+    done: smallvec::SmallVec<[&'t CriteriaKey; 4]>,
 }
 
 impl<'t> Filters<'t> {
@@ -75,6 +78,7 @@ impl<'t> Filters<'t> {
             self.own.insert(&*a.url, values.into_iter().collect());
             return;
         }
+        self.done.push(&a.compiled.filters_key);
         for (name, v) in values {
             let filter = a
                 .compiled
@@ -89,7 +93,11 @@ impl<'t> Filters<'t> {
     /// Adds a topic's values unless `shared` already holds them.
     async fn add_topic(&mut self, a: &'t Active, ev: &ChangeEval<'_>, resource_type: &str) {
         let filters = &a.compiled.filters;
-        if filters.is_empty() || self.covers(filters, resource_type) {
+        let key = &a.compiled.filters_key;
+        if filters.is_empty()
+            || self.done.iter().any(|k| k.same(key))
+            || self.covers(filters, resource_type)
+        {
             return;
         }
         let values = a.compiled.filter_values_shared(ev, resource_type).await;

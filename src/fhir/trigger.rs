@@ -21,6 +21,54 @@ pub(crate) struct Trigger {
     pub(crate) fhirpath: Option<String>,
     /// The fhirPathCriteria decided on the JSON when it has the common shape.
     pub(crate) fast: Option<super::criterion::Fast>,
+    /// What the criteria are, as written: triggers of different topics with the same key
+    /// decide a change the same way, so a change evaluates each key once ([`ChangeEval`]).
+    key: CriteriaKey,
+}
+
+/// A trigger's criteria as text (type, queryCriteria, fhirPathCriteria) with its hash, which
+/// is compared first: with 20 topics a change looked for the key a dozen times.
+#[derive(Debug, Clone)]
+pub(crate) struct CriteriaKey {
+    hash: u64,
+    text: Arc<str>,
+}
+
+impl CriteriaKey {
+    fn of(t: &super::topic::ResourceTrigger) -> Self {
+        Self::text(format!(
+            "{}\u{1f}{:?}\u{1f}{:?}",
+            t.resource_type, t.query_criteria, t.fhirpath_criteria
+        ))
+    }
+
+    /// A topic's canFilterBy parameters: topics with the same key get the same values.
+    fn filters(filters: &[FilterParam]) -> Self {
+        let mut text = String::new();
+        for f in filters {
+            text.push_str(&format!(
+                "{:?}\u{1f}{}\u{1f}{}\u{1f}{:?}\u{1e}",
+                f.resource_type, f.name, f.param.expression, f.param.kind
+            ));
+        }
+        Self::text(text)
+    }
+
+    fn text(text: String) -> Self {
+        use std::hash::{Hash, Hasher};
+        let text: Arc<str> = text.into();
+        // SipHash with fixed keys: the same text gives the same hash in every topic.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        CriteriaKey {
+            hash: h.finish(),
+            text,
+        }
+    }
+
+    pub(crate) fn same(&self, other: &CriteriaKey) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +120,9 @@ impl OnCriteriaError {
 pub struct Compiled {
     pub(crate) triggers: Vec<Trigger>,
     pub filters: Vec<FilterParam>,
+    /// `filters` as a key: the matcher extracts a set of canFilterBy parameters once per
+    /// change however many topics share it.
+    pub(crate) filters_key: CriteriaKey,
     pub on_error: OnCriteriaError,
 }
 
@@ -131,6 +182,7 @@ pub fn compile(
                 super::criterion::Fast::compile(e, &t.resource_type, registry.version())
             }),
             fhirpath: t.fhirpath_criteria.clone(),
+            key: CriteriaKey::of(t),
         });
     }
     let mut filters = Vec::new();
@@ -160,6 +212,7 @@ pub fn compile(
     }
     Ok(Compiled {
         triggers,
+        filters_key: CriteriaKey::filters(&filters),
         filters,
         on_error: OnCriteriaError::default(),
     })
@@ -184,6 +237,7 @@ pub struct CriteriaError {
 }
 
 /// A trigger that gave no decision; `query_passed` when its queryCriteria passed.
+#[derive(Clone)]
 struct Undecided {
     kind: &'static str,
     message: String,
@@ -240,7 +294,7 @@ impl Compiled {
             if t.resource_type != resource_type || !t.interactions.contains(interaction) {
                 continue;
             }
-            match evaluate_trigger(t, change).await {
+            match change.decide(t).await {
                 Ok(true) => return Outcome::Fires,
                 Ok(false) => {}
                 Err(u) => {
@@ -350,7 +404,13 @@ pub struct ChangeEval<'a> {
     /// plans read ([`Fields`]); the engine is never given a partial resource.
     reparse: Option<&'a Reparse<'a>>,
     complete: std::sync::OnceLock<Versions>,
+    /// Triggers decided so far, by their criteria: topics sharing criteria (commonly, a
+    /// status or a code) evaluate them once per change.
+    decided: Mutex<smallvec::SmallVec<[(CriteriaKey, Decision); 4]>>,
 }
+
+/// A trigger's criteria on one change.
+type Decision = Result<bool, Undecided>;
 
 /// A side's values computed so far, with the definition each came from.
 type Computed = Vec<(Arc<SearchParam>, Arc<Values>)>;
@@ -383,7 +443,25 @@ impl<'a> ChangeEval<'a> {
             cache: Default::default(),
             reparse: None,
             complete: std::sync::OnceLock::new(),
+            decided: Mutex::default(),
         }
+    }
+
+    /// The trigger's criteria on this change, evaluated once per criteria key.
+    async fn decide(&self, t: &Trigger) -> Decision {
+        let known = self.decided.lock().ok().and_then(|d| {
+            d.iter()
+                .find(|(k, _)| k.same(&t.key))
+                .map(|(_, r)| r.clone())
+        });
+        if let Some(r) = known {
+            return r;
+        }
+        let r = evaluate_trigger(t, self).await;
+        if let Ok(mut d) = self.decided.lock() {
+            d.push((t.key.clone(), r.clone()));
+        }
+        r
     }
 
     /// Both versions are `resource_type` resources (their `resourceType`).

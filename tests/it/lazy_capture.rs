@@ -193,3 +193,163 @@ async fn lazy_and_full_parsing_give_the_same_events_and_filter_values() {
     assert!(compared >= 300, "{compared} changes compared");
     assert!(with_filters >= compared / 2, "{with_filters} of {compared}");
 }
+
+/// The values `filters` holds for `topic`: its own map under `@topic` when it has one, else
+/// the shared ones.
+fn topic_filters(filters: &Value, topic: &str) -> Value {
+    filters
+        .get("@topic")
+        .and_then(|own| own.get(topic))
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut shared = filters.clone();
+            if let Some(o) = shared.as_object_mut() {
+                o.remove("@topic");
+            }
+            shared
+        })
+}
+
+/// Topics that share criteria or a canFilterBy set are decided once per change (the
+/// matcher remembers each criteria key and each filter set); each topic must still get what
+/// it gets alone. Every topic of the lazy comparison twice over (each key shared), a topic
+/// whose criteria give no decision under two policies, and one filtering by one parameter:
+/// on every change, the event's topics are exactly those that fire alone, and each fired
+/// topic's filter values are those it has alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_sharing_criteria_each_fire_as_they_do_alone() {
+    let by_type = resources(25);
+    let v = FhirVersion::R4;
+    let searcher = Arc::new(Searcher {
+        fp: FhirPath::new(v).await.unwrap(),
+        registry: Arc::new(Registry::load(v)),
+    });
+    let types: Vec<String> = by_type.keys().cloned().collect();
+    let mut defs = topics(&searcher.registry, &types);
+    let twins: Vec<Value> = defs
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            t["url"] = json!(format!("{}/twin", t["url"].as_str().unwrap()));
+            t
+        })
+        .collect();
+    defs.extend(twins);
+    let mut extra = Vec::new();
+    for ty in &types {
+        // A string, not a boolean: no decision; `notify` fires and `skip` does not.
+        for policy in ["notify", "skip"] {
+            extra.push((
+                json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/undecided/{policy}"),
+                "status": "active",
+                "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"],
+                    "fhirPathCriteria": "%current.id"}]}),
+                Some(policy),
+            ));
+        }
+        // One parameter each, of the same kind: different sets that only their names and
+        // expressions tell apart.
+        let params = searcher.registry.of_type(ty);
+        let token = params
+            .iter()
+            .filter(|p| {
+                p.plan
+                    .as_ref()
+                    .is_some_and(|plan| plan.top_keys().is_some())
+            })
+            .filter(|p| format!("{p:?}").contains("kind: Token"))
+            .take(2);
+        for (i, p) in std::iter::once("_id")
+            .chain(token.map(|p| p.code.as_str()))
+            .enumerate()
+        {
+            extra.push((
+                json!({"resourceType": "SubscriptionTopic", "url": format!("http://t/{ty}/one-filter/{i}"),
+                "status": "active",
+                "resourceTrigger": [{"resource": ty, "supportedInteraction": ["create", "update"]}],
+                "canFilterBy": [{"resource": ty, "filterParameter": p}]}),
+                None,
+            ));
+        }
+    }
+    let compile = |t: &Value, policy: Option<&str>| {
+        let t = Topic::from_json(t).unwrap();
+        let mut c = trigger::compile(&t, &searcher.registry, &searcher.fp).unwrap();
+        if let Some(p) = policy {
+            c.on_error = match p {
+                "notify" => trigger::OnCriteriaError::Notify,
+                _ => trigger::OnCriteriaError::Skip,
+            };
+        }
+        Active::new(t, c, None)
+    };
+    let all: Vec<(Value, Option<&str>)> = defs
+        .into_iter()
+        .map(|t| (t, None))
+        .chain(extra.clone())
+        .collect();
+    let (mut changes, mut shared_fired, mut undecided_fired) = (0, 0, 0);
+    // With every topic, then with the small ones alone: there no topic filtering by every
+    // parameter puts the values of a set the matcher wrongly took as done in `shared`.
+    for set in [all, extra] {
+        let topics = ActiveTopics::new(
+            set.iter().map(|(t, p)| compile(t, *p)).collect(),
+            searcher.clone(),
+        );
+        let mut together = Matcher::new(searcher.clone());
+        together.set_wanted(topics.fields());
+        let alone: Vec<ActiveTopics> = set
+            .iter()
+            .map(|(t, p)| ActiveTopics::new(vec![compile(t, *p)], searcher.clone()))
+            .collect();
+        for list in by_type.values() {
+            for (i, r) in list.iter().enumerate() {
+                let prev = (i > 0).then(|| &list[i - 1]);
+                for c in [change(r, None, i, true), change(r, prev, i, true)] {
+                    let got = summary(together.event(&topics.active, &c).await);
+                    let mut want: Vec<String> = Vec::new();
+                    for one in &alone {
+                        let mut m = Matcher::new(searcher.clone());
+                        m.set_wanted(one.fields());
+                        let Some((fired, f)) = summary(m.event(&one.active, &c).await) else {
+                            continue;
+                        };
+                        let url = fired[0].clone();
+                        let (_, got_f) = got.as_ref().expect("a topic fired alone: an event");
+                        if let Some(f) = f {
+                            let mine = topic_filters(got_f.as_ref().expect("filters"), &url);
+                            for (name, values) in f.as_object().unwrap() {
+                                assert_eq!(
+                                    mine.get(name),
+                                    Some(values),
+                                    "{url} {name} on {}",
+                                    c.current.reference()
+                                );
+                            }
+                        }
+                        want.push(url);
+                    }
+                    let got_topics = got.map(|(t, _)| t).unwrap_or_default();
+                    assert_eq!(got_topics, want, "{}", c.current.reference());
+                    changes += 1;
+                    shared_fired += got_topics.iter().filter(|t| t.ends_with("/twin")).count();
+                    undecided_fired += got_topics
+                        .iter()
+                        .filter(|t| t.contains("/undecided/"))
+                        .count();
+                    assert!(!got_topics.iter().any(|t| t.ends_with("/undecided/skip")));
+                }
+            }
+        }
+    }
+    // Progress: the shared keys were met, and the undecided ones fired under `notify`.
+    assert!(changes >= 200, "{changes} changes");
+    assert!(
+        shared_fired >= changes / 2,
+        "{shared_fired} twins fired over {changes} changes"
+    );
+    assert_eq!(
+        undecided_fired, changes,
+        "the notify topic fires on every change"
+    );
+}
