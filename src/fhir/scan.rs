@@ -46,8 +46,10 @@ pub(crate) fn members<'a>(
         b: text.as_bytes(),
         i: 0,
         // Compact JSON (jsonb's text form) has no byte below 0x20 at all: its strings are
-        // then scanned for `"` and `\` alone, with SIMD.
-        controls: has_controls(text.as_bytes()),
+        // then scanned for `"` and `\` alone, with SIMD. Postgres prints a jsonb with
+        // spaces between tokens and escapes every control character in its strings, so its
+        // text is not searched for them (a pass over the whole body).
+        controls: source == Source::Unchecked && has_controls(text.as_bytes()),
     };
     let mut out = Vec::new();
     s.ws();
