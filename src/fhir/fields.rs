@@ -11,7 +11,6 @@
 
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
 use std::fmt;
 
 /// Members every partial resource keeps: its type, which plans check their root against.
@@ -27,7 +26,10 @@ fn length_bit(key: &str) -> u64 {
 /// Which top-level members of a resource type's JSON the topics read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fields {
-    keys: BTreeSet<String>,
+    /// Sorted, without repeats. A handful: a scan comparing lengths first is cheaper than
+    /// a tree's ordered comparisons (a `BTreeSet` lookup was 3% of capture's instructions
+    /// per row with 20 topics, a call to `memcmp` per step).
+    keys: Vec<String>,
     /// Bit `n` (`n` < 63) is set when a key of `n` bytes is kept, bit 63 for longer ones: most
     /// members a body has and no topic reads are refused by their length alone, before the
     /// set is searched (that search was 3% of capture's instructions per row).
@@ -40,7 +42,7 @@ impl Fields {
     /// Every member (what an expression without a known shape needs).
     pub fn all() -> Fields {
         Fields {
-            keys: BTreeSet::new(),
+            keys: Vec::new(),
             lengths: 0,
             all: true,
         }
@@ -58,7 +60,9 @@ impl Fields {
                         self.all = true;
                     }
                     self.lengths |= length_bit(&k);
-                    self.keys.insert(k);
+                    if let Err(at) = self.keys.binary_search(&k) {
+                        self.keys.insert(at, k);
+                    }
                 }
             }
         }
@@ -73,7 +77,7 @@ impl Fields {
     pub(crate) fn keeps(&self, key: &str) -> bool {
         self.all
             || ALWAYS.contains(&key)
-            || (self.lengths & length_bit(key) != 0 && self.keys.contains(key))
+            || (self.lengths & length_bit(key) != 0 && self.keys.iter().any(|k| k == key))
     }
 
     /// Parses a JSON object keeping only the members this set keeps; the others are read
