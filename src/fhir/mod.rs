@@ -1,5 +1,6 @@
 //! FHIR resources the daemon reads and writes: topics, subscriptions, notification Bundles.
 
+pub(crate) mod criteria_key;
 pub(crate) mod criterion;
 pub mod fhirpath;
 pub mod fields;

@@ -5,6 +5,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+pub(crate) use super::criteria_key::CriteriaKey;
 use super::fhirpath::{CriterionError, Prepared};
 use super::fields::Fields;
 use super::search::registry::{Registry, SearchParam};
@@ -24,51 +25,6 @@ pub(crate) struct Trigger {
     /// What the criteria are, as written: triggers of different topics with the same key
     /// decide a change the same way, so a change evaluates each key once ([`ChangeEval`]).
     key: CriteriaKey,
-}
-
-/// A trigger's criteria as text (type, queryCriteria, fhirPathCriteria) with its hash, which
-/// is compared first: with 20 topics a change looked for the key a dozen times.
-#[derive(Debug, Clone)]
-pub(crate) struct CriteriaKey {
-    hash: u64,
-    text: Arc<str>,
-}
-
-impl CriteriaKey {
-    fn of(t: &super::topic::ResourceTrigger) -> Self {
-        Self::text(format!(
-            "{}\u{1f}{:?}\u{1f}{:?}",
-            t.resource_type, t.query_criteria, t.fhirpath_criteria
-        ))
-    }
-
-    /// A topic's canFilterBy parameters: topics with the same key get the same values.
-    fn filters(filters: &[FilterParam]) -> Self {
-        let mut text = String::new();
-        for f in filters {
-            text.push_str(&format!(
-                "{:?}\u{1f}{}\u{1f}{}\u{1f}{:?}\u{1e}",
-                f.resource_type, f.name, f.param.expression, f.param.kind
-            ));
-        }
-        Self::text(text)
-    }
-
-    fn text(text: String) -> Self {
-        use std::hash::{Hash, Hasher};
-        let text: Arc<str> = text.into();
-        // SipHash with fixed keys: the same text gives the same hash in every topic.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        CriteriaKey {
-            hash: h.finish(),
-            text,
-        }
-    }
-
-    pub(crate) fn same(&self, other: &CriteriaKey) -> bool {
-        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -145,31 +101,7 @@ pub fn compile(
     for (i, t) in topic.triggers.iter().enumerate() {
         let where_ =
             |e: String| format!("SubscriptionTopic {}: resourceTrigger[{i}]: {e}", topic.url);
-        let query = match &t.query_criteria {
-            None => None,
-            Some(q) => {
-                let parse = |s: &Option<String>| {
-                    s.as_deref()
-                        .map(|s| parse_query(registry, &t.resource_type, s))
-                        .transpose()
-                };
-                Some(Query {
-                    previous: parse(&q.previous).map_err(&where_)?,
-                    current: parse(&q.current).map_err(&where_)?,
-                    result_for_create: result_code(
-                        q.result_for_create.as_deref(),
-                        "resultForCreate",
-                    )
-                    .map_err(&where_)?,
-                    result_for_delete: result_code(
-                        q.result_for_delete.as_deref(),
-                        "resultForDelete",
-                    )
-                    .map_err(&where_)?,
-                    require_both: q.require_both.unwrap_or(false),
-                })
-            }
-        };
+        let query = compile_query(t, registry).map_err(&where_)?;
         if let Some(e) = &t.fhirpath_criteria {
             fp.compile(e)
                 .map_err(|err| where_(format!("fhirPathCriteria does not parse: {err}")))?;
@@ -185,6 +117,43 @@ pub fn compile(
             key: CriteriaKey::of(t),
         });
     }
+    let filters = compile_filters(topic, registry);
+    Ok(Compiled {
+        triggers,
+        filters_key: CriteriaKey::filters(
+            filters
+                .iter()
+                .map(|f| (&f.resource_type, f.name.as_str(), &*f.param)),
+        ),
+        filters,
+        on_error: OnCriteriaError::default(),
+    })
+}
+
+/// A trigger's queryCriteria: every parameter must exist for its resource type.
+fn compile_query(
+    t: &super::topic::ResourceTrigger,
+    registry: &Registry,
+) -> Result<Option<Query>, String> {
+    let Some(q) = &t.query_criteria else {
+        return Ok(None);
+    };
+    let parse = |s: &Option<String>| {
+        s.as_deref()
+            .map(|s| parse_query(registry, &t.resource_type, s))
+            .transpose()
+    };
+    Ok(Some(Query {
+        previous: parse(&q.previous)?,
+        current: parse(&q.current)?,
+        result_for_create: result_code(q.result_for_create.as_deref(), "resultForCreate")?,
+        result_for_delete: result_code(q.result_for_delete.as_deref(), "resultForDelete")?,
+        require_both: q.require_both.unwrap_or(false),
+    }))
+}
+
+/// A topic's canFilterBy parameters, one per resource type they apply to.
+fn compile_filters(topic: &Topic, registry: &Registry) -> Vec<FilterParam> {
     let mut filters = Vec::new();
     for c in &topic.can_filter_by {
         let types: Vec<String> = match &c.resource_type {
@@ -210,12 +179,7 @@ pub fn compile(
             });
         }
     }
-    Ok(Compiled {
-        triggers,
-        filters_key: CriteriaKey::filters(&filters),
-        filters,
-        on_error: OnCriteriaError::default(),
-    })
+    filters
 }
 
 /// Why a trigger did or did not fire although its type and interaction matched.
