@@ -272,7 +272,11 @@ fn token_values(v: &Value, out: &mut Vec<(Option<String>, String, Option<String>
                 for c in codings {
                     if let Some(c) = c.as_object() {
                         if let Some(code) = s(c, "code") {
-                            out.push((s(c, "system"), code, s(c, "display").or_else(|| text.clone())));
+                            out.push((
+                                s(c, "system"),
+                                code,
+                                s(c, "display").or_else(|| text.clone()),
+                            ));
                         }
                     }
                 }
