@@ -196,15 +196,7 @@ psql -d postgres -c "CREATE DATABASE fhir" -c "CREATE DATABASE q1" -c "CREATE DA
 url="postgresql://postgres@127.0.0.1:$PGPORT"
 "$bin" init-store --profile aidbox --url "$url/fhir" >/dev/null
 res=$(scripts/workload.sh 3000 7 resources)
-python3 - "$res" >"$work/obs.csv" <<'PY'
-import csv, json, sys
-w = csv.writer(sys.stdout)
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get("resourceType") == "Observation":
-        r.pop("id", None); r.pop("meta", None)
-        w.writerow([json.dumps(r, separators=(",", ":"))])
-PY
+scripts/backlog.sh csv "$res" >"$work/obs.csv"
 psql -d fhir -c "CREATE TABLE bench_src (n serial, body jsonb)" \
   -c "\\copy bench_src (body) FROM '$work/obs.csv' WITH (FORMAT csv)"
 src_n=$(psql -d fhir -c "SELECT count(*) FROM bench_src")
@@ -266,19 +258,8 @@ prime() { # config
   minflt "$p" >"$work/$1.startup_minflt"
   kill "$p"; wait "$p" 2>/dev/null || true
 }
-# The backlog's SQL: ROWS Observations in 100-row transactions, for one client.
-backlog_sql() {
-  python3 - "$ROWS" "$src_n" <<'PY'
-import sys
-rows, n = int(sys.argv[1]), int(sys.argv[2])
-for start in range(0, rows, 100):
-    print("BEGIN;")
-    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) "
-          f"SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body "
-          f"FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
-    print("COMMIT;")
-PY
-}
+# The backlog's SQL (scripts/backlog.sh, shared with profile-walsender.sh).
+backlog_sql() { scripts/backlog.sh sql "$ROWS" "$src_n"; }
 prime c1; prime c20; prime cbig
 
 # BENCH_ONLY=instructions: the daemon's own instructions per drained row, under callgrind

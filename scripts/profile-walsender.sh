@@ -18,27 +18,12 @@ psql -d postgres -c "CREATE DATABASE fhir"
 res=$(scripts/workload.sh 3000 7 resources)
 work=$(mktemp -d)
 trap 'scripts/pg-cluster.sh stop "$PGDATA_DIR" >/dev/null 2>&1; rm -rf "$work"' EXIT
-python3 - "$res" >"$work/obs.csv" <<'PY'
-import csv, json, sys
-w = csv.writer(sys.stdout)
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if r.get("resourceType") == "Observation":
-        r.pop("id", None); r.pop("meta", None)
-        w.writerow([json.dumps(r, separators=(",", ":"))])
-PY
+scripts/backlog.sh csv "$res" >"$work/obs.csv"
 psql -d fhir -c "CREATE TABLE bench_src (n serial, body jsonb)" -c "\\copy bench_src (body) FROM '$work/obs.csv' WITH (FORMAT csv)"
 n=$(psql -d fhir -c "SELECT count(*) FROM bench_src")
 psql -d fhir -c "CREATE PUBLICATION fhir_cdc FOR TABLE observation" 2>/dev/null || true
 psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
-python3 - "$ROWS" "$n" >"$work/write.sql" <<'PY'
-import sys
-rows, n = int(sys.argv[1]), int(sys.argv[2])
-for start in range(0, rows, 100):
-    print("BEGIN;")
-    print(f"INSERT INTO observation (id, txid, resource_type, status, resource) SELECT 'o' || g, txid_current(), 'Observation', 'created', s.body FROM generate_series({start}, {min(start + 100, rows) - 1}) g JOIN bench_src s ON s.n = g % {n} + 1;")
-    print("COMMIT;")
-PY
+scripts/backlog.sh sql "$ROWS" "$n" >"$work/write.sql"
 now() { date +%s.%N; }
 t0=$(now); psql -d fhir -f "$work/write.sql"; t1=$(now)
 echo "store_insert_rows_per_s=$(python3 -c "print(round($ROWS/($t1-$t0)))")"
