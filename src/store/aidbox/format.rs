@@ -99,6 +99,12 @@ impl<'a> Converter<'a> {
         // Values convert in place; only choice elements change keys, after the walk.
         let mut choices = Vec::new();
         for (key, v) in obj.iter_mut() {
+            // Only objects convert (a reference, a choice's `{"Quantity": …}`, what they
+            // hold), and arrays of them: a string, number or boolean stays what it is, so its
+            // element is not looked up (most members of a resource are such leaves).
+            if !matches!(v, Value::Object(_) | Value::Array(_)) {
+                continue;
+            }
             let Some(el) = self.element(scope, key) else {
                 continue;
             };
