@@ -9,8 +9,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{
-    body_for, check_type, ident, required, text, tuple, Body, Decoded, RowChange, RowError, RowOp,
-    StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, check_type, ident, required, text, text_ref, tuple, Body, Decoded, RowChange,
+    RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
 };
 use crate::config::GenericTable;
 use crate::fhir::topic::Interaction;
@@ -79,7 +79,7 @@ impl Layout {
         let resource_type = check_type(table, ty)?;
         let deleted = self
             .deleted
-            .and_then(|i| text(row.get_column(i)))
+            .and_then(|i| text_ref(row.get_column(i)))
             .is_some_and(|v| v == "t" || v == "true");
         let interaction = if deleted { Interaction::Delete } else { op };
         let body = body_for(

@@ -20,8 +20,9 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{
-    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, tuple, Body, Decoded,
-    RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, text_ref, tuple, Body,
+    Decoded, RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo,
+    TableName,
 };
 use crate::fhir::topic::Interaction;
 
@@ -87,8 +88,7 @@ impl Resources {
             resource_type: check_type(MAIN, ty)?,
             id: required(MAIN, row, self.id, "id")?,
             version_id: text(row.get_column(self.version)),
-            last_updated: text(row.get_column(self.last_updated))
-                .map(|s| pg_timestamptz_to_fhir(&s)),
+            last_updated: text_ref(row.get_column(self.last_updated)).map(pg_timestamptz_to_fhir),
             interaction,
             body: body_for(interaction, row.get_column(self.data), self.data_jsonb),
             tenant: text(row.get_column(self.tenant)),

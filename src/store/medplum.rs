@@ -18,8 +18,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use super::{
-    body_for, ident, pg_timestamptz_to_fhir, required, text, tuple, Body, Decoded, RowChange,
-    RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
+    body_for, ident, pg_timestamptz_to_fhir, required, text, text_ref, tuple, Body, Decoded,
+    RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo, TableName,
 };
 use crate::fhir::resource_types::is_resource_type;
 use crate::fhir::topic::Interaction;
@@ -89,8 +89,7 @@ impl MainTable {
             resource_type: self.resource_type.clone(),
             id: required(table, row, self.id, "id")?,
             version_id: version_of(&body),
-            last_updated: text(row.get_column(self.last_updated))
-                .map(|s| pg_timestamptz_to_fhir(&s)),
+            last_updated: text_ref(row.get_column(self.last_updated)).map(pg_timestamptz_to_fhir),
             interaction,
             body,
             tenant: self.project.and_then(|i| text(row.get_column(i))),

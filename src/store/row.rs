@@ -145,7 +145,16 @@ impl RowChange {
 
 /// `2024-05-01 10:00:00.123+00` (Postgres text) → `2024-05-01T10:00:00.123+00:00` (FHIR instant).
 pub fn pg_timestamptz_to_fhir(s: &str) -> String {
-    let mut out = s.replacen(' ', "T", 1);
+    // Room for the `:00` an offset may need: one allocation, not a copy and a regrowth.
+    let mut out = String::with_capacity(s.len() + 3);
+    match s.split_once(' ') {
+        Some((date, time)) => {
+            out.push_str(date);
+            out.push('T');
+            out.push_str(time);
+        }
+        None => out.push_str(s),
+    }
     // Offsets print as +HH or +HH:MM; FHIR needs +HH:MM.
     if let Some(pos) = out.rfind(['+', '-']) {
         if pos > 10 && out.len() - pos == 3 {

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, tuple, AidboxFormat, Body,
-    Decoded, Format, RowChange, RowError, RowOp, StoreError, StoreProfile, TableDecoder, TableInfo,
-    TableName,
+    body_for, check_type, ident, pg_timestamptz_to_fhir, required, text, text_ref, tuple,
+    AidboxFormat, Body, Decoded, Format, RowChange, RowError, RowOp, StoreError, StoreProfile,
+    TableDecoder, TableInfo, TableName,
 };
 use crate::fhir::resource_types::{is_resource_type, RESOURCE_TYPES};
 use crate::fhir::topic::Interaction;
@@ -153,7 +153,7 @@ impl Layout {
         let deleted = honour_status
             && self
                 .status
-                .and_then(|i| text(row.get_column(i)))
+                .and_then(|i| text_ref(row.get_column(i)))
                 .is_some_and(|s| s == "deleted");
         let interaction = if deleted { Interaction::Delete } else { op };
         let body = body_for(
@@ -167,8 +167,8 @@ impl Layout {
             version_id: text(row.get_column(self.txid)),
             last_updated: self
                 .ts
-                .and_then(|i| text(row.get_column(i)))
-                .map(|s| pg_timestamptz_to_fhir(&s)),
+                .and_then(|i| text_ref(row.get_column(i)))
+                .map(pg_timestamptz_to_fhir),
             interaction,
             body,
             tenant: None,
