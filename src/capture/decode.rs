@@ -56,7 +56,9 @@ impl Decoder {
             .parser
             .parse_wal_message_bytes(data)
             .map_err(|e| CaptureError::Protocol(e.to_string()))?;
-        let (relation_id, op, old, new) = match msg.message {
+        // Borrowed: a message's tuples hold their columns inline, and moving them out copied
+        // them (most of decoding's `memcpy`).
+        let (relation_id, op, old, new) = match &msg.message {
             LogicalReplicationMessage::Relation {
                 relation_id,
                 namespace,
@@ -71,23 +73,28 @@ impl Decoder {
                     types: columns.iter().map(|c| c.type_id).collect(),
                 };
                 self.relations
-                    .insert(relation_id, self.profile.table(&info));
+                    .insert(*relation_id, self.profile.table(&info));
                 return Ok(None);
             }
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
-                (relation_id, RowOp::Insert, None, Some(tuple))
+                (*relation_id, RowOp::Insert, None, Some(tuple))
             }
             LogicalReplicationMessage::Update {
                 relation_id,
                 old_tuple,
                 new_tuple,
                 ..
-            } => (relation_id, RowOp::Update, old_tuple, Some(new_tuple)),
+            } => (
+                *relation_id,
+                RowOp::Update,
+                old_tuple.as_ref(),
+                Some(new_tuple),
+            ),
             LogicalReplicationMessage::Delete {
                 relation_id,
                 old_tuple,
                 ..
-            } => (relation_id, RowOp::Delete, Some(old_tuple), None),
+            } => (*relation_id, RowOp::Delete, Some(old_tuple), None),
             LogicalReplicationMessage::Truncate { .. } => {
                 tracing::warn!(
                     "TRUNCATE of a store table seen; truncations do not produce notifications"
@@ -106,11 +113,12 @@ impl Decoder {
                 )))
             }
         };
-        let decoded = table.decode(op, old.as_ref(), new.as_ref());
+        let decoded = table.decode(op, old, new);
         Ok(Some(RowEvent {
             relation_id,
             table,
-            old: old.map(Box::new),
+            // Its columns are `Bytes`: cloning counts references, it does not copy them.
+            old: old.map(|t| Box::new(t.clone())),
             decoded,
         }))
     }
