@@ -57,14 +57,19 @@ impl ActiveTopics {
     /// The resource types some topic triggers on, each with the members of its resources
     /// that the topics' plans read (what capture parses).
     pub fn fields(&self) -> HashMap<String, Arc<Fields>> {
-        let mut out: HashMap<String, Fields> = HashMap::new();
+        let mut out: HashMap<String, (Fields, Vec<Vec<String>>)> = HashMap::new();
         for a in &self.active {
             for t in &a.topic.triggers {
-                let f = out.entry(t.resource_type.clone()).or_default();
-                a.compiled.fields(&t.resource_type, f);
+                let (f, text) = out.entry(t.resource_type.clone()).or_default();
+                a.compiled.fields(&t.resource_type, f, text);
             }
         }
-        out.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
+        out.into_iter()
+            .map(|(k, (mut f, text))| {
+                f.settle(text);
+                (k, Arc::new(f))
+            })
+            .collect()
     }
 
     /// Sorts a change into control or resource, applying what a control row says.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::assemble::ResourceChange;
 use super::control::Active;
 use crate::fhir::fields::Fields;
+use crate::fhir::search::direct::RawDoc;
 use crate::fhir::search::value::Values;
 use crate::fhir::search::value_json::{write_str, write_values};
 use crate::fhir::search::Searcher;
@@ -156,10 +157,12 @@ fn write_map<'a, V: ?Sized + 'a>(
     out.push('}');
 }
 
-/// The two versions of a change as JSON, with only the members `fields` keeps.
-struct Versions {
+/// The two versions of a change as JSON, with only the members `fields` keeps (and, as
+/// text, those it keeps raw for canFilterBy walks).
+struct Versions<'c> {
     current: Option<Arc<Value>>,
     previous: Option<Arc<Value>>,
+    raw: [Option<RawDoc<'c>>; 2],
     fields: Arc<Fields>,
 }
 
@@ -209,8 +212,10 @@ impl Matcher {
             .iter()
             .any(|a| a.compiled.has_criteria() || !a.compiled.filters.is_empty())
             .then(|| {
+                let [raw_previous, raw_current] = &v.raw;
                 let ev = ChangeEval::from_arcs(&searcher, v.previous.clone(), v.current.clone())
-                    .typed(&row.resource_type);
+                    .typed(&row.resource_type)
+                    .raw(&v.fields, raw_previous.as_ref(), raw_current.as_ref());
                 if v.fields.is_all() {
                     ev
                 } else {
@@ -257,28 +262,28 @@ impl Matcher {
 
 /// Parses both versions with the members `fields` keeps; `None` (with a log line) when the
 /// current one is not a resource.
-fn parse(change: &ResourceChange, fields: Arc<Fields>) -> Option<Versions> {
-    let current = match change.current.resource_with(&fields) {
-        Ok(r) => r.map(Arc::new),
+fn parse(change: &ResourceChange, fields: Arc<Fields>) -> Option<Versions<'_>> {
+    let (current, raw_current) = match change.current.parsed(&fields) {
+        Ok(Some((v, raw))) => (Some(Arc::new(v)), raw),
+        Ok(None) => (None, None),
         Err(e) => {
             metrics::counter!(crate::metrics::BAD_ROWS).increment(1);
             tracing::error!(error = %e, "skipping a change whose resource is not valid JSON");
             return None;
         }
     };
-    let previous = match change.previous.as_ref() {
-        None => None,
-        Some(p) => match p.resource_with(&fields) {
-            Ok(r) => r.map(Arc::new),
-            Err(e) => {
-                tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
-                None
-            }
-        },
+    let (previous, raw_previous) = match change.previous.as_ref().map(|p| p.parsed(&fields)) {
+        None | Some(Ok(None)) => (None, None),
+        Some(Ok(Some((v, raw)))) => (Some(Arc::new(v)), raw),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "previous version is not valid JSON; evaluated as absent");
+            (None, None)
+        }
     };
     Some(Versions {
         current,
         previous,
+        raw: [raw_previous, raw_current],
         fields,
     })
 }

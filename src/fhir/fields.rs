@@ -34,17 +34,28 @@ pub struct Fields {
     /// members a body has and no topic reads are refused by their length alone, before the
     /// set is searched (that search was 3% of capture's instructions per row).
     lengths: u64,
+    /// Members read from their own text by canFilterBy walks ([`crate::fhir::search::direct`]),
+    /// kept as text and built as a `Value` only when also in `keys`. Sorted, without repeats.
+    raw: Vec<String>,
+    /// [`Fields::lengths`] of `raw`.
+    raw_lengths: u64,
     /// Some reader needs every member: parse the resource whole.
     all: bool,
+}
+
+/// A body's kept members: the `Value` ones, and the text of the `raw` ones (`None` when the
+/// body was read by serde, not by the scanner: its readers then take the complete resource).
+pub(crate) struct Parsed<'t> {
+    pub(crate) map: Map<String, Value>,
+    pub(crate) raw: Option<Vec<super::scan::Member<'t>>>,
 }
 
 impl Fields {
     /// Every member (what an expression without a known shape needs).
     pub fn all() -> Fields {
         Fields {
-            keys: Vec::new(),
-            lengths: 0,
             all: true,
+            ..Fields::default()
         }
     }
 
@@ -68,6 +79,54 @@ impl Fields {
         }
     }
 
+    /// Adds the members of canFilterBy walks that read them from their text alone (each
+    /// walk's list): kept as text, unless a member of the walk is built as a `Value` anyway
+    /// (a criterion reads it), when the walk's members all are, and the walk reads the
+    /// `Value`s. Parsing a member both ways cost more than the walk saved.
+    pub(crate) fn settle(&mut self, walks: Vec<Vec<String>>) {
+        let mut text = walks;
+        loop {
+            let (tree, rest): (Vec<_>, Vec<_>) = text
+                .into_iter()
+                .partition(|keys| keys.iter().any(|k| self.keeps(k)));
+            text = rest;
+            if tree.is_empty() {
+                break;
+            }
+            for keys in tree {
+                self.add(Some(keys));
+            }
+        }
+        for keys in text {
+            self.add_raw(keys);
+        }
+    }
+
+    /// Adds members a canFilterBy walk reads from their text alone.
+    fn add_raw(&mut self, keys: Vec<String>) {
+        for k in keys {
+            self.raw_lengths |= length_bit(&k);
+            if let Err(at) = self.raw.binary_search(&k) {
+                self.raw.insert(at, k);
+            }
+        }
+    }
+
+    /// Whether `key` is kept as text for the walks of [`Fields::add_raw`] (never when the
+    /// resource is parsed whole: its `Value` answers them).
+    pub(crate) fn keeps_raw(&self, key: &str) -> bool {
+        !self.all && self.raw_lengths & length_bit(key) != 0 && self.raw.iter().any(|k| k == key)
+    }
+
+    /// The members kept as text for canFilterBy walks (see [`Fields::settle`]).
+    pub fn text_keys(&self) -> &[String] {
+        if self.all {
+            &[]
+        } else {
+            &self.raw
+        }
+    }
+
     /// Whether the whole resource must be parsed.
     pub fn is_all(&self) -> bool {
         self.all
@@ -83,30 +142,40 @@ impl Fields {
     /// Parses a JSON object keeping only the members this set keeps; the others are read
     /// through without being built. Errors as `serde_json::from_slice` would, and a body
     /// that is not an object gives `Ok(None)`.
-    pub(crate) fn parse(
+    pub(crate) fn parse<'t>(
         &self,
-        text: &[u8],
+        text: &'t [u8],
         source: super::scan::Source,
-    ) -> serde_json::Result<Option<Map<String, Value>>> {
+    ) -> serde_json::Result<Option<Parsed<'t>>> {
         if self.all {
             return match serde_json::from_slice(text)? {
-                Value::Object(m) => Ok(Some(m)),
+                Value::Object(map) => Ok(Some(Parsed { map, raw: None })),
                 _ => Ok(None),
             };
         }
-        if let Some(members) = super::scan::members(text, source, |k| self.keeps(k)) {
-            let mut out = Map::new();
+        let kept = |k: &str| self.keeps(k) || self.keeps_raw(k);
+        if let Some(members) = super::scan::members(text, source, kept) {
+            let mut map = Map::new();
+            let mut raw = Vec::new();
             for m in members {
-                // The scanner checked the whole text is UTF-8: `from_str` does not again.
-                out.insert(m.key.to_string(), serde_json::from_str(m.value)?);
+                if self.keeps(m.key) {
+                    // The scanner checked the whole text is UTF-8: `from_str` does not again.
+                    map.insert(m.key.to_string(), serde_json::from_str(m.value)?);
+                }
+                if self.keeps_raw(m.key) {
+                    raw.push(m);
+                }
             }
-            return Ok(Some(out));
+            return Ok(Some(Parsed {
+                map,
+                raw: Some(raw),
+            }));
         }
         // Not JSON, not an object, or escaped names: serde decides, and words the error.
         let mut de = serde_json::Deserializer::from_slice(text);
         let out = Partial(self).deserialize(&mut de)?;
         de.end()?;
-        Ok(out)
+        Ok(out.map(|map| Parsed { map, raw: None }))
     }
 }
 
@@ -212,7 +281,8 @@ mod tests {
         let m = fields(&["code", "valueQuantity"])
             .parse(body.to_string().as_bytes(), Unchecked)
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .map;
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["code", "resourceType", "valueQuantity"]);
         assert_eq!(m["code"], body["code"]);
@@ -221,7 +291,8 @@ mod tests {
         let m = fields(&["id", "meta"])
             .parse(body.to_string().as_bytes(), Unchecked)
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .map;
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["id", "meta", "resourceType"]);
         assert_eq!(m["meta"], body["meta"]);
@@ -234,8 +305,8 @@ mod tests {
             .parse(br#"{"code": {}, "note": [1, }"#, Unchecked)
             .is_err());
         assert!(f.parse(br#"{"code": {}} trailing"#, Unchecked).is_err());
-        assert_eq!(f.parse(b"[1, 2]", Unchecked).unwrap(), None);
-        assert_eq!(f.parse(b"\"text\"", Unchecked).unwrap(), None);
+        assert!(f.parse(b"[1, 2]", Unchecked).unwrap().is_none());
+        assert!(f.parse(b"\"text\"", Unchecked).unwrap().is_none());
     }
 
     #[test]
@@ -249,7 +320,7 @@ mod tests {
         assert!(g.is_all());
         let body = br#"{"a": 1, "b": {"c": 2}}"#;
         assert_eq!(
-            Fields::all().parse(body, Unchecked).unwrap().unwrap(),
+            Fields::all().parse(body, Unchecked).unwrap().unwrap().map,
             serde_json::from_slice::<Map<String, Value>>(body).unwrap()
         );
     }
@@ -259,7 +330,8 @@ mod tests {
         let m = fields(&["code"])
             .parse(br#"{"co\u0064e": 1, "n\u006fte": 2}"#, Unchecked)
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .map;
         assert_eq!(m.get("code"), Some(&json!(1)));
         assert!(m.get("note").is_none());
     }

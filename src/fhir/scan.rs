@@ -15,6 +15,7 @@ const MAX_DEPTH: usize = 100;
 mod blocks;
 
 /// A top-level member: its name as written (no escapes in it) and its value's text.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Member<'a> {
     pub(crate) key: &'a str,
     pub(crate) value: &'a str,

@@ -1,17 +1,18 @@
 //! Topic triggers compiled against the search parameters and the FHIRPath engine, and
 //! evaluated on a change the way the R5 SubscriptionTopic page defines them.
 
-use serde_json::Value;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+mod change_eval;
 pub(crate) use super::criteria_key::CriteriaKey;
-use super::fhirpath::{CriterionError, Prepared};
+use super::fhirpath::CriterionError;
 use super::fields::Fields;
 use super::search::registry::{Registry, SearchParam};
 use super::search::value::Values;
 use super::search::{parse_query, Criterion, Searcher};
 use super::topic::{Interaction, Interactions, Topic};
+pub use change_eval::ChangeEval;
 
 /// A `resourceTrigger` ready to evaluate.
 #[derive(Debug, Clone)]
@@ -24,7 +25,7 @@ pub(crate) struct Trigger {
     pub(crate) fast: Option<super::criterion::Fast>,
     /// What the criteria are, as written: triggers of different topics with the same key
     /// decide a change the same way, so a change evaluates each key once ([`ChangeEval`]).
-    key: CriteriaKey,
+    pub(crate) key: CriteriaKey,
 }
 
 #[derive(Debug, Clone)]
@@ -202,7 +203,7 @@ pub struct CriteriaError {
 
 /// A trigger that gave no decision; `query_passed` when its queryCriteria passed.
 #[derive(Clone)]
-struct Undecided {
+pub(crate) struct Undecided {
     kind: &'static str,
     message: String,
     query_passed: Option<bool>,
@@ -219,7 +220,15 @@ impl Compiled {
     /// The top-level members of a `resource_type` resource that this topic's plans and
     /// plain-path criteria read. Expressions the FHIRPath engine evaluates add nothing: the
     /// engine is given the complete resource (see [`ChangeEval`]).
-    pub(crate) fn fields(&self, resource_type: &str, out: &mut Fields) {
+    /// Adds to `out` the members the triggers' criteria and the canFilterBy plans of
+    /// `resource_type` read; a canFilterBy walk that reads members' text alone
+    /// ([`super::search::direct`]) goes to `text` instead (see [`Fields::settle`]).
+    pub(crate) fn fields(
+        &self,
+        resource_type: &str,
+        out: &mut Fields,
+        text: &mut Vec<Vec<String>>,
+    ) {
         let param = |p: &SearchParam, out: &mut Fields| {
             if let Some(plan) = &p.plan {
                 out.add(plan.top_keys());
@@ -240,8 +249,18 @@ impl Compiled {
             }
         }
         for f in &self.filters {
-            if f.resource_type.as_deref() == Some(resource_type) {
-                param(&f.param, out);
+            if f.resource_type.as_deref() != Some(resource_type) {
+                continue;
+            }
+            // canFilterBy walks of one member read its text ([`super::search::direct`]).
+            match f
+                .param
+                .plan
+                .as_ref()
+                .and_then(|p| p.shape_keys(resource_type))
+            {
+                Some(keys) => text.push(keys),
+                None => param(&f.param, out),
             }
         }
     }
@@ -345,183 +364,10 @@ impl Compiled {
     }
 }
 
-/// One change made ready for evaluation by every topic that wants it: the resource is
-/// converted for the FHIRPath engine once, and a search parameter's values are computed
-/// once whatever number of topics ask for them.
-pub struct ChangeEval<'a> {
-    pub(crate) searcher: &'a Searcher,
-    pub(crate) previous: Option<Arc<Value>>,
-    pub(crate) current: Option<Arc<Value>>,
-    /// The versions' `resourceType` when the caller knows it (capture: the row's): plans
-    /// check their branches' roots against it, a dozen times per change with 20 topics,
-    /// instead of looking it up in the JSON each time.
-    resource_type: Option<&'a str>,
-    /// Focus: the current version (the previous one for a delete); `%previous`/`%current`
-    /// bound. Made on first use: parameters with a plain-path plan never need the engine.
-    main: std::sync::OnceLock<Prepared>,
-    /// Focus: the previous version, when there is also a current one.
-    prev: std::sync::OnceLock<Prepared>,
-    /// Values computed so far, per side: a handful of parameters, found by definition (or
-    /// by expression, for the same one defined twice).
-    cache: [Mutex<Computed>; 2],
-    /// Parses the complete versions when `previous` and `current` hold only the members
-    /// plans read ([`Fields`]); the engine is never given a partial resource.
-    reparse: Option<&'a Reparse<'a>>,
-    complete: std::sync::OnceLock<Versions>,
-    /// Triggers decided so far, by their criteria: topics sharing criteria (commonly, a
-    /// status or a code) evaluate them once per change.
-    decided: Mutex<smallvec::SmallVec<[(CriteriaKey, Decision); 4]>>,
-}
-
-/// A trigger's criteria on one change.
-type Decision = Result<bool, Undecided>;
-
-/// A side's values computed so far, with the definition each came from.
-type Computed = Vec<(Arc<SearchParam>, Arc<Values>)>;
-
-/// The previous and current version of a change.
-pub(crate) type Versions = (Option<Arc<Value>>, Option<Arc<Value>>);
-
-/// How the complete versions of a partially parsed change are had.
-pub(crate) type Reparse<'a> = dyn Fn() -> Versions + Sync + 'a;
-
-impl<'a> ChangeEval<'a> {
-    pub fn new(searcher: &'a Searcher, previous: Option<&Value>, current: Option<&Value>) -> Self {
-        let arc = |v: &Value| Arc::new(v.clone());
-        Self::from_arcs(searcher, previous.map(arc), current.map(arc))
-    }
-
-    /// Without copying the resources (capture already holds them behind an `Arc`).
-    pub fn from_arcs(
-        searcher: &'a Searcher,
-        previous: Option<Arc<Value>>,
-        current: Option<Arc<Value>>,
-    ) -> Self {
-        ChangeEval {
-            searcher,
-            previous,
-            current,
-            resource_type: None,
-            main: std::sync::OnceLock::new(),
-            prev: std::sync::OnceLock::new(),
-            cache: Default::default(),
-            reparse: None,
-            complete: std::sync::OnceLock::new(),
-            decided: Mutex::default(),
-        }
-    }
-
-    /// The trigger's criteria on this change, evaluated once per criteria key.
-    async fn decide(&self, t: &Trigger) -> Decision {
-        let known = self.decided.lock().ok().and_then(|d| {
-            d.iter()
-                .find(|(k, _)| k.same(&t.key))
-                .map(|(_, r)| r.clone())
-        });
-        if let Some(r) = known {
-            return r;
-        }
-        let r = evaluate_trigger(t, self).await;
-        if let Ok(mut d) = self.decided.lock() {
-            d.push((t.key.clone(), r.clone()));
-        }
-        r
-    }
-
-    /// Both versions are `resource_type` resources (their `resourceType`).
-    pub(crate) fn typed(mut self, resource_type: &'a str) -> Self {
-        self.resource_type = Some(resource_type);
-        self
-    }
-
-    /// `previous` and `current` are partial: `reparse` gives the complete versions, parsed
-    /// the first time the FHIRPath engine needs them.
-    pub(crate) fn partial(mut self, reparse: &'a Reparse<'a>) -> Self {
-        self.reparse = Some(reparse);
-        self
-    }
-
-    /// The versions the engine evaluates: complete ones.
-    fn engine_versions(&self) -> (Option<&Arc<Value>>, Option<&Arc<Value>>) {
-        match self.reparse {
-            None => (self.previous.as_ref(), self.current.as_ref()),
-            Some(f) => {
-                let (p, c) = self.complete.get_or_init(f);
-                (p.as_ref(), c.as_ref())
-            }
-        }
-    }
-
-    /// Whether the previous side has a focus of its own (both versions exist).
-    fn has_prev_focus(&self) -> bool {
-        self.previous.is_some() && self.current.is_some()
-    }
-
-    fn ctx(&self, previous_side: bool) -> &Prepared {
-        let fp = &self.searcher.fp;
-        if previous_side && self.has_prev_focus() {
-            return self.prev.get_or_init(|| {
-                let (previous, current) = self.engine_versions();
-                fp.prepare_arcs(previous, previous, current)
-            });
-        }
-        self.main.get_or_init(|| {
-            let (previous, current) = self.engine_versions();
-            fp.prepare_arcs(None, previous, current)
-        })
-    }
-
-    /// The JSON a side's focus is: the previous version on the previous side (when both
-    /// exist), else the current one, else the previous one (a delete).
-    fn focus(&self, previous_side: bool) -> Option<&Value> {
-        if previous_side && self.has_prev_focus() {
-            return self.previous.as_deref();
-        }
-        self.current.as_deref().or(self.previous.as_deref())
-    }
-
-    /// Values of `param` on the previous or the current version, computed once.
-    pub(crate) async fn values(
-        &self,
-        previous_side: bool,
-        param: &Arc<SearchParam>,
-    ) -> Result<Arc<Values>, String> {
-        let slot = &self.cache[usize::from(previous_side)];
-        let cached = slot.lock().ok().and_then(|m| {
-            m.iter()
-                .find(|(p, _)| Arc::ptr_eq(p, param) || p.expression == param.expression)
-                .map(|(_, v)| v.clone())
-        });
-        if let Some(v) = cached {
-            return Ok(v);
-        }
-        let v = Arc::new(match (&param.plan, self.focus(previous_side)) {
-            (Some(plan), Some(focus)) => {
-                let ty = self
-                    .resource_type
-                    .or_else(|| focus.get("resourceType").and_then(Value::as_str));
-                super::search::value::extract(param.kind, plan.select_as(focus, ty))
-            }
-            _ => self.searcher.values(self.ctx(previous_side), param).await?,
-        });
-        if let Ok(mut m) = slot.lock() {
-            m.push((param.clone(), v.clone()));
-        }
-        Ok(v)
-    }
-
-    async fn matches(&self, previous_side: bool, criteria: &[Criterion]) -> Result<bool, String> {
-        for c in criteria {
-            let v = self.values(previous_side, &c.param).await?;
-            if !super::search::value::matches(&v, c.modifier.as_deref(), &c.value) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-}
-
-async fn evaluate_trigger(t: &Trigger, change: &ChangeEval<'_>) -> Result<bool, Undecided> {
+pub(crate) async fn evaluate_trigger(
+    t: &Trigger,
+    change: &ChangeEval<'_>,
+) -> Result<bool, Undecided> {
     let query_passed = match &t.query {
         None => None,
         Some(q) => match query_passes(q, change).await {

@@ -5,8 +5,9 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
-use crate::fhir::fields::Fields;
-use crate::fhir::scan::Source;
+use crate::fhir::fields::{Fields, Parsed};
+use crate::fhir::scan::{Member, Source};
+use crate::fhir::search::direct::RawDoc;
 use crate::fhir::topic::Interaction;
 
 /// The body of the row as it came in the WAL.
@@ -69,6 +70,17 @@ pub struct AidboxFormat {
     pub(crate) attributes: super::aidbox::format::Attributes,
 }
 
+impl Format {
+    /// Aidbox's format for `version`, without first-class extensions (what a store without
+    /// Attribute definitions has; tests and benchmarks build rows with it).
+    pub fn aidbox(version: crate::fhir::FhirVersion) -> Format {
+        Format::Aidbox(Arc::new(AidboxFormat {
+            version,
+            attributes: Default::default(),
+        }))
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RowError {
     #[error("{reference}: resource column is not a JSON object ({detail})")]
@@ -98,12 +110,21 @@ impl RowChange {
     /// and `id` and `meta` from the columns when it keeps those): what capture's plans
     /// read, without building the rest.
     pub(crate) fn resource_with(&self, fields: &Fields) -> Result<Option<Value>, RowError> {
+        Ok(self.parsed(fields)?.map(|(v, _)| v))
+    }
+
+    /// [`RowChange::resource_with`], and the text of the members `fields` keeps raw (for
+    /// canFilterBy walks on text, [`crate::fhir::search::direct`]), when the scanner read them.
+    pub(crate) fn parsed(
+        &self,
+        fields: &Fields,
+    ) -> Result<Option<(Value, Option<RawDoc<'_>>)>, RowError> {
         let (text, source) = match &self.body {
             Body::Text(t) => (t, Source::Unchecked),
             Body::Jsonb(t) => (t, Source::Jsonb),
             Body::Absent | Body::UnchangedToast => return Ok(None),
         };
-        let mut obj: Map<String, Value> = match fields.parse(text, source) {
+        let Parsed { map: mut obj, raw } = match fields.parse(text, source) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 return Err(RowError::BadJson {
@@ -139,7 +160,23 @@ impl RowChange {
         if let Format::Aidbox(f) = &self.format {
             super::aidbox::format::to_fhir(&mut obj, f.version, &f.attributes);
         }
-        Ok(Some(Value::Object(obj)))
+        let raw = raw.map(|members| self.raw_doc(members));
+        Ok(Some((Value::Object(obj), raw)))
+    }
+
+    /// Kept members as text, with what reading Aidbox's format needs.
+    fn raw_doc<'a>(&'a self, members: Vec<Member<'a>>) -> RawDoc<'a> {
+        match &self.format {
+            Format::Fhir => RawDoc::new(members, false, Vec::new()),
+            Format::Aidbox(f) => {
+                let model = crate::fhir::model::ModelIndex::of(f.version.schema());
+                RawDoc::new(
+                    members,
+                    model.get(&self.resource_type).is_some(),
+                    f.attributes.keys_of(&self.resource_type),
+                )
+            }
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! a resource has for a parameter, and matching a search value against them. Used for
 //! canFilterBy extraction, filterBy matching and queryCriteria.
 
+pub(crate) mod direct;
+pub(crate) mod json;
 pub(crate) mod path;
 pub mod registry;
 pub(crate) mod value;

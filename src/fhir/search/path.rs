@@ -101,6 +101,116 @@ impl Plan {
     }
 }
 
+/// A plan capture can read on one top-level member's own text, without a `Value` tree (see
+/// [`super::direct`]): one branch applies to the type, and it is one of these walks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Shape<'p> {
+    /// `T.member`, arrays flattened; `reference` when the member is a `Reference`.
+    Field { key: &'p str, reference: bool },
+    /// `(T.value as Quantity)`: the one typed key `key` of choice element `top`.
+    Cast {
+        key: &'p str,
+        top: &'p str,
+        reference: bool,
+    },
+    /// `T.member.where(resolve() is Target)`.
+    RefersTo { key: &'p str, target: &'p str },
+    /// `T.value`: every typed key of choice element `top`.
+    Choice {
+        prefix: &'p str,
+        keys: &'p [String],
+        top: &'p str,
+    },
+}
+
+/// Members a shape never reads from the body: `id` and `meta` come from the row's columns,
+/// `extension` may be made from Aidbox's first-class extensions, `contained` are resources.
+const NOT_DIRECT: [&str; 6] = [
+    "id",
+    "meta",
+    "resourceType",
+    "extension",
+    "modifierExtension",
+    "contained",
+];
+
+/// The walks of a plan's branches that apply to a type, in order: the items each selects
+/// are the plan's, one branch after the other (`(Observation.value as Quantity) |
+/// (Observation.value as SampledData)` is two).
+pub(crate) type Shapes<'p> = smallvec::SmallVec<[Shape<'p>; 2]>;
+
+impl Plan {
+    /// The walks of this plan on `resource_type` resources, when each applicable branch is
+    /// one a member's text answers alone.
+    pub(crate) fn shapes(&self, resource_type: &str) -> Option<Shapes<'_>> {
+        let mut out = Shapes::new();
+        for b in self
+            .0
+            .iter()
+            .filter(|b| b.root.as_deref().is_none_or(|r| r == resource_type))
+        {
+            out.push(b.shape()?);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The members [`Plan::shapes`]' walks read (in FHIR and in Aidbox's format).
+    pub(crate) fn shape_keys(&self, resource_type: &str) -> Option<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for s in self.shapes(resource_type)? {
+            s.reads(|k| {
+                if !out.iter().any(|o| o == k) {
+                    out.push(k.to_string());
+                }
+                true
+            });
+        }
+        Some(out)
+    }
+}
+
+impl Branch {
+    fn shape(&self) -> Option<Shape<'_>> {
+        let top = self.top.as_deref()?;
+        if NOT_DIRECT.contains(&top) {
+            return None;
+        }
+        let ty = self.ty.as_deref();
+        match self.steps.as_slice() {
+            [Step::Field(key)] if key == top => {
+                let ty = ty.filter(|t| *t != "Resource")?;
+                Some(Shape::Field {
+                    key,
+                    reference: ty == "Reference",
+                })
+            }
+            [Step::Field(key)] => Some(Shape::Cast {
+                key,
+                top,
+                reference: ty? == "Reference",
+            }),
+            [Step::Field(key), Step::RefersTo(target)] if key == top => {
+                Some(Shape::RefersTo { key, target })
+            }
+            [Step::Choice { prefix, keys }] if prefix == top => {
+                Some(Shape::Choice { prefix, keys, top })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Shape<'_> {
+    /// Whether `f` holds for every member the walk reads (in FHIR and in Aidbox's format).
+    pub(crate) fn reads(&self, mut f: impl FnMut(&str) -> bool) -> bool {
+        match *self {
+            Shape::Field { key, .. } | Shape::RefersTo { key, .. } => f(key),
+            Shape::Cast { key, top, .. } => f(key) && f(top),
+            Shape::Choice { keys, top, .. } => keys.iter().all(|k| f(k)) && f(top),
+        }
+    }
+}
+
 /// The values a step of a path holds.
 type Items<'v> = smallvec::SmallVec<[&'v Value; 8]>;
 
@@ -139,7 +249,7 @@ fn step<'a>(items: &[&'a Value], s: &Step, out: &mut Items<'a>) {
 }
 
 /// Whether reference `r` names a `t` (`T/…` or `…/T/…`), without building the patterns.
-fn refers_to(r: &str, t: &str) -> bool {
+pub(crate) fn refers_to(r: &str, t: &str) -> bool {
     let typed_at = |i: usize| r[i..].starts_with(t) && r[i + t.len()..].starts_with('/');
     (r.starts_with(t) && typed_at(0)) || r.match_indices('/').any(|(i, _)| typed_at(i + 1))
 }

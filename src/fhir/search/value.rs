@@ -2,11 +2,10 @@
 //! results), and whether a search value (`eq140`, `http://loinc.org|2339-0`, `Patient/1`)
 //! matches it, as FHIR search defines per parameter type.
 
+use super::json::Json;
+use super::registry::ParamType;
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-use super::registry::ParamType;
 
 /// A half-open time range `[lo, hi)` in milliseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -154,10 +153,12 @@ pub(crate) fn date_range(s: &str) -> Option<Range> {
     }
 }
 
-/// Normalises FHIRPath results (as JSON) for a parameter of type `kind`.
-pub(crate) fn extract<'v, I>(kind: ParamType, items: I) -> Values
+/// Normalises FHIRPath results (as JSON: a `serde_json::Value` or capture's borrowed
+/// [`Lite`](super::json::Lite) tree, read alike) for a parameter of type `kind`.
+pub(crate) fn extract<'v, J, I>(kind: ParamType, items: I) -> Values
 where
-    I: IntoIterator<Item = &'v Value>,
+    J: Json<'v>,
+    I: IntoIterator<Item = J>,
 {
     let items = items.into_iter();
     match kind {
@@ -170,13 +171,12 @@ where
         }
         ParamType::Reference => Values::Reference(
             items
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(normalize_reference(s)),
-                    Value::Object(o) => o
+                .filter_map(|v| match v.as_str() {
+                    Some(s) => Some(normalize_reference(s)),
+                    None => v
                         .get("reference")
-                        .and_then(Value::as_str)
+                        .and_then(Json::as_str)
                         .map(normalize_reference),
-                    _ => None,
                 })
                 .collect(),
         ),
@@ -191,11 +191,10 @@ where
         ParamType::Quantity => Values::Quantity(quantity_values(items)),
         ParamType::Number => Values::Number(
             items
-                .filter_map(|v| match v {
-                    Value::Number(n) => n.as_f64(),
-                    Value::String(s) => s.parse().ok(),
-                    Value::Object(o) => o.get("value").and_then(Value::as_f64),
-                    _ => None,
+                .filter_map(|v| {
+                    v.as_f64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        .or_else(|| v.get("value").and_then(Json::as_f64))
                 })
                 .collect(),
         ),
@@ -209,122 +208,120 @@ where
 
 /// Date values: dates and instants at their precision, Periods (an open end is unbounded),
 /// Timing events.
-fn date_values<'v>(items: impl Iterator<Item = &'v Value>) -> Vec<Range> {
+fn date_values<'v, J: Json<'v>>(items: impl Iterator<Item = J>) -> Vec<Range> {
     let mut out = Vec::new();
     for v in items {
-        match v {
-            Value::String(s) => out.extend(date_range(s)),
-            Value::Object(o) => {
-                // Period: an open end is unbounded.
-                let lo = o.get("start").and_then(Value::as_str).and_then(date_range);
-                let hi = o.get("end").and_then(Value::as_str).and_then(date_range);
-                if lo.is_some() || hi.is_some() {
-                    out.push(Range {
-                        lo: lo.map(|r| r.lo).unwrap_or(i64::MIN),
-                        hi: hi.map(|r| r.hi).unwrap_or(i64::MAX),
-                    });
-                }
-                for e in o
-                    .get("event")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    out.extend(e.as_str().and_then(date_range));
-                }
-            }
-            _ => {}
+        if let Some(s) = v.as_str() {
+            out.extend(date_range(s));
+            continue;
+        }
+        if !v.is_object() {
+            continue;
+        }
+        // Period: an open end is unbounded.
+        let lo = v.get("start").and_then(Json::as_str).and_then(date_range);
+        let hi = v.get("end").and_then(Json::as_str).and_then(date_range);
+        if lo.is_some() || hi.is_some() {
+            out.push(Range {
+                lo: lo.map(|r| r.lo).unwrap_or(i64::MIN),
+                hi: hi.map(|r| r.hi).unwrap_or(i64::MAX),
+            });
+        }
+        for e in v.get("event").and_then(Json::items).into_iter().flatten() {
+            out.extend(e.as_str().and_then(date_range));
         }
     }
     out
 }
 
 /// Quantity values: (value, system, code or unit); a bare number has neither.
-fn quantity_values<'v>(
-    items: impl Iterator<Item = &'v Value>,
+fn quantity_values<'v, J: Json<'v>>(
+    items: impl Iterator<Item = J>,
 ) -> Vec<(f64, Option<String>, Option<String>)> {
+    let s = |v: Option<J>| v.and_then(Json::as_str).map(str::to_string);
     items
-        .filter_map(|v| match v {
-            Value::Number(n) => Some((n.as_f64()?, None, None)),
-            Value::Object(o) => Some((
-                o.get("value")?.as_f64()?,
-                o.get("system").and_then(Value::as_str).map(str::to_string),
-                o.get("code")
-                    .or_else(|| o.get("unit"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            )),
-            _ => None,
+        .filter_map(|v| {
+            if let Some(n) = v.as_f64() {
+                return Some((n, None, None));
+            }
+            if !v.is_object() {
+                return None;
+            }
+            Some((
+                v.get("value")?.as_f64()?,
+                s(v.get("system")),
+                s(v.get("code").or_else(|| v.get("unit"))),
+            ))
         })
         .collect()
 }
 
-fn token_values(v: &Value, out: &mut Vec<(Option<String>, String, Option<String>)>) {
-    let s = |o: &serde_json::Map<String, Value>, k: &str| {
-        o.get(k).and_then(Value::as_str).map(str::to_string)
-    };
-    match v {
-        Value::String(c) => out.push((None, c.clone(), None)),
-        Value::Bool(b) => out.push((None, b.to_string(), None)),
-        Value::Object(o) => {
-            if let Some(codings) = o.get("coding").and_then(Value::as_array) {
-                let text = s(o, "text");
-                for c in codings {
-                    if let Some(c) = c.as_object() {
-                        if let Some(code) = s(c, "code") {
-                            out.push((
-                                s(c, "system"),
-                                code,
-                                s(c, "display").or_else(|| text.clone()),
-                            ));
-                        }
-                    }
-                }
-                if codings.is_empty() {
-                    if let Some(t) = text {
-                        out.push((None, String::new(), Some(t)));
-                    }
-                }
-            } else if let Some(code) = s(o, "code") {
-                out.push((s(o, "system"), code, s(o, "display")));
-            } else if let Some(value) = s(o, "value") {
-                // Identifier (system|value) or ContactPoint (value).
-                let system = if o.contains_key("use") && !o.contains_key("type") {
-                    s(o, "system").filter(|x| x.contains(':'))
-                } else {
-                    s(o, "system")
-                };
-                out.push((system, value, None));
+fn token_values<'v, J: Json<'v>>(v: J, out: &mut Vec<(Option<String>, String, Option<String>)>) {
+    let s = |o: J, k: &str| o.get(k).and_then(Json::as_str).map(str::to_string);
+    if let Some(c) = v.as_str() {
+        out.push((None, c.to_string(), None));
+        return;
+    }
+    if let Some(b) = v.as_bool() {
+        out.push((None, b.to_string(), None));
+        return;
+    }
+    if !v.is_object() {
+        return;
+    }
+    if let Some(codings) = v.get("coding").and_then(Json::items) {
+        let text = s(v, "text");
+        let empty = codings.len() == 0;
+        for c in codings.filter(|c| c.is_object()) {
+            if let Some(code) = s(c, "code") {
+                out.push((
+                    s(c, "system"),
+                    code,
+                    s(c, "display").or_else(|| text.clone()),
+                ));
             }
         }
-        _ => {}
+        if empty {
+            if let Some(t) = text {
+                out.push((None, String::new(), Some(t)));
+            }
+        }
+    } else if let Some(code) = s(v, "code") {
+        out.push((s(v, "system"), code, s(v, "display")));
+    } else if let Some(value) = s(v, "value") {
+        // Identifier (system|value) or ContactPoint (value).
+        let system = if v.get("use").is_some() && v.get("type").is_none() {
+            s(v, "system").filter(|x| x.contains(':'))
+        } else {
+            s(v, "system")
+        };
+        out.push((system, value, None));
     }
 }
 
-fn string_values(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::String(s) => out.push(s.clone()),
-        Value::Array(a) => a.iter().for_each(|x| string_values(x, out)),
-        Value::Object(o) => {
-            for k in [
-                "text",
-                "family",
-                "given",
-                "prefix",
-                "suffix",
-                "line",
-                "city",
-                "district",
-                "state",
-                "postalCode",
-                "country",
-            ] {
-                if let Some(x) = o.get(k) {
-                    string_values(x, out);
-                }
+fn string_values<'v, J: Json<'v>>(v: J, out: &mut Vec<String>) {
+    if let Some(s) = v.as_str() {
+        out.push(s.to_string());
+    } else if let Some(items) = v.items() {
+        items.for_each(|x| string_values(x, out));
+    } else if v.is_object() {
+        for k in [
+            "text",
+            "family",
+            "given",
+            "prefix",
+            "suffix",
+            "line",
+            "city",
+            "district",
+            "state",
+            "postalCode",
+            "country",
+        ] {
+            if let Some(x) = v.get(k) {
+                string_values(x, out);
             }
         }
-        _ => {}
     }
 }
 

@@ -1,7 +1,7 @@
 //! The search-value cases of `value.rs`.
 
 use super::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// (param type, FHIRPath results as JSON, modifier, search value, expected)
 type Case = (ParamType, Value, Option<&'static str>, &'static str, bool);

@@ -50,6 +50,14 @@ impl Attributes {
     fn of_type(&self, resource_type: &str) -> Option<&HashMap<String, Attribute>> {
         self.0.get(resource_type)
     }
+
+    /// The keys of `resource_type`'s first-class extensions (a member stored under one of
+    /// them becomes an `extension` when converted).
+    pub(crate) fn keys_of(&self, resource_type: &str) -> Vec<&str> {
+        self.of_type(resource_type)
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Where a JSON object sits in the model: a type, or a backbone element's members.

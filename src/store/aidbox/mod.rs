@@ -4,6 +4,8 @@
 //! the change. `id`, `resourceType`, `meta.versionId` (txid) and `meta.lastUpdated` (ts) come
 //! from the columns.
 
+#[cfg(test)]
+mod direct_tests;
 pub(crate) mod format;
 
 use async_trait::async_trait;
