@@ -13,10 +13,9 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use std::fmt;
 
-/// Members every partial resource keeps: its type, which plans check their root against.
-/// `id` and `meta` are kept when a reader names them (`Resource.id`, `_lastUpdated`, `_tag`,
-/// `_profile` do); filling them from the row's columns cost allocations on every row.
-const ALWAYS: [&str; 1] = ["resourceType"];
+// A partial resource's `resourceType` is the row's (`RowChange::resource_with` sets it, as
+// it sets `id` and `meta` when a reader names them): the body's is not read. Parsing it too
+// cost three allocations per row for a value then replaced.
 
 /// The bit of [`Fields::lengths`] for a key of `key`'s length.
 fn length_bit(key: &str) -> u64 {
@@ -134,9 +133,7 @@ impl Fields {
 
     /// Whether `key` is kept.
     pub(crate) fn keeps(&self, key: &str) -> bool {
-        self.all
-            || ALWAYS.contains(&key)
-            || (self.lengths & length_bit(key) != 0 && self.keys.iter().any(|k| k == key))
+        self.all || (self.lengths & length_bit(key) != 0 && self.keys.iter().any(|k| k == key))
     }
 
     /// Parses a JSON object keeping only the members this set keeps; the others are read
@@ -274,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_only_the_named_members_and_the_type() {
+    fn keeps_only_the_named_members() {
         let body = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "1"},
             "status": "final", "code": {"text": "x"}, "note": [{"text": "long"}],
             "valueQuantity": {"value": 1}});
@@ -284,7 +281,8 @@ mod tests {
             .unwrap()
             .map;
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
-        assert_eq!(keys, vec!["code", "resourceType", "valueQuantity"]);
+        // Not even `resourceType`: the row's type is the resource's (`resource_with`).
+        assert_eq!(keys, vec!["code", "valueQuantity"]);
         assert_eq!(m["code"], body["code"]);
         assert_eq!(m["valueQuantity"], body["valueQuantity"]);
         // `id` and `meta` only when a reader names them (`Resource.id`, `_lastUpdated`).
@@ -294,7 +292,7 @@ mod tests {
             .unwrap()
             .map;
         let keys: Vec<&str> = m.keys().map(String::as_str).collect();
-        assert_eq!(keys, vec!["id", "meta", "resourceType"]);
+        assert_eq!(keys, vec!["id", "meta"]);
         assert_eq!(m["meta"], body["meta"]);
     }
 

@@ -206,6 +206,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_partial_resource_has_the_rows_type_id_and_meta() {
+        let mut fields = Fields::default();
+        fields.add(Some(["status".to_string(), "meta".to_string()]));
+        let row = RowChange {
+            resource_type: "Observation".into(),
+            id: "o1".into(),
+            version_id: Some("7".into()),
+            last_updated: Some("2024-01-02T03:04:05+00:00".into()),
+            interaction: Interaction::Create,
+            body: Body::Jsonb(Bytes::from_static(
+                br#"{"resourceType": "Other", "status": "final", "code": {"text": "x"}}"#,
+            )),
+            tenant: None,
+            key: None,
+            format: Format::Fhir,
+        };
+        let v = row.resource_with(&fields).unwrap().unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"resourceType": "Observation", "status": "final",
+                "meta": {"versionId": "7", "lastUpdated": "2024-01-02T03:04:05+00:00"}})
+        );
+    }
+
+    #[test]
     fn timestamps() {
         assert_eq!(
             pg_timestamptz_to_fhir("2024-01-02 03:04:05+00"),

@@ -29,6 +29,9 @@ struct Branch {
     /// The element name of the first step (`value` of `valueQuantity`): Aidbox's format
     /// stores choice elements under it.
     top: Option<String>,
+    /// `top` is a member a walk may read from the body's text (not one of [`NOT_DIRECT`]),
+    /// decided once here rather than per change.
+    direct: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,10 +174,7 @@ impl Plan {
 
 impl Branch {
     fn shape(&self) -> Option<Shape<'_>> {
-        let top = self.top.as_deref()?;
-        if NOT_DIRECT.contains(&top) {
-            return None;
-        }
+        let top = self.top.as_deref().filter(|_| self.direct)?;
         let ty = self.ty.as_deref();
         match self.steps.as_slice() {
             [Step::Field(key)] if key == top => {
@@ -354,6 +354,7 @@ fn branch(part: &str, resource_type: &str, v: SchemaVersion) -> Option<Branch> {
         steps,
         ty,
         top: segs.first().map(|s| s.to_string()),
+        direct: segs.first().is_some_and(|s| !NOT_DIRECT.contains(s)),
     })
 }
 
