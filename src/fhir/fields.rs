@@ -17,27 +17,45 @@ use std::fmt;
 // it sets `id` and `meta` when a reader names them): the body's is not read. Parsing it too
 // cost three allocations per row for a value then replaced.
 
-/// The bit of [`Fields::lengths`] for a key of `key`'s length.
+/// The bit of [`Names::lengths`] for a key of `key`'s length.
 fn length_bit(key: &str) -> u64 {
     1 << key.len().min(63)
+}
+
+/// A handful of member names, looked up once per member of every captured body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Names {
+    /// Sorted, without repeats. A scan comparing lengths first is cheaper than a tree's
+    /// ordered comparisons (a `BTreeSet` lookup was 3% of capture's instructions per row
+    /// with 20 topics, a call to `memcmp` per step).
+    keys: Vec<String>,
+    /// Bit `n` (`n` < 63) is set when a key of `n` bytes is in, bit 63 for longer ones: most
+    /// members a body has and no topic reads are refused by their length alone, before the
+    /// list is searched (that search was 3% of capture's instructions per row).
+    lengths: u64,
+}
+
+impl Names {
+    fn insert(&mut self, k: String) {
+        self.lengths |= length_bit(&k);
+        if let Err(at) = self.keys.binary_search(&k) {
+            self.keys.insert(at, k);
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.lengths & length_bit(key) != 0 && self.keys.iter().any(|k| k == key)
+    }
 }
 
 /// Which top-level members of a resource type's JSON the topics read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fields {
-    /// Sorted, without repeats. A handful: a scan comparing lengths first is cheaper than
-    /// a tree's ordered comparisons (a `BTreeSet` lookup was 3% of capture's instructions
-    /// per row with 20 topics, a call to `memcmp` per step).
-    keys: Vec<String>,
-    /// Bit `n` (`n` < 63) is set when a key of `n` bytes is kept, bit 63 for longer ones: most
-    /// members a body has and no topic reads are refused by their length alone, before the
-    /// set is searched (that search was 3% of capture's instructions per row).
-    lengths: u64,
+    /// Members built as `Value`s.
+    keys: Names,
     /// Members read from their own text by canFilterBy walks ([`crate::fhir::search::direct`]),
-    /// kept as text and built as a `Value` only when also in `keys`. Sorted, without repeats.
-    raw: Vec<String>,
-    /// [`Fields::lengths`] of `raw`.
-    raw_lengths: u64,
+    /// kept as text and built as a `Value` only when also in `keys`.
+    raw: Names,
     /// Some reader needs every member: parse the resource whole.
     all: bool,
 }
@@ -69,10 +87,7 @@ impl Fields {
                     if k == "extension" || k == "modifierExtension" {
                         self.all = true;
                     }
-                    self.lengths |= length_bit(&k);
-                    if let Err(at) = self.keys.binary_search(&k) {
-                        self.keys.insert(at, k);
-                    }
+                    self.keys.insert(k);
                 }
             }
         }
@@ -96,25 +111,15 @@ impl Fields {
                 self.add(Some(keys));
             }
         }
-        for keys in text {
-            self.add_raw(keys);
+        for k in text.into_iter().flatten() {
+            self.raw.insert(k);
         }
     }
 
-    /// Adds members a canFilterBy walk reads from their text alone.
-    fn add_raw(&mut self, keys: Vec<String>) {
-        for k in keys {
-            self.raw_lengths |= length_bit(&k);
-            if let Err(at) = self.raw.binary_search(&k) {
-                self.raw.insert(at, k);
-            }
-        }
-    }
-
-    /// Whether `key` is kept as text for the walks of [`Fields::add_raw`] (never when the
+    /// Whether `key` is kept as text for the walks of [`Fields::settle`] (never when the
     /// resource is parsed whole: its `Value` answers them).
     pub(crate) fn keeps_raw(&self, key: &str) -> bool {
-        !self.all && self.raw_lengths & length_bit(key) != 0 && self.raw.iter().any(|k| k == key)
+        !self.all && self.raw.contains(key)
     }
 
     /// The members kept as text for canFilterBy walks (see [`Fields::settle`]).
@@ -122,7 +127,7 @@ impl Fields {
         if self.all {
             &[]
         } else {
-            &self.raw
+            &self.raw.keys
         }
     }
 
@@ -133,7 +138,7 @@ impl Fields {
 
     /// Whether `key` is kept.
     pub(crate) fn keeps(&self, key: &str) -> bool {
-        self.all || (self.lengths & length_bit(key) != 0 && self.keys.iter().any(|k| k == key))
+        self.all || self.keys.contains(key)
     }
 
     /// Parses a JSON object keeping only the members this set keeps; the others are read

@@ -91,6 +91,16 @@ impl ModelIndex {
     }
 }
 
+/// `quantity` → `Quantity`: a type's name as a choice element's typed key spells it
+/// (`value` + `Quantity`). Aidbox's format names the type under the element with either case.
+pub(crate) fn upper_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

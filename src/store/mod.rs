@@ -281,11 +281,7 @@ pub(crate) fn settle(change: &mut RowChange, previous: &mut Option<RowChange>) {
 
 /// Builds the `RowChange` of a tuple: shared by the profiles.
 pub(crate) fn text(c: Option<&pg_walstream::ColumnData>) -> Option<String> {
-    let c = c?;
-    if c.is_null() || c.is_unchanged() {
-        return None;
-    }
-    c.as_string()
+    text_ref(c).map(str::to_string)
 }
 
 /// [`text`] borrowed from the tuple, for columns only compared or reformatted (a status, a

@@ -20,6 +20,7 @@ use super::json::Lite;
 use super::path::{refers_to, Shape};
 use super::registry::ParamType;
 use super::value::{extract, Values};
+use crate::fhir::model::upper_first;
 use crate::fhir::scan::Member;
 
 /// One version of a change as the members capture kept as text.
@@ -238,13 +239,4 @@ fn reference(m: &mut Vec<(Cow<'_, str>, Lite<'_>)>) {
         }
     };
     m.push((Cow::Borrowed("reference"), Lite::String(Cow::Owned(target))));
-}
-
-/// `quantity` → `Quantity`, as the store converter names a choice's key.
-fn upper_first(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    }
 }

@@ -15,7 +15,7 @@ use octofhir_fhirschema::types::FhirSchemaElement;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-use crate::fhir::model::{Members, ModelIndex, TypeIndex};
+use crate::fhir::model::{upper_first, Members, ModelIndex, TypeIndex};
 use crate::fhir::FhirVersion;
 
 /// An Attribute: a first-class extension stored under `key` of `resource_type`.
@@ -266,14 +266,6 @@ fn reference(obj: &mut Map<String, Value>) {
         return;
     };
     obj.insert("reference".into(), Value::String(target));
-}
-
-fn upper_first(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]
