@@ -142,7 +142,7 @@ impl Target {
     }
 }
 
-fn mode_name(m: SslMode) -> &'static str {
+pub(crate) fn mode_name(m: SslMode) -> &'static str {
     match m {
         SslMode::Disable => "disable",
         SslMode::Prefer => "prefer",

@@ -274,3 +274,59 @@ async fn a_change_for_two_topics_is_one_queue_row_and_each_topic_filters_it() {
         validate(&rx.bodies(hook), "r5", &["--sequence", "strict"]);
     }
 }
+
+/// A daemon on the database's own machine reaches it through the server's Unix socket
+/// (`?host=<directory>`): the replication stream goes over it too (the walsender's client
+/// has no address), and a change still becomes a valid notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_url_naming_a_socket_directory_streams_over_the_unix_socket() {
+    let mut env = TestEnv::aidbox(TOPICS).build().await;
+    let url = format!(
+        "postgresql:///{}?host={}&port={}&user=postgres",
+        env.db, env.pg.dir, env.pg.port
+    );
+    env.edit(|c| c.source.url = url);
+    let (store, rx, api) = (&env.store, &env.rx, env.api);
+    let d = env.start().await;
+    let app = format!("fhir-cdc-{}", env.slot);
+    let socket: Option<bool> = store
+        .query_opt(
+            "SELECT client_addr IS NULL FROM pg_stat_replication WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    assert_eq!(
+        socket,
+        Some(true),
+        "the replication stream is not on the socket"
+    );
+
+    let enc = subscribe(
+        api,
+        "http://fhir-cdc.test/topic/encounter-all",
+        &rx.url("enc"),
+        "full-resource",
+    )
+    .await;
+    wait_until("active", Duration::from_secs(30), || async {
+        status(api, &enc).await["status"] == "active"
+    })
+    .await;
+    store
+        .execute(
+            "SELECT aidbox_put('Encounter', 'e1', '{\"status\": \"planned\"}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_until("the event", Duration::from_secs(30), || async {
+        !rx.events("enc").is_empty()
+    })
+    .await;
+    let events = rx.events("enc");
+    assert_eq!(events[0]["entry"][1]["resource"]["id"], "e1");
+    validate(&rx.bodies("enc"), "r5", &["--sequence", "strict"]);
+    drop(d);
+}
