@@ -25,6 +25,8 @@
 #   capture_20topics_rows_per_s  the same with 20 topics (mixed triggers, 3 canFilterBy each,
 #                                5 with a fhirPathCriteria)
 #   *_ratio                      capture / recvlogical
+#   *_store_ratio                capture (or recvlogical) / store_insert_rows_per_s
+#   *_socket_*                   the same over the server's Unix socket (source URL ?host=<dir>)
 #   lag_*                        4 writers at full rate for LAG_SECS while capture runs; the
 #                                slot lag at the end read from Postgres and from /metrics;
 #                                lag_recvlogical_*: the same load with pg_recvlogical reading
@@ -192,8 +194,12 @@ echo "machine=$(nproc) cores, $(awk '/MemTotal/ {print int($2/1048576)}' /proc/m
 echo "rows=$ROWS"
 
 # The store: Aidbox layout; ~1.5 KB Observations from gen.py (clinosim), cycled with new ids.
-psql -d postgres -c "CREATE DATABASE fhir" -c "CREATE DATABASE q1" -c "CREATE DATABASE q20" -c "CREATE DATABASE qbig"
+psql -d postgres -c "CREATE DATABASE fhir" -c "CREATE DATABASE q1" -c "CREATE DATABASE q20" -c "CREATE DATABASE qbig" \
+  -c "CREATE DATABASE q1u"
 url="postgresql://postgres@127.0.0.1:$PGPORT"
+# The same server through its Unix socket, as a daemon on the database's machine reaches it.
+sock=$(psql -d postgres -c "SHOW unix_socket_directories" | cut -d, -f1)
+sock_url() { echo "postgresql:///$1?host=$sock&port=$PGPORT&user=postgres"; }
 "$bin" init-store --profile aidbox --url "$url/fhir" >/dev/null
 res=$(scripts/workload.sh 3000 7 resources)
 scripts/backlog.sh csv "$res" >"$work/obs.csv"
@@ -225,17 +231,19 @@ resourceTrigger = [$trig]
 canFilterBy = [{ resource = \"Observation\", filterParameter = \"patient\" }, { resource = \"Observation\", filterParameter = \"code\" }, { resource = \"Observation\", filterParameter = \"date\" }]
 "
 done
-config() { # name slot queue-db topics
+config() { # name slot queue-db topics [socket]
+  local src="$url/fhir" queue="$url/$3"
+  if [ -n "${5:-}" ]; then src=$(sock_url fhir); queue=$(sock_url "$3"); fi
   cat >"$work/$1.toml" <<TOML
 [source]
-url = "$url/fhir"
+url = "$src"
 profile = "aidbox"
 fhir_version = "R4"
 slot = "$2"
 publication = "fhir_cdc"
 
 [queue]
-url = "$url/$3"
+url = "$queue"
 
 [api]
 listen = "127.0.0.1:0"
@@ -245,6 +253,7 @@ TOML
 config c1 s1 q1 "$topics1"
 config c20 s20 q20 "$topics20"
 config cbig sbig qbig "$topics1"
+config c1u s1u q1u "$topics1" socket
 
 # Publication and slots exist before the backlog is written: start each capture once.
 prime() { # config
@@ -260,7 +269,7 @@ prime() { # config
 }
 # The backlog's SQL (scripts/backlog.sh, shared with profile-walsender.sh).
 backlog_sql() { scripts/backlog.sh sql "$ROWS" "$src_n"; }
-prime c1; prime c20; prime cbig
+prime c1; prime c20; prime cbig; prime c1u
 
 # BENCH_ONLY=instructions: the daemon's own instructions per drained row, under callgrind
 # (the whole process: the replication client, decoding, matching, the queue writer and the
@@ -296,6 +305,7 @@ if [ "${BENCH_ONLY:-}" = instructions ]; then
   exit 0
 fi
 psql -d fhir -c "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')" >/dev/null
+psql -d fhir -c "SELECT pg_create_logical_replication_slot('recvu', 'pgoutput')" >/dev/null
 
 if [ "${BENCH_ONLY:-}" != e2e ] && [ "${BENCH_ONLY:-}" != brokers ]; then
 # The backlog: ROWS Observations in 100-row transactions, one client.
@@ -314,6 +324,7 @@ t0=$(now)
 t1=$(now)
 recv_rate=$(rate "$ROWS" "$t0" "$t1")
 echo "recvlogical_rows_per_s=$recv_rate"
+echo "recvlogical_store_ratio=$(ratio "$recv_rate" "$store_rate")"
 
 drain() { # config queue-db label mark (the WAL position before the last marker)
   "$bin" capture --config "$work/$1.toml" 2>"$work/$1.log" &
@@ -338,6 +349,7 @@ drain() { # config queue-db label mark (the WAL position before the last marker)
   if [ -n "$perf" ]; then kill -INT "$perf"; wait "$perf" 2>/dev/null || true; fi
   echo "$3_rows_per_s=$(rate "$ROWS" "$t0" "$t1")"
   echo "$3_ratio=$(ratio "$(rate "$ROWS" "$t0" "$t1")" "$recv_rate")"
+  echo "$3_store_ratio=$(ratio "$(rate "$ROWS" "$t0" "$t1")" "$store_rate")   # / store_insert_rows_per_s"
   echo "$3_peak_rss_mb=$(peak_rss_mb "$p")"
   # Where the time went: the daemon's CPU, and how busy both cores were (Postgres's
   # walsender and queue backend use the rest).
@@ -370,6 +382,16 @@ PY
 }
 drain c1 q1 capture_1topic "$mark"
 drain c20 q20 capture_20topics "$mark"
+# The same over the server's Unix socket: pg_recvlogical, then capture with 1 topic (its
+# ratio is to pg_recvlogical over the socket). Loopback TCP costs the walsender per message.
+t0=$(now)
+"$PG_BIN/pg_recvlogical" -h "$sock" -p "$PGPORT" -U postgres -d fhir --slot recvu --start \
+  -o proto_version=1 -o publication_names=fhir_cdc --endpos "$end_lsn" -f /dev/null
+t1=$(now)
+recv_socket_rate=$(rate "$ROWS" "$t0" "$t1")
+echo "recvlogical_socket_rows_per_s=$recv_socket_rate"
+echo "recvlogical_socket_store_ratio=$(ratio "$recv_socket_rate" "$store_rate")"
+recv_rate=$recv_socket_rate drain c1u q1u capture_1topic_socket "$mark"
 [ "${BENCH_ONLY:-}" = capture ] && exit 0
 
 # One 30,000-resource transaction (~50 MB), drained by capture alone.
