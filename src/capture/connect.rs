@@ -13,9 +13,11 @@ use crate::store::{setup, StoreProfile};
 
 /// Replication connection settings from a `postgresql://` URL. A host that is a directory
 /// (`postgresql:///fhir?host=/var/run/postgresql&user=cdc`, or `%2Fvar%2Frun%2Fpostgresql`
-/// as the URL's host, as libpq and tokio-postgres read them) is the server's Unix socket there: a daemon on the
-/// database's own machine then spares the walsender TCP's cost per message (over loopback
-/// TCP it drained 71,000 rows/s, over the socket 100,000: `scripts/profile-walsender.sh`).
+/// as the URL's host, as libpq and tokio-postgres read them) is the server's Unix socket
+/// there, for the replication stream as for the other connections: a daemon on the
+/// database's own machine then spares the walsender loopback TCP's cost per message
+/// (`pg_recvlogical` drained 73,000 rows/s over TCP and 93,000 over the socket in one
+/// `scripts/bench.sh` run: `recvlogical_socket_rows_per_s`).
 pub(crate) fn replication_config(
     url: &str,
     slot: &str,
