@@ -380,7 +380,9 @@ PY
   fi
   echo "$3_daemon_cpu_s=$cpu"
   echo "$3_daemon_startup_cpu_s=$startup      # until it logged \"capture streaming\""
-  echo "$3_daemon_cpu_us_per_row=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[1]) - float(sys.argv[2])) / int(sys.argv[3]), 1))" "$cpu" "$startup" "$ROWS")   # after start-up, per row"
+  local daemon_us
+  daemon_us=$(python3 -c "import sys; print(round(1e6 * (float(sys.argv[1]) - float(sys.argv[2])) / int(sys.argv[3]), 1))" "$cpu" "$startup" "$ROWS")
+  echo "$3_daemon_cpu_us_per_row=$daemon_us   # after start-up, per row"
   echo "$3_machine_busy_pct=$(busy_pct "$j0" "$j1")"
   # How the daemon and the walsender spent the drain (schedstat over their lives, which are
   # the drain: the walsender starts when the daemon connects). A process "waiting for a
@@ -388,23 +390,24 @@ PY
   local secs; secs=$(python3 -c "print($t1 - $t0)")
   local ws; ws=$(slot_pid "$(awk -F'"' '/^slot/ {print $2}' "$work/$1.toml")")
   sched_pct "$3_daemon" "0 0" "$(sched "$p")" "$secs"
-  [ -n "$ws" ] && sched_pct "$3_walsender" "0 0" "$(sched "$ws")" "$secs"
+  if [ -n "$ws" ]; then sched_pct "$3_walsender" "0 0" "$(sched "$ws")" "$secs"; fi
   local pg; pg=$(pg_cpu_per_row "$work/$3.pg0" "$work/$3.pg1" "$2" "$ROWS" "$3")
   echo "$pg"
   # The CPU budget of the issue's 1.2x the store's inserts: all of a row's CPU (the daemon,
   # the walsender, the queue backend and the rest of Postgres) at 1.2x store_insert_rows_per_s,
   # in cores. Over about 1.8 of this machine's 2 the target is out of reach in this run
   # however the work is scheduled.
-  [ "$3" != big_txn ] && python3 - "$3" "$store_rate" "$cpu" "$startup" "$ROWS" "$pg" <<'PY'
+  if [ "$3" != big_txn ]; then python3 - "$3" "$store_rate" "$daemon_us" "$pg" <<'PY'
 import sys
-label, store, cpu, startup, rows = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-pg = sum(float(l.split("=")[1]) for l in sys.argv[6].splitlines() if "_cpu_us_per_row=" in l)
-total = 1e6 * (cpu - startup) / rows + pg
+label, store, daemon_us = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+pg = sum(float(l.split("=")[1]) for l in sys.argv[4].splitlines() if "_cpu_us_per_row=" in l)
+total = daemon_us + pg
 print(f"{label}_all_cpu_us_per_row={total:.1f}   # daemon + Postgres")
 print(f"{label}_cores_for_1_2x_store={1.2 * store * total / 1e6:.2f}   # of 2")
-ws = sum(float(l.split("=")[1]) for l in sys.argv[6].splitlines() if "_walsender_cpu_us_per_row=" in l)
+ws = sum(float(l.split("=")[1]) for l in sys.argv[4].splitlines() if "_walsender_cpu_us_per_row=" in l)
 print(f"{label}_walsender_cores_for_1_2x_store={1.2 * store * ws / 1e6:.2f}   # one process: over 1 is out of reach")
 PY
+  fi
   kill "$p"; wait "$p" 2>/dev/null || true
   # Queue transactions (each a COPY of a batch, the checkpoint and its wake-ups; Postgres's
   # fixed cost per COPY is paid per batch): read after the daemon is gone and the
